@@ -1,0 +1,50 @@
+// Launcher of the CUDA adaln_modulate: checks, dtype dispatch, launch on the caller's
+// stream. The kernel lives in flg/adaln_modulate.cuh.
+#include <stdexcept>
+#include <string>
+
+#include "cuda/check.h"
+#include "cuda/ops.h"
+#include "flg/adaln_modulate.cuh"
+
+namespace flg {
+namespace cuda {
+
+void adaln_modulate(const AdaLNModulateParams& p, std::uintptr_t stream_handle) {
+  switch (check(p)) {
+    case Status::Ok: break;
+    case Status::UnsupportedDType:
+      throw std::invalid_argument(std::string("adaln_modulate (cuda): unsupported dtypes x=") + dtype_name(p.x_dtype) +
+                                  " scale/shift=" + dtype_name(p.mod_dtype) +
+                                  "; scale/shift must be float32 or x's dtype");
+    default:
+      throw std::invalid_argument("adaln_modulate (cuda): invalid arguments (null pointer, negative size or eps)");
+  }
+  if (p.batch * p.seq > 0x7fffffffLL) throw std::invalid_argument("adaln_modulate (cuda): more than 2^31-1 rows");
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  cudaError_t err = cudaSuccess;
+  const bool mod32 = p.mod_dtype == 0;
+  switch (static_cast<DType>(p.x_dtype)) {
+    case DType::Float32: err = launch_adaln_modulate<float, float>(p, stream); break;
+    case DType::Float16:
+      err = mod32 ? launch_adaln_modulate<__half, float>(p, stream) : launch_adaln_modulate<__half, __half>(p, stream);
+      break;
+    case DType::BFloat16:
+      err = mod32 ? launch_adaln_modulate<__nv_bfloat16, float>(p, stream)
+                  : launch_adaln_modulate<__nv_bfloat16, __nv_bfloat16>(p, stream);
+      break;
+  }
+  FLG_CUDA_CHECK(err, "adaln_modulate kernel launch");
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace cuda
+}  // namespace flg

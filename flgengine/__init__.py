@@ -1,0 +1,58 @@
+"""flgengine: a compressed-model inference engine for video diffusion transformers.
+
+    import flgengine
+    video = flgengine.generate("a red circle moving left", model="path/to/bundle", output="out.mp4")
+    pipe = flgengine.load("path/to/bundle")          # reuse the loaded model
+    video = pipe(["prompt one", "prompt two"], seed=1)
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
+
+
+def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None):
+    """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
+
+    device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
+    on CPU) or a torch dtype / "bf16" / "fp16" / "fp32"; backend: ops backend
+    ("ref", "cpu", "cuda", "triton"; None = automatic).
+    """
+    from .pipeline import Pipeline
+
+    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend)
+
+
+def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, num_frames: int | None = None,
+             height: int | None = None, width: int | None = None, steps: int | None = None,
+             guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
+             negative_prompt: str | None = None, output: str | os.PathLike | None = None,
+             progress: bool = True, force: bool = False):
+    """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
+
+    Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
+    `output` (.mp4 / .gif) also writes the video (`name_i.mp4` per prompt when B > 1).
+    A distilled student refuses other step counts and CFG unless `force=True`.
+    """
+    pipe = load(model, device=device, dtype=dtype, backend=backend)
+    return pipe(prompt, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
+                guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force)
+
+
+def save_video(frames, path, fps: int = 16):
+    """Writes (T, H, W, 3) uint8 frames as .mp4 or .gif."""
+    from .video import save_video as _save
+
+    return _save(frames, path, fps=fps)
+
+
+def __getattr__(name):
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'flgengine' has no attribute {name!r}")

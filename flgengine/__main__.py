@@ -1,0 +1,135 @@
+"""Command line: `python -m flgengine generate ...`, `python -m flgengine info [BUNDLE]`.
+
+Export lives in its own entry point, `python -m flgengine.export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _generate(args) -> int:
+    import flgengine
+
+    t0 = time.perf_counter()
+    pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    t1 = time.perf_counter()
+    video = pipe(args.prompt, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
+                 steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
+                 output=args.output, progress=not args.quiet, force=args.force)
+    t2 = time.perf_counter()
+    if not args.quiet:
+        B, T, H, W, _ = video.shape
+        print(f"{B} video(s) of {T} frames {H}x{W} in {t2 - t1:.2f} s (load {t1 - t0:.2f} s) -> {args.output}")
+    return 0
+
+
+def _describe_bundle(path: str) -> dict:
+    from .checkpoint import load_bundle
+    from .pipeline import resolve_model
+
+    b = load_bundle(resolve_model(path), device="cpu")
+    c, p = b.model.config, b.pipeline
+    return {
+        "bundle": str(b.path),
+        "parameters": b.model.num_params(),
+        "blocks": f"{len(c.kept_blocks)} of {c.num_layers}",
+        "kept_blocks": c.kept_blocks,
+        "width": c.dim,
+        "heads": c.block_num_heads or c.num_heads,
+        "ffn_dim": c.block_ffn_dim or c.ffn_dim,
+        "sampler": p.sampler.to_dict(),
+        "distilled": p.distilled,
+        "defaults": {"num_frames": p.num_frames, "height": p.height, "width": p.width, "fps": p.fps},
+        "text_encoder": p.text_encoder.kind,
+        "codec": p.codec.kind,
+        "config": c.to_dict(),
+        "provenance": b.provenance,
+    }
+
+
+def _build() -> dict:
+    import torch
+
+    from . import __version__, ops
+    from .ops.native import build_info
+
+    return {
+        "flgengine": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.cuda.is_available(),
+        "build": build_info(),
+        "op_backends": {op: ops.backends_for(op) for op in ("adaln_modulate", "rms_norm", "apply_rope", "attention")},
+    }
+
+
+def _info(args) -> int:
+    info = _describe_bundle(args.bundle) if args.bundle else _build()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if k in ("config", "provenance") and not args.verbose:
+            continue
+        print(f"{k:>14}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if args.bundle and not args.verbose:
+        stages = info["provenance"].get("stages")
+        print(f"{'provenance':>14}: {json.dumps(stages) if stages else '(see --verbose)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flgengine", description="flgengine: fast video generation with compressed video DiTs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a video from a prompt",
+                       description="Generate a video. Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.")
+    g.add_argument("prompt", nargs="?", help="text prompt (quote it)")
+    g.add_argument("--prompts-file", default=None, help="file with one prompt per line: a batch, one video each")
+    g.add_argument("-o", "--output", default="out.mp4", help="output video (.mp4 or .gif); with several prompts, name_i.mp4 (default: out.mp4)")
+    g.add_argument("--model", default=None, help="bundle directory or shipped model name (default: the built-in default model)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--frames", type=int, default=None, help="number of frames (Wan VAE: 4k+1)")
+    g.add_argument("--height", type=int, default=None, help="height in pixels")
+    g.add_argument("--width", type=int, default=None, help="width in pixels")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (students refuse other counts without --force)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (teachers; students have it baked in)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for CFG")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--backend", default=None, choices=["ref", "cpu", "cuda", "triton"], help="ops backend (default: automatic; env FLG_BACKEND)")
+    g.add_argument("--force", action="store_true", help="allow step counts / CFG a student was not distilled for")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", help="describe a bundle, or (without one) this build",
+                       description="With BUNDLE: config, parameter count, kept blocks, sampler, provenance. "
+                                   "Without: versions, native build (CUDA, archs) and op backends.")
+    i.add_argument("bundle", nargs="?", help="bundle directory or shipped model name")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("-v", "--verbose", action="store_true", help="also print the full config and provenance")
+    i.set_defaults(func=_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        if (args.prompt is None) == (args.prompts_file is None):
+            parser.error("generate takes a PROMPT or --prompts-file, not both or neither")
+        if args.prompts_file is not None:
+            args.prompt = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Configs as strict dataclasses with a json round-trip.
+
+Every config reads from a dict that must hold exactly its fields: an unknown key or a
+missing key is a `ConfigError` naming the key (ModelOpt habit: configs reject unknown
+keys). `to_dict()` writes every field, so a saved config always reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "SamplerConfig",
+    "TextEncoderConfig",
+    "CodecConfig",
+    "PipelineConfig",
+    "DTYPES",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file or dict is malformed; the message names the source and the key."""
+
+
+def _from_dict(cls, data: Any, source: str):
+    """Builds dataclass `cls` from `data`, refusing unknown and missing keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} for {cls.__name__} (known keys: {', '.join(names)})")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing key {missing[0]!r} for {cls.__name__}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        sub = hints[f.name]
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            value = _from_dict(sub, value, f"{source}: {f.name}")
+        elif isinstance(value, list) and f.name == "patch_size":
+            value = tuple(value)
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>"):
+        return _from_dict(cls, data, source)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            from .checkpoint import atomic_write_text
+
+            atomic_write_text(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig(_JsonMixin):
+    """The DiT (Wan2.1 transformer architecture).
+
+    A teacher has `num_layers` blocks; a student keeps `block_ids` (teacher indices, in
+    order) and may narrow each kept block's heads (`block_num_heads`) and FFN width
+    (`block_ffn_dim`). Model width is `num_heads * head_dim` and never changes.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_heads: int = 12
+    head_dim: int = 128
+    ffn_dim: int = 8960
+    text_dim: int = 4096
+    freq_dim: int = 256
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    block_ids: list[int] | None = None
+    block_num_heads: list[int] | None = None
+    block_ffn_dim: list[int] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for name in ("in_channels", "out_channels", "num_heads", "head_dim", "ffn_dim", "text_dim", "freq_dim", "num_layers"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        _check(len(self.patch_size) == 3 and all(p > 0 for p in self.patch_size), f"patch_size must be 3 positive ints, got {self.patch_size!r}")
+        _check(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check(self.freq_dim % 2 == 0, f"freq_dim must be even, got {self.freq_dim}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        ids = self.kept_blocks
+        _check(len(ids) > 0, "block_ids must keep at least one block")
+        _check(all(isinstance(i, int) and 0 <= i < self.num_layers for i in ids), f"block_ids must be teacher block indices in [0, {self.num_layers}), got {ids}")
+        _check(len(set(ids)) == len(ids) and list(ids) == sorted(ids), f"block_ids must be strictly increasing, got {ids}")
+        for name, full in (("block_num_heads", self.num_heads), ("block_ffn_dim", self.ffn_dim)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            _check(isinstance(v, list) and len(v) == len(ids), f"{name} must list one value per kept block ({len(ids)}), got {v!r}")
+            _check(all(isinstance(n, int) and 0 < n <= full for n in v), f"{name} values must be in [1, {full}], got {v}")
+
+    # -- derived ----------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kept_blocks(self) -> list[int]:
+        return list(range(self.num_layers)) if self.block_ids is None else list(self.block_ids)
+
+    def heads_of(self, i: int) -> int:
+        """Head count of the i-th kept block (position in the student, not teacher index)."""
+        return self.num_heads if self.block_num_heads is None else self.block_num_heads[i]
+
+    def ffn_of(self, i: int) -> int:
+        return self.ffn_dim if self.block_ffn_dim is None else self.block_ffn_dim[i]
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every kept block has the teacher's heads and FFN width."""
+        n = len(self.kept_blocks)
+        return all(self.heads_of(i) == self.num_heads and self.ffn_of(i) == self.ffn_dim for i in range(n))
+
+    @property
+    def is_pruned(self) -> bool:
+        return len(self.kept_blocks) < self.num_layers or not self.is_uniform
+
+
+SAMPLER_KINDS = ("euler", "fewstep")
+
+
+@dataclass
+class SamplerConfig(_JsonMixin):
+    """How latents are sampled.
+
+    `euler`: flow-matching Euler over `num_steps` shifted sigmas, with classifier-free
+    guidance when `guidance > 1` (teachers). `fewstep`: the student sampler over the
+    explicit `sigmas` list (predict x0, re-noise to the next sigma); `guidance` is 0,
+    CFG is baked in. The model is called with t = sigma * `num_train_timesteps`.
+    """
+
+    kind: str = "euler"
+    num_steps: int = 50
+    shift: float = 5.0
+    guidance: float = 5.0
+    sigmas: list[float] | None = None
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.kind in SAMPLER_KINDS, f"sampler kind must be one of {SAMPLER_KINDS}, got {self.kind!r}")
+        _check(isinstance(self.num_steps, int) and self.num_steps >= 1, f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+        _check(math.isfinite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
+        _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance!r}")
+        if self.kind == "fewstep":
+            _check(self.sigmas is not None, "a fewstep sampler needs an explicit sigmas list")
+        if self.sigmas is not None:
+            s = [float(v) for v in self.sigmas]
+            _check(len(s) == self.num_steps, f"sigmas has {len(s)} values but num_steps is {self.num_steps}")
+            _check(all(0 < v <= 1 for v in s), f"sigmas must lie in (0, 1], got {s}")
+            _check(all(a > b for a, b in zip(s, s[1:])), f"sigmas must be strictly decreasing, got {s}")
+            self.sigmas = s
+
+
+@dataclass
+class TextEncoderConfig(_JsonMixin):
+    """`kind`: "umt5" (Wan's umT5 via transformers; `path` = text encoder dir,
+    `tokenizer_path` = tokenizer dir) or "none" (a DiT-only bundle). Relative paths
+    are resolved against the bundle directory."""
+
+    kind: str = "none"
+    path: str | None = None
+    tokenizer_path: str | None = None
+    max_length: int = 512
+
+
+@dataclass
+class CodecConfig(_JsonMixin):
+    """`kind`: "wan_vae" (diffusers AutoencoderKLWan in `path`), "pixel" (latents are
+    the frames scaled to [-1, 1]) or "none" (a DiT-only bundle)."""
+
+    kind: str = "none"
+    path: str | None = None
+
+
+@dataclass
+class PipelineConfig(_JsonMixin):
+    """`pipeline.json`: the parts around the DiT and the defaults of a generation.
+
+    `distilled` marks a student: running it with another step count or with CFG is
+    refused unless the caller passes `force=True`.
+    """
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    negative_prompt: str = ""
+    distilled: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width", "fps"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")

@@ -1,0 +1,196 @@
+"""The DiT: Wan2.1 transformer architecture, one class for teacher, student and runtime.
+
+    x (B, C, F, H, W) --patch_embed--> tokens (B, S, D), S = F' * H' * W'
+    t (B,) --sinusoid--> time_embed --> temb (B, D) --SiLU, time_proj--> (B, 6, D)
+    context (B, L, text_dim) --text_embed--> (B, L, D)
+    per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn -> adaLN(FFN)
+    head: adaLN with (shift, scale) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
+
+A pruned student is this class with fewer blocks (`config.block_ids`) and possibly
+fewer heads / a narrower FFN per block. Modulation math runs in fp32. Ops that get
+fused kernels go through `flgengine.ops` with the model's `backend`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..config import ModelConfig
+from .embed import TextProjection, TimeEmbedding, rope_3d, timestep_embedding
+
+
+def _tokens(m: torch.Tensor) -> torch.Tensor:
+    """(B, D) per-sample -> (B, 1, D); (B, S, D) per-token stays."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMSNorm on q and k across all heads (Wan `rms_norm_across_heads`)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.q = nn.Linear(dim, inner)
+        self.k = nn.Linear(dim, inner)
+        self.v = nn.Linear(dim, inner)
+        self.o = nn.Linear(inner, dim)
+        self.norm_q = nn.RMSNorm(inner, eps=eps)
+        self.norm_k = nn.RMSNorm(inner, eps=eps)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, backend: str | None = None) -> torch.Tensor:
+        # x: (B, S, D); kv: (B, L, D) for cross-attention, else x
+        kv = x if kv is None else kv
+        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps, backend=backend)  # (B, S, H*Dh)
+        k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps, backend=backend)  # (B, L, H*Dh)
+        v = self.v(kv)
+        q, k, v = (z.unflatten(-1, (self.num_heads, self.head_dim)) for z in (q, k, v))  # (B, *, H, Dh)
+        if rope is not None:
+            cos, sin = rope
+            q = ops.apply_rope(q, cos, sin, backend=backend)
+            k = ops.apply_rope(k, cos, sin, backend=backend)
+        out = ops.attention(q, k, v, backend=backend)  # (B, S, H, Dh)
+        return self.o(out.flatten(2).type_as(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """One Wan transformer block; `num_heads` and `ffn_dim` may be pruned below the teacher's."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(6, dim) / dim**0.5)  # + temb -> 6 x (B, D)
+        self.self_attn = Attention(dim, num_heads, head_dim, eps)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, num_heads, head_dim, eps)
+        self.ffn = FeedForward(dim, ffn_dim)
+
+    def forward(self, x, context, t_mod, rope, backend=None):
+        # x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32
+        mod = self.modulation.float() + t_mod
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=-2)  # each (B, D) or (B, S, D)
+        # 1. self-attention on the modulated stream, gated residual in fp32
+        h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps, backend=backend)
+        x = (x.float() + self.self_attn(h, rope=rope, backend=backend) * _tokens(gate_sa)).type_as(x)
+        # 2. cross-attention to the text
+        h = self.norm_cross(x.float()).type_as(x)
+        x = x + self.cross_attn(h, kv=context, backend=backend)
+        # 3. feed-forward on the modulated stream, gated residual in fp32
+        h = ops.adaln_modulate(x, scale_ff, shift_ff, self.eps, backend=backend)
+        x = (x.float() + self.ffn(h).float() * _tokens(gate_ff)).type_as(x)
+        return x
+
+
+class Head(nn.Module):
+    """Output: adaLN with (shift, scale) = modulation + temb, then a Linear to patch pixels."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj = nn.Linear(dim, out_features)
+
+    def forward(self, x, temb, backend=None):
+        # x: (B, S, D); temb: (B, D) or (B, S, D)
+        mod = self.modulation.float() + temb.float().unsqueeze(-2)  # (B, 2, D) or (B, S, 2, D)
+        shift, scale = mod.unbind(dim=-2)
+        return self.proj(ops.adaln_modulate(x, scale, shift, self.eps, backend=backend))
+
+
+class DiT(nn.Module):
+    """Wan2.1-architecture video DiT. forward(x, t, context) -> velocity, shaped like x."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        D = c.dim
+        self.backend: str | None = None  # ops backend for inference; None = automatic
+        self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
+        self.time_embed = TimeEmbedding(c.freq_dim, D)
+        self.time_proj = nn.Linear(D, 6 * D)
+        self.text_embed = TextProjection(c.text_dim, D)
+        self.blocks = nn.ModuleList(
+            Block(D, c.heads_of(i), c.head_dim, c.ffn_of(i), c.cross_attn_norm, c.eps) for i in range(len(c.kept_blocks))
+        )
+        self.head = Head(D, c.out_channels * math.prod(c.patch_size), c.eps)
+
+    # -- inputs --------------------------------------------------------------------
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple[int, int, int]:
+        """Validates shapes before any compute; returns the token grid (F', H', W')."""
+        c = self.config
+        if x.dim() != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, F, H, W), got {tuple(x.shape)}")
+        B, _, F, H, W = x.shape
+        for name, n, p in zip(("frames", "height", "width"), (F, H, W), c.patch_size):
+            if n % p:
+                raise ValueError(f"latent {name} {n} is not divisible by the patch size {p} (patch_size={c.patch_size})")
+        grid = (F // c.patch_size[0], H // c.patch_size[1], W // c.patch_size[2])
+        S = math.prod(grid)
+        if t.dim() == 0:
+            raise ValueError("t must be (B,) or (B, S), got a scalar; use t.expand(B)")
+        if t.shape[0] != B or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != S):
+            raise ValueError(f"t must be ({B},) or ({B}, {S}) (one per token), got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
+            raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
+        return grid
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, F, H, W); t: (B,) or (B, S) in timestep units; context: (B, L, text_dim)
+        c, backend = self.config, self.backend
+        grid = self.check_inputs(x, t, context)
+        B, S = x.shape[0], math.prod(grid)
+        rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device)  # 2 x (S, Dh/2)
+
+        # 1. patchify: (B, C, F, H, W) -> (B, S, D)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
+
+        # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
+        freq = timestep_embedding(t.flatten(), c.freq_dim).to(self.time_embed.fc1.weight.dtype)
+        temb = self.time_embed(freq).type_as(context)  # (B*, D)
+        t_mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, c.dim)).float()
+        if t.dim() == 2:
+            temb, t_mod = temb.unflatten(0, (B, S)), t_mod.unflatten(0, (B, S))
+
+        # 3. text: (B, L, text_dim) -> (B, L, D)
+        ctx = self.text_embed(context)
+
+        # 4. blocks
+        for block in self.blocks:
+            h = block(h, ctx, t_mod, rope, backend)
+
+        # 5. head and unpatchify: (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
+        out = self.head(h, temb, backend)
+        pt, ph, pw = c.patch_size
+        out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
+        return out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    # -- utilities -------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def cast(self, dtype: torch.dtype) -> "DiT":
+        """Casts weights to `dtype`, keeping the timestep MLP, modulation tables and the
+        cross-attention norm in fp32 (as Wan does)."""
+        self.to(dtype)
+        self.time_embed.float()
+        for block in self.blocks:
+            block.modulation.data = block.modulation.data.float()
+            block.norm_cross.float()
+        self.head.modulation.data = self.head.modulation.data.float()
+        return self

@@ -1,0 +1,87 @@
+"""Which backend serves an op: `ref` (PyTorch), `cpu` (C++ ops in `_C`), `cuda`
+(CUDA ops in `_C`), `triton` (grows with the kernels work).
+
+Order of decision: the call's `backend=` argument, then the `FLG_BACKEND` environment
+variable (for ops that have that backend at all), then an automatic pick. An explicit request that cannot be served raises
+`BackendUnavailable`; an automatic pick falls back to `ref` and logs why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("flgengine.ops")
+
+BACKENDS = ("ref", "cpu", "cuda", "triton")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this op on these inputs."""
+
+
+# op name -> backend name -> (implementation, why_not(tensors) -> str | None)
+_IMPLS: dict[str, dict[str, tuple[Callable, Callable[..., str | None]]]] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None]) -> None:
+    """Adds `impl` for `op` on `backend`; `why_not(*tensors)` says why it can't serve them (None = it can)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = (impl, why_not)
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The explicit backend for a call: the argument, else FLG_BACKEND, else None (automatic)."""
+    name = backend if backend is not None else os.environ.get("FLG_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        source = "backend argument" if backend is not None else "FLG_BACKEND"
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _auto_order(tensors) -> tuple[str, ...]:
+    t = tensors[0]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors if isinstance(x, torch.Tensor)):
+        return ("ref",)  # fused ops have no backward: training runs the reference
+    if t.device.type == "cuda":
+        return ("cuda", "triton", "ref")
+    if t.device.type == "cpu":
+        return ("cpu", "ref")
+    return ("ref",)
+
+
+def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
+    """Returns (backend name, implementation) for `op` on `tensors`."""
+    impls = _IMPLS.get(op, {})
+    name = requested_backend(backend)
+    if name is not None and backend is None and name not in impls:
+        name = None  # FLG_BACKEND names a backend this op does not have yet: it runs its own
+    if name is not None:
+        if name not in impls:
+            raise BackendUnavailable(f"op {op!r} has no {name!r} backend (available: {', '.join(sorted(impls))})")
+        impl, why_not = impls[name]
+        reason = why_not(*tensors)
+        if reason is not None:
+            raise BackendUnavailable(f"op {op!r} cannot run on backend {name!r}: {reason}")
+        return name, impl
+    for cand in _auto_order(tensors):
+        if cand not in impls:
+            continue
+        impl, why_not = impls[cand]
+        reason = why_not(*tensors)
+        if reason is None:
+            return cand, impl
+        key = (op, cand)
+        if key not in _LOGGED and cand != "ref":
+            _LOGGED.add(key)
+            log.info("flgengine: %s falls back from %s backend: %s", op, cand, reason)
+    raise BackendUnavailable(f"no backend can run op {op!r} on these inputs")
+
+
+def available(op: str) -> dict[str, Callable]:
+    return {name: impl for name, (impl, _) in _IMPLS.get(op, {}).items()}

@@ -1,0 +1,195 @@
+"""Pipeline = text encoder -> DiT -> sampler -> codec, all described by a bundle.
+
+    prompts --text_encoder--> context (B, L, text_dim)
+    noise (B, C, F', H', W') --sampler(DiT)--> latents --codec.decode--> video (B, 3, T, H, W)
+    -> uint8 (B, T, H, W, 3)
+
+Every argument is checked before any compute; errors name the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_bundle
+from .codec import build_codec, video_to_uint8
+from .config import PipelineConfig, SamplerConfig
+from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
+from .text import build_text_encoder
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = "shapes-4step"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A bundle path, or the name of a bundle shipped in flgengine/assets."""
+    name = DEFAULT_MODEL if model is None else model
+    path = Path(name)
+    if path.exists():
+        return path
+    if (ASSETS / str(name)).is_dir():
+        return ASSETS / str(name)
+    shipped = shipped_models()
+    hint = f"shipped models: {', '.join(shipped)}" if shipped else "no models are shipped in this build yet"
+    what = "the built-in default model" if model is None else "model"
+    raise FileNotFoundError(f"{what} {str(name)!r} is neither a bundle directory nor a shipped model ({hint}); "
+                            "pass model=PATH to a bundle")
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class Pipeline:
+    """A runnable model. Exposes `.dit`, `.text_encoder`, `.sampler`, `.codec`, `.config`;
+    call it like `flgengine.generate()` without the `model` argument."""
+
+    def __init__(self, dit, text_encoder, codec, config: PipelineConfig, *, device: torch.device,
+                 dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None):
+        self.dit, self.text_encoder, self.codec, self.config = dit, text_encoder, codec, config
+        self.sampler = build_sampler(config.sampler)
+        self.device, self.dtype, self.path = device, dtype, path
+        self.provenance = provenance or {}
+
+    @classmethod
+    def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None) -> "Pipeline":
+        path = resolve_model(path)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if backend is not None:
+            from .ops.registry import requested_backend
+
+            requested_backend(backend)  # validates the name before loading anything
+        bundle = load_bundle(path, device=device, dtype=dtype)
+        bundle.model.backend = backend
+        cfg = bundle.pipeline
+        text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+        codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+        return cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
+
+    # -- checks ---------------------------------------------------------------------------
+    def _sampler_for(self, steps: int | None, guidance: float | None, force: bool):
+        cfg: SamplerConfig = self.config.sampler
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+        if self.config.distilled and not force:
+            if steps is not None and steps != cfg.num_steps:
+                raise ValueError(f"this student was distilled for {cfg.num_steps} steps, not {steps}; "
+                                 "pass force=True (CLI: --force) to run it anyway")
+            if guidance is not None and guidance > 1:
+                raise ValueError(f"this student has CFG baked in (guidance {cfg.guidance}); guidance={guidance} "
+                                 "would apply it twice. Pass force=True (CLI: --force) to run it anyway")
+        if steps is None and guidance is None:
+            return self.sampler
+        if cfg.kind == "fewstep":
+            n = steps or cfg.num_steps
+            sigmas = cfg.sigmas if n == cfg.num_steps else \
+                shift_sigmas(torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1], cfg.shift).tolist()
+            return FewStepSampler(sigmas, cfg.num_train_timesteps, cfg.guidance if guidance is None else guidance)
+        return build_sampler(SamplerConfig(kind="euler", num_steps=steps or cfg.num_steps, shift=cfg.shift,
+                                           guidance=cfg.guidance if guidance is None else float(guidance),
+                                           num_train_timesteps=cfg.num_train_timesteps))
+
+    def check(self, prompts, num_frames: int, height: int, width: int) -> list[str]:
+        if self.text_encoder is None or self.codec is None:
+            raise ValueError(f"bundle {self.path} is DiT-only (pipeline.json names no text encoder or codec); "
+                             "it can be distilled or exported but not run by generate()")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.codec.check_frames(num_frames)
+        pt, ph, pw = self.dit.config.patch_size
+        f = self.codec.latent_shape(num_frames, height, width)[1]
+        if f % pt:
+            raise ValueError(f"num_frames={num_frames} gives {f} latent frames, not divisible by the temporal patch {pt}")
+        for name, v, p in (("height", height, ph), ("width", width, pw)):
+            m = self.codec.spatial_factor * p
+            if v % m:
+                lo, hi = max(m, v - v % m), v - v % m + m
+                raise ValueError(f"{name}={v} must be a multiple of {m} (codec factor {self.codec.spatial_factor} x "
+                                 f"patch {p}); try {lo} or {hi}")
+        return list(prompts)
+
+    # -- run ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt, *, seed: int = 0, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, steps: int | None = None, guidance: float | None = None,
+                 negative_prompt: str | None = None, output: str | os.PathLike | None = None,
+                 progress: bool = True, force: bool = False) -> torch.Tensor:
+        cfg = self.config
+        num_frames = cfg.num_frames if num_frames is None else num_frames
+        height = cfg.height if height is None else height
+        width = cfg.width if width is None else width
+        prompts = self.check(prompt, num_frames, height, width)
+        sampler = self._sampler_for(steps, guidance, force)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if output is not None and Path(output).suffix.lower() not in (".mp4", ".gif"):
+            raise ValueError(f"output {str(output)!r} must end in .mp4 or .gif")
+
+        # 1. text
+        B = len(prompts)
+        context = self.text_encoder.encode(prompts, device=self.device, dtype=self.dtype)  # (B, L, text_dim)
+        uncond = None
+        if sampler.guidance > 1:
+            neg = cfg.negative_prompt if negative_prompt is None else negative_prompt
+            uncond = self.text_encoder.encode([neg] * B, device=self.device, dtype=self.dtype)
+
+        # 2. sample latents from seeded noise (drawn on the CPU: same video on every device)
+        shape = (B, *self.codec.latent_shape(num_frames, height, width))
+        gen = torch.Generator("cpu").manual_seed(seed)
+        noise = randn(shape, gen, self.device, self.dtype)
+        bar = _progress(progress, sampler.num_steps)
+        latents = sampler.sample(self.dit, noise, context, uncond, generator=gen, progress=bar)
+
+        # 3. decode to uint8 video (B, T, H, W, 3)
+        video = video_to_uint8(self.codec.decode(latents.float()).cpu())
+        if output is not None:
+            from .video import save_video
+
+            out = Path(output)
+            for i in range(B):
+                p = out if B == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+                save_video(video[i], p, fps=cfg.fps)
+        return video
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, total=total, desc="sampling", unit="step", leave=False)

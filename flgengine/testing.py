@@ -1,0 +1,84 @@
+"""Tiny random components for tests and the demo, built locally (no downloads).
+
+`make_tiny_umt5` writes a umT5 encoder and a word-level tokenizer laid out like a
+diffusers Wan repo (`text_encoder/`, `tokenizer/`); `make_tiny_wan_vae` writes an
+`AutoencoderKLWan` to `vae/`. Both are seeded, so the same call gives the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_WORDS", "make_tiny_umt5", "make_tiny_wan_vae"]
+
+# T5 layout: <pad> = 0, </s> = 1, <unk> = 2, then the words
+_SPECIALS = ("<pad>", "</s>", "<unk>")
+TINY_WORDS = tuple(
+    """a an the and or of in on at to with from by is are was it its this that
+    cat dog bird fish horse man woman child people car boat tree flower house street city
+    sea river sky sun moon rain snow light fire water road forest mountain field
+    red blue green yellow black white big small old young fast slow bright dark
+    runs walks flies swims jumps sits stands dances plays rides falls shines moves
+    video scene camera close shot slowly quickly through over under behind near""".split()
+)
+
+
+def make_tiny_umt5(dir: Path, d_model: int = 32, vocab_size: int = 128, max_length: int = 64, seed: int = 0) -> Path:
+    """Saves a tiny random `UMT5EncoderModel` to `dir/text_encoder` and a lowercase
+    word-level tokenizer (unknown words -> `<unk>`, `</s>` appended) to `dir/tokenizer`;
+    returns `dir/text_encoder` (its tokenizer sits beside it, the default place)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {w: i for i, w in enumerate(_SPECIALS + TINY_WORDS)}
+    if vocab_size < len(vocab):
+        raise ValueError(f"vocab_size must be >= the tokenizer's {len(vocab)} tokens, got {vocab_size}")
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+    dir = Path(dir)
+    tokenizer.save_pretrained(dir / "tokenizer")
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=max(1, d_model // 8),
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+    )
+    UMT5EncoderModel(cfg).eval().save_pretrained(dir / "text_encoder")
+    return dir / "text_encoder"
+
+
+def make_tiny_wan_vae(dir: Path, z_dim: int = 4, base_dim: int = 8, seed: int = 0) -> Path:
+    """Saves a tiny random `AutoencoderKLWan` (temporal factor 4, spatial factor 8, with
+    non-trivial `latents_mean` / `latents_std`) to `dir/vae`; returns `dir/vae`."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[round(0.3 * (i % 5) - 0.6, 4) for i in range(z_dim)],
+        latents_std=[round(0.5 + 0.4 * (i % 4), 4) for i in range(z_dim)],
+    )
+    dir = Path(dir)
+    vae.eval().save_pretrained(dir / "vae")
+    return dir / "vae"
