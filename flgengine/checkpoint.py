@@ -102,16 +102,19 @@ def _check_safetensors_file(path: Path, where: str) -> dict[str, Any]:
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)  # 8-byte header length, then the JSON header's "{"
+        is_zip = head[:4] == b"PK\x03\x04"  # torch.save's zip format
+        is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[8:9] != b"{"
+        if is_zip or is_pickle:
             raise BundleError(f"{where}: is a pickle / torch.save file; flgengine loads safetensors only "
                               "(convert it with safetensors.torch.save_file)")
-        if len(head) < 8:
+        if len(head) < 9:
             raise BundleError(f"{where}: truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n <= 0 or 8 + n > size:
             raise BundleError(f"{where}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
         try:
+            f.seek(8)
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BundleError(f"{where}: not a safetensors file (its header is not JSON)") from None

@@ -2,7 +2,10 @@
 
 `make_tiny_umt5` writes a umT5 encoder and a word-level tokenizer laid out like a
 diffusers Wan repo (`text_encoder/`, `tokenizer/`); `make_tiny_wan_vae` writes an
-`AutoencoderKLWan` to `vae/`. Both are seeded, so the same call gives the same weights.
+`AutoencoderKLWan` to `vae/`; `make_tiny_wan_bundle` puts both beside a random DiT as a
+runnable bundle. All are seeded, so the same call gives the same weights.
+
+    python -m flgengine.testing tiny-wan-bundle DIR [--student]
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_WORDS", "make_tiny_umt5", "make_tiny_wan_vae"]
+__all__ = ["TINY_WORDS", "make_tiny_umt5", "make_tiny_wan_vae", "make_tiny_wan_bundle"]
 
 # T5 layout: <pad> = 0, </s> = 1, <unk> = 2, then the words
 _SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -82,3 +85,54 @@ def make_tiny_wan_vae(dir: Path, z_dim: int = 4, base_dim: int = 8, seed: int = 
     dir = Path(dir)
     vae.eval().save_pretrained(dir / "vae")
     return dir / "vae"
+
+
+def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 4, seed: int = 0) -> Path:
+    """A runnable bundle of random tiny Wan parts: umT5 + Wan VAE + a Wan DiT.
+
+    Teacher: Euler, 8 steps, CFG 5. `student=True`: a block-pruned DiT (every other block of `num_layers`
+    kept, plus the last) with a 4-step fewstep sampler,
+    marked `distilled`. Defaults: 9 frames of 64x64 at 8 fps.
+    """
+    from .checkpoint import save_bundle
+    from .config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+    from .model import DiT
+
+    dir = Path(dir)
+    make_tiny_umt5(dir, d_model=32, max_length=24, seed=seed)
+    make_tiny_wan_vae(dir, z_dim=4, seed=seed)
+    keep = sorted({0, num_layers - 1, *range(0, num_layers, 2)}) if student else None
+    config = ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=16, ffn_dim=64,
+                         text_dim=32, freq_dim=32, num_layers=num_layers, block_ids=keep)
+    torch.manual_seed(seed)
+    model = DiT(config)
+    if student:
+        sampler = SamplerConfig(kind="fewstep", num_steps=4, shift=5.0, guidance=0.0, sigmas=[1.0, 0.94, 0.83, 0.63])
+    else:
+        sampler = SamplerConfig(kind="euler", num_steps=8, shift=5.0, guidance=5.0)
+    pipeline = PipelineConfig(
+        text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer", max_length=24),
+        codec=CodecConfig(kind="wan_vae", path="vae"),
+        sampler=sampler, num_frames=9, height=64, width=64, fps=8, distilled=student,
+    )
+    provenance = {"kind": "tiny random Wan " + ("student" if student else "teacher"), "seed": seed,
+                  "note": "random weights for tests and the demo; its videos are noise-like"}
+    return save_bundle(dir, model, pipeline, provenance)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flgengine.testing", description="Build tiny random components.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("tiny-wan-bundle", help="a runnable bundle of random tiny Wan parts (umT5, Wan VAE, DiT)")
+    b.add_argument("dir")
+    b.add_argument("--student", action="store_true", help="a block-pruned 4-step student instead of a teacher")
+    args = p.parse_args(argv)
+    path = make_tiny_wan_bundle(Path(args.dir), student=args.student)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,8 @@ encoder through the `TEXT_ENCODERS` registry (kind -> factory).
 
 from __future__ import annotations
 
+import contextlib
+
 import html
 from pathlib import Path
 from typing import Callable
@@ -50,6 +52,20 @@ class TextEncoder:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No weight-loading progress bar of transformers' own inside ours."""
+    from transformers.utils import logging as tlog
+
+    was_enabled = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            tlog.enable_progress_bar()
+
+
 class UMT5TextEncoder(TextEncoder):
     """Wan's umT5 encoder (`text_encoder/`) and tokenizer (`tokenizer/`) from local dirs.
 
@@ -67,7 +83,8 @@ class UMT5TextEncoder(TextEncoder):
         tokenizer_path = _need_dir(Path(tokenizer_path), "umT5 tokenizer")
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         kwargs = {} if dtype is None else {"torch_dtype": dtype}
-        self.model = UMT5EncoderModel.from_pretrained(path, **kwargs).to(device).eval()
+        with _quiet_transformers():
+            self.model = UMT5EncoderModel.from_pretrained(path, **kwargs).to(device).eval()
         self.max_length = max_length
         self.text_dim = self.model.config.d_model
 

@@ -42,18 +42,18 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, backend: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         # x: (B, S, D); kv: (B, L, D) for cross-attention, else x
         kv = x if kv is None else kv
-        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps, backend=backend)  # (B, S, H*Dh)
-        k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps, backend=backend)  # (B, L, H*Dh)
+        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps)  # (B, S, H*Dh)
+        k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps)  # (B, L, H*Dh)
         v = self.v(kv)
         q, k, v = (z.unflatten(-1, (self.num_heads, self.head_dim)) for z in (q, k, v))  # (B, *, H, Dh)
         if rope is not None:
             cos, sin = rope
-            q = ops.apply_rope(q, cos, sin, backend=backend)
-            k = ops.apply_rope(k, cos, sin, backend=backend)
-        out = ops.attention(q, k, v, backend=backend)  # (B, S, H, Dh)
+            q = ops.apply_rope(q, cos, sin)
+            k = ops.apply_rope(k, cos, sin)
+        out = ops.attention(q, k, v)  # (B, S, H, Dh)
         return self.o(out.flatten(2).type_as(x))
 
 
@@ -79,18 +79,18 @@ class Block(nn.Module):
         self.cross_attn = Attention(dim, num_heads, head_dim, eps)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x, context, t_mod, rope, backend=None):
+    def forward(self, x, context, t_mod, rope):
         # x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32
         mod = self.modulation.float() + t_mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=-2)  # each (B, D) or (B, S, D)
         # 1. self-attention on the modulated stream, gated residual in fp32
-        h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps, backend=backend)
-        x = (x.float() + self.self_attn(h, rope=rope, backend=backend) * _tokens(gate_sa)).type_as(x)
+        h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
+        x = (x.float() + self.self_attn(h, rope=rope) * _tokens(gate_sa)).type_as(x)
         # 2. cross-attention to the text
         h = self.norm_cross(x.float()).type_as(x)
-        x = x + self.cross_attn(h, kv=context, backend=backend)
+        x = x + self.cross_attn(h, kv=context)
         # 3. feed-forward on the modulated stream, gated residual in fp32
-        h = ops.adaln_modulate(x, scale_ff, shift_ff, self.eps, backend=backend)
+        h = ops.adaln_modulate(x, scale_ff, shift_ff, self.eps)
         x = (x.float() + self.ffn(h).float() * _tokens(gate_ff)).type_as(x)
         return x
 
@@ -104,11 +104,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj = nn.Linear(dim, out_features)
 
-    def forward(self, x, temb, backend=None):
+    def forward(self, x, temb):
         # x: (B, S, D); temb: (B, D) or (B, S, D)
         mod = self.modulation.float() + temb.float().unsqueeze(-2)  # (B, 2, D) or (B, S, 2, D)
         shift, scale = mod.unbind(dim=-2)
-        return self.proj(ops.adaln_modulate(x, scale, shift, self.eps, backend=backend))
+        return self.proj(ops.adaln_modulate(x, scale, shift, self.eps))
 
 
 class DiT(nn.Module):
@@ -118,7 +118,7 @@ class DiT(nn.Module):
         super().__init__()
         c = self.config = config
         D = c.dim
-        self.backend: str | None = None  # ops backend for inference; None = automatic
+        self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
         self.time_embed = TimeEmbedding(c.freq_dim, D)
         self.time_proj = nn.Linear(D, 6 * D)
@@ -150,8 +150,12 @@ class DiT(nn.Module):
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with ops.registry.prefer(self.backend):
+            return self._forward(x, t, context)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, C, F, H, W); t: (B,) or (B, S) in timestep units; context: (B, L, text_dim)
-        c, backend = self.config, self.backend
+        c = self.config
         grid = self.check_inputs(x, t, context)
         B, S = x.shape[0], math.prod(grid)
         rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device)  # 2 x (S, Dh/2)
@@ -171,10 +175,10 @@ class DiT(nn.Module):
 
         # 4. blocks
         for block in self.blocks:
-            h = block(h, ctx, t_mod, rope, backend)
+            h = block(h, ctx, t_mod, rope)
 
         # 5. head and unpatchify: (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
-        out = self.head(h, temb, backend)
+        out = self.head(h, temb)
         pt, ph, pw = c.patch_size
         out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)

@@ -46,6 +46,8 @@ def adaln_why_not(backend: str):
         reason = _why_not_device(backend, x.device)
         if reason:
             return reason
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+            return "inputs require grad and the fused op has no backward (use the ref backend to train)"
         if x.dim() != 3:
             return f"x must be (B, S, D), got shape {tuple(x.shape)}"
         if x.dtype not in DTYPE_CODES:

@@ -1,13 +1,16 @@
 """Which backend serves an op: `ref` (PyTorch), `cpu` (C++ ops in `_C`), `cuda`
 (CUDA ops in `_C`), `triton` (grows with the kernels work).
 
-Order of decision: the call's `backend=` argument, then the `FLG_BACKEND` environment
-variable (for ops that have that backend at all), then an automatic pick. An explicit request that cannot be served raises
+Order of decision: the call's `backend=` argument, then the model's backend (`prefer()`),
+then the `FLG_BACKEND` environment variable (those two only for ops that have that
+backend at all), then an automatic pick. An explicit request that cannot be served raises
 `BackendUnavailable`; an automatic pick falls back to `ref` and logs why, once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from typing import Callable
@@ -26,6 +29,21 @@ class BackendUnavailable(RuntimeError):
 # op name -> backend name -> (implementation, why_not(tensors) -> str | None)
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable[..., str | None]]]] = {}
 _LOGGED: set[tuple[str, str]] = set()
+# A model-wide preference (DiT.backend) set for the duration of a forward pass.
+_PREFERRED: contextvars.ContextVar[str | None] = contextvars.ContextVar("flg_backend", default=None)
+
+
+@contextlib.contextmanager
+def prefer(backend: str | None):
+    """Within the block, ops called without `backend=` use `backend` where they have it
+    (like FLG_BACKEND, which it overrides); None leaves the choice to FLG_BACKEND / auto."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    token = _PREFERRED.set(backend)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
 
 
 def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None]) -> None:
@@ -36,8 +54,9 @@ def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str |
 
 
 def requested_backend(backend: str | None) -> str | None:
-    """The explicit backend for a call: the argument, else FLG_BACKEND, else None (automatic)."""
-    name = backend if backend is not None else os.environ.get("FLG_BACKEND") or None
+    """The backend asked for: the argument, else the model's preference, else FLG_BACKEND,
+    else None (automatic)."""
+    name = backend or _PREFERRED.get() or os.environ.get("FLG_BACKEND") or None
     if name is not None and name not in BACKENDS:
         source = "backend argument" if backend is not None else "FLG_BACKEND"
         raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
@@ -60,7 +79,7 @@ def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
     impls = _IMPLS.get(op, {})
     name = requested_backend(backend)
     if name is not None and backend is None and name not in impls:
-        name = None  # FLG_BACKEND names a backend this op does not have yet: it runs its own
+        name = None  # a model-wide / FLG_BACKEND choice this op has no implementation of: it runs its own
     if name is not None:
         if name not in impls:
             raise BackendUnavailable(f"op {op!r} has no {name!r} backend (available: {', '.join(sorted(impls))})")

@@ -1,0 +1,167 @@
+"""Configs (strict json round trip) and bundles: save/load and every validation error."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flgengine.checkpoint import BundleError, load_bundle, save_bundle
+from flgengine.config import ConfigError, ModelConfig, PipelineConfig, SamplerConfig
+from flgengine.model import DiT
+from helpers import tiny_config
+
+
+def test_configs_round_trip_through_json(tmp_path):
+    c = tiny_config(block_ids=[0, 2, 3], block_num_heads=[2, 1, 2], block_ffn_dim=[24, 16, 8])
+    c.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == c
+    p = PipelineConfig(sampler=SamplerConfig(kind="fewstep", num_steps=4, sigmas=[1.0, 0.9, 0.8, 0.6], guidance=0.0),
+                       distilled=True, num_frames=9, height=32, width=32)
+    p.to_json(tmp_path / "p.json")
+    assert PipelineConfig.from_json(tmp_path / "p.json") == p
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+    (lambda d: d.pop("head_dim"), "missing key 'head_dim'"),
+    (lambda d: d.update(head_dim=7), "head_dim must be even"),
+    (lambda d: d.update(block_ids=[0, 9]), "block_ids"),
+    (lambda d: d.update(block_ids=[0, 1], block_num_heads=[1]), "block_num_heads"),
+])
+def test_model_config_rejects_bad_keys_and_values(edit, match):
+    d = tiny_config().to_dict()
+    edit(d)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(d, "config.json")
+
+
+def test_nested_pipeline_config_names_the_bad_key():
+    d = PipelineConfig().to_dict()
+    d["sampler"]["sigmaz"] = [1.0]
+    with pytest.raises(ConfigError, match="sampler.*unknown key 'sigmaz'"):
+        PipelineConfig.from_dict(d, "pipeline.json")
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    model = DiT(tiny_config(block_ids=[0, 1, 3]))
+    return save_bundle(tmp_path / "b", model, provenance={"teacher": "test"}), model
+
+
+def test_bundle_round_trip(bundle):
+    path, model = bundle
+    b = load_bundle(path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "pipeline.json", "provenance.json"]
+    assert b.model.config == model.config and b.provenance["teacher"] == "test"
+    assert len(b.provenance["weights_sha256"]) == 64
+    for k, v in model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v), k
+    x, t, c = torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 12)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x, t, c), model.eval()(x, t, c), rtol=0, atol=1e-5)
+
+
+def _rewrite_weights(path, fn):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    fn(sd)
+    save_file(sd, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "pipeline.json", "provenance.json"])
+def test_missing_file_is_named(bundle, name):
+    path, _ = bundle
+    (path / name).unlink()
+    with pytest.raises(BundleError, match=f"{name}: missing"):
+        load_bundle(path)
+
+
+def test_missing_bundle_dir(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(extra=3), "config.json: unknown key 'extra'"),
+    (lambda d: d.pop("ffn_dim"), "config.json: missing key 'ffn_dim'"),
+])
+def test_bad_config_keys(bundle, edit, match):
+    path, _ = bundle
+    d = json.loads((path / "config.json").read_text())
+    edit(d)
+    (path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(path)
+
+
+def test_unknown_pipeline_key(bundle):
+    path, _ = bundle
+    d = json.loads((path / "pipeline.json").read_text())
+    d["codec"]["zoom"] = 2
+    (path / "pipeline.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match="pipeline.json: codec: unknown key 'zoom'"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd.pop("blocks.1.ffn.fc1.weight"), "missing tensor 'blocks.1.ffn.fc1.weight'"),
+    (lambda sd: sd.update({"blocks.9.x": torch.zeros(1)}), "unexpected tensor 'blocks.9.x'"),
+    (lambda sd: sd.update({"head.proj.bias": torch.zeros(5)}), r"'head.proj.bias' has shape \(5,\)"),
+    (lambda sd: sd["time_proj.weight"].__setitem__((0, 0), float("nan")), "'time_proj.weight' contains NaN"),
+    (lambda sd: sd["blocks.0.modulation"].__setitem__((1, 1), float("inf")), "'blocks.0.modulation' contains NaN or Inf"),
+])
+def test_bad_tensors_are_named(bundle, edit, match):
+    path, _ = bundle
+    _rewrite_weights(path, edit)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(path)
+
+
+def test_truncated_weights(bundle):
+    path, _ = bundle
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(BundleError, match="model.safetensors: truncated"):
+        load_bundle(path)
+    (path / "model.safetensors").write_bytes(data[:20])
+    with pytest.raises(BundleError, match="model.safetensors: truncated or not a safetensors file"):
+        load_bundle(path)
+
+
+def test_not_safetensors(bundle):
+    path, _ = bundle
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 50)
+    with pytest.raises(BundleError, match="not a safetensors file"):
+        load_bundle(path)
+
+
+def test_pickle_is_refused_without_unpickling(bundle):
+    path, model = bundle
+    torch.save(model.state_dict(), path / "model.safetensors")  # a zip-pickle under the right name
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(path)
+    import pickle
+
+    (path / "model.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "model.bin")
+    with pytest.raises(BundleError, match="model.safetensors: missing; found pickle file 'model.bin'"):
+        load_bundle(path)
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_opcode_loads(bundle):
+    # a header length with low byte 0x80 must not be mistaken for a pickle (regression)
+    path, model = bundle
+    sd = model.state_dict()
+    for pad in range(0, 600, 8):
+        save_file(sd, str(path / "model.safetensors"), metadata={"pad": "x" * pad})
+        if (path / "model.safetensors").read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("could not craft the header length")
+    assert load_bundle(path).model.config == model.config

@@ -1,0 +1,98 @@
+"""The DiT: pruned students are the same class and compute what pruning promises."""
+
+import pytest
+import torch
+
+from flgengine.model import DiT
+from helpers import assert_close, tiny_config
+
+
+def _inputs(B=2, C=4, F=3, H=6, W=4, L=5, text_dim=12):
+    return torch.randn(B, C, F, H, W), torch.tensor([10.0, 900.0])[:B], torch.randn(B, L, text_dim)
+
+
+def _sliced_student(teacher: DiT, **pruning) -> DiT:
+    """A student built from the teacher's weights: kept blocks renumbered, widths sliced."""
+    cfg = tiny_config(**pruning)
+    student = DiT(cfg).eval()
+    src = teacher.state_dict()
+    out = {}
+    for k, v in student.state_dict().items():
+        if k.startswith("blocks."):
+            i, rest = int(k.split(".")[1]), k.split(".", 2)[2]
+            v_src = src[f"blocks.{cfg.kept_blocks[i]}.{rest}"]
+            out[k] = v_src[tuple(slice(0, n) for n in v.shape)]  # leading channels kept
+        else:
+            out[k] = src[k]
+    student.load_state_dict(out)
+    return student
+
+
+def test_block_pruned_student_equals_teacher_with_those_blocks_skipped():
+    teacher = DiT(tiny_config()).eval()
+    student = _sliced_student(teacher, block_ids=[0, 2, 3])
+    x, t, c = _inputs()
+    skipped = DiT(tiny_config()).eval()
+    skipped.load_state_dict(teacher.state_dict())
+    skipped.blocks[1].forward = lambda x, *a: x  # block 1 bypassed: output = input
+    with torch.no_grad():
+        assert_close(student(x, t, c), skipped(x, t, c), 1e-6, "block pruning")
+        assert (student(x, t, c) - teacher(x, t, c)).abs().max() > 1e-3  # and the block did matter
+    assert student.num_params() < teacher.num_params()
+
+
+def test_ffn_width_pruning_equals_zeroing_the_dropped_channels():
+    teacher = DiT(tiny_config()).eval()
+    student = _sliced_student(teacher, block_ffn_dim=[24, 10, 24, 7])
+    zeroed = DiT(tiny_config()).eval()
+    zeroed.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        zeroed.blocks[1].ffn.fc2.weight[:, 10:] = 0
+        zeroed.blocks[3].ffn.fc2.weight[:, 7:] = 0
+        x, t, c = _inputs()
+        assert_close(student(x, t, c), zeroed(x, t, c), 1e-6, "ffn pruning")
+
+
+def test_head_pruned_student_runs_and_is_smaller():
+    cfg = tiny_config(block_ids=[0, 1, 3], block_num_heads=[2, 1, 1], block_ffn_dim=[24, 8, 16])
+    model = DiT(cfg).eval()
+    assert model.blocks[1].self_attn.q.weight.shape == (8, 16)  # 1 head x 8 dims, width 16
+    assert model.num_params() < DiT(tiny_config()).num_params()
+    x, t, c = _inputs()
+    with torch.no_grad():
+        out = model(x, t, c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bf16_cast_keeps_modulation_in_fp32_and_tracks_fp32_output():
+    model = DiT(tiny_config()).eval()
+    x, t, c = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, c)
+        model.cast(torch.bfloat16)
+        assert model.blocks[0].modulation.dtype == torch.float32 and model.time_embed.fc1.weight.dtype == torch.float32
+        assert model.blocks[0].ffn.fc1.weight.dtype == torch.bfloat16
+        out = model(x.bfloat16(), t, c.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref, 5e-2, "bf16 vs fp32")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(1, 3, 2, 4, 4)), r"x must be \(B, 4, F, H, W\)"),
+    (dict(x=torch.randn(1, 4, 2, 5, 4)), "latent height 5 is not divisible by the patch size 2"),
+    (dict(t=torch.tensor(3.0)), "scalar"),
+    (dict(t=torch.ones(2)), r"t must be \(1,\)"),
+    (dict(context=torch.randn(1, 5, 7)), r"context must be \(1, L, 12\)"),
+])
+def test_bad_inputs_are_named_before_compute(bad, match):
+    args = dict(x=torch.randn(1, 4, 2, 4, 4), t=torch.ones(1), context=torch.randn(1, 5, 12))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        DiT(tiny_config())(**args)
+
+
+def test_gradients_flow_through_the_reference_ops():
+    model = DiT(tiny_config())
+    x, t, c = _inputs()
+    model(x, t, c).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,152 @@
+"""generate(), Pipeline and the CLI on tiny random Wan bundles (umT5 + Wan VAE + DiT)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import flgengine  # noqa: E402
+from flgengine.__main__ import main as cli  # noqa: E402
+from flgengine.testing import make_tiny_wan_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_wan_bundle(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return make_tiny_wan_bundle(tmp_path_factory.mktemp("student"), student=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(teacher):
+    return flgengine.load(teacher)
+
+
+def test_generate_end_to_end_writes_a_playable_mp4(teacher, tmp_path):
+    import imageio.v3 as iio
+
+    out = tmp_path / "v.mp4"
+    video = flgengine.generate("a red cat runs", model=teacher, seed=3, output=out, progress=False)
+    assert video.dtype == torch.uint8 and video.shape == (1, 9, 64, 64, 3)
+    frames = iio.imread(out)
+    assert frames.shape == (9, 64, 64, 3)
+    assert abs(frames.astype(float).mean() - video.float().mean().item()) < 8  # lossy codec, same content
+
+
+def test_seeds_are_honoured(pipe):
+    a = pipe("a dog", seed=1, progress=False)
+    b = pipe("a dog", seed=1, progress=False)
+    c = pipe("a dog", seed=2, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_batch_gives_one_video_per_prompt_and_matches_single_runs(pipe, tmp_path):
+    v = pipe(["a dog", "the sun shines"], seed=5, progress=False, output=tmp_path / "b.gif")
+    assert v.shape[0] == 2
+    assert (tmp_path / "b_0.gif").is_file() and (tmp_path / "b_1.gif").is_file()
+    assert not torch.equal(v[0], v[1])  # different prompts, different videos
+
+
+def test_pipeline_exposes_its_parts(pipe):
+    assert pipe.dit.config.num_layers == 4 and pipe.text_encoder.text_dim == 32
+    assert pipe.codec.temporal_factor == 4 and pipe.sampler.num_steps == 8 and pipe.config.fps == 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_frames=8), "4k\\+1"),
+    (dict(height=60), "height=60 must be a multiple of 16"),
+    (dict(width=0), "width must be a positive integer"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(guidance=-1.0), "guidance must be a number >= 0"),
+    (dict(output="v.avi"), "must end in .mp4 or .gif"),
+])
+def test_bad_arguments_fail_before_compute(pipe, kwargs, match, monkeypatch):
+    monkeypatch.setattr(pipe.dit, "forward", lambda *a: pytest.fail("DiT ran before the check"))
+    with pytest.raises(ValueError, match=match):
+        pipe("a dog", progress=False, **kwargs)
+
+
+def test_bad_prompts(pipe):
+    with pytest.raises(ValueError, match="non-empty list"):
+        pipe([], progress=False)
+    with pytest.raises(ValueError, match="every prompt must be a string"):
+        pipe(["ok", 3], progress=False)
+
+
+def test_student_refuses_other_steps_and_cfg_unless_forced(student):
+    p = flgengine.load(student)
+    assert p.sampler.num_steps == 4 and p.config.distilled
+    with pytest.raises(ValueError, match="distilled for 4 steps, not 8"):
+        p("a dog", steps=8, progress=False)
+    with pytest.raises(ValueError, match="CFG baked in"):
+        p("a dog", guidance=5.0, progress=False)
+    assert p("a dog", steps=2, force=True, progress=False).shape == (1, 9, 64, 64, 3)
+    calls = []
+    p.dit.forward = lambda x, t, c, f=p.dit.forward: calls.append(x.shape[0]) or f(x, t, c)
+    p("a dog", progress=False)
+    assert calls == [1, 1, 1, 1]  # 4 steps, no CFG batch doubling
+
+
+def test_teacher_cfg_runs_cond_and_uncond_in_one_batch(pipe):
+    calls = []
+    orig = pipe.dit.forward
+    pipe.dit.forward = lambda x, t, c: calls.append(x.shape[0]) or orig(x, t, c)
+    try:
+        pipe("a dog", progress=False)
+        assert calls == [2] * 8
+        calls.clear()
+        pipe("a dog", guidance=1.0, progress=False)  # guidance 1: no CFG
+        assert calls == [1] * 8
+    finally:
+        pipe.dit.forward = orig
+
+
+def test_backends_give_the_same_video(teacher):
+    a = flgengine.generate("a dog", model=teacher, backend="ref", progress=False)
+    b = flgengine.generate("a dog", model=teacher, backend="cpu", progress=False)
+    assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_dit_only_bundle_and_missing_default_are_clear(tmp_path):
+    from flgengine.checkpoint import save_bundle
+    from flgengine.model import DiT
+    from helpers import tiny_config
+
+    save_bundle(tmp_path / "dit", DiT(tiny_config()))
+    with pytest.raises(ValueError, match="DiT-only"):
+        flgengine.generate("x", model=tmp_path / "dit", progress=False)
+    with pytest.raises(FileNotFoundError, match="neither a bundle directory nor a shipped model"):
+        flgengine.load(tmp_path / "nowhere")
+
+
+def test_cli_generate_and_info(teacher, tmp_path, capsys):
+    out = tmp_path / "cli.mp4"
+    assert cli(["generate", "a blue bird flies", "--model", str(teacher), "-o", str(out), "--seed", "4", "--quiet"]) == 0
+    assert out.stat().st_size > 0
+    api = flgengine.generate("a blue bird flies", model=teacher, seed=4, progress=False)
+    import imageio.v3 as iio
+    assert abs(iio.imread(out).astype(float).mean() - api.float().mean().item()) < 8
+
+    assert cli(["info", str(teacher), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] > 0 and info["kept_blocks"] == [0, 1, 2, 3] and info["sampler"]["num_steps"] == 8
+
+    assert cli(["info", "--json"]) == 0
+    build = json.loads(capsys.readouterr().out)
+    assert "adaln_modulate" in build["op_backends"] and "cuda" in build["build"]
+
+    assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
+    assert "4k+1" in capsys.readouterr().err
+
+
+def test_cli_help_runs_as_a_module():
+    r = subprocess.run([sys.executable, "-m", "flgengine", "generate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--frames" in r.stdout and "--backend" in r.stdout
