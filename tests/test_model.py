@@ -96,3 +96,21 @@ def test_gradients_flow_through_the_reference_ops():
     x, t, c = _inputs()
     model(x, t, c).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_dit_on_cuda_native_ops_match_reference(dtype, tol):
+    model = DiT(tiny_config()).cuda().cast(dtype).eval()
+    x, t, c = (a.cuda() for a in _inputs())
+    x, c = x.to(dtype), c.to(dtype)
+    with torch.no_grad():
+        model.backend = "ref"
+        expect = model(x, t, c).float()
+        model.backend = "cuda"
+        got = model(x, t, c).float()
+        cpu = DiT(tiny_config()).eval()
+        cpu.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+        on_cpu = cpu(x.float().cpu(), t.cpu(), c.float().cpu())
+    assert_close(got, expect, tol, f"cuda vs ref {dtype}")
+    assert_close(got.cpu(), on_cpu, max(tol, 1e-4) if dtype == torch.float32 else tol * 2, f"cuda vs cpu {dtype}")
