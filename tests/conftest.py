@@ -1,14 +1,11 @@
 import pytest
 import torch
 
+from helpers import skip_gpu_tests_without_cuda
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_tests_without_cuda(items)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Small shared test utilities."""
 
+import pytest
 import torch
 
 from flgengine.config import ModelConfig
@@ -25,3 +26,13 @@ def tiny_config(**kw) -> ModelConfig:
                 text_dim=12, freq_dim=16, num_layers=4)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def skip_gpu_tests_without_cuda(items) -> None:
+    """Collection hook body shared by tests/ and bench/: `gpu` items skip without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

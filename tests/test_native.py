@@ -127,3 +127,13 @@ def test_cuda_adaln_modulate_matches_reference(dtype, shape, per_token):
     tol = max(2 * rel_err(ref.adaln_modulate(x, scale, shift), expect), TOL[dtype])
     assert_close(out, expect, tol, f"cuda adaln_modulate {dtype} {shape}")
     assert registry.pick("adaln_modulate", (x, scale, shift))[0] == "cuda"
+
+
+@needs_C
+def test_C_reports_bad_arguments_as_value_errors():
+    x = torch.ones(1, 2, 8)
+    args = [x.data_ptr()] * 4 + [1, 2, 8, 8, 0, 1e-6]
+    with pytest.raises(ValueError, match="unsupported dtypes x=unknown"):
+        native._C.adaln_modulate_cpu(*args, 7, 0)
+    with pytest.raises(ValueError, match="invalid arguments"):
+        native._C.adaln_modulate_cpu(0, *args[1:], 0, 0)

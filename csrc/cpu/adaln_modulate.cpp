@@ -50,15 +50,8 @@ void run_mod(const AdaLNModulateParams& p) {
 }  // namespace
 
 void adaln_modulate(const AdaLNModulateParams& p) {
-  switch (check(p)) {
-    case Status::Ok: break;
-    case Status::UnsupportedDType:
-      throw std::invalid_argument(std::string("adaln_modulate (cpu): unsupported dtypes x=") + dtype_name(p.x_dtype) +
-                                  " scale/shift=" + dtype_name(p.mod_dtype) +
-                                  "; scale/shift must be float32 or x's dtype");
-    default:
-      throw std::invalid_argument("adaln_modulate (cpu): invalid arguments (null pointer, negative size or eps)");
-  }
+  const Status st = check(p);
+  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cpu"));
   switch (static_cast<DType>(p.x_dtype)) {
     case DType::Float32: run_mod<float>(p); break;
     case DType::Float16: run_mod<Half16>(p); break;

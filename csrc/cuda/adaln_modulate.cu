@@ -11,15 +11,8 @@ namespace flg {
 namespace cuda {
 
 void adaln_modulate(const AdaLNModulateParams& p, std::uintptr_t stream_handle) {
-  switch (check(p)) {
-    case Status::Ok: break;
-    case Status::UnsupportedDType:
-      throw std::invalid_argument(std::string("adaln_modulate (cuda): unsupported dtypes x=") + dtype_name(p.x_dtype) +
-                                  " scale/shift=" + dtype_name(p.mod_dtype) +
-                                  "; scale/shift must be float32 or x's dtype");
-    default:
-      throw std::invalid_argument("adaln_modulate (cuda): invalid arguments (null pointer, negative size or eps)");
-  }
+  const Status st = check(p);
+  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cuda"));
   if (p.batch * p.seq > 0x7fffffffLL) throw std::invalid_argument("adaln_modulate (cuda): more than 2^31-1 rows");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   cudaError_t err = cudaSuccess;

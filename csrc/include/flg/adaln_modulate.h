@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "flg/common.h"
 
@@ -38,6 +39,14 @@ inline Status check(const AdaLNModulateParams& p) {
   if (p.mod_dtype != 0 && p.mod_dtype != p.x_dtype) return Status::UnsupportedDType;
   if (!(p.eps >= 0.0f)) return Status::InvalidArgument;
   return Status::Ok;
+}
+
+// The error a launcher throws for a failed check; `where` names the backend.
+inline std::string describe(const AdaLNModulateParams& p, Status st, const char* where) {
+  if (st == Status::UnsupportedDType)
+    return std::string("adaln_modulate (") + where + "): unsupported dtypes x=" + dtype_name(p.x_dtype) +
+           " scale/shift=" + dtype_name(p.mod_dtype) + "; scale/shift must be float32 or x's dtype";
+  return std::string("adaln_modulate (") + where + "): invalid arguments (null pointer, negative size or eps)";
 }
 
 }  // namespace flg
