@@ -211,7 +211,8 @@ class SamplerConfig(_JsonMixin):
 @dataclass
 class TextEncoderConfig(_JsonMixin):
     """`kind`: "umt5" (Wan's umT5 via transformers; `path` = text encoder dir,
-    `tokenizer_path` = tokenizer dir) or "none" (a DiT-only bundle). Relative paths
+    `tokenizer_path` = tokenizer dir), "tokens" (the learned word-embedding encoder of
+    built-in worlds, `path` = its dir) or "none" (a DiT-only bundle). Relative paths
     are resolved against the bundle directory."""
 
     kind: str = "none"

@@ -1,23 +1,26 @@
 """Text encoders: prompts -> embeddings `(B, L, text_dim)` for the DiT's cross-attention.
 
 `UMT5TextEncoder` is Wan's umT5 (transformers), matching diffusers' `WanPipeline`
-prompt encoding exactly. `build_text_encoder` turns a `TextEncoderConfig` into an
+prompt encoding exactly. `TokenTextEncoder` is the small learned encoder of built-in
+worlds (word tokens + positions, trained with the teacher, stored in the bundle). `build_text_encoder` turns a `TextEncoderConfig` into an
 encoder through the `TEXT_ENCODERS` registry (kind -> factory).
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import html
+import json
+import re
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from .config import TextEncoderConfig
 
-__all__ = ["TextEncoder", "UMT5TextEncoder", "TEXT_ENCODERS", "build_text_encoder", "clean_prompt"]
+__all__ = ["TextEncoder", "UMT5TextEncoder", "TokenTextEncoder", "TEXT_ENCODERS", "build_text_encoder", "clean_prompt"]
 
 _EXTRA_HINT = "pip install 'flgengine[diffusers]'"
 
@@ -110,6 +113,76 @@ class UMT5TextEncoder(TextEncoder):
         return emb.masked_fill(~keep[..., None], 0.0)
 
 
+class TokenTextEncoder(nn.Module, TextEncoder):
+    """Learned word embeddings + positions: any string -> `(L, dim)` per prompt.
+
+    Lowercase words (punctuation ignored) map to ids; unknown words map to `<unk>`.
+    Up to `max_length` words are kept; positions past the prompt are exactly zero, so
+    the empty prompt (the unconditional input of CFG) encodes to all zeros.
+    Stored as `config.json` (vocab, max_length, dim) + `model.safetensors`.
+    """
+
+    PAD, UNK = "<pad>", "<unk>"
+
+    def __init__(self, vocab: list[str], max_length: int = 8, dim: int = 64):
+        super().__init__()
+        self.vocab = [self.PAD, self.UNK] + [w for w in vocab if w not in (self.PAD, self.UNK)]
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+        self.max_length, self.text_dim = max_length, dim
+        self.tok = nn.Embedding(len(self.vocab), dim)
+        self.pos = nn.Embedding(max_length, dim)
+        nn.init.normal_(self.tok.weight, std=1.0)
+        nn.init.normal_(self.pos.weight, std=0.1)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length) int64 ids, 0 = padding."""
+        out = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            words = re.findall(r"[a-z0-9]+", p.lower())[: self.max_length]
+            out[i, : len(words)] = torch.tensor([self.ids.get(w, 1) for w in words], dtype=torch.long)
+        return out
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(list(prompts)).to(self.tok.weight.device)  # (B, L)
+        emb = self.tok(ids) + self.pos.weight[None]  # (B, L, dim)
+        return emb * (ids != 0)[..., None]
+
+    @torch.no_grad()
+    def encode(self, prompts, device=None, dtype=None) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        emb = self.forward(prompts)
+        return emb.to(device=device or emb.device, dtype=dtype or emb.dtype)
+
+    def save(self, path: str | Path) -> Path:
+        from .checkpoint import atomic_save_safetensors, atomic_write_text
+
+        path = Path(path)
+        atomic_save_safetensors(path / "model.safetensors", self.state_dict())
+        atomic_write_text(path / "config.json", json.dumps(
+            {"vocab": self.vocab[2:], "max_length": self.max_length, "dim": self.text_dim}, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> "TokenTextEncoder":
+        from .checkpoint import BundleError, _check_state_dict, _load_safetensors
+
+        path = _need_dir(Path(path), "token text encoder")
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            enc = cls(list(cfg["vocab"]), int(cfg["max_length"]), int(cfg["dim"]))
+        except FileNotFoundError:
+            raise BundleError(f"{path}/config.json: missing") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{path}/config.json: needs vocab, max_length and dim ({e!r})") from None
+        where = f"{path}/model.safetensors"
+        if not (path / "model.safetensors").is_file():
+            raise BundleError(f"{where}: missing")
+        sd = _load_safetensors(path / "model.safetensors", where)
+        _check_state_dict(sd, {k: v.shape for k, v in enc.state_dict().items()}, where, "config.json")
+        enc.load_state_dict(sd)
+        return enc.to(device).eval().requires_grad_(False)
+
+
 def _resolve(root: Path, path: str | Path) -> Path:
     path = Path(path)
     return path if path.is_absolute() else Path(root) / path
@@ -123,8 +196,15 @@ def _build_umt5(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -> 
     return UMT5TextEncoder(path, tokenizer_path, cfg.max_length, device=device, dtype=dtype)
 
 
+def _build_tokens(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -> TokenTextEncoder:
+    if cfg.path is None:
+        raise ValueError("text encoder kind 'tokens' needs a path (its directory in the bundle)")
+    return TokenTextEncoder.load(_resolve(root, cfg.path), device=device)
+
+
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder | None]] = {
     "umt5": _build_umt5,
+    "tokens": _build_tokens,
     "none": lambda cfg, root, device=None, dtype=None: None,
 }
 

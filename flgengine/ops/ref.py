@@ -33,10 +33,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     x: (B, S, H, Dh); cos, sin: (S, Dh // 2) fp32. Math in fp32, x's dtype out.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, Dh/2, 2)
-    x1, x2 = xf.unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    # as complex numbers: (x1 + i x2) * (cos + i sin) = (x1 cos - x2 sin) + i (x1 sin + x2 cos)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, S, H, Dh/2)
+    rot = torch.complex(cos, sin)
+    out = torch.view_as_real(xc * rot[None, :, None, :])  # (B, S, H, Dh/2, 2)
     return out.flatten(-2).to(x.dtype)
 
 

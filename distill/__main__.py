@@ -1,0 +1,48 @@
+"""Command line of the distillation package.
+
+    python -m distill train-teacher --out runs/teacher     # the shapes-world teacher (resumable)
+    python -m distill train-evaluator                      # the shapes-world evaluator
+    python -m distill evaluate BUNDLE --samples 180        # quality metrics of a bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import teacher
+
+    p = argparse.ArgumentParser(prog="python -m distill", description="FastLightGen distillation tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-teacher", help="train the shapes-world teacher (flow matching, CFG dropout)",
+                       description="Train the shapes-world teacher on the CPU. Checkpoints atomically to OUT and "
+                                   "resumes from it; writes a bundle at the end.")
+    teacher.add_args(t)
+    t.set_defaults(func=teacher.run)
+    try:
+        from . import evaluate
+    except ImportError:  # pragma: no cover - the evaluator module ships with the shapes world
+        evaluate = None
+    if evaluate is not None:
+        e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
+        evaluate.add_evaluate_args(e)
+        e.set_defaults(func=evaluate.run_evaluate)
+        te = sub.add_parser("train-evaluator", help="train the shapes-world evaluator (colour, shape, direction)")
+        evaluate.add_train_evaluator_args(te)
+        te.set_defaults(func=evaluate.run_train_evaluator)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The training loop's durable parts: atomic, resumable checkpoints (safetensors only)
+and a jsonl metrics log.
+
+A checkpoint is one safetensors file: every tensor of the training state (model, EMA,
+optimiser moments, torch RNG) plus, in its metadata, a JSON skeleton of the state's
+structure and scalars (step, optimiser hyper-parameters). Written to a temp file,
+fsynced and renamed, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flgengine.checkpoint import BundleError, _check_safetensors_file, atomic_save_safetensors
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+# ---- state <-> (tensors, JSON skeleton) ------------------------------------------------------
+
+def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) for k in obj):
+            return {"__intkeys__": {str(k): _flatten(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
+        return {str(k): _flatten(v, f"{key}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__intkeys__" in obj:
+            return {int(k): _unflatten(v, tensors) for k, v in obj["__intkeys__"].items()}
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Writes `state` (nested dicts / lists of tensors and JSON scalars) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "s", tensors)
+    path = Path(path)
+    atomic_save_safetensors(path, tensors, metadata={"skeleton": json.dumps(skeleton), "format": "flgengine-ckpt"})
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = _check_safetensors_file(path, str(path))
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != "flgengine-ckpt" or "skeleton" not in meta:
+        raise BundleError(f"{path}: not an flgengine training checkpoint (no skeleton metadata)")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unflatten(json.loads(meta["skeleton"]), tensors)
+
+
+# ---- logging -----------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per line to `path` (step, wall time, metrics)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+
+    def write(self, step: int, **metrics) -> None:
+        row = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+def check_finite(step: int, loss: torch.Tensor, params, checkpoint: Path) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is {checkpoint}")
+    for p in params:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteLoss(f"step {step}: non-finite gradients; stopping. The last good checkpoint is {checkpoint}")
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA of parameters with warm-up: d = min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for k, p in module.named_parameters():
+        ema[k].mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor * base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
