@@ -52,10 +52,10 @@ __all__ = [
     "frechet_distance_gaussians",
     "frechet_distance",
     "centroids",
-    "speeds",
     "motion",
     "evaluate_videos",
     "evaluate_bundle",
+    "format_table",
     "add_evaluate_args",
     "run_evaluate",
     "add_train_evaluator_args",
@@ -162,7 +162,9 @@ def _read(evaluator: Evaluator, videos, batch_size: int = 256) -> tuple[np.ndarr
     """One pass over uint8 videos (N, T, H, W, 3): features (N, feature_dim) float64 and
     the label read for each attribute."""
     v = _as_uint8(videos)
-    feats = torch.cat([evaluator.eval().features(v[i:i + batch_size]) for i in range(0, len(v), batch_size)])
+    device = next(evaluator.parameters()).device
+    feats = torch.cat([evaluator.eval().features(v[i:i + batch_size].to(device)).cpu()
+                       for i in range(0, len(v), batch_size)])
     labels = {a: [evaluator.config.labels(a)[i] for i in head(feats).argmax(-1).tolist()]
               for a, head in evaluator.heads.items()}
     return feats.double().numpy(), labels
@@ -182,7 +184,7 @@ def classify(evaluator: Evaluator, videos) -> dict[str, list[str]]:
 
 def _augment(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Light per-clip corruption of float videos (B, 3, T, H, W): colour gain within
-    +-10%, a random amount of 3x3 blur, gaussian noise of std up to 0.1."""
+    +-10%, a random amount of 5x5 binomial blur, gaussian noise of std up to 0.1."""
     B, C, T, H, W = video.shape
 
     def u(*shape: int) -> torch.Tensor:
@@ -190,8 +192,8 @@ def _augment(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     gain = 1 + 0.2 * (u(B, C, 1, 1, 1) - 0.5)
     video = (video + 1) * gain - 1
-    kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
-    flat = F.pad(video.reshape(B * C * T, 1, H, W), (1, 1, 1, 1), mode="replicate")
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # binomial, std 1 px
+    flat = F.pad(video.reshape(B * C * T, 1, H, W), (2, 2, 2, 2), mode="replicate")
     blurred = F.conv2d(flat, (kernel[:, None] * kernel[None, :])[None, None]).reshape(B, C, T, H, W)
     video = torch.lerp(video, blurred, u(B, 1, 1, 1, 1))
     video = video + 0.1 * u(B, 1, 1, 1, 1) * torch.randn(video.shape, generator=gen)
@@ -202,7 +204,7 @@ def _labels(clips: Sequence[world.Clip], config: EvaluatorConfig) -> dict[str, t
     return {a: torch.tensor([config.labels(a).index(getattr(c, a)) for c in clips]) for a in ATTRIBUTES}
 
 
-def train_evaluator(steps: int = 600, batch_size: int = 64, seed: int = TRAIN_SEED, lr: float = 3e-3,
+def train_evaluator(steps: int = 700, batch_size: int = 64, seed: int = TRAIN_SEED, lr: float = 3e-3,
                     heldout: int = 2000, heldout_seed: int = HELDOUT_SEED, config: EvaluatorConfig | None = None,
                     progress: bool = True) -> tuple[Evaluator, dict]:
     """Trains an evaluator on fresh batches of world stream `seed` (batch i = step i),
@@ -244,7 +246,7 @@ def train_evaluator(steps: int = 600, batch_size: int = 64, seed: int = TRAIN_SE
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
-        "augmentation": "colour gain +-10%, 3x3 blur of random strength, gaussian noise std <= 0.1 (in [-1, 1])",
+        "augmentation": "colour gain +-10%, 5x5 binomial blur of random strength, gaussian noise std <= 0.1 (in [-1, 1])",
         "train_seconds": round(train_seconds, 1),
         "final_loss": round(loss.item(), 5),
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
@@ -279,21 +281,23 @@ def load_evaluator(dir: str | Path | None = None) -> Evaluator:
         config = EvaluatorConfig.from_json(dir / "config.json")
     except ConfigError as e:
         raise BundleError(str(e)) from None
-    world = EvaluatorConfig()
+    expected = EvaluatorConfig()
     for a in ATTRIBUTES:
-        if config.labels(a) != world.labels(a):
+        if config.labels(a) != expected.labels(a):
             raise BundleError(f"{dir}/config.json: {a} labels {list(config.labels(a))} differ from the world's "
-                              f"{list(world.labels(a))}; retrain it (python -m distill train-evaluator)")
+                              f"{list(expected.labels(a))}; retrain it (python -m distill train-evaluator)")
     try:
         report = json.loads((dir / "report.json").read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{dir}/report.json: not valid JSON ({e})") from None
+    if not isinstance(report, dict):
+        raise BundleError(f"{dir}/report.json: expected a JSON object")
     where = f"{dir}/model.safetensors"
     state = _load_safetensors(dir / "model.safetensors", where)
     model = Evaluator(config)
     _check_state_dict(state, {k: v.shape for k, v in model.state_dict().items()}, where, "config.json")
     model.load_state_dict(state)
-    model.report = report if isinstance(report, dict) else {}
+    model.report = report
     return model.eval().requires_grad_(False)
 
 
@@ -374,24 +378,26 @@ def centroids(videos, threshold: float = 0.25) -> np.ndarray:
     return np.stack([x, y], -1)
 
 
-def speeds(videos, threshold: float = 0.25) -> np.ndarray:
-    """(N,) mean per-frame centroid displacement, pixels per frame, over consecutive frames
-    that both show the shape (0 for a video with fewer than two such frames)."""
-    step = np.linalg.norm(np.diff(centroids(videos, threshold), axis=1), axis=-1)  # (N, T - 1), NaN if a frame is blank
+def _speeds(centres: np.ndarray) -> np.ndarray:
+    """(N,) mean per-frame displacement of centres (N, T, 2), pixels per frame, over
+    consecutive frames that both show the shape (0 for fewer than two such frames)."""
+    step = np.linalg.norm(np.diff(centres, axis=1), axis=-1)  # (N, T - 1), NaN next to a blank frame
     valid = ~np.isnan(step)
     return np.where(valid.any(1), np.nansum(step, 1) / np.maximum(valid.sum(1), 1), 0.0)
 
 
 def motion(videos, threshold: float = 0.25, static: float = 0.25) -> dict[str, float]:
-    """Mean centroid speed over the videos against the world's: `mean_speed`, `true_speed`
-    (px/frame), `ratio`, `static_fraction` (videos slower than `static` x true speed) and
-    `blank_frames` (fraction of frames with nothing above the threshold)."""
+    """Centroid speed (`centroids`, per video the mean per-frame displacement), averaged
+    over the videos, against the world's: `mean_speed`, `true_speed` (px/frame), `ratio`,
+    `static_fraction` (videos slower than `static` x true speed) and `blank_frames`
+    (fraction of frames with nothing above the threshold)."""
     v = _as_uint8(videos)
-    s = speeds(v, threshold)
+    centres = centroids(v, threshold)  # (N, T, 2)
+    s = _speeds(centres)
     true = world.true_speed(v.shape[3])
-    blank = np.isnan(centroids(v, threshold)[..., 0]).mean()
     return {"mean_speed": float(s.mean()), "true_speed": true, "ratio": float(s.mean() / true),
-            "static_fraction": float((s < static * true).mean()), "blank_frames": float(blank)}
+            "static_fraction": float((s < static * true).mean()),
+            "blank_frames": float(np.isnan(centres[..., 0]).mean())}
 
 
 def evaluate_videos(videos, prompts: Sequence[str], evaluator: Evaluator | None = None,
@@ -458,7 +464,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     bar.close()
     guidance = generate_kwargs.get("guidance")
     return {
-        "model": str(getattr(pipe, "path", None) or model),
+        "model": str(getattr(pipe, "path", None) or type(pipe).__name__),
         "samples": samples,
         "seeds": list(seeds),
         "batch_size": batch_size,
@@ -498,6 +504,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="let a distilled student run other steps / CFG")
     p.add_argument("--evaluator", default=None, help="evaluator directory (default: the shipped one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-provenance", action="store_true",
                    help="store the result in the bundle's provenance.json under 'evaluation'")
 
@@ -507,7 +514,7 @@ def run_evaluate(args) -> int:
 
     path = resolve_model(args.bundle)
     result = evaluate_bundle(path, samples=args.samples, seeds=args.seeds, batch_size=args.batch_size,
-                             steps=args.steps, progress=not args.json, evaluator=load_evaluator(args.evaluator),
+                             steps=args.steps, progress=not args.quiet, evaluator=load_evaluator(args.evaluator),
                              guidance=args.guidance, force=args.force)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.write_provenance:
@@ -519,7 +526,7 @@ def run_evaluate(args) -> int:
 
 
 def add_train_evaluator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--steps", type=int, default=700, help="training steps (default 700)")
     p.add_argument("--batch-size", type=int, default=64, help="clips per step (default 64)")
     p.add_argument("--out", default=str(DEFAULT_DIR), help=f"where to write it (default {DEFAULT_DIR})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")

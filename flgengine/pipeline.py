@@ -22,18 +22,22 @@ from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
 from .text import build_text_encoder
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODEL = "shapes-4step"
+# The built-in default: the distilled student once it ships, else the shapes teacher.
+DEFAULT_MODELS = ("shapes-4step", "shapes-teacher")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
 def shipped_models() -> list[str]:
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "pipeline.json").is_file()) if ASSETS.is_dir() else []
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A bundle path, or the name of a bundle shipped in flgengine/assets."""
-    name = DEFAULT_MODEL if model is None else model
+    if model is None:
+        shipped = [m for m in DEFAULT_MODELS if (ASSETS / m / "pipeline.json").is_file()]
+        model = shipped[0] if shipped else None
+    name = DEFAULT_MODELS[-1] if model is None else model
     path = Path(name)
     if path.exists():
         return path

@@ -103,7 +103,7 @@ def test_text_encoder_errors(root, tmp_path):
     (tmp_path / "text_encoder").symlink_to(root / "text_encoder")
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         build_text_encoder(TextEncoderConfig(kind="umt5", path="text_encoder"), tmp_path)
-    with pytest.raises(ValueError, match=r"'clip'.*none, umt5"):
+    with pytest.raises(ValueError, match=r"'clip'.*none, tokens, umt5"):
         build_text_encoder(TextEncoderConfig(kind="clip"), root)
     assert build_text_encoder(TextEncoderConfig(kind="none"), root) is None
 

@@ -1,0 +1,131 @@
+"""The shapes world obeys its spec; its text encoder; teacher training resumes exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from flgengine.text import TokenTextEncoder
+from flgengine.worlds import shapes
+
+
+def _centroid(frame: np.ndarray) -> tuple[float, float]:
+    w = frame.astype(np.float64).max(axis=-1)  # (H, W) coverage x colour intensity
+    ys, xs = np.mgrid[: w.shape[0], : w.shape[1]]
+    return (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()
+
+
+def test_prompts_and_vocabulary():
+    assert len(shapes.PROMPTS) == 60 == len(set(shapes.PROMPTS))
+    assert shapes.PROMPTS[0] == "a red circle moving left"
+    assert shapes.parse_prompt("A Yellow Triangle moving UP") == ("yellow", "triangle", "up")
+    assert shapes.parse_prompt("a red blue circle moving left") is None
+
+
+def test_stream_is_deterministic_per_seed():
+    a, b, c = shapes.stream(3), shapes.stream(3), shapes.stream(4)
+    for _ in range(3):
+        (va, pa), (vb, pb), (vc, _) = next(a), next(b), next(c)
+        assert np.array_equal(va, vb) and pa == pb
+    assert not np.array_equal(va, vc)
+    v1, p1, _ = shapes.batch(7, 5, 4)
+    v2, p2, _ = shapes.batch(7, 5, 4)
+    assert np.array_equal(v1, v2) and p1 == p2 and not np.array_equal(v1, shapes.batch(7, 6, 4)[0])
+
+
+def test_clips_obey_the_spec():
+    videos, prompts, clips = shapes.batch(11, 0, 200)
+    assert videos.shape == (200, 9, 32, 32, 3) and videos.dtype == np.uint8
+    seen = set()
+    for v, p, clip in zip(videos, prompts, clips):
+        colour, shape, direction = shapes.parse_prompt(p)
+        seen.add((colour, shape, direction))
+        assert 0.25 * 32 <= clip.extent <= 0.40 * 32
+        rgb = np.array(shapes.COLOURS[colour])
+        dx, dy = shapes.DIRECTIONS[direction]
+        centres = [_centroid(f) for f in v]
+        steps = np.diff(np.array(centres), axis=0)  # (T-1, 2) pixels per frame
+        # constant speed of 1/30 of the side along the named direction, none across it
+        # (4x4 supersampling quantises each frame's centroid by up to ~0.1 px)
+        along, across = steps @ np.array([dx, dy]), steps @ np.array([dy, dx])
+        np.testing.assert_allclose(along.mean(), 32 / 30, atol=0.03)
+        np.testing.assert_allclose(along, 32 / 30, atol=0.3)
+        np.testing.assert_allclose(across, 0.0, atol=0.3)
+        assert abs(across.mean()) < 0.03
+        for f in v:
+            lit = f.max(axis=-1) > 0
+            # wholly inside: nothing lit touches a border row or column unless it is the shape's own edge
+            assert lit.any() and not (lit[0].all() or lit[-1].all() or lit[:, 0].all() or lit[:, -1].all())
+            # one colour on black: every lit pixel is a multiple of the colour (anti-aliased edge)
+            px = f[lit].astype(np.float64)
+            alpha = px.max(axis=1, keepdims=True) / rgb.max()
+            np.testing.assert_allclose(px, alpha * rgb, atol=2.0)
+        # the full shape area: a square covers extent^2, a circle pi/4 of it, a triangle half
+        area = v[0].max(axis=-1).astype(np.float64).sum() / rgb.max()
+        expect = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape] * clip.extent**2
+        assert abs(area - expect) < 0.08 * expect + 1.5
+    assert len(seen) > 50  # attributes are drawn uniformly: most of the 60 combinations appear
+
+
+def test_shapes_stay_inside_every_frame_at_the_extremes():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        clip = shapes.sample_clip(rng)
+        h = clip.extent / 2
+        for f in range(shapes.NUM_FRAMES):
+            cx, cy = clip.centre(f)
+            assert h <= cx <= 32 - h and h <= cy <= 32 - h
+
+
+def test_frame_counts():
+    with pytest.raises(ValueError, match="4k\\+1"):
+        next(shapes.stream(0, num_frames=8))
+    v, _, _ = shapes.batch(0, 0, 1, num_frames=17)
+    assert v.shape[1] == 17
+
+
+def test_token_text_encoder_accepts_any_string_and_round_trips(tmp_path):
+    enc = TokenTextEncoder(list(shapes.VOCAB), max_length=8, dim=16)
+    ids = enc.tokenize(["a red circle moving left", "", "Hello, RED!!! circle?", "w " * 20])
+    assert ids[0, :5].tolist() == [enc.ids[w] for w in "a red circle moving left".split()] and ids[0, 5:].eq(0).all()
+    assert ids[1].eq(0).all()
+    assert ids[2, :3].tolist() == [1, enc.ids["red"], enc.ids["circle"]]  # unknown -> <unk>, punctuation dropped
+    assert ids[3].eq(1).all()  # truncated to max_length
+    emb = enc.encode(["a red circle moving left", ""])
+    assert emb.shape == (2, 8, 16) and emb[1].abs().sum() == 0 and emb[0, 5:].abs().sum() == 0
+    enc.save(tmp_path / "te")
+    again = TokenTextEncoder.load(tmp_path / "te")
+    assert torch.equal(again.encode(["a blue square"]), enc.encode(["a blue square"]))
+
+
+def test_teacher_training_resumes_to_the_same_weights(tmp_path):
+    from distill.teacher import TeacherConfig, train_teacher
+    from flgengine.checkpoint import load_bundle
+
+    cfg = dict(steps=4, batch_size=2, num_layers=2, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16,
+               freq_dim=16, checkpoint_every=2, compile=False, warmup=1)
+    straight = train_teacher(TeacherConfig(**cfg), tmp_path / "a", progress=False)
+    # the same run stopped after its step-2 checkpoint, then resumed
+    partial = TeacherConfig(**{**cfg, "steps": 4})
+    import distill.teacher as T
+
+    class Stop(Exception):
+        pass
+
+    orig = T.save_checkpoint
+
+    def save_then_stop(path, state):
+        orig(path, state)
+        if state["step"] == 2:
+            raise Stop
+
+    T.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train_teacher(partial, tmp_path / "b", progress=False)
+    finally:
+        T.save_checkpoint = orig
+    resumed = train_teacher(partial, tmp_path / "b", progress=False)
+    assert resumed["steps"] == straight["steps"] == 4
+    a, b = load_bundle(straight["bundle"]).model.state_dict(), load_bundle(resumed["bundle"]).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "bundle" / "text_encoder" / "model.safetensors").is_file()
