@@ -430,7 +430,7 @@ def _sampler_default(pipe, name: str):
 
 def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch_size: int = 20,
                     steps: int | None = None, progress: bool = True, evaluator: Evaluator | None = None,
-                    **generate_kwargs) -> dict:
+                    device=None, dtype=None, **generate_kwargs) -> dict:
     """Generates `samples` videos per base seed with a bundle and evaluates them all together.
 
     `model`: a bundle path, a shipped model's name, or a loaded `Pipeline` (any callable
@@ -438,8 +438,8 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     Sample i (0 <= i < samples) of a base seed uses prompt `PROMPTS[i % 60]`; the samples
     of a seed are generated in consecutive batches of `batch_size`, batch k with seed
     `s * 10000 + k` (one call draws all its noise from its seed, so the videos also depend
-    on `batch_size`, which the result records). `generate_kwargs` go to every call
-    (guidance, force, ...).
+    on `batch_size`, which the result records). `device` / `dtype` are passed to
+    `flgengine.load`; `generate_kwargs` go to every call (guidance, force, ...).
     """
     from tqdm.auto import tqdm
 
@@ -448,7 +448,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     batches = math.ceil(samples / batch_size)
     if batches > BATCH_SEED_STRIDE:
         raise ValueError(f"{batches} batches per seed is more than {BATCH_SEED_STRIDE}; raise batch_size")
-    pipe = flgengine.load(model) if isinstance(model, (str, Path)) else model
+    pipe = flgengine.load(model, device=device, dtype=dtype) if isinstance(model, (str, Path)) else model
     prompts = [world.PROMPTS[i % len(world.PROMPTS)] for i in range(samples)]
     videos, all_prompts = [], []
     bar = tqdm(total=samples * len(seeds), desc="generating", unit="video", disable=not progress)
@@ -471,6 +471,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         "steps": steps if steps is not None else _sampler_default(pipe, "num_steps"),
         "guidance": guidance if guidance is not None else _sampler_default(pipe, "guidance"),
         "seconds_per_video": seconds / len(all_prompts),
+        "device": str(getattr(pipe, "device", "")), "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
         **evaluate_videos(torch.cat(videos), all_prompts, evaluator),
     }
 
@@ -484,7 +485,7 @@ def format_table(result: dict) -> str:
         ("model", result["model"]),
         ("videos", f"{result['videos']} ({result['samples']} x seeds {result['seeds']}, batch {result['batch_size']})"),
         ("sampling", f"{result['steps']} steps, guidance {result['guidance']}, "
-                     f"{result['seconds_per_video']:.3f} s/video"),
+                     f"{result['seconds_per_video']:.3f} s/video on {result.get('device', '?')} {result.get('dtype', '')}"),
         ("adherence", f"{a['adherence']:.3f}  (colour {a['colour']:.3f}, shape {a['shape']:.3f}, "
                       f"direction {a['direction']:.3f})"),
         ("motion", f"{m['ratio']:.3f} x true speed ({m['mean_speed']:.3f} / {m['true_speed']:.3f} px/frame), "
@@ -503,6 +504,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the bundle's)")
     p.add_argument("--force", action="store_true", help="let a distilled student run other steps / CFG")
     p.add_argument("--evaluator", default=None, help="evaluator directory (default: the shipped one)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-provenance", action="store_true",
@@ -515,7 +518,7 @@ def run_evaluate(args) -> int:
     path = resolve_model(args.bundle)
     result = evaluate_bundle(path, samples=args.samples, seeds=args.seeds, batch_size=args.batch_size,
                              steps=args.steps, progress=not args.quiet, evaluator=load_evaluator(args.evaluator),
-                             guidance=args.guidance, force=args.force)
+                             device=args.device, dtype=args.dtype, guidance=args.guidance, force=args.force)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.write_provenance:
         prov_file = path / "provenance.json"

@@ -158,6 +158,20 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     return {"bundle": str(path), **recipe}
 
 
+def snapshot(out: str | Path, bundle: str | Path) -> Path:
+    """Writes a bundle of the EMA weights in `out`'s latest checkpoint (training not resumed)."""
+    ckpt = Path(out) / CHECKPOINT
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to snapshot")
+    state = load_checkpoint(ckpt)
+    cfg = TeacherConfig(**state["config"])
+    model, text = _build(cfg)
+    torch.nn.ModuleDict({"dit": model, "text": text}).load_state_dict(state["ema"], strict=False)
+    recipe = {"recipe": state["config"], "train_seconds": round(state["seconds"], 1), "steps": state["step"],
+              "samples": state["step"] * cfg.batch_size, "snapshot": True}
+    return write_bundle(model, text, cfg, Path(bundle), recipe)
+
+
 def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
     text.save(path / "text_encoder")
     provenance = {"kind": "shapes-world teacher", "world": "flgengine.worlds.shapes",
@@ -174,6 +188,8 @@ def config_from_args(args) -> TeacherConfig:
 def add_args(p) -> None:
     p.add_argument("--out", required=True, help="run directory: checkpoint, metrics.jsonl (resumes from it)")
     p.add_argument("--bundle", default=None, help="where to write the final bundle (default OUT/bundle)")
+    p.add_argument("--snapshot", default=None, metavar="DIR",
+                   help="do not train: write a bundle of the latest checkpoint's EMA weights to DIR")
     for f in dataclasses.fields(TeacherConfig):
         if f.name == "threads":
             p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -188,6 +204,9 @@ def add_args(p) -> None:
 
 
 def run(args) -> int:
+    if args.snapshot:
+        print(f"wrote {snapshot(args.out, args.snapshot)}")
+        return 0
     result = train_teacher(config_from_args(args), args.out, args.bundle, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0

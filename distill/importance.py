@@ -1,0 +1,278 @@
+"""Stage I of FastLightGen: how much each DiT block matters.
+
+For every block b the model runs with b bypassed (its output = its input) on calibration
+clips at several noise levels t, and the Tweedie estimate of the clean clip is compared
+with the clip itself:
+
+    x_t = (1 - t) x0 + t eps,   x0_hat = x_t - t * v(x_t, 1000 t, c)     (flow matching, v = eps - x0)
+    I_b = E ||x0 - x0_hat(skip b)||^2 - E ||x0 - x0_hat(full)||^2
+
+E is the mean over clips, t values and elements. One noise tensor eps (one draw per clip,
+from a seeded generator) serves every block and every t, so the differences between
+blocks are not noise. Small I_b = redundant block; expect a U shape over depth.
+
+    x0, context = calibration_set(pipe, n=32, seed=1234)
+    result = block_importance(pipe.dit, x0, context, sigma_grid(12))
+    save_importance(result, "importance.json", "importance.png")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from flgengine.checkpoint import _atomic_replace, atomic_write_text
+from flgengine.codec import uint8_to_video
+from flgengine.model import DiT
+from flgengine.worlds import shapes
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "sigma_grid",
+    "draw_noise",
+    "skip_blocks",
+    "block_importance",
+    "calibration_set",
+    "save_importance",
+    "load_importance",
+    "render_importance",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000  # the model is called at timestep 1000 * t (distill/teacher.py)
+
+
+def sigma_grid(n: int = 12) -> list[float]:
+    """`n` evenly spaced noise levels strictly inside (0, 1): the midpoints (i + 0.5) / n."""
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"sigma_grid needs n >= 1, got {n!r}")
+    return [(i + 0.5) / n for i in range(n)]
+
+
+def draw_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The calibration noise eps: one standard normal draw of `shape` (fp32, CPU) from a
+    generator seeded with `seed`. `block_importance` uses exactly this tensor."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def skip_blocks(model: DiT, positions: Iterable[int]):
+    """Runs `model` with the blocks at `positions` (indices into `model.blocks`) bypassed.
+
+    The weights are not touched: `model.blocks` is swapped for a ModuleList without
+    those blocks and restored on exit, also when the body raises.
+    """
+    skip = set(positions)
+    n = len(model.blocks)
+    bad = sorted(p for p in skip if not (isinstance(p, int) and 0 <= p < n))
+    if bad:
+        raise ValueError(f"skip_blocks: block positions must be in [0, {n}), got {bad}")
+    original = model.blocks
+    model.blocks = nn.ModuleList(block for i, block in enumerate(original) if i not in skip)
+    try:
+        yield model
+    finally:
+        model.blocks = original
+
+
+def _check_calibration(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Sequence[float], batch_size: int) -> None:
+    c = model.config
+    if x0.dim() != 5 or x0.shape[1] != c.in_channels:
+        raise ValueError(f"x0 must be (N, {c.in_channels}, F, H, W), got {tuple(x0.shape)}")
+    if context.dim() != 3 or context.shape[0] != x0.shape[0] or context.shape[2] != c.text_dim:
+        raise ValueError(f"context must be ({x0.shape[0]}, L, {c.text_dim}), got {tuple(context.shape)}")
+    if not ts or not all(0.0 < float(t) < 1.0 for t in ts):
+        raise ValueError(f"ts must be a non-empty list of noise levels in (0, 1), got {list(ts)}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+@torch.no_grad()
+def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Sequence[float], seed: int = 0,
+                     batch_size: int = 16, progress: bool = True) -> dict:
+    """Importance of every block of `model` (Stage I).
+
+    x0: (N, C, F, H, W) clean latents; context: (N, L, text_dim) their prompt embeddings;
+    ts: noise levels in (0, 1). The N * len(ts) noisy inputs run `batch_size` at a time,
+    once with all blocks and once per bypassed block, on the noise `draw_noise(x0.shape, seed)`.
+
+    Returns a json-ready dict:
+        importance   {teacher block index: I_b}, keyed by `model.config.kept_blocks[b]`
+        full_error   E ||x0 - x0_hat(full)||^2
+        per_t        [{"t", "full_error", "importance": {teacher index: I_b at that t}}], one per t
+        settings     ts, seed, batch_size, num_samples, sample_shape, kept_blocks, ...
+    The overall values are the means of the per-t ones (every t sees the same N clips).
+    """
+    from tqdm.auto import tqdm
+
+    _check_calibration(model, x0, context, ts, batch_size)
+    param = model.patch_embed.weight
+    device, dtype = param.device, param.dtype
+    N, B, T = x0.shape[0], len(model.blocks), len(ts)
+
+    # 1. one noise draw for every block and every t; x0 and eps stay fp32
+    x0 = x0.to(device=device, dtype=torch.float32)  # (N, C, F, H, W)
+    eps = draw_noise(x0.shape, seed).to(device)  # (N, C, F, H, W)
+    context = context.to(device=device, dtype=dtype)  # (N, L, text_dim)
+    sigmas = torch.tensor([float(t) for t in ts], device=device)  # (T,)
+
+    # 2. squared error summed over clips: row 0 the full model, row 1 + b block b bypassed
+    sq_err = torch.zeros(B + 1, T, dtype=torch.float64, device=device)
+    items = N * T  # item j is clip j % N at noise level ts[j // N]
+    chunks = [(start, min(start + batch_size, items)) for start in range(0, items, batch_size)]
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(chunks) * (B + 1), desc="block importance", unit="pass", disable=not progress)
+    try:
+        for start, end in chunks:
+            j = torch.arange(start, end, device=device)
+            n, k = j % N, j // N  # clip and noise level of each item, (b,)
+            t = sigmas[k].view(-1, 1, 1, 1, 1)  # (b, 1, 1, 1, 1)
+            x_t = (1 - t) * x0[n] + t * eps[n]  # (b, C, F, H, W)
+            for row, skip in enumerate([()] + [(b,) for b in range(B)]):
+                with skip_blocks(model, skip):
+                    v = model(x_t.to(dtype), sigmas[k] * NUM_TRAIN_TIMESTEPS, context[n]).float()
+                x0_hat = x_t - t * v  # Tweedie for flow matching
+                err = (x0[n] - x0_hat).pow(2).flatten(1).mean(1)  # (b,)
+                sq_err[row].index_add_(0, k, err.double())
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    # 3. means over clips (per t), then over t; importance = error increase over the full model
+    per_t_err = (sq_err / N).cpu()  # (B + 1, T)
+    mean_err = per_t_err.mean(dim=1)  # (B + 1,)
+    teacher_ids = model.config.kept_blocks
+    per_t = [{"t": float(ts[i]), "full_error": per_t_err[0, i].item(),
+              "importance": {tb: (per_t_err[1 + b, i] - per_t_err[0, i]).item() for b, tb in enumerate(teacher_ids)}}
+             for i in range(T)]
+    return {
+        "importance": {tb: (mean_err[1 + b] - mean_err[0]).item() for b, tb in enumerate(teacher_ids)},
+        "full_error": mean_err[0].item(),
+        "per_t": per_t,
+        "settings": {
+            "ts": [float(t) for t in ts],
+            "seed": seed,
+            "batch_size": batch_size,
+            "num_samples": N,
+            "sample_shape": list(x0.shape[1:]),
+            "kept_blocks": teacher_ids,
+            "num_layers": model.config.num_layers,
+            "timestep_scale": NUM_TRAIN_TIMESTEPS,
+            "dtype": str(dtype).removeprefix("torch."),
+            "noise": "one eps per clip (draw_noise(x0.shape, seed)), shared by every block and every t",
+        },
+    }
+
+
+def calibration_set(pipe_or_text_encoder, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` real shapes-world clips and their prompt embeddings, for `block_importance`.
+
+    `pipe_or_text_encoder`: a loaded Pipeline (its `.text_encoder` is used) or a text
+    encoder with `.encode(prompts)`. The clips are `shapes.batch(seed, 0, n)`; the shapes
+    teacher's latents are its frames (pixel codec), so x0 = the frames in [-1, 1]. The
+    teacher trains on `shapes.batch(0, step, ...)`: a seed other than 0 gives unseen clips.
+
+    Returns x0 (n, 3, T, H, W) float32 in [-1, 1] and context (n, L, text_dim).
+    """
+    encoder = getattr(pipe_or_text_encoder, "text_encoder", pipe_or_text_encoder)
+    if encoder is None or not hasattr(encoder, "encode"):
+        raise ValueError("calibration_set needs a pipeline with a text encoder, or a text encoder")
+    videos, prompts, _ = shapes.batch(seed, 0, n)  # (n, T, H, W, 3) uint8
+    x0 = uint8_to_video(torch.from_numpy(videos))  # (n, 3, T, H, W)
+    return x0, encoder.encode(prompts)
+
+
+# ---- saving ------------------------------------------------------------------------------
+
+def save_importance(result: dict, path_json: str | Path, path_png: str | Path | None = None) -> None:
+    """Writes `result` of `block_importance` as json and, optionally, its bar chart as PNG
+    (both atomically). Json object keys are strings; `load_importance` turns them back."""
+    atomic_write_text(Path(path_json), json.dumps(result, indent=2) + "\n")
+    if path_png is not None:
+        import imageio.v3 as iio
+
+        png = iio.imwrite("<bytes>", render_importance(result), extension=".png")
+        _atomic_replace(Path(path_png), lambda tmp: Path(tmp).write_bytes(png))
+
+
+def load_importance(path: str | Path) -> dict:
+    """Reads a `save_importance` json; block indices come back as int keys."""
+    result = json.loads(Path(path).read_text())
+    result["importance"] = {int(b): v for b, v in result["importance"].items()}
+    for row in result["per_t"]:
+        row["importance"] = {int(b): v for b, v in row["importance"].items()}
+    return result
+
+
+# A 3 x 5 pixel font for the chart's numbers (rows top to bottom, "#" = ink).
+_GLYPHS = {
+    "0": ("###", "#.#", "#.#", "#.#", "###"), "1": (".#.", "##.", ".#.", ".#.", "###"),
+    "2": ("###", "..#", "###", "#..", "###"), "3": ("###", "..#", "###", "..#", "###"),
+    "4": ("#.#", "#.#", "###", "..#", "..#"), "5": ("###", "#..", "###", "..#", "###"),
+    "6": ("###", "#..", "###", "#.#", "###"), "7": ("###", "..#", "..#", "..#", "..#"),
+    "8": ("###", "#.#", "###", "#.#", "###"), "9": ("###", "#.#", "###", "..#", "###"),
+    ".": ("...", "...", "...", "...", ".#."), "-": ("...", "...", "###", "...", "..."),
+    "+": ("...", ".#.", "###", ".#.", "..."), "e": ("###", "#..", "###", "#..", "###"),
+}
+_SCALE = 2  # font pixels per glyph pixel
+_BAR, _GAP, _PLOT_H, _MARGIN = 16, 6, 160, 10
+_WHITE, _INK, _AXIS = (255, 255, 255), (40, 40, 40), (150, 150, 150)
+_BLUE, _ORANGE = (66, 114, 196), (230, 120, 40)  # middle blocks; first and last block
+
+
+def _text_width(text: str) -> int:
+    return len(text) * 4 * _SCALE - _SCALE
+
+
+def _draw_text(img: np.ndarray, text: str, x: int, y: int) -> None:
+    """Writes `text` (digits, '.', '-', '+', 'e') with its top-left corner at (x, y)."""
+    for ch in text:
+        glyph = np.array([[c == "#" for c in row] for row in _GLYPHS[ch]])  # (5, 3)
+        mask = glyph.repeat(_SCALE, 0).repeat(_SCALE, 1)
+        img[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = _INK
+        x += 4 * _SCALE
+
+
+def render_importance(result: dict) -> np.ndarray:
+    """Bar chart of importance over depth, (H, W, 3) uint8.
+
+    One bar per block in depth order, labelled below with its teacher index; the
+    teacher's first and last blocks (never pruned) are orange, the others blue. Bars grow up from the
+    zero line for positive values and down for negative ones; the numbers at the left
+    are the largest and (when negative) smallest values.
+    """
+    blocks = sorted(result["importance"], key=int)
+    ends = (0, result["settings"]["num_layers"] - 1)
+    values = np.array([result["importance"][b] for b in blocks], dtype=np.float64)
+    top, bottom = max(values.max(), 0.0), min(values.min(), 0.0)
+    span = (top - bottom) or 1.0
+    labels = [f"{top:.2e}"] + ([f"{bottom:.2e}"] if bottom < 0 else [])
+    glyph_h = 5 * _SCALE
+    left = _MARGIN + max(_text_width(s) for s in labels) + _MARGIN
+    width = left + len(blocks) * (_BAR + _GAP) + _MARGIN
+    height = _MARGIN + _PLOT_H + _MARGIN + glyph_h + _MARGIN
+    img = np.full((height, width, 3), _WHITE, dtype=np.uint8)
+
+    # 1. zero line and value labels
+    y0 = _MARGIN + round(_PLOT_H * top / span)  # row of value 0
+    img[y0, left - _GAP:width - _MARGIN] = _AXIS
+    _draw_text(img, labels[0], _MARGIN, _MARGIN)
+    if bottom < 0:
+        _draw_text(img, labels[1], _MARGIN, _MARGIN + _PLOT_H - glyph_h)
+
+    # 2. one bar and one index label per block
+    for i, (block, value) in enumerate(zip(blocks, values)):
+        x = left + i * (_BAR + _GAP)
+        h = round(_PLOT_H * abs(value) / span)
+        rows = slice(y0 - h, y0) if value >= 0 else slice(y0 + 1, y0 + 1 + h)
+        img[rows, x:x + _BAR] = _ORANGE if int(block) in ends else _BLUE
+        label = str(block)
+        _draw_text(img, label, x + (_BAR - _text_width(label)) // 2, _MARGIN + _PLOT_H + _MARGIN)
+    return img
