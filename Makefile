@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.flgengine-installed
 NATIVE := CMakeLists.txt pyproject.toml constraints.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build test demo demo-wan bench clean
+.PHONY: setup build test demo bench clean
 
 setup: $(STAMP)
 
@@ -28,17 +28,13 @@ build: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Generates a video of the shapes world with the built-in default model (shipped in
-# flgengine/assets) and prints where it is.
+# Until the shapes-world models ship, the demo builds a tiny random Wan bundle (umT5 +
+# Wan VAE + DiT, all random) and generates a video end to end: the video is noise-like.
 demo: $(STAMP)
-	$(PY) -m flgengine generate "a yellow triangle moving right" -o demo-out/shapes.mp4
-	@echo "demo video: $(CURDIR)/demo-out/shapes.mp4"
-
-# The whole Wan path on a tiny random Wan bundle (umT5 + Wan VAE + DiT): noise-like video.
-demo-wan: $(STAMP)
 	$(PY) -m flgengine.testing tiny-wan-bundle demo-out/tiny-wan
 	$(PY) -m flgengine generate "a red circle moving left" --model demo-out/tiny-wan -o demo-out/tiny-wan.mp4
 	$(PY) -m flgengine info demo-out/tiny-wan
+	@echo "demo video: $(CURDIR)/demo-out/tiny-wan.mp4"
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q

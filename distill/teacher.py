@@ -68,6 +68,7 @@ class TeacherConfig:
     threads: int | None = None
     compile: bool = True  # torch.compile the DiT for training: ~1.5x faster steps on CPU after ~2 min
     device: str = "cpu"
+    workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, 4, 4), num_heads=self.num_heads,
@@ -117,6 +118,27 @@ def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts:
     return F.mse_loss(model(x_t, t * 1000, context), eps - videos)
 
 
+class _WorldBatches(torch.utils.data.Dataset):
+    """Batch i of the training stream (random access, so resuming is exact)."""
+
+    def __init__(self, cfg: TeacherConfig, start: int):
+        self.cfg, self.start = cfg, start
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.start
+
+    def __getitem__(self, i: int):
+        videos, prompts, _ = shapes.batch(self.cfg.seed, self.start + i, self.cfg.batch_size)
+        return uint8_to_video(torch.from_numpy(videos)), prompts
+
+
+def _batches(cfg: TeacherConfig, start: int):
+    data = _WorldBatches(cfg, start)
+    if cfg.workers <= 0:
+        return (data[i] for i in range(len(data)))
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.workers, prefetch_factor=4)
+
+
 def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) in `out`; writes the final bundle to `bundle` (default out/bundle)."""
     from tqdm.auto import tqdm
@@ -136,7 +158,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        runtime = ("threads", "compile", "checkpoint_every", "device")  # how it runs, not what it computes
+        runtime = ("threads", "compile", "checkpoint_every", "device", "workers")  # how it runs, not what it computes
         saved = {k: v for k, v in state["config"].items() if k not in runtime}
         if saved != {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}:
             raise ValueError(f"{ckpt} was written by another recipe; use a new --out or the same options")
@@ -153,9 +175,10 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     t_start = time.time() - seconds
     model.train(), text.train()
     net = torch.compile(model) if cfg.compile else model
+    batches = iter(_batches(cfg, step))
     while step < cfg.steps:
-        videos, prompts, _ = shapes.batch(cfg.seed, step, cfg.batch_size)
-        x0 = uint8_to_video(torch.from_numpy(videos)).to(cfg.device)  # (B, 3, T, H, W)
+        x0, prompts = next(batches)
+        x0 = x0.to(cfg.device)  # (B, 3, T, H, W)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup) * g["lr_mult"]
         loss = flow_loss(net, text, x0, prompts, gen, cfg.cond_dropout, cfg.t_shift)
@@ -221,6 +244,9 @@ def add_args(p) -> None:
     for f in dataclasses.fields(TeacherConfig):
         if f.name == "threads":
             p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+            continue
+        if f.name == "workers":
+            p.add_argument("--workers", type=int, default=None, help="data worker processes (default 0)")
             continue
         if f.name == "device":
             p.add_argument("--device", default=None, help="cpu (default) or cuda")
