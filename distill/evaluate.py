@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flgengine
-from flgengine.checkpoint import BundleError, _check_state_dict, _load_safetensors, atomic_save_safetensors, atomic_write_text
+from flgengine.checkpoint import (BundleError, _check_state_dict, _load_safetensors, atomic_save_safetensors,
+                                  atomic_write_text, read_json_object)
 from flgengine.codec import uint8_to_video
 from flgengine.config import ConfigError, _JsonMixin
 from flgengine.worlds import shapes as world
@@ -286,12 +287,7 @@ def load_evaluator(dir: str | Path | None = None) -> Evaluator:
         if config.labels(a) != expected.labels(a):
             raise BundleError(f"{dir}/config.json: {a} labels {list(config.labels(a))} differ from the world's "
                               f"{list(expected.labels(a))}; retrain it (python -m distill train-evaluator)")
-    try:
-        report = json.loads((dir / "report.json").read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{dir}/report.json: not valid JSON ({e})") from None
-    if not isinstance(report, dict):
-        raise BundleError(f"{dir}/report.json: expected a JSON object")
+    report = read_json_object(dir / "report.json")
     where = f"{dir}/model.safetensors"
     state = _load_safetensors(dir / "model.safetensors", where)
     model = Evaluator(config)

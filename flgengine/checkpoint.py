@@ -199,6 +199,17 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     return path
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or a BundleError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     try:
@@ -230,12 +241,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
         pipeline = PipelineConfig.from_json(path / "pipeline.json")
     except ConfigError as e:
         raise BundleError(str(e)) from None
-    try:
-        provenance = json.loads((path / "provenance.json").read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path}/provenance.json: not valid JSON ({e})") from None
-    if not isinstance(provenance, dict):
-        raise BundleError(f"{path}/provenance.json: expected a JSON object")
+    provenance = read_json_object(path / "provenance.json")
 
     where = f"{path}/model.safetensors"
     state = _load_safetensors(path / "model.safetensors", where)

@@ -224,7 +224,7 @@ def test_run_evaluate_writes_provenance(evaluator, tmp_path, monkeypatch, capsys
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "provenance.json").write_text(json.dumps({"kind": "student"}))
-    monkeypatch.setattr(flgengine, "load", lambda model: FakePipeline())
+    monkeypatch.setattr(flgengine, "load", lambda model, **load_kwargs: FakePipeline())
     parser = argparse.ArgumentParser()
     ev.add_evaluate_args(parser)
     args = parser.parse_args([str(bundle), "--samples", "12", "--batch-size", "6", "--write-provenance"])
