@@ -36,12 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from flgengine.__main__ import run_command
+
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

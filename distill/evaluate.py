@@ -518,7 +518,7 @@ def run_evaluate(args) -> int:
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.write_provenance:
         prov_file = path / "provenance.json"
-        provenance = json.loads(prov_file.read_text())
+        provenance = read_json_object(prov_file)
         provenance["evaluation"] = result
         atomic_write_text(prov_file, json.dumps(provenance, indent=2) + "\n")
     return 0

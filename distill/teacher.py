@@ -200,7 +200,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     bar.close()
     seconds = time.time() - t_start
     # the bundle holds the EMA weights
-    both.load_state_dict({k: v for k, v in ema.items()}, strict=False)
+    both.load_state_dict(ema)
     recipe = {"recipe": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1), "steps": step,
               "samples": step * cfg.batch_size, "samples_per_hour": round(step * cfg.batch_size / max(seconds, 1e-9) * 3600),
               "machine": (f"{torch.get_num_threads()} CPU threads" if cfg.device == "cpu" else
@@ -217,7 +217,7 @@ def snapshot(out: str | Path, bundle: str | Path) -> Path:
     state = load_checkpoint(ckpt)
     cfg = TeacherConfig(**state["config"])
     model, text = _build(cfg)
-    torch.nn.ModuleDict({"dit": model, "text": text}).load_state_dict(state["ema"], strict=False)
+    torch.nn.ModuleDict({"dit": model, "text": text}).load_state_dict(state["ema"])
     recipe = {"recipe": state["config"], "train_seconds": round(state["seconds"], 1), "steps": state["step"],
               "samples": state["step"] * cfg.batch_size, "snapshot": True}
     return write_bundle(model, text, cfg, Path(bundle), recipe)

@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("generate takes a PROMPT or --prompts-file, not both or neither")
         if args.prompts_file is not None:
             args.prompt = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    """Runs `args.func(args)`; bad input (ValueError, FileNotFoundError) prints one
+    `error:` line and exits 2 instead of a traceback. Shared by `python -m distill`."""
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, PipelineConfig
+from .config import ConfigError, ModelConfig, PipelineConfig, torch_dtype
 
 __all__ = [
     "BundleError",
@@ -172,10 +172,6 @@ class Bundle:
     provenance: dict
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None) -> Path:
     """Writes `model` (a DiT) as a bundle directory; each file is written atomically.
 
@@ -250,7 +246,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_state_dict(state, expected, where, "config.json")
     model.load_state_dict(state, assign=True)
-    model.cast(dtype if dtype is not None else _dtype(config.dtype))
+    model.cast(dtype if dtype is not None else torch_dtype(config.dtype))
     if device is not None:
         model.to(device)
     return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)

@@ -25,6 +25,18 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+# names users and configs may give a dtype by
+TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """torch dtype of a name in TORCH_DTYPES ("bf16", "float32", ...)."""
+    import torch
+
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(TORCH_DTYPES)}")
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 class ConfigError(ValueError):
@@ -49,14 +61,10 @@ def _from_dict(cls, data: Any, source: str):
         sub = hints[f.name]
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             value = _from_dict(sub, value, f"{source}: {f.name}")
-        elif isinstance(value, list) and f.name == "patch_size":
-            value = tuple(value)
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise ConfigError(f"{source}: {e}") from None
         raise ConfigError(f"{source}: {e}") from None
 
 

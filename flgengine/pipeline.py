@@ -17,15 +17,13 @@ import torch
 
 from .checkpoint import load_bundle
 from .codec import build_codec, video_to_uint8
-from .config import PipelineConfig, SamplerConfig
+from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
 from .text import build_text_encoder
 
 ASSETS = Path(__file__).parent / "assets"
 # The built-in default: the distilled student once it ships, else the shapes teacher.
 DEFAULT_MODELS = ("shapes-4step", "shapes-teacher")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def shipped_models() -> list[str]:
@@ -34,10 +32,9 @@ def shipped_models() -> list[str]:
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A bundle path, or the name of a bundle shipped in flgengine/assets."""
+    name = model
     if model is None:
-        shipped = [m for m in DEFAULT_MODELS if (ASSETS / m / "pipeline.json").is_file()]
-        model = shipped[0] if shipped else None
-    name = DEFAULT_MODELS[-1] if model is None else model
+        name = next((m for m in DEFAULT_MODELS if m in shipped_models()), DEFAULT_MODELS[-1])
     path = Path(name)
     if path.exists():
         return path
@@ -62,11 +59,7 @@ def resolve_device(device) -> torch.device:
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
 class Pipeline:
