@@ -30,8 +30,28 @@ rc_tests=${PIPESTATUS[0]}
 
 log "gpu benchmarks"
 $PY -m pytest -q bench -m gpu -s -p no:cacheprovider --benchmark-json="$OUT/bench.json" 2>&1 \
-  | grep -E "^(adaln|DiT)|passed|failed|error" | tee "$OUT/bench_summary.txt"
+  | grep -E "^(adaln|DiT|few-step)|passed|failed|error" | tee "$OUT/bench_summary.txt"
 rc_bench=${PIPESTATUS[0]}
 
-log "done: tests rc=$rc_tests bench rc=$rc_bench"
-exit $(( rc_tests || rc_bench ))
+log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny student, then generate through it"
+# (the gpu tests and benchmarks above already cover the CUDA graph loop: test_cudagraph.py,
+#  bench/test_bench_export.py::test_gpu_fewstep_loop_eager_vs_cuda_graph)
+ENG=$(mktemp -d)
+$PY - "$ENG" <<'PYEOF' 2>&1 | tail -5
+import sys, torch
+from pathlib import Path
+sys.path.insert(0, "tests")
+from helpers import tiny_config
+from flgengine.checkpoint import save_bundle
+from flgengine.model import DiT
+save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
+PYEOF
+t0=$(date +%s)
+$PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
+  -o "$ENG/aoti" --json >"$OUT/export_aoti_cuda.json" 2>"$OUT/export_aoti_cuda.log"
+rc_export=$?
+echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/export_aoti_cuda.log"
+$PY -c "import tensorrt" 2>/dev/null && echo "tensorrt present" || echo "tensorrt absent (TensorRT build not checked)"
+
+log "done: tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
+exit $(( rc_tests || rc_bench || rc_export ))

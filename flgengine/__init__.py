@@ -4,6 +4,7 @@
     video = flgengine.generate("a red circle moving left", model="path/to/bundle", output="out.mp4")
     pipe = flgengine.load("path/to/bundle")          # reuse the loaded model
     video = pipe(["prompt one", "prompt two"], seed=1)
+    pipe = flgengine.load("path/to/bundle", engine="engines/aoti")  # the DiT through a built engine
 """
 
 from __future__ import annotations
@@ -15,32 +16,39 @@ __version__ = "0.1.0"
 __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 
-def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None):
+def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
+         engine: str | os.PathLike | None = None):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
     on CPU) or a torch dtype / "bf16" / "fp16" / "fp32"; backend: ops backend
-    ("ref", "cpu", "cuda", "triton"; None = automatic).
+    ("ref", "cpu", "cuda", "triton"; None = automatic). engine: a directory built by
+    `python -m flgengine.export` from this bundle; the DiT runs through it (device and
+    dtype then default to the engine's), and an engine built from another bundle is refused.
     """
     from .pipeline import Pipeline
 
-    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend)
+    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, num_frames: int | None = None,
              height: int | None = None, width: int | None = None, steps: int | None = None,
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
-             progress: bool = True, force: bool = False):
+             progress: bool = True, force: bool = False, engine: str | os.PathLike | None = None,
+             cuda_graph: bool | None = None):
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 
     Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
     `output` (.mp4 / .gif) also writes the video (`name_i.mp4` per prompt when B > 1).
     A distilled student refuses other step counts and CFG unless `force=True`.
+    `engine`: run the DiT through a built engine directory (see `load`). `cuda_graph`:
+    capture a student's whole few-step loop as one CUDA graph (None: on for students on CUDA).
     """
-    pipe = load(model, device=device, dtype=dtype, backend=backend)
+    pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine)
     return pipe(prompt, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
-                guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force)
+                guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force,
+                cuda_graph=cuda_graph)
 
 
 def save_video(frames, path, fps: int = 16):

@@ -16,11 +16,11 @@ def _generate(args) -> int:
     import flgengine
 
     t0 = time.perf_counter()
-    pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine)
     t1 = time.perf_counter()
     video = pipe(args.prompt, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
-                 output=args.output, progress=not args.quiet, force=args.force)
+                 output=args.output, progress=not args.quiet, force=args.force, cuda_graph=args.cuda_graph)
     t2 = time.perf_counter()
     if not args.quiet:
         B, T, H, W, _ = video.shape
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default=None, choices=["ref", "cpu", "cuda", "triton"], help="ops backend (default: automatic; env FLG_BACKEND)")
+    g.add_argument("--engine", default=None, metavar="DIR",
+                   help="run the DiT through an engine built from this bundle by python -m flgengine.export")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture a student's whole few-step loop as one CUDA graph (default: on for students on CUDA)")
     g.add_argument("--force", action="store_true", help="allow step counts / CFG a student was not distilled for")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     g.set_defaults(func=_generate)

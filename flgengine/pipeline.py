@@ -5,6 +5,10 @@
     -> uint8 (B, T, H, W, 3)
 
 Every argument is checked before any compute; errors name the bad value.
+
+The DiT may be a built engine instead (`engine=DIR`, see `flgengine.export`): text
+encoder, sampler and codec stay the same. On CUDA a student's whole few-step loop runs
+as one captured CUDA graph (`cuda_graph`, see `flgengine.cudagraph`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_bundle
+from .checkpoint import BundleError, load_bundle, read_json_object, read_model_config
 from .codec import build_codec, video_to_uint8
 from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
@@ -67,15 +71,20 @@ class Pipeline:
     call it like `flgengine.generate()` without the `model` argument."""
 
     def __init__(self, dit, text_encoder, codec, config: PipelineConfig, *, device: torch.device,
-                 dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None):
+                 dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None, engine=None):
         self.dit, self.text_encoder, self.codec, self.config = dit, text_encoder, codec, config
         self.sampler = build_sampler(config.sampler)
         self.device, self.dtype, self.path = device, dtype, path
         self.provenance = provenance or {}
+        self.engine = engine  # a flgengine.export.Engine running the DiT, or None (PyTorch)
+        self._graphs: dict = {}  # captured few-step loops (GraphedFewStepLoop), one per shape
 
     @classmethod
-    def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None) -> "Pipeline":
+    def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
+                    engine: str | os.PathLike | None = None) -> "Pipeline":
         path = resolve_model(path)
+        if engine is not None:
+            return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if backend is not None:
@@ -88,6 +97,33 @@ class Pipeline:
         text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
         return cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
+
+    @classmethod
+    def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None) -> "Pipeline":
+        """The bundle's text encoder and codec around an engine in the DiT's place; the
+        bundle's weights are not loaded, only hashed to check the engine was built from them."""
+        from .export.engine import EngineDiT, load_engine
+
+        if backend is not None:
+            raise ValueError(f"backend={backend!r} picks the PyTorch DiT's ops; an engine (engine={str(engine_dir)!r}) "
+                             "brings its own kernels: drop one of the two")
+        eng = load_engine(engine_dir)
+        if device is not None and resolve_device(device).type != eng.device.type:
+            raise ValueError(f"engine {engine_dir} runs on {eng.device.type}, not {resolve_device(device)}; "
+                             "export one for that device")
+        if dtype is not None and resolve_dtype(dtype, eng.device) != eng.dtype:
+            raise ValueError(f"engine {engine_dir} takes {eng.manifest.dtype}, not {resolve_dtype(dtype, eng.device)}; "
+                             "drop dtype= or export one in that dtype")
+        device, dtype = eng.device, eng.dtype
+        if not (path / "model.safetensors").is_file():
+            raise BundleError(f"{path}/model.safetensors: missing (it identifies the weights the engine was built from)")
+        config = read_model_config(path)
+        cfg = PipelineConfig.from_json(path / "pipeline.json")
+        eng.check_bundle(path, config)
+        text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+        codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+        return cls(EngineDiT(eng, config), text, codec, cfg, device=device, dtype=dtype, path=path,
+                   provenance=read_json_object(path / "provenance.json"), engine=eng)
 
     # -- checks ---------------------------------------------------------------------------
     def _sampler_for(self, steps: int | None, guidance: float | None, force: bool):
@@ -145,7 +181,7 @@ class Pipeline:
     def __call__(self, prompt, *, seed: int = 0, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance: float | None = None,
                  negative_prompt: str | None = None, output: str | os.PathLike | None = None,
-                 progress: bool = True, force: bool = False) -> torch.Tensor:
+                 progress: bool = True, force: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
         cfg = self.config
         num_frames = cfg.num_frames if num_frames is None else num_frames
         height = cfg.height if height is None else height
@@ -156,9 +192,14 @@ class Pipeline:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if output is not None and Path(output).suffix.lower() not in (".mp4", ".gif"):
             raise ValueError(f"output {str(output)!r} must end in .mp4 or .gif")
+        B = len(prompts)
+        shape = (B, *self.codec.latent_shape(num_frames, height, width))
+        dit_batch = 2 * B if sampler.guidance > 1 else B  # CFG runs cond and uncond in one batch
+        if self.engine is not None:
+            self._check_engine(dit_batch, shape[1:], num_frames, height, width)
+        use_graph = self._use_cuda_graph(cuda_graph, sampler)
 
         # 1. text
-        B = len(prompts)
         context = self.text_encoder.encode(prompts, device=self.device, dtype=self.dtype)  # (B, L, text_dim)
         uncond = None
         if sampler.guidance > 1:
@@ -166,11 +207,13 @@ class Pipeline:
             uncond = self.text_encoder.encode([neg] * B, device=self.device, dtype=self.dtype)
 
         # 2. sample latents from seeded noise (drawn on the CPU: same video on every device)
-        shape = (B, *self.codec.latent_shape(num_frames, height, width))
         gen = torch.Generator("cpu").manual_seed(seed)
         noise = randn(shape, gen, self.device, self.dtype)
-        bar = _progress(progress, sampler.num_steps)
-        latents = sampler.sample(self.dit, noise, context, uncond, generator=gen, progress=bar)
+        if use_graph:
+            latents = self._graphed_loop(sampler, noise, context, uncond)(noise, context, uncond, gen)
+        else:
+            bar = _progress(progress, sampler.num_steps)
+            latents = sampler.sample(self.dit, noise, context, uncond, generator=gen, progress=bar)
 
         # 3. decode to uint8 video (B, T, H, W, 3)
         video = video_to_uint8(self.codec.decode(latents.float()).cpu())
@@ -182,6 +225,47 @@ class Pipeline:
                 p = out if B == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
                 save_video(video[i], p, fps=cfg.fps)
         return video
+
+    # -- engines and CUDA graphs -----------------------------------------------------------
+    def _check_engine(self, batch: int, latent: tuple, num_frames: int, height: int, width: int) -> None:
+        """Refuses, before any compute, a request the engine was not built for."""
+        m = self.engine.manifest
+        if tuple(latent) != m.latent_shape:
+            built = (f"{m.video['num_frames']} frames of {m.video['height']}x{m.video['width']}" if m.video
+                     else f"latents {m.latent_shape}")
+            raise ValueError(f"engine {self.engine.directory} was built for {built}; {num_frames} frames of "
+                             f"{height}x{width} need latents {tuple(latent)}: generate at the engine's size or "
+                             "export an engine with --frames/--height/--width")
+        r = m.dynamic_dims.get("batch")
+        lo, hi = (r.min, r.max) if r else (m.input("x").shape[0],) * 2
+        if not lo <= batch <= hi:
+            raise ValueError(f"engine {self.engine.directory} takes a DiT batch of {lo}..{hi}, this request needs {batch} "
+                             "(prompts, doubled with CFG); export with --max-batch")
+
+    def _use_cuda_graph(self, cuda_graph: bool | None, sampler) -> bool:
+        """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
+        fewstep = isinstance(sampler, FewStepSampler)
+        if cuda_graph is None:
+            return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs a CUDA device; this pipeline runs on {self.device}")
+            if not fewstep:
+                raise ValueError("cuda_graph=True captures a student's few-step loop; this pipeline's sampler is "
+                                 f"{type(sampler).__name__} (a teacher): run it with cuda_graph=False")
+            if self.engine is not None:
+                raise ValueError("cuda_graph=True captures the PyTorch DiT; it is not supported with an engine")
+        return cuda_graph
+
+    def _graphed_loop(self, sampler, noise, context, uncond):
+        from .cudagraph import GraphedFewStepLoop, graph_key
+
+        key = graph_key(sampler, noise, context, uncond)
+        if key not in self._graphs:
+            self._graphs[key] = GraphedFewStepLoop(sampler, self.dit, noise, context, uncond)
+        return self._graphs[key]
 
 
 def _progress(enabled: bool, total: int):

@@ -84,9 +84,19 @@ class FewStepSampler:
     def num_steps(self) -> int:
         return len(self.sigmas)
 
+    def draw_noises(self, shape, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+        """The re-noising draws of one `sample()` call, in its order: `num_steps - 1`
+        float32 tensors. Drawn up front they let a CUDA graph replay the whole loop while
+        the seed still decides the video."""
+        return [randn(shape, generator, device) for _ in range(self.num_steps - 1)]
+
     def sample(self, model: VelocityFn, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, progress: Iterable | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: Iterable | None = None,
+               noises: list[torch.Tensor] | None = None) -> torch.Tensor:
         # noise: (B, C, F, H, W); the first step sees pure noise labelled sigmas[0] (usually 1.0)
+        # noises: the re-noising draws (`draw_noises`); None draws them from `generator` as it goes
+        if noises is not None and len(noises) != self.num_steps - 1:
+            raise ValueError(f"noises must hold {self.num_steps - 1} tensors (one per re-noising), got {len(noises)}")
         x = noise.float()
         steps = range(self.num_steps) if progress is None else progress(range(self.num_steps))
         x0 = x
@@ -97,7 +107,7 @@ class FewStepSampler:
             x0 = x - s * v
             if i + 1 < self.num_steps:
                 s_next = self.sigmas[i + 1]
-                eps = randn(x.shape, generator, x.device)
+                eps = randn(x.shape, generator, x.device) if noises is None else noises[i]
                 x = (1 - s_next) * x0 + s_next * eps
         return x0
 

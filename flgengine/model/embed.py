@@ -72,5 +72,20 @@ def rope_3d(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: in
     """cos, sin tables (S, head_dim/2) fp32 for a (frames, height, width) token grid."""
     if max(grid) > max_len:
         raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={max_len} along one axis")
-    cos, sin = _rope_table(head_dim, tuple(grid), float(theta), max_len)
+    return _rope_on_device(head_dim, tuple(grid), float(theta), max_len, torch.device(device))
+
+
+@lru_cache(maxsize=32)
+def _rope_on_device(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables kept on `device`: no host-to-device copy per forward, which also lets a
+    CUDA graph capture the forward (a pageable copy cannot be captured)."""
+    cos, sin = _rope_table(head_dim, grid, theta, max_len)
     return cos.to(device), sin.to(device)
+
+
+def clear_rope_cache() -> None:
+    """Empties the RoPE table caches. Tracing (torch.export) would otherwise leave fake
+    tensors in them when it is the first to build a table."""
+    _rope_table.cache_clear()
+    _rope_on_device.cache_clear()

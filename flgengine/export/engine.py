@@ -1,0 +1,135 @@
+"""Loading a built engine: `load_engine(DIR)` reads `engine.json`, opens the runner of its
+format, and checks every call's inputs against the manifest before the engine sees them
+(an AOTInductor or TensorRT engine given shapes it was not built for reads out of bounds).
+
+`EngineDiT` puts an engine where the pipeline expects its DiT: same call, same config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import file_sha256
+from ..config import ModelConfig
+from .manifest import EngineError, EngineManifest, TensorSpec, read_manifest
+from .spec import DTYPE_NAMES
+
+__all__ = ["Engine", "EngineDiT", "load_engine", "weights_sha256"]
+
+_HASHES: dict[tuple, str] = {}
+
+
+def weights_sha256(bundle: str | os.PathLike) -> str:
+    """sha256 of a bundle's model.safetensors (remembered per path, size and mtime)."""
+    path = Path(bundle) / "model.safetensors"
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
+
+
+class Engine:
+    """A built engine: call it like the DiT, `engine(x, t, context) -> velocity`."""
+
+    def __init__(self, directory: Path, manifest: EngineManifest, runner):
+        self.directory, self.manifest, self.runner = Path(directory), manifest, runner
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.manifest.dtype]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.manifest.device)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.manifest.format}, {self.directory}, {self.manifest.describe_shapes()})"
+
+    # -- checks ---------------------------------------------------------------------------
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        """EngineError unless (x, t, context) have the shapes, dtypes and device the engine takes."""
+        m = self.manifest
+        dims: dict[str, int] = {}
+        for spec, tensor in zip(m.inputs, (x, t, context)):
+            self._check_one(spec, tensor, dims)
+
+    def _check_one(self, spec: TensorSpec, tensor: torch.Tensor, dims: dict[str, int]) -> None:
+        m = self.manifest
+        want = "(" + ", ".join(str(d) for d in spec.shape) + ")"
+        if not isinstance(tensor, torch.Tensor):
+            raise EngineError(f"engine input {spec.name!r} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dim() != len(spec.shape):
+            raise EngineError(f"engine input {spec.name!r} must be {want}, got {tuple(tensor.shape)} ({self.directory})")
+        for axis, (d, n) in enumerate(zip(spec.shape, tensor.shape)):
+            if isinstance(d, int):
+                if n != d:
+                    raise EngineError(f"engine input {spec.name!r} must be {want}, got {tuple(tensor.shape)}: this engine "
+                                      f"was built for {m.describe_shapes()}; export another one for these shapes "
+                                      f"({self.directory})")
+                continue
+            r = m.dynamic_dims[d]
+            if n not in r:
+                raise EngineError(f"engine input {spec.name!r}: {d} {n} is outside the engine's range {r.min}..{r.max} "
+                                  f"({self.directory}); export with a wider --max/--min {d.replace('_', '-')}")
+            if dims.setdefault(d, n) != n:
+                raise EngineError(f"engine input {spec.name!r}: {d} is {n} here but {dims[d]} in an earlier input")
+        if tensor.dtype != DTYPE_NAMES[spec.dtype]:
+            raise EngineError(f"engine input {spec.name!r} must be {spec.dtype}, got {tensor.dtype} ({self.directory})")
+        if tensor.device.type != m.device:
+            raise EngineError(f"engine input {spec.name!r} must be on {m.device}, got {tensor.device} ({self.directory})")
+
+    def check_bundle(self, bundle: str | os.PathLike, config: ModelConfig) -> None:
+        """EngineError unless the engine was built from this bundle's weights and config."""
+        b = self.manifest.bundle
+        if b.model_config != config.to_dict():
+            diff = sorted(k for k in set(b.model_config) | set(config.to_dict())
+                          if b.model_config.get(k) != config.to_dict().get(k))
+            raise EngineError(f"engine {self.directory} was built from a model with another config than bundle {bundle} "
+                              f"(differs in {', '.join(diff)}); export an engine from this bundle")
+        digest = weights_sha256(bundle)
+        if digest != b.weights_sha256:
+            raise EngineError(f"engine {self.directory} was built from other weights than bundle {bundle} "
+                              f"(sha256 {b.weights_sha256[:12]}... vs {digest[:12]}...; built from {b.path}); "
+                              "export an engine from this bundle")
+
+    # -- run -------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, context)
+        return self.runner(x, t, context)
+
+
+def load_engine(directory: str | os.PathLike) -> Engine:
+    """Opens an engine directory written by `python -m flgengine.export`."""
+    directory = Path(directory)
+    m = read_manifest(directory)
+    path = directory / m.files[0]
+    if m.format == "onnx":
+        from .onnx import OnnxRunner
+
+        runner = OnnxRunner(path)
+    elif m.format == "aoti":
+        from .aoti import AotiRunner
+
+        runner = AotiRunner(path, m.device)
+    else:
+        from .tensorrt import TensorRTRunner
+
+        runner = TensorRTRunner(path)
+    return Engine(directory, m, runner)
+
+
+class EngineDiT:
+    """An engine in the DiT's place: `dit(x, t, context)`, `.config`, `.engine`."""
+
+    def __init__(self, engine: Engine, config: ModelConfig):
+        self.engine, self.config = engine, config
+        self.backend = None  # the engine has its own kernels
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.engine(x, t, context)
+
+    forward = __call__

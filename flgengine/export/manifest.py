@@ -1,0 +1,222 @@
+"""`engine.json`: what an engine directory holds and what it was built from.
+
+    {"manifest_version": 1, "format": "onnx", "files": ["dit.onnx", "dit.onnx.data"],
+     "dtype": "float32", "device": "cpu",
+     "inputs": [{"name": "x", "shape": ["batch", 16, 21, 60, 104], "dtype": "float32"}, ...],
+     "outputs": [{"name": "velocity", ...}],
+     "dynamic_dims": {"batch": {"min": 1, "opt": 1, "max": 4}, "text_len": {...}},
+     "video": {"num_frames": 81, "height": 480, "width": 832} | null,
+     "bundle": {"path": ..., "weights_sha256": ..., "model_config": {...}},
+     "versions": {"torch": ..., "onnx": ...}, "options": {"opset": 23},
+     "verification": {"max_abs_error": ..., "rel_error": ..., "tolerance": ..., "shapes": [...], "seed": 0} | null,
+     "created": "..."}
+
+A shape entry is an int (static) or the name of a dynamic dim in `dynamic_dims`.
+Reading is strict like every config here: unknown or missing keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+from ..config import ConfigError, _from_dict
+
+__all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verification", "EngineManifest",
+           "MANIFEST_NAME", "FORMATS", "read_manifest"]
+
+MANIFEST_NAME = "engine.json"
+MANIFEST_VERSION = 1
+FORMATS = ("onnx", "aoti", "tensorrt")
+
+
+class EngineError(ValueError):
+    """An engine directory is malformed, or does not fit the bundle / inputs it is used with."""
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """A dynamic dim's range: TensorRT's optimisation profile, torch.export's `Dim` bounds."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.opt, self.max))
+        if not ok or not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"a dim range needs integers 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    def __contains__(self, n: int) -> bool:
+        return self.min <= n <= self.max
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]  # int = static size, str = a dynamic dim's name
+    dtype: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        bad = [d for d in self.shape if not (isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d > 0))]
+        if bad:
+            raise ValueError(f"tensor {self.name!r}: shape entries are positive ints or dim names, got {bad[0]!r}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The shape with every dynamic dim replaced by `dims[name]`."""
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    """The bundle an engine was built from: its weights' sha256 and its model config."""
+
+    path: str
+    weights_sha256: str
+    model_config: dict
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Engine vs PyTorch (reference ops, same dtype and device) on fresh random inputs."""
+
+    max_abs_error: float
+    rel_error: float  # ||engine - torch|| / ||torch||, the worst over `shapes`
+    tolerance: float
+    shapes: list  # the input shapes checked, {"batch": b, "text_len": l}
+    seed: int
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    format: str
+    files: tuple[str, ...]  # relative to the engine directory; the first is the one to load
+    dtype: str
+    device: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dynamic_dims: dict[str, DimRange]
+    video: dict | None  # {"num_frames", "height", "width"} the latent grid stands for (None: DiT-only bundle)
+    bundle: BundleIdentity
+    versions: dict[str, str]
+    options: dict[str, Any]
+    verification: Verification | None
+    created: str
+    manifest_version: int = MANIFEST_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.manifest_version != MANIFEST_VERSION:
+            raise ValueError(f"manifest_version {self.manifest_version!r} is not supported (this flgengine reads {MANIFEST_VERSION})")
+        if not self.files:
+            raise ValueError("files must name at least the engine file")
+        for spec in (*self.inputs, *self.outputs):
+            unknown = [d for d in spec.shape if isinstance(d, str) and d not in self.dynamic_dims]
+            if unknown:
+                raise ValueError(f"tensor {spec.name!r} names dim {unknown[0]!r}, which dynamic_dims does not define")
+
+    # -- views ---------------------------------------------------------------------------
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of the latents the engine takes (static: fixed per engine)."""
+        return tuple(self.input("x").shape[1:])  # type: ignore[return-value]
+
+    def describe_shapes(self) -> str:
+        dims = ", ".join(f"{k} {r.min}..{r.max}" for k, r in self.dynamic_dims.items()) or "all static"
+        video = (f" (video {self.video['num_frames']} frames {self.video['height']}x{self.video['width']})"
+                 if self.video else "")
+        return f"latents {self.latent_shape}{video}; {dims}"
+
+    # -- json ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("inputs", "outputs"):
+                v = [s.to_dict() for s in v]
+            elif f.name == "dynamic_dims":
+                v = {k: dataclasses.asdict(r) for k, r in v.items()}
+            elif f.name == "files":
+                v = list(v)
+            elif dataclasses.is_dataclass(v):
+                v = dataclasses.asdict(v)
+            out[f.name] = v
+        return out
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "EngineManifest":
+        if not isinstance(data, dict):
+            raise EngineError(f"{source}: expected a JSON object")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise EngineError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(names)})")
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise EngineError(f"{source}: missing key {missing[0]!r}")
+        try:
+            kw = dict(data)
+            kw["files"] = tuple(_typed(data["files"], list, "files"))
+            kw["inputs"] = tuple(_from_dict(TensorSpec, s, f"{source}: inputs") for s in _typed(data["inputs"], list, "inputs"))
+            kw["outputs"] = tuple(_from_dict(TensorSpec, s, f"{source}: outputs") for s in _typed(data["outputs"], list, "outputs"))
+            kw["dynamic_dims"] = {k: _from_dict(DimRange, r, f"{source}: dynamic_dims.{k}")
+                                  for k, r in _typed(data["dynamic_dims"], dict, "dynamic_dims").items()}
+            kw["bundle"] = _from_dict(BundleIdentity, data["bundle"], f"{source}: bundle")
+            if data["verification"] is not None:
+                kw["verification"] = _from_dict(Verification, data["verification"], f"{source}: verification")
+            for key, kind in (("versions", dict), ("options", dict)):
+                _typed(data[key], kind, key)
+            if data["video"] is not None:
+                _typed(data["video"], dict, "video")
+            return cls(**kw)
+        except ConfigError as e:
+            raise EngineError(str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"{source}: {e}") from None
+
+
+def _typed(value, kind: type, key: str):
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} must be a JSON {'array' if kind is list else 'object'}, got {type(value).__name__}")
+    return value
+
+
+def read_manifest(directory: str | Path) -> EngineManifest:
+    """Reads and checks `DIR/engine.json`, and that the files it names are there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EngineError(f"{directory}: engine directory does not exist (build one with python -m flgengine.export)")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; {directory} is not an engine directory (build one with python -m flgengine.export)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    manifest = EngineManifest.from_dict(data, str(path))
+    for name in manifest.files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise EngineError(f"{path}: files must be names inside the engine directory, got {name!r}")
+        if not (directory / name).is_file():
+            raise EngineError(f"{directory / name}: missing (named in {MANIFEST_NAME})")
+    return manifest

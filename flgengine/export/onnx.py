@@ -1,0 +1,109 @@
+"""ONNX: `torch.onnx.export(dynamo=True)` of the DiT (reference ops, `tracing.traceable`)
+-> `dit.onnx` (+ `dit.onnx.data`), run with ONNX Runtime.
+
+Opset 23 is the default: it has native `RMSNormalization` and `Attention` nodes, so the
+graph keeps the model's structure. Weights always go to external data (`dit.onnx.data`),
+so a model past protobuf's 2 GiB limit exports the same way a tiny one does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .spec import EngineSpec
+
+__all__ = ["DEFAULT_OPSET", "export_onnx", "OnnxRunner", "onnx_versions"]
+
+DEFAULT_OPSET = 23
+ONNX_FILE = "dit.onnx"
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"ONNX export needs {module}: pip install 'flgengine[export]' "
+                          "(onnx, onnxscript, onnxruntime)") from None
+
+
+def onnx_versions() -> dict[str, str]:
+    out = {}
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[name] = _require(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def export_onnx(model, spec: EngineSpec, device, out_dir: Path, opset: int = DEFAULT_OPSET) -> list[str]:
+    """Writes `out_dir/dit.onnx` and its external data; returns the file names written.
+
+    Traced from the module (not from an ExportedProgram) so the graph's dynamic dims keep
+    their names (`batch`, `text_len`) instead of torch.export's `s0`, `s1`.
+    """
+    from .tracing import traceable
+
+    _require("onnx"), _require("onnxscript")
+    out_dir = Path(out_dir)
+    example = spec.random_inputs(torch.Generator().manual_seed(1234), device, **spec.example_dims())
+    path = out_dir / ONNX_FILE
+    # the exporter logs every op it cannot find a torchvision translation for, and more
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        with traceable(model, example), torch.no_grad():
+            torch.onnx.export(model, example, f=str(path), input_names=["x", "t", "context"],
+                              output_names=["velocity"], opset_version=opset, dynamo=True, external_data=True,
+                              dynamic_shapes=spec.torch_dynamic_shapes(), report=False, verbose=False)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(ONNX_FILE))
+    return [ONNX_FILE] + [f for f in files if f != ONNX_FILE]
+
+
+def onnx_input_dims(path: Path) -> dict[str, list[int | str]]:
+    """Input name -> shape as the ONNX graph declares it (ints, or dim names for dynamic dims)."""
+    onnx = _require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+class OnnxRunner:
+    """Runs `dit.onnx` with ONNX Runtime on the CPU; takes and returns torch tensors.
+    Uses as many threads as PyTorch does (`torch.get_num_threads()`) unless told otherwise."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        ort = _require("onnxruntime")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        feeds = {"x": x.detach().contiguous().numpy(), "t": t.detach().float().contiguous().numpy(),
+                 "context": context.detach().contiguous().numpy()}
+        (out,) = self.session.run(["velocity"], feeds)
+        return torch.from_numpy(out)
+
+
+def check_onnx_spec(path: Path, spec: EngineSpec) -> None:
+    """The ONNX graph's inputs are the spec's: names, static sizes, and a named dim exactly
+    where the spec has a dynamic one (what TensorRT's optimisation profile refers to)."""
+    declared = onnx_input_dims(path)
+    for s in spec.input_specs():
+        got = declared.get(s.name)
+        if got is None or len(got) != len(s.shape):
+            raise ValueError(f"{path}: input {s.name!r} is {got}, expected rank {len(s.shape)}")
+        for want, have in zip(s.shape, got):
+            if isinstance(want, int) and have != want or isinstance(want, str) and not isinstance(have, str):
+                raise ValueError(f"{path}: input {s.name!r} has shape {got}, expected {list(s.shape)}")

@@ -1,0 +1,122 @@
+"""TensorRT: the exported ONNX -> a serialized engine (`dit.plan`) built with the
+`tensorrt` Python API, and a runner.
+
+TensorRT is imported lazily (only here, only when used): where it is missing we say how
+to install it. The ONNX it consumes is exported at opset 20 by default (decomposed RMSNorm
+and attention, which TensorRT's parser takes and fuses itself); it is verified with ONNX
+Runtime before the build, so a wrong graph never reaches TensorRT.
+
+Build: one optimisation profile whose (min, opt, max) shapes come from the dynamic dims
+(`EngineSpec.profiles`), fp16 / bf16 builder flags for those precisions (the ONNX and
+the engine's inputs and output stay fp32; TensorRT picks each layer's precision), a timing cache read and written beside the engine
+(or where `--timing-cache` says) so rebuilds skip tactic timing.
+
+Run: inputs and the output are torch CUDA tensors (the PyTorch allocator owns the
+buffers; TensorRT reads and writes them in place through their addresses) and the engine
+is enqueued on PyTorch's current stream, so it is ordered with the sampler's own kernels
+without extra synchronisation and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .spec import EngineSpec
+
+__all__ = ["TENSORRT_OPSET", "TENSORRT_FILE", "INSTALL_HINT", "import_tensorrt", "build_engine", "TensorRTRunner"]
+
+TENSORRT_OPSET = 20
+TENSORRT_FILE = "dit.plan"
+TIMING_CACHE_FILE = "timing.cache"
+INSTALL_HINT = ("TensorRT is not installed. On a machine with an NVIDIA GPU and a CUDA 12/13 driver: "
+                "pip install tensorrt (NVIDIA's wheels come from pypi.nvidia.com: "
+                "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12), "
+                "or use NVIDIA's TensorRT container. Then rerun with --format tensorrt. "
+                "Without TensorRT, --format aoti builds a CUDA engine with PyTorch alone.")
+# engine dtype -> builder flag name (float32 needs none)
+PRECISION_FLAGS = {"float16": "FP16", "bfloat16": "BF16"}
+
+
+def import_tensorrt():
+    """`tensorrt`, or an ImportError that says how to install it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return tensorrt
+
+
+def builder_flags(precision: str) -> list[str]:
+    """TensorRT BuilderFlag names to set for an engine computing in `precision`."""
+    if precision not in ("float32", *PRECISION_FLAGS):
+        raise ValueError(f"TensorRT precision must be float32, float16 or bfloat16, got {precision!r}")
+    return [PRECISION_FLAGS[precision]] if precision in PRECISION_FLAGS else []
+
+
+def build_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, *, precision: str = "float32",
+                 workspace_gib: float = 8.0, timing_cache: Path | None = None) -> list[str]:
+    """Builds `out_dir/dit.plan` from `onnx_path`; returns the file names written."""
+    from ..checkpoint import _atomic_replace
+
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch; TensorRT 8 needs the flag
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    network = builder.create_network(0 if flag is None or int(trt.__version__.split(".")[0]) >= 10 else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file: it finds dit.onnx.data beside it
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    for name in builder_flags(precision):
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in spec.profiles().items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(timing_cache) if timing_cache else Path(out_dir) / TIMING_CACHE_FILE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+    out = Path(out_dir) / TENSORRT_FILE
+    _atomic_replace(out, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
+    cache_bytes = bytes(config.get_timing_cache().serialize())
+    _atomic_replace(cache_path, lambda tmp: Path(tmp).write_bytes(cache_bytes))
+    return [TENSORRT_FILE] + ([TIMING_CACHE_FILE] if cache_path.parent == Path(out_dir) else [])
+
+
+class TensorRTRunner:
+    """Runs `dit.plan` on torch CUDA tensors, on PyTorch's current stream. The engine's
+    inputs and output are float32 (its layers run in the build's precision)."""
+
+    def __init__(self, path: Path):
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise ValueError(f"{path} is a TensorRT engine; it needs a CUDA device")
+        self.device = torch.device("cuda")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise ValueError(f"{path}: TensorRT could not load this engine (built by another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        inputs = {"x": x.float().contiguous(), "t": t.float().contiguous(), "context": context.float().contiguous()}
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape("velocity")), dtype=torch.float32, device=self.device)
+        self.context.set_tensor_address("velocity", out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT failed to run the engine")
+        return out
