@@ -104,11 +104,12 @@ def check_finite(step: int, loss: torch.Tensor, params, checkpoint: Path) -> Non
 
 
 @torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, step: int, decay: float) -> None:
-    """EMA of parameters with warm-up: d = min(decay, (1 + step) / (10 + step))."""
+def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, step: int, decay: float, prefix: str = "") -> None:
+    """EMA of parameters with warm-up: d = min(decay, (1 + step) / (10 + step)); ema keys are
+    `prefix + parameter name`."""
     d = min(decay, (1 + step) / (10 + step))
     for k, p in module.named_parameters():
-        ema[k].mul_(d).add_(p.detach(), alpha=1 - d)
+        ema[prefix + k].mul_(d).add_(p.detach(), alpha=1 - d)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
@@ -117,3 +118,162 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """The training loop of every stage: resumable atomic checkpoints (modules, optimisers,
+    EMA, torch RNG, the stage's noise generator, step), a progress bar, a jsonl metrics
+    log, NaN/Inf stops that keep the last good checkpoint, a learning-rate schedule and
+    data parallelism under torchrun.
+
+        trainer = Trainer(out, {"dit": model}, {"main": opt}, steps=1000, recipe=asdict(cfg))
+        for step in trainer:                      # resumes from out/checkpoint.safetensors
+            loss = ...(trainer.gen)               # all randomness from trainer.gen
+            trainer.update("main", loss)          # zero_grad, backward, finite check, clip, step
+            trainer.log(loss=loss.item())
+        trainer.close()
+
+    Distributed (torchrun, gloo on CPU / NCCL on GPUs): `trainer.wrap(module)` returns the
+    DDP (or FSDP2) module to run forward through; each rank draws the same global batch
+    randomness from `gen` and takes its slice (`trainer.shard(x)`), so the result matches a
+    single process with the same global batch. Rank 0 writes checkpoints and logs.
+    `recipe` (what the run computes) must match on resume; keys in `runtime` (how it runs:
+    threads, device, ...) may change.
+    """
+
+    def __init__(self, out: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                 steps: int, recipe: dict, *, runtime: tuple[str, ...] = (), checkpoint_every: int = 100,
+                 ema: dict[str, float] | None = None, schedule=None, seed: int = 0, clip: float = 1.0,
+                 desc: str = "train", progress: bool = True, log_every: int = 10):
+        from tqdm.auto import tqdm
+
+        self.out = Path(out)
+        self.rank, self.world = distributed()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / CHECKPOINT
+        self.modules, self.optimizers = modules, optimizers
+        self.steps, self.recipe, self.runtime = steps, recipe, runtime
+        self.checkpoint_every, self.schedule, self.clip, self.log_every = checkpoint_every, schedule, clip, log_every
+        self.ema_decay = dict(ema or {})
+        self.ema = {f"{m}.{k}": p.detach().clone() for m in self.ema_decay for k, p in modules[m].named_parameters()}
+        for opt in optimizers.values():
+            for g in opt.param_groups:
+                g.setdefault("base_lr", g["lr"])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step, self.seconds, self.extra = 0, 0.0, {}
+        self._metrics: dict[str, float] = {}
+        if self.path.exists():
+            self._resume()
+        self.log_file = MetricsLog(self.out / "metrics.jsonl") if self.rank == 0 else None
+        self.bar = tqdm(total=steps, initial=self.step, desc=desc, unit="step", disable=not progress or self.rank != 0)
+        self._t0 = time.time() - self.seconds
+
+    # -- state ------------------------------------------------------------------------------
+    def _recipe_of(self, recipe: dict) -> dict:
+        return {k: v for k, v in recipe.items() if k not in self.runtime}
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.path)
+        if self._recipe_of(state["config"]) != self._recipe_of(json.loads(json.dumps(self.recipe))):
+            raise ValueError(f"{self.path} was written by another recipe; use a new output directory or the same options")
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.ema = {k: v.clone() for k, v in state["ema"].items()}
+        torch.set_rng_state(state["rng"])
+        self.gen.set_state(state["gen"])
+        self.step, self.seconds, self.extra = state["step"], state["seconds"], state["extra"]
+
+    def save(self) -> None:
+        """Writes the checkpoint (rank 0; atomic: a kill leaves the previous one intact)."""
+        if self.rank != 0:
+            return
+        save_checkpoint(self.path, {
+            "config": self.recipe, "step": self.step, "seconds": time.time() - self._t0, "extra": self.extra,
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "ema": self.ema, "rng": torch.get_rng_state(), "gen": self.gen.get_state()})
+
+    def ema_state(self, name: str) -> dict[str, torch.Tensor]:
+        """EMA weights of module `name`, as a state dict of its parameters."""
+        prefix = f"{name}."
+        return {k[len(prefix):]: v for k, v in self.ema.items() if k.startswith(prefix)}
+
+    # -- distributed ------------------------------------------------------------------------
+    def wrap(self, module: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
+        """The module to run forward through: itself in one process, DDP (or FSDP2 with
+        `fsdp=True`, for teachers too large for one device) under torchrun."""
+        if self.world == 1:
+            return module
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            return fully_shard(module)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, find_unused_parameters=True)
+
+    def shard(self, x):
+        """This rank's slice of a global batch (a tensor or list along dim 0)."""
+        if self.world == 1:
+            return x
+        n = len(x)
+        if n % self.world:
+            raise ValueError(f"global batch {n} is not divisible by the {self.world} processes")
+        per = n // self.world
+        return x[self.rank * per:(self.rank + 1) * per]
+
+    # -- the loop ---------------------------------------------------------------------------
+    def __iter__(self):
+        while self.step < self.steps:
+            if self.schedule is not None:
+                factor = self.schedule(self.step)
+                for opt in self.optimizers.values():
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
+            self._metrics = {}
+            yield self.step
+            for name, decay in self.ema_decay.items():
+                ema_update({k: v for k, v in self.ema.items() if k.startswith(f"{name}.")},
+                           self.modules[name], self.step, decay, prefix=f"{name}.")
+            self.step += 1
+            self.bar.update(1)
+            if self._metrics:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(self._metrics.items())[:3]})
+            if self.log_file is not None and (self.step % self.log_every == 0 or self.step == self.steps):
+                self.log_file.write(self.step, **self._metrics)
+            if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                self.save()
+
+    def update(self, name: str, loss: torch.Tensor) -> float:
+        """One optimiser step of `name` on `loss`; returns the gradient norm (before clipping)."""
+        opt = self.optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite(self.step, loss, params, self.path)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip else float("inf"))
+        opt.step()
+        return float(norm)
+
+    def log(self, **metrics: float) -> None:
+        self._metrics.update({k: float(v) for k, v in metrics.items()})
+
+    def close(self) -> float:
+        """Closes the progress bar; returns the run's wall seconds (resumed runs included)."""
+        self.bar.close()
+        self.seconds = time.time() - self._t0
+        return self.seconds

@@ -113,18 +113,45 @@ class UMT5TextEncoder(TextEncoder):
         return emb.masked_fill(~keep[..., None], 0.0)
 
 
+class WordMixer(nn.Module):
+    """One pre-norm transformer layer over a prompt's words (single head, padding masked).
+
+    h: (B, L, dim), words: (B, L) bool -> (B, L, dim). A prompt with no words (the empty
+    prompt) attends uniformly over its padding; the caller zeroes padding afterwards.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, h: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)  # 3 x (B, L, dim)
+        logits = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # (B, L, L)
+        logits = logits.masked_fill(~words[:, None, :], -1e9)  # finite: an all-padding row stays finite
+        h = h + self.o(logits.softmax(dim=-1) @ v)
+        return h + self.fc2(nn.functional.gelu(self.fc1(self.norm2(h)), approximate="tanh"))
+
+
 class TokenTextEncoder(nn.Module, TextEncoder):
-    """Learned word embeddings + positions: any string -> `(L, dim)` per prompt.
+    """Learned word embeddings + positions, then `layers` small transformer layers over
+    the words: any string -> `(L, dim)` per prompt.
 
     Lowercase words (punctuation ignored) map to ids; unknown words map to `<unk>`.
     Up to `max_length` words are kept; positions past the prompt are exactly zero, so
     the empty prompt (the unconditional input of CFG) encodes to all zeros.
-    Stored as `config.json` (vocab, max_length, dim) + `model.safetensors`.
+    The transformer layers make every word's state carry the whole prompt (as umT5's
+    states do for Wan): without them, a DiT's cross-attention that has learned to look
+    at one word gets no gradient from the others, and a word it never looks at (in the
+    shapes world: the direction) is never learned.
+    Stored as `config.json` (vocab, max_length, dim, layers) + `model.safetensors`.
     """
 
     PAD, UNK = "<pad>", "<unk>"
 
-    def __init__(self, vocab: list[str], max_length: int = 8, dim: int = 64):
+    def __init__(self, vocab: list[str], max_length: int = 8, dim: int = 64, layers: int = 1):
         super().__init__()
         self.vocab = [self.PAD, self.UNK] + [w for w in vocab if w not in (self.PAD, self.UNK)]
         self.ids = {w: i for i, w in enumerate(self.vocab)}
@@ -133,6 +160,7 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         self.pos = nn.Embedding(max_length, dim)
         nn.init.normal_(self.tok.weight, std=1.0)
         nn.init.normal_(self.pos.weight, std=0.1)
+        self.layers = nn.ModuleList(WordMixer(dim) for _ in range(layers))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """(B, max_length) int64 ids, 0 = padding."""
@@ -144,8 +172,11 @@ class TokenTextEncoder(nn.Module, TextEncoder):
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(list(prompts)).to(self.tok.weight.device)  # (B, L)
+        words = ids != 0  # (B, L)
         emb = self.tok(ids) + self.pos.weight[None]  # (B, L, dim)
-        return emb * (ids != 0)[..., None]
+        for layer in self.layers:
+            emb = layer(emb, words)
+        return emb * words[..., None]
 
     @torch.no_grad()
     def encode(self, prompts, device=None, dtype=None) -> torch.Tensor:
@@ -159,7 +190,8 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         path = Path(path)
         atomic_save_safetensors(path / "model.safetensors", self.state_dict())
         atomic_write_text(path / "config.json", json.dumps(
-            {"vocab": self.vocab[2:], "max_length": self.max_length, "dim": self.text_dim}, indent=2) + "\n")
+            {"vocab": self.vocab[2:], "max_length": self.max_length, "dim": self.text_dim,
+             "layers": len(self.layers)}, indent=2) + "\n")
         return path
 
     @classmethod
@@ -169,11 +201,11 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         path = _need_dir(Path(path), "token text encoder")
         try:
             cfg = json.loads((path / "config.json").read_text())
-            enc = cls(list(cfg["vocab"]), int(cfg["max_length"]), int(cfg["dim"]))
+            enc = cls(list(cfg["vocab"]), int(cfg["max_length"]), int(cfg["dim"]), int(cfg["layers"]))
         except FileNotFoundError:
             raise BundleError(f"{path}/config.json: missing") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path}/config.json: needs vocab, max_length and dim ({e!r})") from None
+            raise BundleError(f"{path}/config.json: needs vocab, max_length, dim and layers ({e!r})") from None
         where = f"{path}/model.safetensors"
         if not (path / "model.safetensors").is_file():
             raise BundleError(f"{where}: missing")

@@ -97,6 +97,51 @@ def test_token_text_encoder_accepts_any_string_and_round_trips(tmp_path):
     assert torch.equal(again.encode(["a blue square"]), enc.encode(["a blue square"]))
 
 
+def test_token_text_encoder_words_see_the_whole_prompt():
+    # the word mixer makes every word's state depend on every other word: changing the last
+    # word (the direction) changes the state of the first word, which a DiT may attend to
+    torch.manual_seed(0)
+    enc = TokenTextEncoder(list(shapes.VOCAB), max_length=8, dim=16, layers=1)
+    a, b = enc(["a red circle moving left", "a red circle moving up"])
+    assert (a[0] - b[0]).abs().max() > 1e-3
+    # without it, words are independent: only the changed position differs
+    flat = TokenTextEncoder(list(shapes.VOCAB), max_length=8, dim=16, layers=0)
+    a, b = flat(["a red circle moving left", "a red circle moving up"])
+    assert torch.equal(a[:4], b[:4]) and not torch.equal(a[4], b[4])
+    # an all-padding prompt (the CFG unconditional input) stays finite, exactly zero, with finite gradients
+    out = enc(["", "a blue square"])
+    assert out[0].abs().sum() == 0
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+
+
+def test_teacher_zero_init_starts_as_identity_branches():
+    from distill.teacher import TeacherConfig, _build
+
+    cfg = TeacherConfig(num_layers=2, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16)
+    model, text = _build(cfg)
+    x = torch.randn(2, 3, 5, 32, 32)
+    v = model(x, torch.tensor([100.0, 900.0]), text(["a red circle moving left", ""]))
+    assert v.shape == x.shape and v.abs().max() == 0  # zeroed output projection
+    D = model.config.dim
+    gates = torch.cat([model.time_proj.weight[2 * D:3 * D], model.time_proj.weight[5 * D:6 * D]])
+    assert gates.abs().max() == 0 and all(b.modulation[[2, 5]].abs().max() == 0 for b in model.blocks)
+    fresh, _ = _build(TeacherConfig(**{**vars(cfg), "zero_init": False}))
+    assert fresh(x, torch.tensor([100.0, 900.0]), text(["", ""])).abs().max() > 0
+
+
+def test_teacher_cli_boolean_flags():
+    import argparse
+
+    from distill.teacher import add_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    cfg = config_from_args(p.parse_args(["--out", "x", "--no-zero-init", "--compile", "--patch", "4"]))
+    assert cfg.zero_init is False and cfg.compile is True and cfg.patch == 4
+    assert config_from_args(p.parse_args(["--out", "x"])).zero_init is True
+
+
 def test_teacher_training_resumes_to_the_same_weights(tmp_path):
     from distill.teacher import TeacherConfig, train_teacher
     from flgengine.checkpoint import load_bundle
@@ -106,24 +151,24 @@ def test_teacher_training_resumes_to_the_same_weights(tmp_path):
     straight = train_teacher(TeacherConfig(**cfg), tmp_path / "a", progress=False)
     # the same run stopped after its step-2 checkpoint, then resumed
     partial = TeacherConfig(**{**cfg, "steps": 4})
-    import distill.teacher as T
+    from distill.trainer import Trainer
 
     class Stop(Exception):
         pass
 
-    orig = T.save_checkpoint
+    orig = Trainer.save
 
-    def save_then_stop(path, state):
-        orig(path, state)
-        if state["step"] == 2:
+    def save_then_stop(self):
+        orig(self)
+        if self.step == 2:
             raise Stop
 
-    T.save_checkpoint = save_then_stop
+    Trainer.save = save_then_stop
     try:
         with pytest.raises(Stop):
             train_teacher(partial, tmp_path / "b", progress=False)
     finally:
-        T.save_checkpoint = orig
+        Trainer.save = orig
     resumed = train_teacher(partial, tmp_path / "b", progress=False)
     assert resumed["steps"] == straight["steps"] == 4
     a, b = load_bundle(straight["bundle"]).model.state_dict(), load_bundle(resumed["bundle"]).model.state_dict()
