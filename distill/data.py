@@ -1,0 +1,82 @@
+"""Training data of the distillation stages: batches of (clean latents, text states).
+
+    data = world_data(pipe, seed=0)        # the shapes world through the bundle's codec + text encoder
+    data = ShardData("shards/", seed=0)    # precomputed Wan latents + umT5 states (`python -m distill precompute`)
+    x0, context = data.batch(step, 16)     # (B, C, F, H, W) fp32, (B, L, text_dim) fp32
+
+Both are random access by step (batch i depends only on the seed and i), so the step
+counter is the whole data-stream state of a resumable run.
+
+Shard format (a directory of `*.safetensors` files, read in sorted order): each file holds
+`latents` (N, C, F, H, W) and `context` (N, L, text_dim), both float (fp32/bf16/fp16),
+rows aligned, and optionally `uncond` (1, L, text_dim): the text state of the empty prompt
+(the CFG unconditional input). Every shard must agree on C, F, H, W, L and text_dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flgengine.checkpoint import BundleError, _load_safetensors
+from flgengine.codec import uint8_to_video
+from flgengine.worlds import shapes
+
+
+class WorldData:
+    """The shapes world as a bundle sees it: videos through its codec, prompts through its
+    (frozen) text encoder. The empty prompt's state is `uncond`."""
+
+    def __init__(self, text_encoder, codec, seed: int = 0):
+        self.text_encoder, self.codec, self.seed = text_encoder, codec, seed
+        self.uncond = text_encoder.encode([""], dtype=torch.float32)  # (1, L, text_dim)
+
+    @torch.no_grad()
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        videos, prompts, _ = shapes.batch(self.seed, step, batch_size)
+        x0 = self.codec.encode(uint8_to_video(torch.from_numpy(videos))).float()  # (B, C, F, H, W)
+        return x0, self.text_encoder.encode(prompts, dtype=torch.float32)  # (B, L, text_dim)
+
+
+def world_data(pipe, seed: int = 0) -> WorldData:
+    """WorldData of a loaded `flgengine.Pipeline` (a bundle of the shapes world)."""
+    return WorldData(pipe.text_encoder, pipe.codec, seed)
+
+
+class ShardData:
+    """Precomputed latents + text states (see the module docstring for the format)."""
+
+    def __init__(self, directory: str | Path, seed: int = 0):
+        self.directory, self.seed = Path(directory), seed
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise BundleError(f"{self.directory}: no *.safetensors shards")
+        latents, context, uncond = [], [], None
+        for f in files:
+            sd = _load_safetensors(f, str(f))
+            for key in ("latents", "context"):
+                if key not in sd:
+                    raise BundleError(f"{f}: missing tensor {key!r} (a shard holds latents and context)")
+            lat, ctx = sd["latents"].float(), sd["context"].float()
+            if lat.dim() != 5 or ctx.dim() != 3 or lat.shape[0] != ctx.shape[0]:
+                raise BundleError(f"{f}: latents must be (N, C, F, H, W) and context (N, L, D) with the same N, "
+                                  f"got {tuple(lat.shape)} and {tuple(ctx.shape)}")
+            if latents and (lat.shape[1:] != latents[0].shape[1:] or ctx.shape[1:] != context[0].shape[1:]):
+                raise BundleError(f"{f}: shapes {tuple(lat.shape[1:])} / {tuple(ctx.shape[1:])} differ from the first "
+                                  f"shard's {tuple(latents[0].shape[1:])} / {tuple(context[0].shape[1:])}")
+            latents.append(lat)
+            context.append(ctx)
+            if "uncond" in sd:
+                uncond = sd["uncond"].float().reshape(1, *ctx.shape[1:])
+        self.latents, self.context = torch.cat(latents), torch.cat(context)
+        self.uncond = torch.zeros(1, *self.context.shape[1:]) if uncond is None else uncond
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        idx = torch.from_numpy(rng.integers(0, len(self), batch_size))
+        return self.latents[idx], self.context[idx]

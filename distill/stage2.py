@@ -1,0 +1,179 @@
+"""Stage II of FastLightGen: dynamic probabilistic pruning.
+
+One network, initialised from the teacher, runs in two modes on the same (x_t, t, c):
+full (every block) and pruned (each candidate block of the plan skipped with probability
+`skip_prob`, drawn per block per step; in `all_off_share` of the steps every candidate is
+skipped, so the final architecture is trained directly):
+
+    x_t = (1 - t) x0 + t eps,  t = shift(u),  c = uncond with probability cond_dropout
+    L = alpha * || f_pruned(x_t) - stopgrad(f_full(x_t)) ||^2 + (1 - alpha) * || f_pruned(x_t) - (eps - x0) ||^2
+        + anchor * || f_full(x_t) - stopgrad(f_teacher(x_t)) ||^2          (anchor: ours, default 0)
+
+Every `eval_every` steps the flow loss of both modes (full, all candidates off) on a fixed
+held-out batch is logged (`eval_full`, `eval_pruned`): pruned-mode quality should fall
+towards full-mode quality while full mode holds.
+
+    python -m distill stage2 --teacher flgengine/assets/shapes-teacher --plan runs/s/plan.json --out runs/s/stage2
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flgengine.config import ConfigError, _JsonMixin
+from flgengine.model import DiT
+from flgengine.sampling import shift_sigmas
+
+from .importance import skip_blocks
+from .plan import PruningPlan
+from .trainer import Trainer, cosine_lr
+
+RUNTIME = ("threads", "checkpoint_every", "eval_every", "device")
+
+
+@dataclass
+class Stage2Config(_JsonMixin):
+    """Stage II recipe (strict: unknown keys are errors)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup: int = 20
+    alpha: float = 1.0
+    skip_prob: float = 0.5
+    all_off_share: float = 0.25
+    anchor: float = 0.0
+    t_shift: float = 2.0
+    cond_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    eval_batch: int = 32
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"stage2.{key} must be {what}, got {getattr(self, key)!r}")
+
+        for key in ("steps", "batch_size", "checkpoint_every", "eval_every", "eval_batch"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "an integer >= 0")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "> 0")
+        for key in ("alpha", "skip_prob", "all_off_share", "cond_dropout"):
+            need(0 <= getattr(self, key) <= 1, key, "in [0, 1]")
+        need(math.isfinite(self.anchor) and self.anchor >= 0, "anchor", ">= 0")
+        need(math.isfinite(self.t_shift) and self.t_shift > 0, "t_shift", "> 0")
+
+
+def draw_skips(candidates: list[int], cfg: Stage2Config, gen: torch.Generator) -> list[int]:
+    """Block positions skipped this step: all candidates in `all_off_share` of the steps,
+    otherwise each candidate independently with probability `skip_prob`."""
+    all_off = torch.rand((), generator=gen).item() < cfg.all_off_share
+    coins = torch.rand(len(candidates), generator=gen)
+    return list(candidates) if all_off else [b for b, c in zip(candidates, coins.tolist()) if c < cfg.skip_prob]
+
+
+def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator,
+                t_shift: float, cond_dropout: float):
+    """(x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU)."""
+    B = x0.shape[0]
+    drop = torch.rand(B, generator=gen) < cond_dropout
+    context = torch.where(drop.view(B, 1, 1).to(context.device), uncond.to(context), context)
+    t = shift_sigmas(torch.rand(B, generator=gen), t_shift).to(x0.device)  # (B,)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    tt = t.view(B, 1, 1, 1, 1)
+    return (1 - tt) * x0 + tt * eps, t, context, eps - x0
+
+
+def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: list[int], cfg: Stage2Config,
+                net=None) -> dict:
+    """The Stage II objective on one batch; returns the loss and its parts. `net` is the
+    module to run forward passes with gradients through (`model` or its DDP wrapper)."""
+    net = model if net is None else net
+    T = 1000 * t
+    if cfg.anchor > 0:
+        v_full = net(x_t, T, context)
+        with torch.no_grad():
+            v_teacher = teacher(x_t, T, context)
+        anchor = F.mse_loss(v_full, v_teacher)
+        v_full = v_full.detach()
+    else:
+        with torch.no_grad():
+            v_full = model(x_t, T, context)
+        anchor = torch.zeros(())
+    with skip_blocks(model, skip):
+        v_pruned = net(x_t, T, context)
+    self_distill = F.mse_loss(v_pruned, v_full)
+    flow = F.mse_loss(v_pruned, target)
+    loss = cfg.alpha * self_distill + (1 - cfg.alpha) * flow + cfg.anchor * anchor
+    return {"loss": loss, "self_distill": self_distill.detach(), "flow_pruned": flow.detach(), "anchor": anchor.detach()}
+
+
+@torch.no_grad()
+def mode_losses(model: DiT, plan: PruningPlan, heldout) -> dict[str, float]:
+    """Flow loss of full mode and of the final architecture (all candidates off) on a fixed batch."""
+    x_t, t, context, target = heldout
+    full = F.mse_loss(model(x_t, 1000 * t, context), target).item()
+    with skip_blocks(model, plan.drop):
+        pruned = F.mse_loss(model(x_t, 1000 * t, context), target).item()
+    return {"eval_full": full, "eval_pruned": pruned}
+
+
+def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: str | Path,
+                 progress: bool = True) -> tuple[DiT, dict]:
+    """Runs (or resumes) Stage II in `out`; returns the Stage II network (full depth, EMA-free:
+    the last weights) and a provenance record. `data.batch(step, n)` -> (x0, context)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if plan.num_blocks != len(teacher.blocks):
+        raise ValueError(f"the plan is for {plan.num_blocks} blocks, the teacher has {len(teacher.blocks)}")
+    frozen = copy.deepcopy(teacher).eval().requires_grad_(False) if cfg.anchor > 0 else None
+    model = copy.deepcopy(teacher).to(cfg.device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    trainer = Trainer(out, {"dit": model}, {"main": opt}, cfg.steps, {"stage2": cfg.to_dict(), "plan": plan.to_dict()},
+                      runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every,
+                      schedule=lambda s: cosine_lr(s, cfg.steps, 1.0, cfg.warmup), seed=cfg.seed,
+                      desc="stage2", progress=progress)
+    if trainer.world > 1 and cfg.anchor > 0:
+        raise ValueError("stage2.anchor > 0 runs two forward passes with gradients per step, which DDP does not "
+                         "support: use anchor 0 under torchrun")
+    net = trainer.wrap(model)
+    uncond = data.uncond.to(cfg.device)
+    # the held-out batch: data far past any training step, its own noise
+    hx0, hctx = data.batch(10**9, cfg.eval_batch)
+    heldout = noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
+                          cfg.t_shift, 0.0)
+    if trainer.step == 0:
+        trainer.extra["start"] = mode_losses(model, plan, heldout)
+    for step in trainer:
+        x0, context = data.batch(step, cfg.batch_size)
+        # every rank draws the global batch's randomness, then keeps its slice (= one process)
+        x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
+            x0.to(cfg.device), context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout))
+        skip = draw_skips(plan.drop, cfg, trainer.gen)
+        parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net)
+        trainer.log(grad_norm=trainer.update("main", parts["loss"]), **{k: v.item() for k, v in parts.items()},
+                    skipped=len(skip))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            trainer.log(**mode_losses(model, plan, heldout))
+            model.train()
+    seconds = trainer.close()
+    end = mode_losses(model.eval(), plan, heldout)
+    record = {"stage": "stage2", "recipe": cfg.to_dict(), "plan": {"drop": plan.drop, "keep": plan.keep},
+              "train_seconds": round(seconds, 1), "steps": trainer.step, "samples": trainer.step * cfg.batch_size,
+              "heldout_flow_loss": {"start": trainer.extra.get("start"), "end": end}}
+    return model.requires_grad_(False), record
+
+
+def config_from_dict(data: dict, source: str = "stage2") -> Stage2Config:
+    return Stage2Config.from_dict({**dataclasses.asdict(Stage2Config()), **data}, source)

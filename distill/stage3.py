@@ -1,0 +1,250 @@
+"""Stage III of FastLightGen: distribution matching (DMD) with a well-guided teacher.
+
+Three networks:
+- the student G: the plan's blocks removed for good (`apply_plan`), 4-step sampler over
+  shifted sigmas (shift 5: about {1.0, 0.94, 0.83, 0.63}); each step predicts x0 and
+  re-noises it to the next sigma;
+- the real score: the Stage II network, mixing its pruned (p) and full (u) modes
+      v_real = v_p(uncond) + b1 (v_p(c) - v_p(uncond)) + b2 (v_u(c) - v_p(c)),
+  b1 ~ U(b1_range), b2 ~ U(b2_range) per step ("well-guided"); or, for the baselines,
+  plain CFG of a teacher: v(uncond) + b1 (v(c) - v(uncond)) ("cfg");
+- the fake score: a copy of the real-score network trained with the flow loss on the
+  student's samples, `fake_updates` updates per generator update.
+
+Generator update (backward simulation: run the current student without gradients to a
+random one of its steps, then that step with gradients, giving x = G(z)):
+
+    x_t = (1 - t) x + t eps,   x0_s(x_t) = x_t - t v_s(x_t)            (t = shift(u), u ~ U(t_min, t_max))
+    g = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|        (per sample)
+    L_G = 0.5 || x - stopgrad(x - g) ||^2
+
+Every `eval_every` steps `evaluate(student)` (the shapes world's evaluator metrics) scores
+the student; the best checkpoint by `selection_key` is kept and becomes the result, not
+the last step (a long Stage III over-saturates colour and exaggerates motion).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flgengine.checkpoint import atomic_save_safetensors, _load_safetensors
+from flgengine.config import ConfigError, _JsonMixin
+from flgengine.model import DiT
+from flgengine.sampling import euler_sigmas, shift_sigmas
+
+from .importance import skip_blocks
+from .plan import PruningPlan, apply_plan
+from .trainer import Trainer
+
+RUNTIME = ("threads", "checkpoint_every", "eval_every", "device")
+REAL_SCORES = ("well-guided", "cfg")
+BEST = "best.safetensors"
+
+
+@dataclass
+class Stage3Config(_JsonMixin):
+    """Stage III recipe (strict: unknown keys are errors). The baselines are switches:
+    DMD2 at full size = prune false + real_score "cfg"; prune-then-DMD2 = prune true +
+    real_score "cfg" on the teacher; FastLightGen = prune true + "well-guided" on Stage II."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr_student: float = 2e-5
+    lr_fake: float = 1e-4
+    fake_updates: int = 5
+    num_steps: int = 4
+    shift: float = 5.0
+    real_score: str = "well-guided"
+    prune: bool = True
+    b1_range: list[float] = field(default_factory=lambda: [3.0, 4.0])
+    b2_range: list[float] = field(default_factory=lambda: [0.1, 0.4])
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_shift: float = 2.0
+    seed: int = 0
+    checkpoint_every: int = 20
+    eval_every: int = 25
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"stage3.{key} must be {what}, got {getattr(self, key)!r}")
+
+        for key in ("steps", "batch_size", "fake_updates", "num_steps", "checkpoint_every", "eval_every"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
+        for key in ("lr_student", "lr_fake", "shift", "t_shift"):
+            need(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "> 0")
+        need(self.real_score in REAL_SCORES, "real_score", f"one of {REAL_SCORES}")
+        need(isinstance(self.prune, bool), "prune", "true or false")
+        for key in ("b1_range", "b2_range"):
+            r = getattr(self, key)
+            need(isinstance(r, (list, tuple)) and len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] <= r[1],
+                 key, "[low, high] with low <= high")
+        need(0 < self.t_min < self.t_max < 1, "t_min", "in (0, t_max) with t_max < 1")
+
+    def sigmas(self) -> list[float]:
+        return euler_sigmas(self.num_steps, self.shift)[:-1].tolist()  # the trailing 0 is not a step
+
+
+# ---- the pieces -------------------------------------------------------------------------------
+
+def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list[float], k: int,
+               gen: torch.Generator) -> torch.Tensor:
+    """Backward simulation: the student's x0 prediction at its step `k` (0-based), reached by
+    running steps 0..k-1 without gradients (x0 -> re-noise to the next sigma) from `noise`.
+    Gradients flow through the last step only."""
+    x = noise
+    with torch.no_grad():
+        for i in range(k):
+            v = student(x, torch.full((x.shape[0],), 1000 * sigmas[i], device=x.device), context)
+            x0 = x - sigmas[i] * v
+            eps = torch.randn(x.shape, generator=gen).to(x.device)
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+    v = student(x, torch.full((x.shape[0],), 1000 * sigmas[k], device=x.device), context)
+    return x - sigmas[k] * v
+
+
+@torch.no_grad()
+def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float, b2: float, mode: str) -> torch.Tensor:
+    """The real score's velocity. mode "well-guided": v_p(u) + b1 (v_p(c) - v_p(u)) + b2 (v_u(c) - v_p(c))
+    with p = `real` with the blocks `drop` skipped, u = `real` in full; "cfg": v(u) + b1 (v(c) - v(u))."""
+    B = x_t.shape[0]
+    unc = uncond.expand(B, -1, -1)
+    if mode == "cfg":
+        v_c, v_u = real(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
+        return v_u + b1 * (v_c - v_u)
+    with skip_blocks(real, drop):
+        vp_c, vp_u = real(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
+    vu_c = real(x_t, T, context)
+    return vp_u + b1 * (vp_c - vp_u) + b2 * (vu_c - vp_c)
+
+
+def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """0.5 || x - stopgrad(x - g) ||^2 (mean), g = (x0_fake - x0_real) / mean|x - x0_real| per sample:
+    its gradient w.r.t. x is g / numel, pointing from the real towards the fake distribution."""
+    dims = tuple(range(1, x.dim()))
+    weight = (x.detach() - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)  # (B, 1, 1, 1, 1)
+    g = (x0_fake - x0_real) / weight
+    return 0.5 * F.mse_loss(x, (x.detach() - g).detach())
+
+
+def selection_key(metrics: dict) -> tuple:
+    """Order of checkpoints (higher is better): prompt adherence first, then motion within
+    15% of the true speed, then lower Frechet distance."""
+    motion_err = abs(metrics.get("motion_ratio", 1.0) - 1.0)
+    return (round(metrics["adherence"], 3), -max(0.0, motion_err - 0.15), -metrics.get("frechet", 0.0))
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, out: str | Path,
+                 evaluate: Callable[[DiT], dict] | None = None, init: DiT | None = None,
+                 progress: bool = True) -> tuple[DiT, dict]:
+    """Runs (or resumes) Stage III in `out`; returns the best student (by `evaluate`'s metrics
+    when given, else the last) and a provenance record.
+
+    real: the real-score network (Stage II network, or the teacher for "cfg" baselines);
+    plan: the blocks to remove (None or prune false: a full-size student);
+    init: the network the student and fake score start from (default `real`).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.real_score == "well-guided" and plan is None:
+        raise ValueError("the well-guided real score mixes the pruned and full modes: it needs a plan")
+    init = real if init is None else init
+    real = copy.deepcopy(real).to(cfg.device).eval().requires_grad_(False)
+    student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
+    student = student.to(cfg.device).train().requires_grad_(True)
+    fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
+    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, betas=(0.0, 0.99), weight_decay=0.0)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, betas=(0.0, 0.99), weight_decay=0.0)
+    recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
+    trainer = Trainer(out, {"student": student, "fake": fake}, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
+                      runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="stage3",
+                      progress=progress)
+    g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
+    sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
+    uncond = data.uncond.to(cfg.device)
+    best_path = Path(out) / BEST
+
+    def consider(step: int) -> None:  # evaluate, keep the best weights
+        if evaluate is None or trainer.rank != 0:
+            return
+        student.eval()
+        metrics = evaluate(student)
+        student.train()
+        trainer.log(**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        best = trainer.extra.get("best")
+        if best is None or selection_key(metrics) > selection_key(best["metrics"]):
+            atomic_save_safetensors(best_path, {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()})
+            trainer.extra["best"] = {"step": step, "metrics": metrics}
+
+    if trainer.step == 0 and "best" not in trainer.extra:
+        consider(0)
+    for step in trainer:
+        _, context = data.batch(step, cfg.batch_size)
+        context = trainer.shard(context.to(cfg.device))
+        B = context.shape[0]
+        gen = trainer.gen
+        # 1. x = G(z) by backward simulation to a random student step
+        k = int(torch.randint(cfg.num_steps, (), generator=gen))
+        noise = torch.randn((trainer.world * B, *latent_shape(data)), generator=gen)
+        x = student_x0(g_net, trainer.shard(noise).to(cfg.device), context, sigmas, k, gen)  # (B, C, F, H, W)
+        # 2. fake score: flow loss on the student's samples, several updates
+        for _ in range(cfg.fake_updates):
+            t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
+            x_t = (1 - t) * x.detach() + t * eps
+            f_loss = F.mse_loss(f_net(x_t, 1000 * t.flatten(), context), eps - x.detach())
+            trainer.update("fake", f_loss)
+        # 3. generator: DMD gradient from the fake and real x0 predictions
+        t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
+        b1 = float(torch.empty(()).uniform_(*cfg.b1_range, generator=gen))
+        b2 = float(torch.empty(()).uniform_(*cfg.b2_range, generator=gen))
+        x_t = (1 - t) * x.detach() + t * eps
+        T = 1000 * t.flatten()
+        with torch.no_grad():
+            x0_fake = x_t - t * fake(x_t, T, context)
+            x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score)
+        g_loss = dmd_loss(x, x0_fake, x0_real)
+        grad_norm = trainer.update("student", g_loss)
+        trainer.log(g_loss=g_loss.item(), fake_loss=f_loss.item(), grad_norm=grad_norm, k=k)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            consider(step + 1)
+    seconds = trainer.close()
+    best = trainer.extra.get("best")
+    if best is not None:
+        student.load_state_dict(_load_safetensors(best_path, str(best_path)))
+    record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
+              "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None}}
+    return student.eval().requires_grad_(False), record
+
+
+def latent_shape(data) -> tuple[int, ...]:
+    """(C, F, H, W) of the data's latents (one batch of the stream, cached)."""
+    if not hasattr(data, "_latent_shape"):
+        x0, _ = data.batch(0, 1)
+        data._latent_shape = tuple(x0.shape[1:])
+    return data._latent_shape
+
+
+def _draw_t_eps(shape, cfg: Stage3Config, gen: torch.Generator, trainer: Trainer):
+    """t (B, 1, 1, 1, 1) = shift(u), u ~ U(t_min, t_max), and eps, drawn for the global batch, sliced."""
+    n = shape[0] * trainer.world
+    u = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(n, generator=gen)
+    t = shift_sigmas(u, cfg.t_shift).view(n, 1, 1, 1, 1)
+    eps = torch.randn((n, *shape[1:]), generator=gen)
+    return trainer.shard(t).to(cfg.device), trainer.shard(eps).to(cfg.device)
+
+
+def config_from_dict(data: dict, source: str = "stage3") -> Stage3Config:
+    return Stage3Config.from_dict({**dataclasses.asdict(Stage3Config()), **data}, source)

@@ -1,0 +1,174 @@
+"""Stage II (probabilistic pruning) and Stage III (well-guided DMD) on tiny models."""
+
+import copy
+
+import pytest
+import torch
+
+from distill.importance import skip_blocks
+from distill.plan import apply_plan, plan_from_drop
+from distill.stage2 import Stage2Config, draw_skips, noisy_batch, stage2_loss, train_stage2
+from distill.stage3 import Stage3Config, dmd_loss, real_velocity, student_x0, train_stage3
+from flgengine.config import ConfigError
+from flgengine.model import DiT
+from helpers import assert_close, tiny_config
+
+
+class FakeData:
+    """Random latents (B, 4, 2, 4, 4) and text states (B, 3, 12), random access by step."""
+
+    uncond = torch.zeros(1, 3, 12)
+
+    def batch(self, step, n):
+        g = torch.Generator().manual_seed(1000 + step)
+        return torch.randn(n, 4, 2, 4, 4, generator=g), torch.randn(n, 3, 12, generator=g)
+
+
+def _teacher(seed=0, layers=4):
+    torch.manual_seed(seed)
+    return DiT(tiny_config(num_layers=layers)).eval()
+
+
+def _plan(model, drop=(1, 2)):
+    return plan_from_drop(model, list(drop), {b: 0.0 for b in range(len(model.blocks))})
+
+
+def _inputs(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 4, 2, 4, 4, generator=g), torch.rand(B, generator=g) * 1000, torch.randn(B, 3, 12, generator=g)
+
+
+# ---- Stage II --------------------------------------------------------------------------------
+
+def test_draw_skips_all_off_share_and_probability():
+    g = torch.Generator().manual_seed(0)
+    assert draw_skips([1, 2, 3], Stage2Config(all_off_share=1.0), g) == [1, 2, 3]
+    assert draw_skips([1, 2, 3], Stage2Config(all_off_share=0.0, skip_prob=0.0), g) == []
+    cfg = Stage2Config(all_off_share=0.25, skip_prob=0.5)
+    draws = [draw_skips(list(range(1, 7)), cfg, g) for _ in range(4000)]
+    all_off = sum(len(d) == 6 for d in draws) / len(draws)
+    per_block = sum(3 in d for d in draws) / len(draws)
+    assert abs(all_off - (0.25 + 0.75 / 64)) < 0.03  # all-off steps plus the rare all-heads Bernoulli draw
+    assert abs(per_block - (0.25 + 0.75 * 0.5)) < 0.03
+
+
+def test_stage2_config_is_strict():
+    with pytest.raises(ConfigError, match="stage2.alpha"):
+        Stage2Config(alpha=1.5)
+    with pytest.raises(ConfigError, match="unknown key 'alpah'"):
+        Stage2Config.from_dict({**Stage2Config().to_dict(), "alpah": 1.0})
+
+
+def test_stage2_loss_is_self_distillation_towards_the_full_mode():
+    model = _teacher()
+    x, T, c = _inputs()
+    t = T / 1000
+    target = torch.randn_like(x)
+    cfg = Stage2Config(alpha=1.0)
+    # nothing skipped: pruned mode is full mode, zero loss
+    assert stage2_loss(model, None, x, t, c, target, [], cfg)["loss"].item() < 1e-10
+    parts = stage2_loss(model, None, x, t, c, target, [1, 2], cfg)
+    with torch.no_grad():
+        full = model(x, T, c)
+        with skip_blocks(model, [1, 2]):
+            pruned = model(x, T, c)
+    assert_close(parts["loss"].detach(), ((pruned - full) ** 2).mean(), 1e-6, "alpha 1 loss")
+    # alpha 0: the plain flow loss of the pruned mode
+    flow = stage2_loss(model, None, x, t, c, target, [1, 2], Stage2Config(alpha=0.0))["loss"]
+    assert_close(flow.detach(), ((pruned - target) ** 2).mean(), 1e-6, "alpha 0 loss")
+    # the skipped blocks get no gradient; the full-mode target is not differentiated
+    parts["loss"].backward()
+    assert all(p.grad is None for b in (1, 2) for p in model.blocks[b].parameters())
+    assert model.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
+
+
+def test_stage2_closes_the_gap_between_modes(tmp_path):
+    teacher = _teacher()
+    plan = _plan(teacher)
+    data = FakeData()
+    cfg = Stage2Config(steps=30, batch_size=8, lr=3e-3, warmup=0, all_off_share=1.0, eval_every=30, eval_batch=8,
+                       checkpoint_every=30)
+    model, record = train_stage2(teacher, plan, data, cfg, tmp_path / "s2", progress=False)
+    x0, c = data.batch(10**9, 8)
+    x_t, t, c, _ = noisy_batch(x0, c, data.uncond, torch.Generator().manual_seed(5), 2.0, 0.0)
+
+    def gap(m):
+        with torch.no_grad():
+            full = m(x_t, 1000 * t, c)
+            with skip_blocks(m, plan.drop):
+                return ((m(x_t, 1000 * t, c) - full) ** 2).mean().item()
+
+    assert gap(model) < 0.5 * gap(teacher)
+    assert record["steps"] == 30 and set(record["heldout_flow_loss"]["end"]) == {"eval_full", "eval_pruned"}
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), _teacher().parameters()))  # teacher untouched
+
+
+# ---- Stage III -------------------------------------------------------------------------------
+
+def test_real_velocity_formulas():
+    real = _teacher()
+    x, T, c = _inputs()
+    unc = torch.zeros(1, 3, 12)
+    with torch.no_grad():
+        u_c, u_u = real(x, T, c), real(x, T, unc.expand(2, -1, -1))
+        with skip_blocks(real, [1, 2]):
+            p_c, p_u = real(x, T, c), real(x, T, unc.expand(2, -1, -1))
+    got = real_velocity(real, [1, 2], x, T, c, unc, 3.5, 0.25, "well-guided")
+    assert_close(got, p_u + 3.5 * (p_c - p_u) + 0.25 * (u_c - p_c), 1e-5, "well-guided")
+    assert_close(real_velocity(real, [1, 2], x, T, c, unc, 3.5, 0.25, "cfg"), u_u + 3.5 * (u_c - u_u), 1e-5, "cfg")
+    assert len(real.blocks) == 4
+
+
+def test_dmd_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, 4, 4, generator=g, requires_grad=True)
+    fake, real = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 4, 2, 4, 4, generator=g)
+    dmd_loss(x, fake, real).backward()
+    weight = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    assert_close(x.grad, (fake - real) / weight / x.numel(), 1e-6, "dmd grad")
+
+
+def test_backward_simulation_runs_earlier_steps_without_gradients():
+    student = _teacher()
+    noise, _, c = _inputs()
+    sigmas = Stage3Config().sigmas()
+    assert [round(s, 2) for s in sigmas] == [1.0, 0.94, 0.83, 0.62]
+    out = student_x0(student, noise, c, sigmas, 2, torch.Generator().manual_seed(3))
+    # the same thing by hand
+    g = torch.Generator().manual_seed(3)
+    x = noise
+    with torch.no_grad():
+        for i in range(2):
+            x0 = x - sigmas[i] * student(x, torch.full((2,), 1000 * sigmas[i]), c)
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=g)
+    assert_close(out.detach(), x - sigmas[2] * student(x, torch.full((2,), 1000 * sigmas[2]), c).detach(), 1e-6, "k=2")
+    assert out.requires_grad
+
+
+def test_stage3_keeps_the_best_checkpoint_not_the_last(tmp_path):
+    teacher = _teacher()
+    plan = _plan(teacher)
+    seen = []
+
+    def evaluate(student):  # a made-up score that peaks at the second evaluation
+        seen.append(copy.deepcopy(student.state_dict()))
+        return {"adherence": [0.2, 0.9, 0.5, 0.4][len(seen) - 1], "frechet": 1.0, "motion_ratio": 1.0}
+
+    cfg = Stage3Config(steps=6, batch_size=2, fake_updates=2, eval_every=2, checkpoint_every=3, lr_student=1e-3)
+    student, record = train_stage3(teacher, plan, FakeData(), cfg, tmp_path / "s3", evaluate=evaluate, progress=False)
+    assert len(seen) == 4  # step 0, 2, 4, 6
+    assert record["selected"]["step"] == 2 and record["selected"]["metrics"]["adherence"] == 0.9
+    assert all(torch.equal(v, seen[1][k]) for k, v in student.state_dict().items())
+    assert not all(torch.equal(v, seen[3][k]) for k, v in student.state_dict().items())  # training moved on
+    assert student.config.block_ids == plan.keep and len(student.blocks) == 2
+
+
+def test_stage3_baseline_switches(tmp_path):
+    teacher = _teacher()
+    cfg = Stage3Config(steps=1, batch_size=2, fake_updates=1, real_score="cfg", prune=False)
+    student, _ = train_stage3(teacher, None, FakeData(), cfg, tmp_path / "dmd2", progress=False)
+    assert len(student.blocks) == 4  # DMD2 at full size
+    with pytest.raises(ValueError, match="needs a plan"):
+        train_stage3(teacher, None, FakeData(), Stage3Config(steps=1), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="stage3.real_score"):
+        Stage3Config(real_score="best")
