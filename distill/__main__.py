@@ -3,6 +3,8 @@
     python -m distill train-teacher --out runs/teacher     # the shapes-world teacher (resumable)
     python -m distill train-evaluator                      # the shapes-world evaluator
     python -m distill evaluate BUNDLE --samples 180        # quality metrics of a bundle
+    python -m distill run CONFIG                           # FastLightGen: teacher bundle -> 4-step student
+    python -m distill importance|plan|stage2|stage3 CONFIG # one stage of that run
 """
 
 from __future__ import annotations
@@ -21,17 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from it; writes a bundle at the end.")
     teacher.add_args(t)
     t.set_defaults(func=teacher.run)
-    try:
-        from . import evaluate
-    except ImportError:  # pragma: no cover - the evaluator module ships with the shapes world
-        evaluate = None
-    if evaluate is not None:
-        e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
-        evaluate.add_evaluate_args(e)
-        e.set_defaults(func=evaluate.run_evaluate)
-        te = sub.add_parser("train-evaluator", help="train the shapes-world evaluator (colour, shape, direction)")
-        evaluate.add_train_evaluator_args(te)
-        te.set_defaults(func=evaluate.run_train_evaluator)
+    from . import evaluate, run
+
+    e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
+    evaluate.add_evaluate_args(e)
+    e.set_defaults(func=evaluate.run_evaluate)
+    te = sub.add_parser("train-evaluator", help="train the shapes-world evaluator (colour, shape, direction)")
+    evaluate.add_train_evaluator_args(te)
+    te.set_defaults(func=evaluate.run_train_evaluator)
+    helps = {"run": "FastLightGen end to end: importance -> plan -> stage2 -> stage3 -> student bundle",
+             "importance": "Stage I: skip-one-block importance (OUT/importance.json + .png)",
+             "plan": "the pruning plan from the importance and the parameter budget (OUT/plan.json)",
+             "stage2": "Stage II: probabilistic pruning with self-distillation (OUT/stage2/bundle)",
+             "stage3": "Stage III: well-guided DMD to the 4-step student (the student bundle)"}
+    for name, text in helps.items():
+        r = sub.add_parser(name, help=text, description=text + ". Reads the run config's earlier stages from its "
+                           "out directory; every stage resumes where it stopped.")
+        run.add_args(r)
+        r.set_defaults(func=run.run_command)
     return p
 
 

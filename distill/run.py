@@ -1,0 +1,309 @@
+"""`python -m distill run CONFIG`: FastLightGen end to end, teacher bundle -> student bundle.
+
+    importance (Stage I) -> plan -> stage2 (Stage II) -> stage3 (Stage III) -> bundle -> evaluation
+
+Every stage writes into `out/<stage>/` and is skipped when its result is already there, so
+an interrupted run resumes (stages II and III also resume mid-stage from their checkpoints).
+A config is a json or yaml file; unknown keys and bad values are errors naming the key:
+
+    teacher: flgengine/assets/shapes-teacher    # bundle directory or shipped model name
+    out: runs/shapes-4step
+    bundle: runs/shapes-4step/bundle            # default: OUT/bundle
+    data: {kind: world, seed: 0}                # or {kind: shards, path: DIR, seed: 0}
+    importance: {samples: 32, num_t: 12, seed: 1234, batch_size: 16}
+    plan: {budget: 0.3, file: null}             # file: a plan.json you wrote or edited (skips Stage I)
+    stage2: {steps: 300, ...}                   # Stage2Config; null: no Stage II (prune-then-DMD2)
+    stage3: {steps: 200, ...}                   # Stage3Config (real_score, prune: the baselines)
+    evaluate: {samples: 60, seeds: [0], every: true}   # the shapes world's evaluator; null: none
+
+The baselines are the same command with switches: `stage2: null` + `stage3.real_score: cfg`
+is prune-then-DMD2; additionally `stage3.prune: false` is DMD2 at full size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flgengine.checkpoint import BundleError, atomic_write_text, save_bundle
+from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin
+
+from . import stage2 as s2
+from . import stage3 as s3
+from .importance import block_importance, load_importance, save_importance, sigma_grid
+from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
+
+
+@dataclass
+class RunConfig(_JsonMixin):
+    teacher: str
+    out: str
+    bundle: str | None = None
+    data: dict = field(default_factory=lambda: {"kind": "world", "seed": 0})
+    importance: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    stage2: dict | None = field(default_factory=dict)
+    stage3: dict = field(default_factory=dict)
+    evaluate: dict | None = field(default_factory=dict)
+
+    IMPORTANCE = {"samples": 32, "num_t": 12, "seed": 1234, "batch_size": 16}
+    PLAN = {"budget": DEFAULT_BUDGET, "file": None}
+    EVALUATE = {"samples": 60, "seeds": [0], "batch_size": 20}
+    DATA = {"world": {"kind": "world", "seed": 0}, "shards": {"kind": "shards", "path": None, "seed": 0}}
+
+    def __post_init__(self) -> None:
+        def section(name: str, value, defaults: dict) -> dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping, got {value!r}")
+            unknown = sorted(set(value) - set(defaults))
+            if unknown:
+                raise ConfigError(f"{name}: unknown key {unknown[0]!r} (known keys: {', '.join(defaults)})")
+            return {**defaults, **value}
+
+        for key in ("teacher", "out"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"{key} must be a path, got {getattr(self, key)!r}")
+        kind = self.data.get("kind") if isinstance(self.data, dict) else None
+        if kind not in self.DATA:
+            raise ConfigError(f"data.kind must be one of {', '.join(self.DATA)}, got {kind!r}")
+        self.data = section("data", self.data, self.DATA[kind])
+        if kind == "shards" and not self.data["path"]:
+            raise ConfigError("data.path must name the shard directory for data.kind shards")
+        self.importance = section("importance", self.importance, self.IMPORTANCE)
+        self.plan = section("plan", self.plan, self.PLAN)
+        if self.evaluate is not None:
+            self.evaluate = section("evaluate", self.evaluate, self.EVALUATE)
+        # the stage recipes validate themselves (strict dataclasses)
+        self.stage2_config()
+        self.stage3_config()
+
+    def stage2_config(self) -> s2.Stage2Config | None:
+        return None if self.stage2 is None else s2.config_from_dict(self.stage2, "stage2")
+
+    def stage3_config(self) -> s3.Stage3Config:
+        return s3.config_from_dict(self.stage3, "stage3")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required key is missing
+            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+# ---- pieces the stages share ------------------------------------------------------------------
+
+def load_teacher(path: str):
+    """The teacher as a CPU fp32 `flgengine.Pipeline` (DiT, text encoder, codec)."""
+    import flgengine
+
+    return flgengine.load(path, device="cpu", dtype="fp32")
+
+
+def make_data(cfg: RunConfig, pipe):
+    from .data import ShardData, world_data
+
+    if cfg.data["kind"] == "shards":
+        return ShardData(cfg.data["path"], seed=cfg.data["seed"])
+    return world_data(pipe, seed=cfg.data["seed"])
+
+
+def student_pipeline_config(teacher: PipelineConfig, stage3: s3.Stage3Config) -> PipelineConfig:
+    """The teacher's pipeline with the student's few-step sampler (no CFG, marked distilled)."""
+    sampler = SamplerConfig(kind="fewstep", num_steps=stage3.num_steps, shift=stage3.shift, guidance=0.0,
+                            sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps)
+    return dataclasses.replace(teacher, sampler=sampler, distilled=True)
+
+
+def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict):
+    """evaluate(student DiT) -> flat metrics, with the shapes world's evaluator."""
+    from flgengine.pipeline import Pipeline
+
+    from .evaluate import evaluate_bundle, load_evaluator
+
+    evaluator = load_evaluator()
+
+    def evaluate(student) -> dict:
+        p = Pipeline(student, pipe.text_encoder, pipe.codec, pipeline_config, device=pipe.device, dtype=pipe.dtype,
+                     path=None)
+        r = evaluate_bundle(p, samples=evaluate_cfg["samples"], seeds=evaluate_cfg["seeds"],
+                            batch_size=evaluate_cfg["batch_size"], progress=False, evaluator=evaluator)
+        return {"adherence": r["prompt_adherence"]["adherence"], **{k: v for k, v in r["prompt_adherence"].items()
+                                                                    if k != "adherence"},
+                "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"]}
+
+    return evaluate
+
+
+def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict) -> Path:
+    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline."""
+    path = Path(path)
+    save_bundle(path, student, pipeline_config, provenance)
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        src = Path(pipe.path) / sub
+        if src.is_dir() and not (path / sub).exists():
+            shutil.copytree(src, path / sub)
+    return path
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True) -> dict:
+    done = out / "importance.json"
+    if done.is_file():
+        return load_importance(done)
+    c = cfg.importance
+    x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
+    result = block_importance(pipe.dit, x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
+                              batch_size=c["batch_size"], progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_importance(result, done, out / "importance.png")
+    return result
+
+
+def run_plan(cfg: RunConfig, pipe, importance: dict | None, out: Path) -> PruningPlan:
+    if cfg.plan["file"]:
+        return PruningPlan.from_json(cfg.plan["file"])
+    done = out / "plan.json"
+    if done.is_file():
+        return PruningPlan.from_json(done)
+    plan = make_plan(pipe.dit, importance["importance"], budget=cfg.plan["budget"],
+                     source={"teacher": cfg.teacher, "weights_sha256": pipe.provenance.get("weights_sha256")})
+    plan.to_json(done)
+    return plan
+
+
+STAGES = ("importance", "plan", "stage2", "stage3")
+
+
+class Run:
+    """The stages of one run config, each reading the earlier stages' results from `out`."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True):
+        self.cfg, self.progress, self.out = cfg, progress, Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(self.out / "config.json")
+        self.pipe = load_teacher(cfg.teacher)
+        self.data = make_data(cfg, self.pipe)
+
+    def importance(self) -> dict:
+        return run_importance(self.cfg, self.pipe, self.data, self.out, self.progress)
+
+    def plan(self) -> PruningPlan:
+        cfg = self.cfg
+        if not cfg.plan["file"] and not (self.out / "plan.json").is_file() and not (self.out / "importance.json").is_file():
+            raise FileNotFoundError(f"{self.out}/importance.json: missing; run `python -m distill importance` first "
+                                    "or name a plan file (plan.file)")
+        importance = None if cfg.plan["file"] else load_importance(self.out / "importance.json")
+        return run_plan(cfg, self.pipe, importance, self.out)
+
+    def _need_plan(self) -> PruningPlan:
+        if self.cfg.plan["file"]:
+            return PruningPlan.from_json(self.cfg.plan["file"])
+        if not (self.out / "plan.json").is_file():
+            raise FileNotFoundError(f"{self.out}/plan.json: missing; run `python -m distill plan` first")
+        return PruningPlan.from_json(self.out / "plan.json")
+
+    def stage2(self) -> tuple[object, dict | None]:
+        """The Stage II network (the teacher when stage2 is null) and its provenance record."""
+        from flgengine.checkpoint import load_bundle
+
+        stage2_cfg = self.cfg.stage2_config()
+        if stage2_cfg is None:
+            return self.pipe.dit, None
+        done = self.out / "stage2" / "bundle"
+        if (done / "model.safetensors").is_file():
+            return load_bundle(done).model, json.loads((done / "provenance.json").read_text())["stages"][-1]
+        net, record = s2.train_stage2(self.pipe.dit, self._need_plan(), self.data, stage2_cfg, self.out / "stage2",
+                                      progress=self.progress)
+        save_bundle(done, net, self.pipe.config, {"kind": "stage2 network", "stages": [record]})
+        return net, record
+
+    def stage3(self, real=None) -> dict:
+        cfg = self.cfg
+        plan = self._need_plan()
+        if real is None:
+            if cfg.stage2 is not None and not (self.out / "stage2" / "bundle" / "model.safetensors").is_file():
+                raise FileNotFoundError(f"{self.out}/stage2/bundle: missing; run `python -m distill stage2` first")
+            real, _ = self.stage2()
+        stage3_cfg = cfg.stage3_config()
+        student_cfg = student_pipeline_config(self.pipe.config, stage3_cfg)
+        evaluate = student_evaluator(self.pipe, student_cfg, cfg.evaluate) if cfg.evaluate is not None else None
+        use_plan = plan if (stage3_cfg.prune or stage3_cfg.real_score == "well-guided") else None
+        student, record = s3.train_stage3(real, use_plan, self.data, stage3_cfg, self.out / "stage3",
+                                          evaluate=evaluate, progress=self.progress)
+        stages = [{"stage": "plan", "drop": plan.drop, "keep": plan.keep, "removed_fraction": plan.removed_fraction,
+                   "importance": plan.importance}]
+        if cfg.stage2 is not None:
+            stages.append(self.stage2()[1])
+        stages.append(record)
+        provenance = {"kind": "FastLightGen student" if cfg.stage2 is not None else "DMD2 student",
+                      "teacher": {"path": cfg.teacher, "weights_sha256": self.pipe.provenance.get("weights_sha256")},
+                      "config": cfg.to_dict(), "stages": stages}
+        bundle = write_student(Path(cfg.bundle) if cfg.bundle else self.out / "bundle", student, self.pipe,
+                               student_cfg, provenance)
+        return {"bundle": str(bundle), "provenance": provenance}
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """All stages (each skipped when its result is in `out`); returns {"bundle", "provenance"}."""
+    r = Run(cfg, progress)
+    if not cfg.plan["file"]:
+        r.importance()
+    r.plan()
+    real, _ = r.stage2()
+    return r.stage3(real)
+
+
+def run_command(args) -> int:
+    cfg = RunConfig.load(args.config)
+    if args.command == "run":
+        print(f"student bundle: {run(cfg, progress=not args.quiet)['bundle']}")
+        return 0
+    r = Run(cfg, progress=not args.quiet)
+    if args.command == "importance":
+        r.importance()
+        print(f"importance: {r.out / 'importance.json'} and {r.out / 'importance.png'}")
+    elif args.command == "plan":
+        plan = r.plan()
+        print(f"plan: {r.out / 'plan.json'}: drop blocks {plan.drop} ({plan.removed_fraction:.1%} of the parameters)")
+    elif args.command == "stage2":
+        r.stage2()
+        print(f"stage2 network: {r.out / 'stage2' / 'bundle'}")
+    else:
+        print(f"student bundle: {r.stage3()['bundle']}")
+    return 0
+
+
+def add_args(p) -> None:
+    p.add_argument("config", help="run config (json or yaml): see `distill/run.py` and the README")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

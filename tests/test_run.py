@@ -1,0 +1,95 @@
+"""`python -m distill run`: the whole FastLightGen pipeline on a tiny shapes-world teacher."""
+
+import json
+
+import pytest
+import torch
+
+import flgengine
+from distill.run import RunConfig, run
+from flgengine.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from distill.teacher import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TeacherConfig(steps=2, batch_size=2, num_layers=4, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16,
+                        freq_dim=16, warmup=1, checkpoint_every=2)
+    return train_teacher(cfg, out, progress=False)["bundle"]
+
+
+def _config(teacher, out, **changes):
+    base = dict(teacher=teacher, out=str(out), importance={"samples": 2, "num_t": 2, "batch_size": 4},
+                plan={"budget": 0.3}, stage2={"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batch": 2},
+                stage3={"steps": 2, "batch_size": 2, "fake_updates": 1, "eval_every": 1, "checkpoint_every": 1},
+                evaluate={"samples": 2, "seeds": [0], "batch_size": 2})
+    base.update(changes)
+    return base
+
+
+def test_run_end_to_end_makes_a_4_step_student(tiny_teacher, tmp_path):
+    result = run(RunConfig(**_config(tiny_teacher, tmp_path / "run")), progress=False)
+    out = tmp_path / "run"
+    for f in ("config.json", "importance.json", "importance.png", "plan.json", "stage2/bundle/model.safetensors",
+              "stage3/best.safetensors", "bundle/model.safetensors", "bundle/text_encoder/model.safetensors"):
+        assert (out / f).is_file(), f
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["drop"] and 0 not in plan["drop"] and 3 not in plan["drop"] and plan["removed_fraction"] >= 0.3
+    pipe = flgengine.load(result["bundle"])
+    assert pipe.config.distilled and pipe.config.sampler.kind == "fewstep" and pipe.config.sampler.num_steps == 4
+    assert pipe.dit.config.block_ids == plan["keep"]
+    video = pipe("a red circle moving left", seed=1, progress=False)
+    assert video.shape == (1, 9, 32, 32, 3) and video.dtype == torch.uint8
+    stages = [s["stage"] for s in result["provenance"]["stages"]]
+    assert stages == ["plan", "stage2", "stage3"]
+    selected = result["provenance"]["stages"][-1]["selected"]
+    assert selected["step"] in (0, 1, 2) and 0 <= selected["metrics"]["adherence"] <= 1
+    # a second run finds every stage done and gives the same student
+    again = run(RunConfig(**_config(tiny_teacher, tmp_path / "run")), progress=False)
+    a = flgengine.load(again["bundle"]).dit.state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in pipe.dit.state_dict().items())
+
+
+def test_baseline_switches_and_single_stage_commands(tiny_teacher, tmp_path, capsys):
+    from distill.__main__ import main
+
+    cfg = _config(tiny_teacher, tmp_path / "dmd2", stage2=None, stage3={"steps": 1, "batch_size": 2, "fake_updates": 1,
+                                                                        "real_score": "cfg", "prune": False},
+                  evaluate=None)
+    path = tmp_path / "dmd2.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["stage3", str(path), "--quiet"]) != 0  # needs the plan first: a one-line error
+    assert "plan.json: missing" in capsys.readouterr().err
+    assert main(["importance", str(path), "--quiet"]) == 0 and main(["plan", str(path), "--quiet"]) == 0
+    assert main(["stage3", str(path), "--quiet"]) == 0
+    student = flgengine.load(tmp_path / "dmd2" / "bundle")
+    assert len(student.dit.blocks) == 4  # full size
+    assert json.loads((tmp_path / "dmd2" / "bundle" / "provenance.json").read_text())["kind"] == "DMD2 student"
+
+
+def test_run_config_is_strict(tiny_teacher, tmp_path):
+    def load(data, suffix=".json"):
+        path = tmp_path / f"c{suffix}"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        return RunConfig.load(path)
+
+    good = _config(tiny_teacher, tmp_path / "x")
+    assert load(good).stage3_config().steps == 2
+    with pytest.raises(ConfigError, match="unknown key 'stage4'"):
+        load({**good, "stage4": {}})
+    with pytest.raises(ConfigError, match="unknown key 'alpah' for Stage2Config"):
+        load({**good, "stage2": {"alpah": 1}})
+    with pytest.raises(ConfigError, match="stage3.b1_range"):
+        load({**good, "stage3": {"b1_range": [4, 3]}})
+    with pytest.raises(ConfigError, match="importance: unknown key 'sample'"):
+        load({**good, "importance": {"sample": 3}})
+    with pytest.raises(ConfigError, match="data.kind"):
+        load({**good, "data": {"kind": "web"}})
+    with pytest.raises(ConfigError, match="missing 1 required positional argument: 'out'"):
+        load({"teacher": "x"})
+    yaml_cfg = load(f"teacher: {tiny_teacher}\nout: {tmp_path / 'y'}\nstage3:\n  steps: 7\n", ".yaml")
+    assert yaml_cfg.stage3_config().steps == 7 and yaml_cfg.stage2_config().alpha == 1.0
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load("teacher: [", ".yaml")
