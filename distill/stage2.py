@@ -76,10 +76,20 @@ class Stage2Config(_JsonMixin):
 
 def draw_skips(candidates: list[int], cfg: Stage2Config, gen: torch.Generator) -> list[int]:
     """Block positions skipped this step: all candidates in `all_off_share` of the steps,
-    otherwise each candidate independently with probability `skip_prob`."""
-    all_off = torch.rand((), generator=gen).item() < cfg.all_off_share
-    coins = torch.rand(len(candidates), generator=gen)
-    return list(candidates) if all_off else [b for b, c in zip(candidates, coins.tolist()) if c < cfg.skip_prob]
+    otherwise each candidate independently with probability `skip_prob`, redrawn while
+    none is skipped (then pruned mode = full mode: the loss is 0 up to rounding, and Adam
+    would turn that rounding noise into full-size updates)."""
+    if not candidates:
+        raise ValueError("Stage II needs at least one candidate block (the plan drops none)")
+    if torch.rand((), generator=gen).item() < cfg.all_off_share or cfg.skip_prob >= 1:
+        return list(candidates)
+    if cfg.skip_prob <= 0:
+        raise ValueError("stage2.skip_prob 0 with all_off_share < 1 never skips a block in some steps")
+    while True:
+        coins = torch.rand(len(candidates), generator=gen).tolist()
+        skip = [b for b, c in zip(candidates, coins) if c < cfg.skip_prob]
+        if skip:
+            return skip
 
 
 def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator,

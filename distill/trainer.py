@@ -264,6 +264,11 @@ class Trainer:
         params = [p for g in opt.param_groups for p in g["params"]]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # a parameter this step did not use (a block skipped in Stage II) gets a zero gradient,
+        # as DDP all-reduces for it: one process and N processes then update it alike
+        for p in params:
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
         check_finite(self.step, loss, params, self.path)
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip else float("inf"))
         opt.step()

@@ -43,13 +43,17 @@ def _inputs(B=2, seed=0):
 def test_draw_skips_all_off_share_and_probability():
     g = torch.Generator().manual_seed(0)
     assert draw_skips([1, 2, 3], Stage2Config(all_off_share=1.0), g) == [1, 2, 3]
-    assert draw_skips([1, 2, 3], Stage2Config(all_off_share=0.0, skip_prob=0.0), g) == []
+    with pytest.raises(ValueError, match="never skips"):
+        draw_skips([1, 2, 3], Stage2Config(all_off_share=0.0, skip_prob=0.0), g)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        draw_skips([], Stage2Config(), g)
     cfg = Stage2Config(all_off_share=0.25, skip_prob=0.5)
     draws = [draw_skips(list(range(1, 7)), cfg, g) for _ in range(4000)]
+    assert all(draws)  # never an empty skip set: pruned mode would equal full mode
     all_off = sum(len(d) == 6 for d in draws) / len(draws)
     per_block = sum(3 in d for d in draws) / len(draws)
-    assert abs(all_off - (0.25 + 0.75 / 64)) < 0.03  # all-off steps plus the rare all-heads Bernoulli draw
-    assert abs(per_block - (0.25 + 0.75 * 0.5)) < 0.03
+    assert abs(all_off - (0.25 + 0.75 / 63)) < 0.03  # all-off steps plus the all-heads draw among non-empty ones
+    assert abs(per_block - (0.25 + 0.75 * 0.5 * 64 / 63)) < 0.03
 
 
 def test_stage2_config_is_strict():

@@ -1,0 +1,120 @@
+"""The shared training loop: data parallel = one process, kill + resume = uninterrupted, NaN stops."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.trainer import CHECKPOINT, NonFiniteLoss, Trainer, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny Stage II run, importable by spawned processes (tests/ is on their sys.path).
+STAGE2 = textwrap.dedent("""
+    import torch
+    from distill.plan import plan_from_drop
+    from distill.stage2 import Stage2Config, train_stage2
+    from flgengine.config import ModelConfig
+    from flgengine.model import DiT
+
+    class FakeData:
+        uncond = torch.zeros(1, 3, 12)
+
+        def batch(self, step, n):
+            g = torch.Generator().manual_seed(1000 + step)
+            return torch.randn(n, 4, 2, 4, 4, generator=g), torch.randn(n, 3, 12, generator=g)
+
+    def tiny_stage2(out, steps=6, checkpoint_every=2):
+        torch.manual_seed(0)
+        teacher = DiT(ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=8,
+                                  ffn_dim=24, text_dim=12, freq_dim=16, num_layers=4))
+        plan = plan_from_drop(teacher, [1, 2], {b: 0.0 for b in range(4)})
+        cfg = Stage2Config(steps=steps, batch_size=8, lr=1e-3, warmup=0, eval_every=100, eval_batch=4,
+                           checkpoint_every=checkpoint_every, threads=1)
+        model, _ = train_stage2(teacher, plan, FakeData(), cfg, out, progress=False)
+        return model.state_dict()
+""")
+
+
+@pytest.fixture(scope="module")
+def stage2_module(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mod")
+    (d / "tiny_stage2_run.py").write_text(STAGE2)
+    sys.path.insert(0, str(d))
+    import tiny_stage2_run
+
+    yield tiny_stage2_run
+    sys.path.remove(str(d))
+
+
+def _ddp_worker(rank, world, init_file, out, result):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import tiny_stage2_run
+
+        state = tiny_stage2_run.tiny_stage2(out)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(stage2_module, tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    single = stage2_module.tiny_stage2(tmp_path / "single")
+    result = tmp_path / "ddp.safetensors"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result)), nprocs=2, join=True)
+    ddp = load_file(result)
+    for k, v in single.items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert load_checkpoint(tmp_path / "ddp" / CHECKPOINT)["step"] == 6
+
+
+def test_killed_run_resumes_to_the_same_weights(stage2_module, tmp_path):
+    straight = stage2_module.tiny_stage2(tmp_path / "straight", steps=30, checkpoint_every=1)
+    out = tmp_path / "killed"
+    code = f"import sys; sys.path.insert(0, {str(Path(stage2_module.__file__).parent)!r}); " \
+           f"import tiny_stage2_run; tiny_stage2_run.tiny_stage2({str(out)!r}, steps=30, checkpoint_every=1)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill once a few checkpoints are down
+        if (out / CHECKPOINT).exists() and load_checkpoint(out / CHECKPOINT)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / CHECKPOINT)["step"]
+    assert 3 <= killed_at < 30
+    resumed = stage2_module.tiny_stage2(out, steps=30, checkpoint_every=1)
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(tmp_path, {"m": model}, {"main": opt}, steps=10, recipe={"r": 1}, checkpoint_every=2,
+                      progress=False)
+    x = torch.ones(4, 3)
+    with pytest.raises(NonFiniteLoss, match=f"step 5: loss is nan.*{CHECKPOINT}"):
+        for step in trainer:
+            loss = model(x).pow(2).mean() * (float("nan") if step == 5 else 1.0)
+            trainer.update("main", loss)
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 4
+    # resuming with another recipe is refused
+    with pytest.raises(ValueError, match="another recipe"):
+        Trainer(tmp_path, {"m": model}, {"main": opt}, steps=10, recipe={"r": 2}, progress=False)
