@@ -5,6 +5,7 @@
     python -m distill evaluate BUNDLE --samples 180        # quality metrics of a bundle
     python -m distill run CONFIG                           # FastLightGen: teacher bundle -> 4-step student
     python -m distill importance|plan|stage2|stage3 CONFIG # one stage of that run
+    python -m distill compare --student NAME=BUNDLE ...    # the comparison table
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from it; writes a bundle at the end.")
     teacher.add_args(t)
     t.set_defaults(func=teacher.run)
-    from . import evaluate, run
+    from . import compare, evaluate, run
 
     e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
     evaluate.add_evaluate_args(e)
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "out directory; every stage resumes where it stopped.")
         run.add_args(r)
         r.set_defaults(func=run.run_command)
+    c = sub.add_parser("compare", help="the comparison table: teacher (50 steps, 4 steps) and students, one run")
+    compare.add_args(c)
+    c.set_defaults(func=compare.run)
     return p
 
 

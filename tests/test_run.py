@@ -93,3 +93,15 @@ def test_run_config_is_strict(tiny_teacher, tmp_path):
     assert yaml_cfg.stage3_config().steps == 7 and yaml_cfg.stage2_config().alpha == 1.0
     with pytest.raises(ConfigError, match="not valid YAML"):
         load("teacher: [", ".yaml")
+
+
+def test_compare_table(tiny_teacher, tmp_path):
+    from distill.compare import compare, markdown
+
+    student = run(RunConfig(**_config(tiny_teacher, tmp_path / "run", evaluate=None)), progress=False)["bundle"]
+    rows = compare(tiny_teacher, [("FastLightGen", student)], samples=2, progress=False)
+    assert [r["nfe"] for r in rows] == [100, 8, 4]
+    assert rows[2]["params"] < rows[0]["params"] and rows[0]["speedup"] == 1.0
+    assert all(0 <= r["adherence"]["adherence"] <= 1 and r["seconds_per_video"] > 0 for r in rows)
+    table = markdown(rows)
+    assert table.count("\n") == 4 and "| FastLightGen | 4 |" in table
