@@ -6,6 +6,8 @@
     python -m distill run CONFIG                           # FastLightGen: teacher bundle -> 4-step student
     python -m distill importance|plan|stage2|stage3 CONFIG # one stage of that run
     python -m distill compare --student NAME=BUNDLE ...    # the comparison table
+    python -m distill convert WAN_DIR -o BUNDLE            # a diffusers Wan teacher as a bundle
+    python -m distill precompute BUNDLE VIDEOS -o SHARDS   # training shards for the Wan path
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from it; writes a bundle at the end.")
     teacher.add_args(t)
     t.set_defaults(func=teacher.run)
-    from . import compare, evaluate, run
+    from . import compare, evaluate, run, wan
 
     e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
     evaluate.add_evaluate_args(e)
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "out directory; every stage resumes where it stopped.")
         run.add_args(r)
         r.set_defaults(func=run.run_command)
+    cv = sub.add_parser("convert", help="a diffusers Wan pipeline directory -> a bundle (the Wan teacher)")
+    wan.add_convert_args(cv)
+    cv.set_defaults(func=wan.run_convert)
+    pc = sub.add_parser("precompute", help="shards of VAE latents + text states from a folder of captioned videos")
+    wan.add_precompute_args(pc)
+    pc.set_defaults(func=wan.run_precompute)
     c = sub.add_parser("compare", help="the comparison table: teacher (50 steps, 4 steps) and students, one run")
     compare.add_args(c)
     c.set_defaults(func=compare.run)

@@ -14,7 +14,8 @@ A config is a json or yaml file; unknown keys and bad values are errors naming t
     plan: {budget: 0.3, file: null}             # file: a plan.json you wrote or edited (skips Stage I)
     stage2: {steps: 300, ...}                   # Stage2Config; null: no Stage II (prune-then-DMD2)
     stage3: {steps: 200, ...}                   # Stage3Config (real_score, prune: the baselines)
-    evaluate: {samples: 60, seeds: [0], every: true}   # the shapes world's evaluator; null: none
+    evaluate: {samples: 60, seeds: [0], batch_size: 20}  # the shapes world's evaluator; null: none
+    convert: {num_frames: 81, height: 480, width: 832}  # when teacher is a diffusers Wan directory
 
 The baselines are the same command with switches: `stage2: null` + `stage3.real_score: cfg`
 is prune-then-DMD2; additionally `stage3.prune: false` is DMD2 at full size.
@@ -50,10 +51,12 @@ class RunConfig(_JsonMixin):
     stage2: dict | None = field(default_factory=dict)
     stage3: dict = field(default_factory=dict)
     evaluate: dict | None = field(default_factory=dict)
+    convert: dict = field(default_factory=dict)
 
     IMPORTANCE = {"samples": 32, "num_t": 12, "seed": 1234, "batch_size": 16}
     PLAN = {"budget": DEFAULT_BUDGET, "file": None}
     EVALUATE = {"samples": 60, "seeds": [0], "batch_size": 20}
+    CONVERT = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, "max_length": 512}
     DATA = {"world": {"kind": "world", "seed": 0}, "shards": {"kind": "shards", "path": None, "seed": 0}}
 
     def __post_init__(self) -> None:
@@ -76,6 +79,7 @@ class RunConfig(_JsonMixin):
             raise ConfigError("data.path must name the shard directory for data.kind shards")
         self.importance = section("importance", self.importance, self.IMPORTANCE)
         self.plan = section("plan", self.plan, self.PLAN)
+        self.convert = section("convert", self.convert, self.CONVERT)
         if self.evaluate is not None:
             self.evaluate = section("evaluate", self.evaluate, self.EVALUATE)
         # the stage recipes validate themselves (strict dataclasses)
@@ -122,10 +126,18 @@ class RunConfig(_JsonMixin):
 
 # ---- pieces the stages share ------------------------------------------------------------------
 
-def load_teacher(path: str):
-    """The teacher as a CPU fp32 `flgengine.Pipeline` (DiT, text encoder, codec)."""
+def load_teacher(cfg: RunConfig):
+    """The teacher as a CPU fp32 `flgengine.Pipeline` (DiT, text encoder, codec). A diffusers
+    Wan directory is converted once into OUT/teacher (see `distill.wan`)."""
     import flgengine
 
+    from .wan import bundle_from_diffusers, is_diffusers_pipeline
+
+    path = cfg.teacher
+    if is_diffusers_pipeline(path):
+        path = Path(cfg.out) / "teacher"
+        if not (path / "model.safetensors").is_file():
+            bundle_from_diffusers(cfg.teacher, path, **cfg.convert)
     return flgengine.load(path, device="cpu", dtype="fp32")
 
 
@@ -212,7 +224,7 @@ class Run:
         self.cfg, self.progress, self.out = cfg, progress, Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(self.out / "config.json")
-        self.pipe = load_teacher(cfg.teacher)
+        self.pipe = load_teacher(cfg)
         self.data = make_data(cfg, self.pipe)
 
     def importance(self) -> dict:

@@ -1,0 +1,169 @@
+"""The Wan path: a diffusers Wan teacher and its training data.
+
+    python -m distill convert WAN_DIR -o wan-teacher --frames 81 --height 480 --width 832
+    python -m distill precompute wan-teacher VIDEOS_DIR -o shards/      # latents + umT5 states
+    # then a run config with  teacher: wan-teacher  and  data: {kind: shards, path: shards/}
+
+`bundle_from_diffusers` turns a diffusers Wan pipeline directory (`model_index.json`,
+`transformer/`, `text_encoder/`, `tokenizer/`, `vae/`) into a bundle: our DiT converted
+from the transformer, the umT5 and VAE folders copied as they are. `python -m distill run`
+does this once (into OUT/teacher) when its `teacher` is such a directory.
+
+`precompute` reads every video in a folder (`.mp4`, `.gif`, `.webm`, `.mov`) with its
+caption in a text file of the same stem (`clip.mp4` + `clip.txt`), takes the first
+`num_frames` frames, resizes them to the bundle's height x width, and writes shards of
+`shard_size` clips (the format in `distill/data.py`): `latents` (N, C, F, H, W) from the
+VAE, `context` (N, L, text_dim) from umT5, `uncond` (1, L, text_dim) for the empty prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flgengine.checkpoint import BundleError, atomic_save_safetensors, from_diffusers, save_bundle
+from flgengine.config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
+
+
+def is_diffusers_pipeline(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def bundle_from_diffusers(src: str | Path, out: str | Path, *, num_frames: int = 81, height: int = 480,
+                          width: int = 832, steps: int = 50, guidance: float = 5.0, max_length: int = 512) -> Path:
+    """A bundle of the Wan pipeline in `src` (the sampler's shift from its scheduler config,
+    else 5.0). Video size and sampling defaults are the Wan2.1 T2V ones unless given."""
+    from flgengine.model import DiT
+
+    src, out = Path(src), Path(out)
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not (src / sub).is_dir():
+            raise BundleError(f"{src}/{sub}: missing (a diffusers Wan pipeline holds transformer, text_encoder, "
+                              "tokenizer and vae)")
+    config, state = from_diffusers(src)
+    with torch.device("meta"):
+        model = DiT(config)
+    model.load_state_dict(state, assign=True)
+    shift = 5.0
+    sched = src / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        shift = float(json.loads(sched.read_text()).get("flow_shift", shift) or shift)
+    pipeline = PipelineConfig(
+        text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer", max_length=max_length),
+        codec=CodecConfig(kind="wan_vae", path="vae"),
+        sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=guidance),
+        num_frames=num_frames, height=height, width=width, fps=16,
+    )
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        shutil.copytree(src / sub, out / sub)
+    return save_bundle(out, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
+
+
+def _read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """(3, num_frames, height, width) float32 in [-1, 1]: the first frames, resized."""
+    import imageio.v3 as iio
+
+    frames = np.asarray(iio.imread(path, index=None))  # (T, H, W, C)
+    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"{path}: expected RGB video frames, got an array of shape {frames.shape}")
+    if len(frames) < num_frames:
+        raise ValueError(f"{path}: {len(frames)} frames, the model needs {num_frames}")
+    x = torch.from_numpy(frames[:num_frames, ..., :3].copy()).float().permute(3, 0, 1, 2)  # (3, T, H, W)
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return (x / 127.5 - 1).clamp(-1, 1)
+
+
+def find_clips(videos: str | Path) -> list[tuple[Path, str]]:
+    """(video, caption) pairs of a folder, sorted by name; a video without a caption is an error."""
+    videos = Path(videos)
+    if not videos.is_dir():
+        raise FileNotFoundError(f"{videos}: not a directory of videos")
+    clips = []
+    for v in sorted(p for p in videos.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
+        caption = v.with_suffix(".txt")
+        if not caption.is_file():
+            raise FileNotFoundError(f"{caption}: missing (every video needs a caption file of the same name)")
+        clips.append((v, caption.read_text().strip()))
+    if not clips:
+        raise FileNotFoundError(f"{videos}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+    return clips
+
+
+@torch.no_grad()
+def precompute(model: str | Path, videos: str | Path, out: str | Path, shard_size: int = 64,
+               batch_size: int = 4, progress: bool = True) -> list[Path]:
+    """Writes shards of (latents, context) for the clips in `videos`; returns their paths."""
+    import flgengine
+    from tqdm.auto import tqdm
+
+    if is_diffusers_pipeline(model):
+        raise ValueError(f"{model}: a diffusers directory; convert it to a bundle first: "
+                         f"python -m distill convert {model} -o BUNDLE --frames F --height H --width W")
+    pipe = flgengine.load(model, device="cpu", dtype="fp32")
+    c = pipe.config
+    clips = find_clips(videos)
+    out = Path(out)
+    uncond = pipe.text_encoder.encode([""], dtype=torch.float32)
+    paths, latents, context = [], [], []
+
+    def flush():
+        path = out / f"shard-{len(paths):05d}.safetensors"
+        atomic_save_safetensors(path, {"latents": torch.cat(latents).contiguous(), "context": torch.cat(context).contiguous(),
+                                       "uncond": uncond.contiguous()})
+        paths.append(path)
+        latents.clear(), context.clear()
+
+    bar = tqdm(total=len(clips), desc="precompute", unit="clip", disable=not progress)
+    for i in range(0, len(clips), batch_size):
+        chunk = clips[i:i + batch_size]
+        video = torch.stack([_read_video(v, c.num_frames, c.height, c.width) for v, _ in chunk])  # (B, 3, T, H, W)
+        latents.append(pipe.codec.encode(video).float())
+        context.append(pipe.text_encoder.encode([cap for _, cap in chunk], dtype=torch.float32))
+        bar.update(len(chunk))
+        if sum(len(x) for x in latents) >= shard_size:
+            flush()
+    if latents:
+        flush()
+    bar.close()
+    return paths
+
+
+def add_precompute_args(p) -> None:
+    p.add_argument("model", help="teacher bundle (its text encoder and VAE encode the clips)")
+    p.add_argument("videos", help="folder of videos, each with a caption file of the same name (.txt)")
+    p.add_argument("-o", "--out", required=True, help="shard directory")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard (default 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="clips encoded at once (default 4)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_precompute(args) -> int:
+    paths = precompute(args.model, args.videos, args.out, args.shard_size, args.batch_size, progress=not args.quiet)
+    print(f"wrote {len(paths)} shard(s) to {args.out}")
+    return 0
+
+
+def add_convert_args(p) -> None:
+    p.add_argument("src", help="diffusers Wan pipeline directory (model_index.json, transformer/, text_encoder/, ...)")
+    p.add_argument("-o", "--out", required=True, help="bundle directory to write")
+    p.add_argument("--frames", type=int, default=81, help="video frames the bundle generates (default 81)")
+    p.add_argument("--height", type=int, default=480, help="default 480")
+    p.add_argument("--width", type=int, default=832, help="default 832")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--max-length", type=int, default=512, help="umT5 tokens (default 512)")
+
+
+def run_convert(args) -> int:
+    path = bundle_from_diffusers(args.src, args.out, num_frames=args.frames, height=args.height, width=args.width,
+                                 steps=args.steps, guidance=args.guidance, max_length=args.max_length)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,99 @@
+"""The Wan path end to end on tiny random Wan components: a diffusers pipeline directory
+-> precompute -> importance -> plan -> stage2 -> stage3 -> bundle -> generate() -> to_diffusers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+import flgengine  # noqa: E402
+from distill.data import ShardData  # noqa: E402
+from distill.run import RunConfig, run  # noqa: E402
+from distill.wan import bundle_from_diffusers, find_clips, precompute  # noqa: E402
+from flgengine.checkpoint import to_diffusers  # noqa: E402
+from flgengine.config import ModelConfig  # noqa: E402
+from flgengine.model import DiT  # noqa: E402
+from flgengine.testing import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+SIZE = dict(num_frames=9, height=64, width=64, steps=4, max_length=24)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    """A diffusers-layout Wan pipeline of tiny random parts."""
+    d = tmp_path_factory.mktemp("wan")
+    make_tiny_umt5(d, d_model=32, max_length=24)
+    make_tiny_wan_vae(d, z_dim=4)
+    torch.manual_seed(0)
+    dit = DiT(ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=16, ffn_dim=64,
+                          text_dim=32, freq_dim=32, num_layers=4))
+    to_diffusers(dit, d / "transformer")
+    (d / "scheduler").mkdir()
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    import imageio.v3 as iio
+
+    d = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        frames = np.zeros((10, 48, 48, 3), np.uint8)  # a square drifting right, resized to 64x64 by precompute
+        for f in range(10):
+            frames[f, 10:26, 4 + 2 * f:20 + 2 * f] = rng.integers(60, 255, 3)
+        iio.imwrite(d / f"clip{i}.gif", frames)
+        (d / f"clip{i}.txt").write_text("a red square moving right")
+    return d
+
+
+def test_convert_and_precompute(wan_dir, videos, tmp_path):
+    bundle = bundle_from_diffusers(wan_dir, tmp_path / "teacher", **SIZE)
+    pipe = flgengine.load(bundle)
+    assert pipe.config.sampler.shift == 3.0 and pipe.config.num_frames == 9
+    paths = precompute(bundle, videos, tmp_path / "shards", shard_size=2, batch_size=2, progress=False)
+    assert len(paths) == 3  # 5 clips in shards of 2
+    data = ShardData(tmp_path / "shards")
+    assert len(data) == 5 and data.latents.shape == (5, 4, 3, 8, 8) and data.context.shape == (5, 24, 32)
+    assert torch.equal(data.uncond, pipe.text_encoder.encode([""], dtype=torch.float32))
+    x0, c = data.batch(3, 4)
+    assert x0.shape == (4, 4, 3, 8, 8) and torch.equal(data.batch(3, 4)[0], x0)
+    # the latents are the VAE's encoding of the resized clip
+    from distill.wan import _read_video
+
+    video = _read_video(sorted(videos.glob("*.gif"))[0], 9, 64, 64)
+    assert_close(data.latents[0], pipe.codec.encode(video[None]).float()[0], 1e-5, "latents")
+    (videos / "clip9.gif").write_bytes((videos / "clip0.gif").read_bytes())
+    try:
+        with pytest.raises(FileNotFoundError, match="clip9.txt: missing"):
+            find_clips(videos)
+    finally:
+        (videos / "clip9.gif").unlink()
+
+
+def test_wan_teacher_to_student_to_diffusers(wan_dir, videos, tmp_path):
+    bundle = bundle_from_diffusers(wan_dir, tmp_path / "teacher", **SIZE)
+    precompute(bundle, videos, tmp_path / "shards", progress=False)
+    cfg = RunConfig(teacher=str(wan_dir), out=str(tmp_path / "run"), convert=SIZE,
+                    data={"kind": "shards", "path": str(tmp_path / "shards")},
+                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.2},
+                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
+                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
+    result = run(cfg, progress=False)
+    student = flgengine.load(result["bundle"])
+    assert student.config.distilled and len(student.dit.blocks) < 4
+    video = flgengine.generate("a red square moving right", model=result["bundle"], seed=0, progress=False)
+    assert video.shape == (1, 9, 64, 64, 3)
+    # the student loads in diffusers and computes the same function
+    wan = WanTransformer3DModel.from_pretrained(to_diffusers(result["bundle"], tmp_path / "diffusers")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(1, 4, 3, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 24, 32, generator=g)
+    with torch.no_grad():
+        assert_close(wan(x, t, c, return_dict=False)[0], student.dit(x, t, c), 1e-5, "student in diffusers")
