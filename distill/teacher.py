@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from flgengine.checkpoint import save_bundle
 from flgengine.codec import uint8_to_video
-from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig, torch_dtype
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
@@ -73,6 +73,9 @@ class TeacherConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the DiT for training (no gain measured at 144 tokens on 2 cores)
     device: str = "cpu"
+    # the bundle's weights are stored in this dtype (float16 halves the file: the shipped assets
+    # stay under 20 MiB); they load in fp32 as always
+    storage_dtype: str = "float16"
     workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
 
     def model_config(self) -> ModelConfig:
@@ -89,7 +92,7 @@ class TeacherConfig:
         )
 
 
-RUNTIME = ("threads", "compile", "checkpoint_every", "device", "workers")  # how a run runs, not what it computes
+RUNTIME = ("threads", "compile", "checkpoint_every", "device", "workers", "storage_dtype")  # how a run runs, not what it computes
 
 
 def _build(cfg: TeacherConfig) -> tuple[DiT, TokenTextEncoder]:
@@ -214,8 +217,10 @@ def snapshot(out: str | Path, bundle: str | Path) -> Path:
     cfg = TeacherConfig(**state["config"])
     model, text = _build(cfg)
     torch.nn.ModuleDict({"dit": model, "text": text}).load_state_dict(state["ema"])
-    recipe = {"recipe": state["config"], "train_seconds": round(state["seconds"], 1), "steps": state["step"],
-              "samples": state["step"] * cfg.batch_size, "snapshot": True}
+    step, seconds = state["step"], state["seconds"]
+    recipe = {"recipe": state["config"], "train_seconds": round(seconds, 1), "steps": step,
+              "samples": step * cfg.batch_size, "samples_per_hour": round(step * cfg.batch_size / max(seconds, 1e-9) * 3600),
+              "snapshot": step < cfg.steps}  # False: the finished run's final EMA weights
     return write_bundle(model, text, cfg, Path(bundle), recipe)
 
 
@@ -224,7 +229,7 @@ def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: P
     provenance = {"kind": "shapes-world teacher", "world": "flgengine.worlds.shapes",
                   "objective": "flow matching, v = eps - x0, shifted-uniform t, condition dropout (CFG)",
                   "stages": [{"stage": "train-teacher", **recipe}]}
-    return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance)
+    return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=torch_dtype(cfg.storage_dtype))
 
 
 def config_from_args(args) -> TeacherConfig:

@@ -172,23 +172,31 @@ class Bundle:
     provenance: dict
 
 
-def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None) -> Path:
+def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
+                storage_dtype: torch.dtype | None = None) -> Path:
     """Writes `model` (a DiT) as a bundle directory; each file is written atomically.
 
     `pipeline` defaults to a DiT-only pipeline (no text encoder or codec). The weights'
     sha256 and the writing flgengine version are added to the provenance.
+    `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
+    file of fp32); loading casts them to the config's compute dtype as always.
     """
     from . import __version__
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline if pipeline is not None else PipelineConfig()
-    atomic_save_safetensors(path / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
+    state = model.state_dict()
+    if storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
     model.config.to_json(path / "config.json")
     pipeline.to_json(path / "pipeline.json")
     prov = dict(provenance or {})
     prov["weights_sha256"] = file_sha256(path / "model.safetensors")
     prov["num_params"] = sum(p.numel() for p in model.parameters())
+    if storage_dtype is not None:
+        prov["storage_dtype"] = str(storage_dtype).replace("torch.", "")
     prov.setdefault("flgengine_version", __version__)
     prov.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     atomic_write_text(path / "provenance.json", json.dumps(prov, indent=2) + "\n")

@@ -63,6 +63,19 @@ def test_bundle_round_trip(bundle):
         assert torch.allclose(b.model(x, t, c), model.eval()(x, t, c), rtol=0, atol=1e-5)
 
 
+def test_bundle_stored_in_fp16_loads_in_fp32(tmp_path):
+    model = DiT(tiny_config())
+    full = save_bundle(tmp_path / "fp32", model)
+    half = save_bundle(tmp_path / "fp16", model, storage_dtype=torch.float16)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    b = load_bundle(half)
+    assert b.provenance["storage_dtype"] == "float16" and b.model.config.dtype == "float32"
+    for k, v in model.state_dict().items():
+        got = b.model.state_dict()[k]
+        assert got.dtype == torch.float32 and torch.equal(got, v.half().float()), k
+
+
 def _rewrite_weights(path, fn):
     from safetensors.torch import load_file
 
