@@ -105,3 +105,14 @@ def test_compare_table(tiny_teacher, tmp_path):
     assert all(0 <= r["adherence"]["adherence"] <= 1 and r["seconds_per_video"] > 0 for r in rows)
     table = markdown(rows)
     assert table.count("\n") == 4 and "| FastLightGen | 4 |" in table
+
+
+def test_shipped_run_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) == 3
+    kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
+                                     RunConfig.load(c).stage3_config().prune) for c in configs}
+    assert kinds == {"runs/shapes-4step": (False, "well-guided", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
+                     "runs/shapes-dmd2": (True, "cfg", False)}
