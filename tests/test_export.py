@@ -67,17 +67,17 @@ def _inputs(batch, text_len, seed=7, latent=LATENT, text_dim=32):
 # ---- tracing helpers -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(1, 5, 2, 8), (2, 97, 3, 6)])
-def test_real_arithmetic_rope_equals_the_reference(shape):
-    from flgengine.export.tracing import rope_real
+def test_real_arithmetic_rope_equals_the_complex_rotation(shape):
     from flgengine.ops import ref
 
     x = torch.randn(shape)
     ang = torch.randn(shape[1], shape[3] // 2)
-    want = ref.apply_rope(x.double(), ang.cos().double(), ang.sin().double())
-    assert_close(rope_real(x, ang.cos(), ang.sin()), want, 1e-6, "rope_real fp32 vs ref fp64")
+    xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    want = torch.view_as_real(xc * torch.polar(torch.ones_like(ang).double(), ang.double())[None, :, None, :]).flatten(-2)
+    assert_close(ref.apply_rope(x, ang.cos(), ang.sin()), want, 1e-6, "real-arithmetic rope fp32 vs complex fp64")
     strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
     assert not strided.is_contiguous()
-    assert_close(rope_real(strided, ang.cos(), ang.sin()), want, 1e-6, "non-contiguous input")
+    assert_close(ref.apply_rope(strided, ang.cos(), ang.sin()), want, 1e-6, "non-contiguous input")
 
 
 def test_export_leaves_the_model_usable(onnx_dir, dit):

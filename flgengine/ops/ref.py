@@ -31,13 +31,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates interleaved channel pairs (x[2i], x[2i+1]) by per-token angles.
 
-    x: (B, S, H, Dh); cos, sin: (S, Dh // 2) fp32. Math in fp32, x's dtype out.
+    x: (B, S, H, Dh); cos, sin: (S, Dh // 2) fp32. Math in fp32, x's dtype out. Written in
+    real arithmetic (no complex tensors), so exporters (ONNX) take it as it is.
     """
-    # as complex numbers: (x1 + i x2) * (cos + i sin) = (x1 cos - x2 sin) + i (x1 sin + x2 cos)
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, S, H, Dh/2)
-    rot = torch.complex(cos, sin)
-    out = torch.view_as_real(xc * rot[None, :, None, :])  # (B, S, H, Dh/2, 2)
-    return out.flatten(-2).to(x.dtype)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, Dh/2, 2): pairs (x1, x2)
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    # (x1 + i x2) * (cos + i sin) = (x1 cos - x2 sin) + i (x1 sin + x2 cos)
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
