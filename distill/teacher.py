@@ -38,7 +38,7 @@ from .trainer import CHECKPOINT, Trainer, cosine_lr, load_checkpoint
 class TeacherConfig:
     """Recipe of the shapes teacher (all fields recorded in the bundle's provenance)."""
 
-    steps: int = 1200
+    steps: int = 1050
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -64,6 +64,7 @@ class TeacherConfig:
     freq_dim: int = 64
     max_prompt_words: int = 8
     text_layers: int = 1  # transformer layers over the prompt's words (see TokenTextEncoder)
+    pos_embed: bool = True  # absolute position embeddings (see ModelConfig.pos_embed)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
     # sampling defaults written to pipeline.json
@@ -81,7 +82,8 @@ class TeacherConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
-                           freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64)
+                           freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
+                           pos_embed=self.pos_embed)
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(
@@ -131,7 +133,7 @@ def param_groups(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig) -> list
     for name, p in [*model.named_parameters(), *text.named_parameters()]:
         if name.endswith(("norm_q.weight", "norm_k.weight")):
             gains.append(p)
-        elif p.dim() < 2 or "modulation" in name or name.startswith(("tok.", "pos.")):
+        elif p.dim() < 2 or "modulation" in name or name.startswith(("tok.", "pos.", "pos_")):
             vectors.append(p)
         else:
             matrices.append(p)

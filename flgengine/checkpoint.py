@@ -419,6 +419,9 @@ def to_diffusers(model_or_bundle, out_dir: str | Path) -> Path:
     """
     model = load_bundle(model_or_bundle).model if isinstance(model_or_bundle, (str, Path)) else model_or_bundle
     c: ModelConfig = model.config
+    if c.pos_embed:
+        raise ValueError("to_diffusers: this model has absolute position embeddings (pos_embed), which a diffusers "
+                         "WanTransformer3DModel does not have")
     if not c.is_uniform:
         raise ValueError("to_diffusers: this student has per-block head counts or FFN widths, which a diffusers "
                          "WanTransformer3DModel cannot express; only block-pruned (uniform width) students convert")

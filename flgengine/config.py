@@ -114,6 +114,12 @@ class ModelConfig(_JsonMixin):
     A teacher has `num_layers` blocks; a student keeps `block_ids` (teacher indices, in
     order) and may narrow each kept block's heads (`block_num_heads`) and FFN width
     (`block_ffn_dim`). Model width is `num_heads * head_dim` and never changes.
+
+    `pos_embed` (not in Wan; default off): learned absolute position embeddings per frame,
+    row and column (`rope_max_seq_len` each), added to the tokens after patchify. RoPE
+    only gives relative positions, and from pure noise a RoPE-only DiT can hardly tell
+    where a token is, so it cannot draw position-dependent means at high noise (in the
+    shapes world: which way the shape moves). Models with it do not convert to diffusers.
     """
 
     in_channels: int = 16
@@ -129,6 +135,7 @@ class ModelConfig(_JsonMixin):
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    pos_embed: bool = False
     block_ids: list[int] | None = None
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None

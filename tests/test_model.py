@@ -64,6 +64,28 @@ def test_head_pruned_student_runs_and_is_smaller():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_absolute_position_embedding():
+    from flgengine.checkpoint import to_diffusers
+
+    torch.manual_seed(0)
+    model = DiT(tiny_config(pos_embed=True)).eval()
+    x, t, c = torch.zeros(1, 4, 2, 4, 4), torch.tensor([900.0]), torch.zeros(1, 3, 12)
+    with torch.no_grad():
+        out = model(x, t, c)
+        # a constant input: without absolute positions every token would give the same output
+        tokens = out.unflatten(3, (2, 2)).unflatten(5, (2, 2))  # (1, C, F, H', ph, W', pw)
+        assert (tokens[:, :, 0, 0, :, 0] - tokens[:, :, 1, 1, :, 1]).abs().max() > 1e-4
+        plain = DiT(tiny_config()).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pos_")})
+        p = plain(x, t, c).unflatten(3, (2, 2)).unflatten(5, (2, 2))
+        assert (p[:, :, 0, 0, :, 0] - p[:, :, 1, 1, :, 1]).abs().max() < 1e-5
+        # pos = frame + row + column embeddings, added after patchify
+        model.pos_frame.zero_(), model.pos_row.zero_(), model.pos_col.zero_()
+        assert torch.allclose(model(x, t, c), plain(x, t, c), atol=1e-6)
+    with pytest.raises(ValueError, match="pos_embed"):
+        to_diffusers(model, "/nonexistent")
+
+
 def test_bf16_cast_keeps_modulation_in_fp32_and_tracks_fp32_output():
     model = DiT(tiny_config()).eval()
     x, t, c = _inputs()

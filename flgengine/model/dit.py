@@ -120,6 +120,9 @@ class DiT(nn.Module):
         D = c.dim
         self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
+        if c.pos_embed:  # absolute positions (frame, row, column), not in Wan: see ModelConfig
+            self.pos_frame, self.pos_row, self.pos_col = (
+                nn.Parameter(torch.randn(c.rope_max_seq_len, D) * 0.02) for _ in range(3))
         self.time_embed = TimeEmbedding(c.freq_dim, D)
         self.time_proj = nn.Linear(D, 6 * D)
         self.text_embed = TextProjection(c.text_dim, D)
@@ -162,6 +165,10 @@ class DiT(nn.Module):
 
         # 1. patchify: (B, C, F, H, W) -> (B, S, D)
         h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
+        if c.pos_embed:  # + pos_frame[f] + pos_row[i] + pos_col[j] for token (f, i, j)
+            f, hh, w = grid
+            pos = self.pos_frame[:f, None, None] + self.pos_row[None, :hh, None] + self.pos_col[None, None, :w]
+            h = h + pos.reshape(S, c.dim).to(h.dtype)
 
         # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
         freq = timestep_embedding(t.flatten(), c.freq_dim).to(self.time_embed.fc1.weight.dtype)
