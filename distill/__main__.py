@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from it; writes a bundle at the end.")
     teacher.add_args(t)
     t.set_defaults(func=teacher.run)
-    from . import compare, evaluate, run, wan
+    from . import compare, evaluate, probe, run, wan
 
     e = sub.add_parser("evaluate", help="prompt adherence, Frechet distance and motion of a bundle's videos")
     evaluate.add_evaluate_args(e)
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("precompute", help="shards of VAE latents + text states from a folder of captioned videos")
     wan.add_precompute_args(pc)
     pc.set_defaults(func=wan.run_precompute)
+    pr = sub.add_parser("probe", help="does a shapes model listen to each word? flow loss with one attribute swapped")
+    probe.add_args(pr)
+    pr.set_defaults(func=probe.run)
     c = sub.add_parser("compare", help="the comparison table: teacher (50 steps, 4 steps) and students, one run")
     compare.add_args(c)
     c.set_defaults(func=compare.run)

@@ -116,3 +116,14 @@ def test_shipped_run_configs_are_valid():
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
     assert kinds == {"runs/shapes-4step": (False, "well-guided", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
                      "runs/shapes-dmd2": (True, "cfg", False)}
+
+
+def test_prompt_sensitivity_probe(tiny_teacher, capsys):
+    from distill.__main__ import main
+    from distill.probe import prompt_sensitivity
+
+    rows = prompt_sensitivity(flgengine.load(tiny_teacher), n=4, ts=(0.9, 0.5))
+    assert [r["t"] for r in rows] == [0.9, 0.5]
+    assert all(set(r) == {"t", "true", "uncond", "colour", "shape", "direction"} for r in rows)
+    assert rows[0]["true"] != rows[0]["colour"]  # a swapped colour word changes the text states, so the loss
+    assert main(["probe", tiny_teacher, "--samples", "2"]) == 0 and "+direction" in capsys.readouterr().out
