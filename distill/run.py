@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from flgengine.checkpoint import BundleError, atomic_write_text, save_bundle
-from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin
+from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
 
 from . import stage2 as s2
 from . import stage3 as s3
@@ -63,9 +63,7 @@ class RunConfig(_JsonMixin):
         def section(name: str, value, defaults: dict) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a mapping, got {value!r}")
-            unknown = sorted(set(value) - set(defaults))
-            if unknown:
-                raise ConfigError(f"{name}: unknown key {unknown[0]!r} (known keys: {', '.join(defaults)})")
+            check_known_keys(value, list(defaults), name)
             return {**defaults, **value}
 
         for key in ("teacher", "out"):
@@ -112,10 +110,7 @@ class RunConfig(_JsonMixin):
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+        check_known_keys(data, [f.name for f in dataclasses.fields(cls)], str(path))
         try:
             return cls(**data)
         except TypeError as e:  # a required key is missing

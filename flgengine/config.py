@@ -43,14 +43,19 @@ class ConfigError(ValueError):
     """A config file or dict is malformed; the message names the source and the key."""
 
 
+def check_known_keys(data: dict, known: list[str], source: str, what: str = "") -> None:
+    """ConfigError naming the first key of `data` not in `known` (`what`: " for X" in the message)."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}{what} (known keys: {', '.join(known)})")
+
+
 def _from_dict(cls, data: Any, source: str):
     """Builds dataclass `cls` from `data`, refusing unknown and missing keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} for {cls.__name__} (known keys: {', '.join(names)})")
+    check_known_keys(data, names, source, f" for {cls.__name__}")
     missing = [n for n in names if n not in data]
     if missing:
         raise ConfigError(f"{source}: missing key {missing[0]!r} for {cls.__name__}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
-from ..config import ConfigError, _from_dict
+from ..config import ConfigError, _from_dict, check_known_keys
 
 __all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verification", "EngineManifest",
            "MANIFEST_NAME", "FORMATS", "read_manifest"]
@@ -168,9 +168,10 @@ class EngineManifest:
         if not isinstance(data, dict):
             raise EngineError(f"{source}: expected a JSON object")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise EngineError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(names)})")
+        try:
+            check_known_keys(data, names, source)
+        except ConfigError as e:
+            raise EngineError(str(e)) from None
         missing = [n for n in names if n not in data]
         if missing:
             raise EngineError(f"{source}: missing key {missing[0]!r}")
