@@ -422,6 +422,9 @@ def to_diffusers(model_or_bundle, out_dir: str | Path) -> Path:
     if c.pos_embed:
         raise ValueError("to_diffusers: this model has absolute position embeddings (pos_embed), which a diffusers "
                          "WanTransformer3DModel does not have")
+    if c.pooled_text:
+        raise ValueError("to_diffusers: this model adds a pooled text vector to its timestep embedding (pooled_text), "
+                         "which a diffusers WanTransformer3DModel does not have")
     if not c.is_uniform:
         raise ValueError("to_diffusers: this student has per-block head counts or FFN widths, which a diffusers "
                          "WanTransformer3DModel cannot express; only block-pruned (uniform width) students convert")

@@ -125,6 +125,13 @@ class ModelConfig(_JsonMixin):
     only gives relative positions, and from pure noise a RoPE-only DiT can hardly tell
     where a token is, so it cannot draw position-dependent means at high noise (in the
     shapes world: which way the shape moves). Models with it do not convert to diffusers.
+
+    `pooled_text` (not in Wan; default off): the mean of the prompt's text states over its
+    real tokens, through an MLP, is added to the timestep embedding (as SD3 and Flux add a
+    pooled text vector), so every word reaches every block's adaLN modulation and the
+    head. Cross-attention alone can leave a word unattended, and an unattended word gets
+    no gradient: the shapes teacher never learned the direction word that way. Models with
+    it do not convert to diffusers.
     """
 
     in_channels: int = 16
@@ -141,6 +148,7 @@ class ModelConfig(_JsonMixin):
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
     pos_embed: bool = False
+    pooled_text: bool = False
     block_ids: list[int] | None = None
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None

@@ -86,6 +86,33 @@ def test_absolute_position_embedding():
         to_diffusers(model, "/nonexistent")
 
 
+def test_pooled_text_reaches_the_timestep_path_and_ignores_padding():
+    from flgengine.checkpoint import to_diffusers
+    from flgengine.model.embed import mean_text
+
+    torch.manual_seed(0)
+    model = DiT(tiny_config(pooled_text=True)).eval()
+    # mean over real (non-zero) rows: padding does not change it, all padding pools to zero
+    words = torch.randn(2, 3, 12)
+    padded = torch.cat([words, torch.zeros(2, 4, 12)], dim=1)
+    assert torch.allclose(mean_text(padded), words.mean(dim=1), atol=1e-6)
+    assert mean_text(torch.zeros(1, 5, 12)).abs().max() == 0
+    x, t, _ = _inputs()
+    with torch.no_grad():
+        # close the cross-attention (which does see padding): the pooled path alone carries the text
+        for block in model.blocks:
+            block.cross_attn.o.weight.zero_(), block.cross_attn.o.bias.zero_()
+        assert_close(model(x, t, padded), model(x, t, words), 1e-6, "pooled text vs padding")
+        assert (model(x, t, padded) - model(x, t, padded.flip(0))).abs().max() > 1e-4
+        # per-token timesteps take the same pooled vector
+        S = 3 * 3 * 2
+        assert_close(model(x, t[:, None].expand(2, S), padded), model(x, t, padded), 1e-5, "per-token t")
+        model.text_pool.fc2.weight.zero_(), model.text_pool.fc2.bias.zero_()
+        assert (model(x, t, padded) - model(x, t, padded.flip(0))).abs().max() < 1e-6  # nothing else carries text now
+    with pytest.raises(ValueError, match="pooled_text"):
+        to_diffusers(model, "/nonexistent")
+
+
 def test_bf16_cast_keeps_modulation_in_fp32_and_tracks_fp32_output():
     model = DiT(tiny_config()).eval()
     x, t, c = _inputs()

@@ -1,7 +1,7 @@
 """The DiT: Wan2.1 transformer architecture, one class for teacher, student and runtime.
 
     x (B, C, F, H, W) --patch_embed--> tokens (B, S, D), S = F' * H' * W'
-    t (B,) --sinusoid--> time_embed --> temb (B, D) --SiLU, time_proj--> (B, 6, D)
+    t (B,) --sinusoid--> time_embed --> temb (B, D) [+ text_pool(mean text), optional] --SiLU, time_proj--> (B, 6, D)
     context (B, L, text_dim) --text_embed--> (B, L, D)
     per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn -> adaLN(FFN)
     head: adaLN with (shift, scale) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..config import ModelConfig
-from .embed import TextProjection, TimeEmbedding, rope_3d, timestep_embedding
+from .embed import TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
 
 
 def _tokens(m: torch.Tensor) -> torch.Tensor:
@@ -126,6 +126,8 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(c.freq_dim, D)
         self.time_proj = nn.Linear(D, 6 * D)
         self.text_embed = TextProjection(c.text_dim, D)
+        if c.pooled_text:  # pooled prompt -> temb, not in Wan: see ModelConfig
+            self.text_pool = TextProjection(c.text_dim, D)
         self.blocks = nn.ModuleList(
             Block(D, c.heads_of(i), c.head_dim, c.ffn_of(i), c.cross_attn_norm, c.eps) for i in range(len(c.kept_blocks))
         )
@@ -173,9 +175,12 @@ class DiT(nn.Module):
         # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
         freq = timestep_embedding(t.flatten(), c.freq_dim).to(self.time_embed.fc1.weight.dtype)
         temb = self.time_embed(freq).type_as(context)  # (B*, D)
-        t_mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, c.dim)).float()
         if t.dim() == 2:
-            temb, t_mod = temb.unflatten(0, (B, S)), t_mod.unflatten(0, (B, S))
+            temb = temb.unflatten(0, (B, S))
+        if c.pooled_text:  # + MLP(mean of the prompt's real text states)
+            pooled = self.text_pool(mean_text(context).to(self.text_pool.fc1.weight.dtype)).type_as(temb)  # (B, D)
+            temb = temb + (pooled if t.dim() == 1 else pooled.unsqueeze(1))
+        t_mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, c.dim)).float()
 
         # 3. text: (B, L, text_dim) -> (B, L, D)
         ctx = self.text_embed(context)
@@ -200,6 +205,8 @@ class DiT(nn.Module):
         cross-attention norm in fp32 (as Wan does)."""
         self.to(dtype)
         self.time_embed.float()
+        if self.config.pooled_text:
+            self.text_pool.float()
         for block in self.blocks:
             block.modulation.data = block.modulation.data.float()
             block.norm_cross.float()

@@ -48,6 +48,17 @@ class TextProjection(nn.Module):
         return self.fc2(F.gelu(self.fc1(c), approximate="tanh"))
 
 
+def mean_text(context: torch.Tensor) -> torch.Tensor:
+    """Mean of a prompt's text states over its real tokens: (B, L, text_dim) -> (B, text_dim).
+
+    Padding rows are exactly zero (both text encoders zero them), so the mean does not
+    depend on how far a prompt is padded; an all-padding prompt (the empty, unconditional
+    one) pools to zero.
+    """
+    real = context.abs().amax(dim=-1).gt(0).to(context.dtype)  # (B, L) 1 = real token
+    return context.sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     """Channels of a head given to (frame, height, width) positions, as Wan splits them."""
     h = w = 2 * (head_dim // 6)
