@@ -45,14 +45,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         # x: (B, S, D); kv: (B, L, D) for cross-attention, else x
         kv = x if kv is None else kv
-        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps)  # (B, S, H*Dh)
-        k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps)  # (B, L, H*Dh)
-        v = self.v(kv)
-        q, k, v = (z.unflatten(-1, (self.num_heads, self.head_dim)) for z in (q, k, v))  # (B, *, H, Dh)
-        if rope is not None:
-            cos, sin = rope
-            q = ops.apply_rope(q, cos, sin)
-            k = ops.apply_rope(k, cos, sin)
+        split = (self.num_heads, self.head_dim)
+        if rope is not None:  # self-attention: q/k RMSNorm + RoPE in one op -> (B, S, H, Dh) each
+            q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *rope,
+                                    self.num_heads, self.eps)
+        else:  # cross-attention: q (B, S, H, Dh), k (B, L, H, Dh), no RoPE
+            q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, split)
+            k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps).unflatten(-1, split)
+        v = self.v(kv).unflatten(-1, split)  # (B, L, H, Dh)
         out = ops.attention(q, k, v)  # (B, S, H, Dh)
         return self.o(out.flatten(2).type_as(x))
 
@@ -83,14 +83,22 @@ class Block(nn.Module):
         # x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32
         mod = self.modulation.float() + t_mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=-2)  # each (B, D) or (B, S, D)
-        # 1. self-attention on the modulated stream, gated residual in fp32
+        B, D = x.shape[0], x.shape[-1]
+        # 1. self-attention on the modulated stream
         h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
-        x = (x.float() + self.self_attn(h, rope=rope) * _tokens(gate_sa)).type_as(x)
-        # 2. cross-attention to the text
-        h = self.norm_cross(x.float()).type_as(x)
-        x = x + self.cross_attn(h, kv=context)
-        # 3. feed-forward on the modulated stream, gated residual in fp32
-        h = ops.adaln_modulate(x, scale_ff, shift_ff, self.eps)
+        y = self.self_attn(h, rope=rope)
+        # 2. x += gate_sa * y (fp32), fused with the cross-attention's LayerNorm: an affine
+        #    LayerNorm is adaLN with scale = weight - 1 and shift = bias, the same for every sample
+        if isinstance(self.norm_cross, nn.LayerNorm):
+            w, b = self.norm_cross.weight.float(), self.norm_cross.bias.float()
+            x, h = ops.gated_residual_adaln(x, y, gate_sa, (w - 1).expand(B, D), b.expand(B, D), self.eps)
+        else:
+            x = h = (x.float() + y.float() * _tokens(gate_sa)).type_as(x)
+        # 3. cross-attention to the text; x += y (gate 1), fused with the FFN's adaLN
+        y = self.cross_attn(h, kv=context)
+        one = torch.ones(1, D, dtype=torch.float32, device=x.device).expand(B, D)
+        x, h = ops.gated_residual_adaln(x, y, one, scale_ff, shift_ff, self.eps)
+        # 4. feed-forward, gated residual in fp32
         x = (x.float() + self.ffn(h).float() * _tokens(gate_ff)).type_as(x)
         return x
 

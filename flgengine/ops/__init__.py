@@ -9,23 +9,37 @@ from __future__ import annotations
 import torch
 
 from . import native, ref, registry
+from . import triton as triton_ops
 from .registry import BACKENDS, BackendUnavailable
 
-__all__ = ["adaln_modulate", "rms_norm", "apply_rope", "attention", "BACKENDS", "BackendUnavailable", "backends_for"]
+__all__ = ["adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention", "BACKENDS", "BackendUnavailable", "backends_for"]
 
 _ALWAYS = lambda *tensors: None  # noqa: E731  (the reference serves every input)
 
-registry.register("adaln_modulate", "ref", ref.adaln_modulate, _ALWAYS)
-registry.register("adaln_modulate", "cpu", native.adaln_modulate, native.adaln_why_not("cpu"))
-registry.register("adaln_modulate", "cuda", native.adaln_modulate, native.adaln_why_not("cuda"))
-for _op in ("rms_norm", "apply_rope", "attention"):
+for _op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention"):
     registry.register(_op, "ref", getattr(ref, _op), _ALWAYS)
+native.register(registry)  # "cpu" and "cuda": the C++ / CUDA ops in _C
+triton_ops.register(registry)  # "triton": Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 
 
 def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
     """LayerNorm (no affine) then x * (1 + scale) + shift. x: (B, S, D); scale/shift: (B, D) or (B, S, D)."""
     _, impl = registry.pick("adaln_modulate", (x, scale, shift), backend)
     return impl(x, scale, shift, eps)
+
+
+def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                         eps: float = 1e-6, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, adaln_modulate(x + gate * y, scale, shift)) in one pass. x, y: (B, S, D);
+    gate/scale/shift: (B, D) or (B, S, D)."""
+    return _impl("gated_residual_adaln", (x, y, gate, scale, shift), backend)(x, y, gate, scale, shift, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, num_heads: int, eps: float = 1e-6, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm across heads + RoPE on q and k. q, k: (B, S, H*Dh) -> two (B, S, H, Dh); cos, sin: (S, Dh/2)."""
+    impl = _impl("qk_norm_rope", (q, k, q_weight, k_weight, cos, sin), backend)
+    return impl(q, k, q_weight, k_weight, cos, sin, num_heads, eps)
 
 
 def _impl(op: str, tensors, backend: str | None):

@@ -96,3 +96,9 @@ def _(x, scale, shift, eps):
 
 def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _adaln_modulate_native(x, scale, shift, eps)
+
+
+def register(registry) -> None:
+    """Registers the _C ops as backends "cpu" and "cuda"."""
+    for backend in ("cpu", "cuda"):
+        registry.register("adaln_modulate", backend, adaln_modulate, adaln_why_not(backend))

@@ -23,6 +23,34 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
     return (y * (1 + _per_token(scale).float()) + _per_token(shift).float()).to(x.dtype)
 
 
+def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                         shift: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated residual add fused with the next adaLN: returns (x_new, h) with
+
+        x_new = x + gate * y            (fp32 math, rounded to x's dtype)
+        h     = adaln_modulate(x_new, scale, shift, eps)   (statistics of the rounded x_new)
+
+    x, y: (B, S, D) same dtype; gate, scale, shift: (B, D) per sample or (B, S, D) per token
+    (any strides, e.g. a (D,) vector expanded over B).
+    """
+    x_new = (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
+    return x_new, adaln_modulate(x_new, scale, shift, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's q/k path of self-attention: RMSNorm across all heads (with weight), split into
+    heads, interleaved-pair RoPE. Returns q, k as (B, S, H, Dh), the layout `attention` reads.
+
+    q, k: (B, S, H*Dh) (the q/k projections); q_weight, k_weight: (H*Dh,); cos, sin:
+    (S, Dh/2) fp32. The normalised value is rounded to q's dtype before the rotation (as the
+    unfused model does); RoPE math in fp32.
+    """
+    q = rms_norm(q, q_weight, eps).unflatten(-1, (num_heads, -1))  # (B, S, H, Dh)
+    k = rms_norm(k, k_weight, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim with a weight (Wan's q/k norm runs it across all heads)."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
