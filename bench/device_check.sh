@@ -24,13 +24,16 @@ fi
 echo "built in $(( $(date +%s) - t0 )) s"
 $PY -c "import flgengine.ops.native as n, json; print(json.dumps(n.build_info()))" | tee "$OUT/build_info.json"
 
+log "ceilings: copy bandwidth and bf16 matmul (every GPU figure below is a fraction of these)"
+(cd bench && $PY -c "import ceilings, json; print(json.dumps(ceilings.measured('cuda')))") | tee "$OUT/ceilings.json"
+
 log "gpu tests"
 $PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25
 rc_tests=${PIPESTATUS[0]}
 
 log "gpu benchmarks"
 $PY -m pytest -q bench -m gpu -s -p no:cacheprovider --benchmark-json="$OUT/bench.json" 2>&1 \
-  | grep -E "^(adaln|DiT|few-step)|passed|failed|error" | tee "$OUT/bench_summary.txt"
+  | grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step)|passed|failed|error" | tee "$OUT/bench_summary.txt"
 rc_bench=${PIPESTATUS[0]}
 
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny student, then generate through it"

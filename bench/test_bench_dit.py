@@ -2,7 +2,9 @@
 per backend, measured in one run (GPU); a small model on CPU.
 
 FLOPs counted: 2 x params x tokens for the linear layers plus 4 x S^2 x D per
-self-attention (QK^T and PV), per block.
+self-attention (QK^T and PV), per block. On a GPU the roofline is those FLOPs at the
+card's measured bf16 matmul rate (bench/ceilings.py); each backend reports its time as
+a multiple of it.
 """
 
 import pytest
@@ -53,7 +55,7 @@ def test_dit_forward(benchmark, size, pruned):
     tokens = latent[2] * latent[3] * latent[4] // 4
     results = {}
     with torch.no_grad():
-        for backend in ("ref", "cuda" if device.type == "cuda" else "cpu"):
+        for backend in ("ref", "cuda", "triton") if device.type == "cuda" else ("ref", "cpu"):
             model.backend = backend
             results[backend] = median_seconds(lambda: model(x, t, ctx), device, repeat=5 if size == "wan1.3b" else 10, warmup=2)
         benchmark.pedantic(lambda: model(x, t, ctx), rounds=3, iterations=1, warmup_rounds=1)
@@ -62,7 +64,15 @@ def test_dit_forward(benchmark, size, pruned):
     benchmark.extra_info.update({
         "blocks": len(cfg.kept_blocks), "params": model.num_params(), "tokens": tokens,
         "seconds": results, "TFLOPs": fl / 1e12, "TFLOP_per_s": fl / fast / 1e12,
+        "speedup_vs_ref": {k: results["ref"] / v for k, v in results.items()},
     })
-    print(f"\nDiT {size} {'pruned' if pruned else 'full'} ({len(cfg.kept_blocks)} blocks, {model.num_params() / 1e6:.0f}M params, "
-          f"{tokens} tokens): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results.items())
-          + f"; {fl / fast / 1e12:.1f} TFLOP/s")
+    line = (f"\nDiT {size} {'pruned' if pruned else 'full'} ({len(cfg.kept_blocks)} blocks, {model.num_params() / 1e6:.0f}M params, "
+            f"{tokens} tokens): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results.items())
+            + f"; {fl / fast / 1e12:.1f} TFLOP/s")
+    if device.type == "cuda":
+        import ceilings
+
+        roofline = fl / (ceilings.measured("cuda")["matmul_TFLOPs"] * 1e12)
+        benchmark.extra_info["x_roofline"] = {k: v / roofline for k, v in results.items()}
+        line += f"; roofline {roofline * 1e3:.1f} ms: " + ", ".join(f"{k} {v / roofline:.2f}x" for k, v in results.items())
+    print(line)
