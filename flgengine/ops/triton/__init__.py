@@ -1,12 +1,101 @@
-"""Triton kernels (backend "triton"): one module per op, each with its launcher.
+"""Triton kernels (backend "triton"): one module per op, each with its kernel, launcher and
+`why_not`; this package wraps them as torch.library custom ops and registers them.
 
-Triton is optional: without it (or without a GPU and `TRITON_INTERPRET=1`) nothing is
-registered and the other backends serve every op.
+Triton is optional and imported lazily: importing this package (hence `flgengine`) never
+imports triton. The ops are always registered; their `why_not` says why they cannot run
+(triton not importable; tensors not on CUDA and TRITON_INTERPRET unset; inputs that require
+grad; unsupported dtype / shape), so an explicit `backend="triton"` fails with that reason and
+an automatic pick falls back. CPU tensors run in Triton's interpreter when TRITON_INTERPRET=1
+(slow: tests only).
+
+Each op is a `torch.library.custom_op` ("flgengine::<op>_triton") with a fake (meta)
+implementation, so torch.compile / torch.export trace around the kernel launch.
 """
 
 from __future__ import annotations
 
+import torch
+
+from . import _common
+
+OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention")
+
+
+def _module(op: str):
+    """The op's kernel module (imports triton on first use). Import statements, not
+    importlib: torch.compile traces through `why_not` and refuses importlib calls."""
+    if op == "adaln_modulate":
+        from . import adaln_modulate as module
+    elif op == "gated_residual_adaln":
+        from . import gated_residual_adaln as module
+    elif op == "qk_norm_rope":
+        from . import qk_norm_rope as module
+    elif op == "attention":
+        from . import attention as module
+    else:
+        raise ValueError(f"unknown Triton op {op!r}; known: {', '.join(OPS)}")
+    return module
+
+
+def _why_not(op: str):
+    def why_not(*tensors) -> str | None:
+        # device / import / grad first: CPU tensors without the interpreter never import triton
+        reason = _common.runtime_reason(tensors)
+        return reason if reason is not None else _module(op).why_not(*tensors)
+
+    why_not.__name__ = f"{op}_why_not"
+    return why_not
+
+
+# ---- custom ops: eager calls launch the kernel, fake tensors get the output shapes ----------
+# (named <op>_triton: the plain names are the kernel submodules once those are imported)
+
+@torch.library.custom_op("flgengine::adaln_modulate_triton", mutates_args=())
+def adaln_modulate_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    return _module("adaln_modulate").adaln_modulate(x, scale, shift, eps)
+
+
+@adaln_modulate_triton.register_fake
+def _(x, scale, shift, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("flgengine::gated_residual_adaln_triton", mutates_args=())
+def gated_residual_adaln_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                                shift: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _module("gated_residual_adaln").gated_residual_adaln(x, y, gate, scale, shift, eps)
+
+
+@gated_residual_adaln_triton.register_fake
+def _(x, y, gate, scale, shift, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("flgengine::qk_norm_rope_triton", mutates_args=())
+def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _module("qk_norm_rope").qk_norm_rope(q, k, q_weight, k_weight, cos, sin, num_heads, eps)
+
+
+@qk_norm_rope_triton.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, num_heads, eps):
+    B, S, N = q.shape
+    shape = (B, S, num_heads, N // num_heads)
+    return q.new_empty(shape), q.new_empty(shape)
+
+
+@torch.library.custom_op("flgengine::attention_triton", mutates_args=())
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _module("attention").attention(q, k, v)
+
+
+@attention_triton.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
 
 def register(registry) -> None:
-    """Registers the Triton ops that this install can run (none yet)."""
-    return None
+    """Registers the four ops as backend "triton" (their why_not decides per call)."""
+    for op in OPS:
+        registry.register(op, "triton", globals()[f"{op}_triton"], _why_not(op))
