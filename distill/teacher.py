@@ -65,6 +65,7 @@ class TeacherConfig:
     max_prompt_words: int = 8
     text_layers: int = 1  # transformer layers over the prompt's words (see TokenTextEncoder)
     pos_embed: bool = True  # absolute position embeddings (see ModelConfig.pos_embed)
+    pos_table: bool = True  # one position vector per token (ModelConfig.pos_grid) instead of frame + row + column
     pooled_text: bool = True  # pooled prompt into the timestep embedding (see ModelConfig.pooled_text)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
@@ -84,7 +85,9 @@ class TeacherConfig:
         return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
-                           pos_embed=self.pos_embed, pooled_text=self.pooled_text)
+                           pos_embed=self.pos_embed, pooled_text=self.pooled_text,
+                           pos_grid=(shapes.NUM_FRAMES, shapes.SIZE // self.patch, shapes.SIZE // self.patch)
+                           if self.pos_embed and self.pos_table else None)
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(

@@ -125,6 +125,10 @@ class ModelConfig(_JsonMixin):
     only gives relative positions, and from pure noise a RoPE-only DiT can hardly tell
     where a token is, so it cannot draw position-dependent means at high noise (in the
     shapes world: which way the shape moves). Models with it do not convert to diffusers.
+    With `pos_grid` = (F', H', W') the embedding is one learned vector per token position
+    of grids up to that size instead of the sum frame + row + column: a sum cannot make
+    the frame x column (or row) interaction that a direction of motion needs (where the
+    shape is depends on the frame *and* the column), a table holds it directly.
 
     `pooled_text` (not in Wan; default off): the mean of the prompt's text states over its
     real tokens, through an MLP, is added to the timestep embedding (as SD3 and Flux add a
@@ -148,6 +152,7 @@ class ModelConfig(_JsonMixin):
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
     pos_embed: bool = False
+    pos_grid: tuple[int, int, int] | None = None
     pooled_text: bool = False
     block_ids: list[int] | None = None
     block_num_heads: list[int] | None = None
@@ -156,6 +161,12 @@ class ModelConfig(_JsonMixin):
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.pos_grid is not None:
+            _check(isinstance(self.pos_grid, (list, tuple)) and len(self.pos_grid) == 3
+                   and all(isinstance(n, int) and n > 0 for n in self.pos_grid),
+                   f"pos_grid must be 3 positive ints (F', H', W'), got {self.pos_grid!r}")
+            _check(self.pos_embed, "pos_grid needs pos_embed=True")
+            self.pos_grid = tuple(self.pos_grid)
         for name in ("in_channels", "out_channels", "num_heads", "head_dim", "ffn_dim", "text_dim", "freq_dim", "num_layers"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")

@@ -86,6 +86,27 @@ def test_absolute_position_embedding():
         to_diffusers(model, "/nonexistent")
 
 
+def test_position_table_per_token():
+    torch.manual_seed(0)
+    model = DiT(tiny_config(pos_embed=True, pos_grid=(2, 3, 2))).eval()
+    assert model.pos_table.shape == (2, 3, 2, 16) and not hasattr(model, "pos_frame")
+    x, t, c = torch.zeros(1, 4, 2, 4, 4), torch.tensor([900.0]), torch.zeros(1, 3, 12)
+    with torch.no_grad():
+        base = model(x, t, c)
+        # one token's vector moves only that token's output when the blocks are bypassed
+        for block in model.blocks:
+            block.forward = lambda h, *a: h
+        before = model(x, t, c)
+        model.pos_table[1, 0, 1] += 1.0
+        diff = (model(x, t, c) - before).abs().amax(dim=(0, 1))  # (F, H, W) pixels
+        assert diff[1, 0:2, 2:4].min() > 0 and diff.sum() == diff[1, 0:2, 2:4].sum()
+    assert torch.isfinite(base).all()
+    with pytest.raises(ValueError, match="pos_grid"):
+        model(torch.zeros(1, 4, 3, 4, 4), t, c)  # 3 frames > the table's 2
+    with pytest.raises(Exception, match="pos_grid needs pos_embed"):
+        tiny_config(pos_grid=(2, 2, 2))
+
+
 def test_pooled_text_reaches_the_timestep_path_and_ignores_padding():
     from flgengine.checkpoint import to_diffusers
     from flgengine.model.embed import mean_text

@@ -128,7 +128,9 @@ class DiT(nn.Module):
         D = c.dim
         self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
-        if c.pos_embed:  # absolute positions (frame, row, column), not in Wan: see ModelConfig
+        if c.pos_embed and c.pos_grid:  # one vector per (frame, row, column), not in Wan: see ModelConfig
+            self.pos_table = nn.Parameter(torch.randn(*c.pos_grid, D) * 0.02)
+        elif c.pos_embed:  # absolute positions frame + row + column, not in Wan
             self.pos_frame, self.pos_row, self.pos_col = (
                 nn.Parameter(torch.randn(c.rope_max_seq_len, D) * 0.02) for _ in range(3))
         self.time_embed = TimeEmbedding(c.freq_dim, D)
@@ -153,6 +155,10 @@ class DiT(nn.Module):
                 raise ValueError(f"latent {name} {n} is not divisible by the patch size {p} (patch_size={c.patch_size})")
         grid = (F // c.patch_size[0], H // c.patch_size[1], W // c.patch_size[2])
         S = math.prod(grid)
+        if c.pos_grid and any(n > m for n, m in zip(grid, c.pos_grid)):
+            raise ValueError(f"token grid {grid} is larger than this model's position table pos_grid={c.pos_grid}; "
+                             f"it was trained for at most {c.pos_grid[0] * c.patch_size[0]} frames x "
+                             f"{c.pos_grid[1] * c.patch_size[1]} x {c.pos_grid[2] * c.patch_size[2]} (latent)")
         if t.dim() == 0:
             raise ValueError("t must be (B,) or (B, S), got a scalar; use t.expand(B)")
         if t.shape[0] != B or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != S):
@@ -175,9 +181,12 @@ class DiT(nn.Module):
 
         # 1. patchify: (B, C, F, H, W) -> (B, S, D)
         h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
-        if c.pos_embed:  # + pos_frame[f] + pos_row[i] + pos_col[j] for token (f, i, j)
+        if c.pos_embed:  # + pos_table[f, i, j], or pos_frame[f] + pos_row[i] + pos_col[j], for token (f, i, j)
             f, hh, w = grid
-            pos = self.pos_frame[:f, None, None] + self.pos_row[None, :hh, None] + self.pos_col[None, None, :w]
+            if c.pos_grid:
+                pos = self.pos_table[:f, :hh, :w]
+            else:
+                pos = self.pos_frame[:f, None, None] + self.pos_row[None, :hh, None] + self.pos_col[None, None, :w]
             h = h + pos.reshape(S, c.dim).to(h.dtype)
 
         # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
