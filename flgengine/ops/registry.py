@@ -28,6 +28,8 @@ class BackendUnavailable(RuntimeError):
 
 # op name -> backend name -> (implementation, why_not(tensors) -> str | None)
 _IMPLS: dict[str, dict[str, tuple[Callable, Callable[..., str | None]]]] = {}
+# (op, backend) pairs that serve explicit requests only, never the automatic pick
+_EXPLICIT_ONLY: set[tuple[str, str]] = set()
 _LOGGED: set[tuple[str, str]] = set()
 # A model-wide preference (DiT.backend) set for the duration of a forward pass.
 _PREFERRED: contextvars.ContextVar[str | None] = contextvars.ContextVar("flg_backend", default=None)
@@ -46,11 +48,14 @@ def prefer(backend: str | None):
         _PREFERRED.reset(token)
 
 
-def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None]) -> None:
-    """Adds `impl` for `op` on `backend`; `why_not(*tensors)` says why it can't serve them (None = it can)."""
+def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None], auto: bool = True) -> None:
+    """Adds `impl` for `op` on `backend`; `why_not(*tensors)` says why it can't serve them (None = it can).
+    `auto=False`: only explicit requests (argument, model preference, FLG_BACKEND) get it,
+    for implementations that are correct but measured slower than the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
     _IMPLS.setdefault(op, {})[backend] = (impl, why_not)
+    (_EXPLICIT_ONLY.discard if auto else _EXPLICIT_ONLY.add)((op, backend))
 
 
 def requested_backend(backend: str | None) -> str | None:
@@ -89,7 +94,7 @@ def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
             raise BackendUnavailable(f"op {op!r} cannot run on backend {name!r}: {reason}")
         return name, impl
     for cand in _auto_order(tensors):
-        if cand not in impls:
+        if cand not in impls or (op, cand) in _EXPLICIT_ONLY:
             continue
         impl, why_not = impls[cand]
         reason = why_not(*tensors)

@@ -4,37 +4,11 @@
 // kernels issue, this is the correctness-first version.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include "flg/adaln_modulate.h"
+#include "flg/cuda_common.cuh"
 
 namespace flg {
 namespace cuda {
-
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Sum over the block; every thread gets the result. `shared` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // shared may still be read by a previous call
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = lane < nwarps ? shared[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename T, typename M>
 __global__ void adaln_modulate_kernel(AdaLNModulateParams p) {
@@ -69,9 +43,7 @@ template <typename T, typename M>
 inline cudaError_t launch_adaln_modulate(const AdaLNModulateParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.seq;
   if (rows == 0) return cudaSuccess;
-  int threads = 32;
-  while (threads < 1024 && threads < p.dim) threads <<= 1;
-  if (threads > 256 && p.dim < 4096) threads = 256;
+  const int threads = row_threads(p.dim);
   adaln_modulate_kernel<T, M><<<static_cast<unsigned>(rows), threads, 0, stream>>>(p);
   return cudaGetLastError();
 }

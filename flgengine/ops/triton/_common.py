@@ -36,12 +36,25 @@ def import_error() -> str | None:
     if "error" not in _IMPORT:
         try:
             import triton  # noqa: F401
-            import triton.language  # noqa: F401
+            import triton.language as tl
+            from triton.runtime.interpreter import InterpretedFunction
+
             _IMPORT["error"] = None
+            # Triton's own library functions (tl.sum, ...) are jitted when triton is first
+            # imported: interpreted kernels can only call them if that import saw TRITON_INTERPRET=1
+            _IMPORT["interpreted"] = isinstance(tl.standard.sum, InterpretedFunction)
         except Exception as e:  # ImportError, or a broken install raising something else
             _IMPORT["error"] = (f"triton is not importable ({type(e).__name__}: {e}); "
                                 "install it with `pip install triton`")
     return _IMPORT["error"]
+
+
+def interpreter_reason() -> str | None:
+    """Why Triton's interpreter cannot run kernels in this process (None: it can)."""
+    if not _IMPORT.get("interpreted"):
+        return ("triton was first imported without TRITON_INTERPRET=1, so its library functions are compiled-only; "
+                "set TRITON_INTERPRET=1 in the environment before anything imports triton")
+    return None
 
 
 def device_reason(tensors) -> str | None:
@@ -53,7 +66,7 @@ def device_reason(tensors) -> str | None:
         return None
     if dev.type == "cpu":
         if interpreting():
-            return None
+            return import_error() or interpreter_reason()
         return ("tensors are on the CPU: the triton backend runs CUDA tensors, or CPU tensors in Triton's "
                 "interpreter when TRITON_INTERPRET=1 is set (slow; for tests)")
     return f"tensors are on {dev}: the triton backend runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
