@@ -66,6 +66,7 @@ class TeacherConfig:
     text_layers: int = 1  # transformer layers over the prompt's words (see TokenTextEncoder)
     pos_embed: bool = True  # absolute position embeddings (see ModelConfig.pos_embed)
     pos_table: bool = True  # one position vector per token (ModelConfig.pos_grid) instead of frame + row + column
+    velocity_skip: float | None = 0.5  # sigma_data of the c_skip(t) * x_t output skip (ModelConfig.velocity_skip)
     pooled_text: bool = True  # pooled prompt into the timestep embedding (see ModelConfig.pooled_text)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
@@ -85,7 +86,7 @@ class TeacherConfig:
         return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
-                           pos_embed=self.pos_embed, pooled_text=self.pooled_text,
+                           pos_embed=self.pos_embed, pooled_text=self.pooled_text, velocity_skip=self.velocity_skip,
                            pos_grid=(shapes.NUM_FRAMES, shapes.SIZE // self.patch, shapes.SIZE // self.patch)
                            if self.pos_embed and self.pos_table else None)
 

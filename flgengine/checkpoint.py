@@ -422,6 +422,9 @@ def to_diffusers(model_or_bundle, out_dir: str | Path) -> Path:
     if c.pos_embed:
         raise ValueError("to_diffusers: this model has absolute position embeddings (pos_embed), which a diffusers "
                          "WanTransformer3DModel does not have")
+    if c.velocity_skip:
+        raise ValueError("to_diffusers: this model adds a skip c_skip(t) * x to its output (velocity_skip), "
+                         "which a diffusers WanTransformer3DModel does not have")
     if c.pooled_text:
         raise ValueError("to_diffusers: this model adds a pooled text vector to its timestep embedding (pooled_text), "
                          "which a diffusers WanTransformer3DModel does not have")

@@ -136,6 +136,14 @@ class ModelConfig(_JsonMixin):
     head. Cross-attention alone can leave a word unattended, and an unattended word gets
     no gradient: the shapes teacher never learned the direction word that way. Models with
     it do not convert to diffusers.
+
+    `velocity_skip` = sigma_data (not in Wan; default off): the DiT predicts the velocity as
+    `c_skip(t) * x_t + network(x_t)` with the linear least-squares skip of EDM for flow
+    matching, `c_skip = (t - (1 - t) sd^2) / ((1 - t)^2 sd^2 + t^2)` (1 at pure noise, -1 at
+    clean data). Without it the network has to carry the input noise through its residual
+    stream to the output (v = eps - x0), which leaves a narrow model (width ~ pixels per
+    patch) no room for what the prompt says at high noise. Per-sample timesteps only.
+    Models with it do not convert to diffusers.
     """
 
     in_channels: int = 16
@@ -154,6 +162,7 @@ class ModelConfig(_JsonMixin):
     pos_embed: bool = False
     pos_grid: tuple[int, int, int] | None = None
     pooled_text: bool = False
+    velocity_skip: float | None = None
     block_ids: list[int] | None = None
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None
@@ -161,6 +170,8 @@ class ModelConfig(_JsonMixin):
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        _check(self.velocity_skip is None or (isinstance(self.velocity_skip, (int, float)) and self.velocity_skip > 0),
+               f"velocity_skip (sigma_data) must be a positive number or null, got {self.velocity_skip!r}")
         if self.pos_grid is not None:
             _check(isinstance(self.pos_grid, (list, tuple)) and len(self.pos_grid) == 3
                    and all(isinstance(n, int) and n > 0 for n in self.pos_grid),

@@ -107,6 +107,32 @@ def test_position_table_per_token():
         tiny_config(pos_grid=(2, 2, 2))
 
 
+def test_velocity_skip_adds_the_linear_prediction():
+    from flgengine.checkpoint import to_diffusers
+    from flgengine.model.dit import velocity_skip
+
+    torch.manual_seed(0)
+    model = DiT(tiny_config(velocity_skip=0.5)).eval()
+    plain = DiT(tiny_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    x, t, c = _inputs()
+    with torch.no_grad():
+        skip = velocity_skip(t, 0.5)
+        assert_close(model(x, t, c), plain(x, t, c) + skip.view(-1, 1, 1, 1, 1) * x, 1e-6, "velocity skip")
+    # c_skip is the least-squares coefficient of v = eps - x0 on x_t for data of std 0.5
+    g = torch.Generator().manual_seed(1)
+    x0, eps = 0.5 * torch.randn(200000, generator=g, dtype=torch.float64), torch.randn(200000, generator=g, dtype=torch.float64)
+    for s in (0.05, 0.5, 0.95):
+        xt, v = (1 - s) * x0 + s * eps, eps - x0
+        fit = (xt * v).mean() / (xt * xt).mean()
+        assert abs(fit.item() - velocity_skip(torch.tensor([1000.0 * s]), 0.5).item()) < 0.01
+    assert velocity_skip(torch.tensor([1000.0]), 0.5).item() == 1.0  # pure noise: v = x_t - x0
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        model(x, t[:, None].expand(2, 18), c)
+    with pytest.raises(ValueError, match="velocity_skip"):
+        to_diffusers(model, "/nonexistent")
+
+
 def test_pooled_text_reaches_the_timestep_path_and_ignores_padding():
     from flgengine.checkpoint import to_diffusers
     from flgengine.model.embed import mean_text

@@ -117,12 +117,16 @@ def test_token_text_encoder_words_see_the_whole_prompt():
 
 def test_teacher_zero_init_starts_as_identity_branches():
     from distill.teacher import TeacherConfig, _build
+    from flgengine.model.dit import velocity_skip
 
     cfg = TeacherConfig(num_layers=2, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16)
     model, text = _build(cfg)
     x = torch.randn(2, 3, 5, 32, 32)
-    v = model(x, torch.tensor([100.0, 900.0]), text(["a red circle moving left", ""]))
-    assert v.shape == x.shape and v.abs().max() == 0  # zeroed output projection
+    t = torch.tensor([100.0, 900.0])
+    v = model(x, t, text(["a red circle moving left", ""]))
+    # zeroed output projection: the network adds nothing to the velocity skip c_skip(t) * x
+    skip = velocity_skip(t, cfg.velocity_skip).view(2, 1, 1, 1, 1) * x
+    assert v.shape == x.shape and (v - skip).abs().max() < 1e-6
     D = model.config.dim
     gates = torch.cat([model.time_proj.weight[2 * D:3 * D], model.time_proj.weight[5 * D:6 * D]])
     assert gates.abs().max() == 0 and all(b.modulation[[2, 5]].abs().max() == 0 for b in model.blocks)

@@ -5,6 +5,7 @@
     context (B, L, text_dim) --text_embed--> (B, L, D)
     per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn -> adaLN(FFN)
     head: adaLN with (shift, scale) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
+    [+ c_skip(t) * x, optional: ModelConfig.velocity_skip]
 
 A pruned student is this class with fewer blocks (`config.block_ids`) and possibly
 fewer heads / a narrower FFN per block. Modulation math runs in fp32. Ops that get
@@ -119,6 +120,14 @@ class Head(nn.Module):
         return self.proj(ops.adaln_modulate(x, scale, shift, self.eps))
 
 
+def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """c_skip(t) of ModelConfig.velocity_skip for timesteps t (0..1000): the least-squares
+    linear prediction of v = eps - x0 from x_t = (1 - s) x0 + s eps, s = t / 1000, for data
+    of std sigma_data. (B,) fp32."""
+    s, sd2 = t.float() / 1000.0, sigma_data**2
+    return (s - (1 - s) * sd2) / ((1 - s) ** 2 * sd2 + s**2)
+
+
 class DiT(nn.Module):
     """Wan2.1-architecture video DiT. forward(x, t, context) -> velocity, shaped like x."""
 
@@ -163,6 +172,8 @@ class DiT(nn.Module):
             raise ValueError("t must be (B,) or (B, S), got a scalar; use t.expand(B)")
         if t.shape[0] != B or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != S):
             raise ValueError(f"t must be ({B},) or ({B}, {S}) (one per token), got {tuple(t.shape)}")
+        if c.velocity_skip and t.dim() != 1:
+            raise ValueError(f"this model (velocity_skip) takes one timestep per sample, t of shape ({B},); got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
         return grid
@@ -211,7 +222,10 @@ class DiT(nn.Module):
         pt, ph, pw = c.patch_size
         out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
-        return out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        out = out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        if c.velocity_skip:  # + c_skip(t) x: the network predicts only what the input does not carry
+            out = out + velocity_skip(t, c.velocity_skip).view(B, 1, 1, 1, 1).to(out.dtype) * x
+        return out
 
     # -- utilities -------------------------------------------------------------------
     def num_params(self) -> int:
