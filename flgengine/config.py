@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 __all__ = [
     "ConfigError",
@@ -51,17 +51,22 @@ def check_known_keys(data: dict, known: list[str], source: str, what: str = "") 
 
 
 def _from_dict(cls, data: Any, source: str):
-    """Builds dataclass `cls` from `data`, refusing unknown and missing keys."""
+    """Builds dataclass `cls` from `data`, refusing unknown and missing keys (except the
+    class's `_ADDED_LATER` keys: features added after bundles were first written, which an
+    older file does not name and which default to off)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     check_known_keys(data, names, source, f" for {cls.__name__}")
-    missing = [n for n in names if n not in data]
+    later = getattr(cls, "_ADDED_LATER", ())
+    missing = [n for n in names if n not in data and n not in later]
     if missing:
         raise ConfigError(f"{source}: missing key {missing[0]!r} for {cls.__name__}")
     hints = get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name not in data:  # an _ADDED_LATER key: its default (off)
+            continue
         value = data[f.name]
         sub = hints[f.name]
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
@@ -167,6 +172,9 @@ class ModelConfig(_JsonMixin):
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None
     dtype: str = "float32"
+
+    # optional DiT features that bundles written before them do not name: absent = off
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip")
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)

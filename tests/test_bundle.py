@@ -23,6 +23,14 @@ def test_configs_round_trip_through_json(tmp_path):
     assert PipelineConfig.from_json(tmp_path / "p.json") == p
 
 
+def test_model_config_of_an_older_bundle_loads_with_later_features_off():
+    d = tiny_config().to_dict()
+    for key in ("pos_grid", "pooled_text", "velocity_skip"):  # added after the first bundles
+        d.pop(key)
+    c = ModelConfig.from_dict(d, "old config.json")
+    assert c == tiny_config() and not c.pooled_text and c.velocity_skip is None and c.pos_grid is None
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
     (lambda d: d.pop("head_dim"), "missing key 'head_dim'"),
