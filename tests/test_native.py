@@ -120,6 +120,9 @@ def test_cpu_attention_serves_explicit_requests_only(monkeypatch):
     assert registry.pick("attention", (q, q, q))[0] == "ref"
     if native._C is not None:
         assert registry.pick("attention", (q, q, q), "cpu")[0] == "cpu"
+        with registry.prefer("cpu"):  # a model-wide preference keeps the faster reference here
+            assert registry.pick("attention", (q, q, q))[0] == "ref"
+            assert registry.pick("adaln_modulate", (q[:, :, 0], q[:, 0, 0], q[:, 0, 0]))[0] == "cpu"
         monkeypatch.setenv("FLG_BACKEND", "cpu")
         assert registry.pick("attention", (q, q, q))[0] == "cpu"
 

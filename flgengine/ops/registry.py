@@ -50,8 +50,9 @@ def prefer(backend: str | None):
 
 def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None], auto: bool = True) -> None:
     """Adds `impl` for `op` on `backend`; `why_not(*tensors)` says why it can't serve them (None = it can).
-    `auto=False`: only explicit requests (argument, model preference, FLG_BACKEND) get it,
-    for implementations that are correct but measured slower than the reference."""
+    `auto=False`: only explicit requests (the `backend=` argument, FLG_BACKEND) get it, not
+    the automatic pick nor a model-wide preference: for implementations that are correct but
+    measured slower than the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
     _IMPLS.setdefault(op, {})[backend] = (impl, why_not)
@@ -85,6 +86,8 @@ def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
     name = requested_backend(backend)
     if name is not None and backend is None and name not in impls:
         name = None  # a model-wide / FLG_BACKEND choice this op has no implementation of: it runs its own
+    if name is not None and backend is None and _PREFERRED.get() == name and (op, name) in _EXPLICIT_ONLY:
+        name = None  # a model-wide preference is not a request for an implementation slower than the reference
     if name is not None:
         if name not in impls:
             raise BackendUnavailable(f"op {op!r} has no {name!r} backend (available: {', '.join(sorted(impls))})")
