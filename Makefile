@@ -28,13 +28,13 @@ build: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Until the shapes-world models ship, the demo builds a tiny random Wan bundle (umT5 +
-# Wan VAE + DiT, all random) and generates a video end to end: the video is noise-like.
+# The demo runs the built-in default model (shapes-teacher, shipped in flgengine/assets,
+# until the 4-step student ships): nothing is downloaded.
 demo: $(STAMP)
-	$(PY) -m flgengine.testing tiny-wan-bundle demo-out/tiny-wan
-	$(PY) -m flgengine generate "a red circle moving left" --model demo-out/tiny-wan -o demo-out/tiny-wan.mp4
-	$(PY) -m flgengine info demo-out/tiny-wan
-	@echo "demo video: $(CURDIR)/demo-out/tiny-wan.mp4"
+	$(PY) -m flgengine generate "a red circle moving left" -o demo-out/red-circle-left.mp4
+	$(PY) -m flgengine generate "a yellow triangle moving up" -o demo-out/yellow-triangle-up.gif
+	$(PY) -m flgengine info shapes-teacher
+	@echo "demo videos: $(CURDIR)/demo-out/red-circle-left.mp4 $(CURDIR)/demo-out/yellow-triangle-up.gif"
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q
