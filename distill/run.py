@@ -38,6 +38,7 @@ from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, sigma_grid
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
+from .trainer import init_distributed, rank0_writes
 
 
 @dataclass
@@ -193,7 +194,7 @@ def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True)
     result = block_importance(pipe.dit, x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
                               batch_size=c["batch_size"], progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    save_importance(result, done, out / "importance.png")
+    rank0_writes(lambda: save_importance(result, done, out / "importance.png"))
     return result
 
 
@@ -205,7 +206,7 @@ def run_plan(cfg: RunConfig, pipe, importance: dict | None, out: Path) -> Prunin
         return PruningPlan.from_json(done)
     plan = make_plan(pipe.dit, importance["importance"], budget=cfg.plan["budget"],
                      source={"teacher": cfg.teacher, "weights_sha256": pipe.provenance.get("weights_sha256")})
-    plan.to_json(done)
+    rank0_writes(lambda: plan.to_json(done))
     return plan
 
 
@@ -218,7 +219,7 @@ class Run:
     def __init__(self, cfg: RunConfig, progress: bool = True):
         self.cfg, self.progress, self.out = cfg, progress, Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(self.out / "config.json")
+        rank0_writes(lambda: cfg.to_json(self.out / "config.json"))
         self.pipe = load_teacher(cfg)
         self.data = make_data(cfg, self.pipe)
 
@@ -252,7 +253,7 @@ class Run:
             return load_bundle(done).model, json.loads((done / "provenance.json").read_text())["stages"][-1]
         net, record = s2.train_stage2(self.pipe.dit, self._need_plan(), self.data, stage2_cfg, self.out / "stage2",
                                       progress=self.progress)
-        save_bundle(done, net, self.pipe.config, {"kind": "stage2 network", "stages": [record]})
+        rank0_writes(lambda: save_bundle(done, net, self.pipe.config, {"kind": "stage2 network", "stages": [record]}))
         return net, record
 
     def stage3(self, real=None) -> dict:
@@ -276,8 +277,8 @@ class Run:
         provenance = {"kind": "FastLightGen student" if cfg.stage2 is not None else "DMD2 student",
                       "teacher": {"path": cfg.teacher, "weights_sha256": self.pipe.provenance.get("weights_sha256")},
                       "config": cfg.to_dict(), "stages": stages}
-        bundle = write_student(Path(cfg.bundle) if cfg.bundle else self.out / "bundle", student, self.pipe,
-                               student_cfg, provenance)
+        bundle = Path(cfg.bundle) if cfg.bundle else self.out / "bundle"
+        rank0_writes(lambda: write_student(bundle, student, self.pipe, student_cfg, provenance))
         return {"bundle": str(bundle), "provenance": provenance}
 
 
@@ -293,21 +294,24 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 
 def run_command(args) -> int:
     cfg = RunConfig.load(args.config)
+    rank, _ = init_distributed()  # under torchrun: DDP (or FSDP2 with stage2/stage3 fsdp: true)
+    say = print if rank == 0 else (lambda *a: None)
+    progress = not args.quiet and rank == 0
     if args.command == "run":
-        print(f"student bundle: {run(cfg, progress=not args.quiet)['bundle']}")
+        say(f"student bundle: {run(cfg, progress=progress)['bundle']}")
         return 0
-    r = Run(cfg, progress=not args.quiet)
+    r = Run(cfg, progress=progress)
     if args.command == "importance":
         r.importance()
-        print(f"importance: {r.out / 'importance.json'} and {r.out / 'importance.png'}")
+        say(f"importance: {r.out / 'importance.json'} and {r.out / 'importance.png'}")
     elif args.command == "plan":
         plan = r.plan()
-        print(f"plan: {r.out / 'plan.json'}: drop blocks {plan.drop} ({plan.removed_fraction:.1%} of the parameters)")
+        say(f"plan: {r.out / 'plan.json'}: drop blocks {plan.drop} ({plan.removed_fraction:.1%} of the parameters)")
     elif args.command == "stage2":
         r.stage2()
-        print(f"stage2 network: {r.out / 'stage2' / 'bundle'}")
+        say(f"stage2 network: {r.out / 'stage2' / 'bundle'}")
     else:
-        print(f"student bundle: {r.stage3()['bundle']}")
+        say(f"student bundle: {r.stage3()['bundle']}")
     return 0
 
 

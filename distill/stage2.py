@@ -33,9 +33,9 @@ from flgengine.sampling import shift_sigmas
 
 from .importance import skip_blocks
 from .plan import PruningPlan
-from .trainer import Trainer, cosine_lr
+from .trainer import Trainer, cosine_lr, fsdp_shard, full_state_dict, is_sharded
 
-RUNTIME = ("threads", "checkpoint_every", "eval_every", "device")
+RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Stage2Config(_JsonMixin):
     eval_batch: int = 32
     threads: int | None = None
     device: str = "cpu"
+    fsdp: bool = False  # under torchrun: shard the network with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -71,6 +72,7 @@ class Stage2Config(_JsonMixin):
         for key in ("alpha", "skip_prob", "all_off_share", "cond_dropout"):
             need(0 <= getattr(self, key) <= 1, key, "in [0, 1]")
         need(math.isfinite(self.anchor) and self.anchor >= 0, "anchor", ">= 0")
+        need(isinstance(self.fsdp, bool), "fsdp", "true or false")
         need(math.isfinite(self.t_shift) and self.t_shift > 0, "t_shift", "> 0")
 
 
@@ -148,6 +150,8 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
         raise ValueError(f"the plan is for {plan.num_blocks} blocks, the teacher has {len(teacher.blocks)}")
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False) if cfg.anchor > 0 else None
     model = copy.deepcopy(teacher).to(cfg.device).train().requires_grad_(True)
+    if cfg.fsdp:
+        fsdp_shard(model)  # before the optimiser: it must hold the sharded parameters
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     trainer = Trainer(out, {"dit": model}, {"main": opt}, cfg.steps, {"stage2": cfg.to_dict(), "plan": plan.to_dict()},
                       runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every,
@@ -179,6 +183,9 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
             model.train()
     seconds = trainer.close()
     end = mode_losses(model.eval(), plan, heldout)
+    if is_sharded(model):  # hand back an ordinary network with the full weights, on every rank
+        weights, model = full_state_dict(model), copy.deepcopy(teacher).to(cfg.device)
+        model.load_state_dict(weights)
     record = {"stage": "stage2", "recipe": cfg.to_dict(), "plan": {"drop": plan.drop, "keep": plan.keep},
               "train_seconds": round(seconds, 1), "steps": trainer.step, "samples": trainer.step * cfg.batch_size,
               "heldout_flow_loss": {"start": trainer.extra.get("start"), "end": end}}

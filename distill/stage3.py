@@ -42,9 +42,9 @@ from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
-from .trainer import Trainer
+from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded
 
-RUNTIME = ("threads", "checkpoint_every", "eval_every", "device")
+RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 REAL_SCORES = ("well-guided", "cfg")
 BEST = "best.safetensors"
 
@@ -74,6 +74,7 @@ class Stage3Config(_JsonMixin):
     eval_every: int = 25
     threads: int | None = None
     device: str = "cpu"
+    fsdp: bool = False  # under torchrun: shard the real score, student and fake score with FSDP2
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -86,6 +87,7 @@ class Stage3Config(_JsonMixin):
             need(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "> 0")
         need(self.real_score in REAL_SCORES, "real_score", f"one of {REAL_SCORES}")
         need(isinstance(self.prune, bool), "prune", "true or false")
+        need(isinstance(self.fsdp, bool), "fsdp", "true or false")
         for key in ("b1_range", "b2_range"):
             r = getattr(self, key)
             need(isinstance(r, (list, tuple)) and len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] <= r[1],
@@ -99,16 +101,18 @@ class Stage3Config(_JsonMixin):
 # ---- the pieces -------------------------------------------------------------------------------
 
 def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list[float], k: int,
-               gen: torch.Generator) -> torch.Tensor:
+               gen: torch.Generator, draw: Callable[[tuple], torch.Tensor] | None = None) -> torch.Tensor:
     """Backward simulation: the student's x0 prediction at its step `k` (0-based), reached by
     running steps 0..k-1 without gradients (x0 -> re-noise to the next sigma) from `noise`.
-    Gradients flow through the last step only."""
+    Gradients flow through the last step only. `draw(shape)` makes the re-noising noise
+    (default: `torch.randn` from `gen`; distributed runs draw the global batch's and slice)."""
+    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
     x = noise
     with torch.no_grad():
         for i in range(k):
             v = student(x, torch.full((x.shape[0],), 1000 * sigmas[i], device=x.device), context)
             x0 = x - sigmas[i] * v
-            eps = torch.randn(x.shape, generator=gen).to(x.device)
+            eps = draw(tuple(x.shape)).to(x.device)
             x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
     v = student(x, torch.full((x.shape[0],), 1000 * sigmas[k], device=x.device), context)
     return x - sigmas[k] * v
@@ -166,6 +170,12 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
+    # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
+    # the result; the networks are sharded before the optimisers are made
+    template = copy.deepcopy(student).eval() if cfg.fsdp else None
+    if cfg.fsdp:
+        for net in (real, student, fake):
+            fsdp_shard(net)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, betas=(0.0, 0.99), weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, betas=(0.0, 0.99), weight_decay=0.0)
     recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
@@ -177,16 +187,25 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     uncond = data.uncond.to(cfg.device)
     best_path = Path(out) / BEST
 
-    def consider(step: int) -> None:  # evaluate, keep the best weights
-        if evaluate is None or trainer.rank != 0:
+    def plain_student() -> DiT:  # the student as an ordinary network (gathered: every rank calls)
+        if not is_sharded(student):
+            return student
+        template.load_state_dict(full_state_dict(student))
+        return template
+
+    def consider(step: int) -> None:  # evaluate on rank 0, keep the best weights
+        if evaluate is None:
             return
-        student.eval()
-        metrics = evaluate(student)
-        student.train()
+        net = plain_student()
+        if trainer.rank != 0:
+            return
+        net.eval()
+        metrics = evaluate(net)
+        net.train()
         trainer.log(**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         best = trainer.extra.get("best")
         if best is None or selection_key(metrics) > selection_key(best["metrics"]):
-            atomic_save_safetensors(best_path, {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()})
+            atomic_save_safetensors(best_path, {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
             trainer.extra["best"] = {"step": step, "metrics": metrics}
 
     if trainer.step == 0 and "best" not in trainer.extra:
@@ -198,8 +217,9 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         gen = trainer.gen
         # 1. x = G(z) by backward simulation to a random student step
         k = int(torch.randint(cfg.num_steps, (), generator=gen))
-        noise = torch.randn((trainer.world * B, *latent_shape(data)), generator=gen)
-        x = student_x0(g_net, trainer.shard(noise).to(cfg.device), context, sigmas, k, gen)  # (B, C, F, H, W)
+        noise = _draw_global((B, *latent_shape(data)), gen, trainer).to(cfg.device)
+        x = student_x0(g_net, noise, context, sigmas, k, gen,
+                       draw=lambda shape: _draw_global(shape, gen, trainer))  # (B, C, F, H, W)
         # 2. fake score: flow loss on the student's samples, several updates
         for _ in range(cfg.fake_updates):
             t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
@@ -221,6 +241,13 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             consider(step + 1)
     seconds = trainer.close()
+    student = plain_student()
+    if trainer.world > 1:  # rank 0 chose (and wrote) the best checkpoint: every rank returns it
+        import torch.distributed as dist
+
+        chosen = [trainer.extra.get("best")]
+        dist.broadcast_object_list(chosen, src=0)
+        trainer.extra["best"] = chosen[0]
     best = trainer.extra.get("best")
     if best is not None:
         student.load_state_dict(_load_safetensors(best_path, str(best_path)))
@@ -237,13 +264,18 @@ def latent_shape(data) -> tuple[int, ...]:
     return data._latent_shape
 
 
+def _draw_global(shape: tuple, gen: torch.Generator, trainer: Trainer) -> torch.Tensor:
+    """Gaussian noise of this process's `shape` = its slice of the global batch's draw, so
+    N processes consume `gen` as one process with the global batch does."""
+    return trainer.shard(torch.randn((shape[0] * trainer.world, *shape[1:]), generator=gen))
+
+
 def _draw_t_eps(shape, cfg: Stage3Config, gen: torch.Generator, trainer: Trainer):
     """t (B, 1, 1, 1, 1) = shift(u), u ~ U(t_min, t_max), and eps, drawn for the global batch, sliced."""
     n = shape[0] * trainer.world
     u = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(n, generator=gen)
     t = shift_sigmas(u, cfg.t_shift).view(n, 1, 1, 1, 1)
-    eps = torch.randn((n, *shape[1:]), generator=gen)
-    return trainer.shard(t).to(cfg.device), trainer.shard(eps).to(cfg.device)
+    return trainer.shard(t).to(cfg.device), _draw_global(tuple(shape), gen, trainer).to(cfg.device)
 
 
 def config_from_dict(data: dict, source: str = "stage3") -> Stage3Config:

@@ -269,6 +269,11 @@ def add_args(p) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("train-teacher runs in one process (use --device cuda --workers N on a GPU); "
+                         "torchrun is for `python -m distill run|stage2|stage3`")
     if args.snapshot:
         print(f"wrote {snapshot(args.out, args.snapshot)}")
         return 0

@@ -95,12 +95,89 @@ class NonFiniteLoss(RuntimeError):
     """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
 
 
-def check_finite(step: int, loss: torch.Tensor, params, checkpoint: Path) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is {checkpoint}")
-    for p in params:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            raise NonFiniteLoss(f"step {step}: non-finite gradients; stopping. The last good checkpoint is {checkpoint}")
+def non_finite(loss: torch.Tensor, params) -> str | None:
+    """What is NaN/Inf in this step ("loss is nan", "non-finite gradients"), or None.
+    Looks at this process's shards only; the Trainer agrees on it across processes."""
+    if not torch.isfinite(loss.detach()).item():
+        return f"loss is {loss.item()}"
+    if any(not torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None):
+        return "non-finite gradients"
+    return None
+
+
+# ---- FSDP2: sharded parameters <-> full tensors -------------------------------------------------
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; other tensors as they are."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _full(obj: Any) -> Any:
+    """`obj` (nested dicts/lists) with every DTensor gathered into a full tensor (collective)."""
+    if _is_dtensor(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: _full(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_full(v) for v in obj)
+    return obj
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` distributed as `like` is (a DTensor with its mesh and placements), else `full`."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True when FSDP2 (`fully_shard`) has sharded `module`'s parameters."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def fsdp_shard(module: torch.nn.Module) -> torch.nn.Module:
+    """Shards `module` in place with FSDP2 across the process group: each of its `blocks`
+    one unit (gathered only while it runs; a skipped block is never gathered), the rest
+    the root unit. Create optimisers after this. No-op in a single process."""
+    if distributed()[1] == 1:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(module, "blocks", []):
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with full tensors (a collective call when it is sharded)."""
+    return {k: v.detach() for k, v in _full(module.state_dict()).items()}
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads full tensors into `module`, sharding them as its parameters are."""
+    current = module.state_dict()
+    module.load_state_dict({k: _shard_like(v, current[k]) if k in current else v for k, v in state.items()})
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a full optimiser state (as `Trainer.save` writes it), sharding each parameter's
+    moments like the parameter."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sharded = {}
+    for idx, per_param in state["state"].items():
+        p = params[int(idx)]
+        sharded[idx] = {k: _shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                        for k, v in per_param.items()}
+    opt.load_state_dict({**state, "state": sharded})
 
 
 @torch.no_grad()
@@ -131,6 +208,31 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed() -> tuple[int, int]:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL with one GPU
+    per process (LOCAL_RANK) where CUDA is available, else gloo. Returns (rank, world size)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return distributed()
+
+
+def rank0_writes(write) -> None:
+    """Runs `write()` (which writes files) on rank 0 only; the others wait until it is done."""
+    rank, world = distributed()
+    if rank == 0:
+        write()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 class Trainer:
     """The training loop of every stage: resumable atomic checkpoints (modules, optimisers,
     EMA, torch RNG, the stage's noise generator, step), a progress bar, a jsonl metrics
@@ -145,9 +247,11 @@ class Trainer:
         trainer.close()
 
     Distributed (torchrun, gloo on CPU / NCCL on GPUs): `trainer.wrap(module)` returns the
-    DDP (or FSDP2) module to run forward through; each rank draws the same global batch
-    randomness from `gen` and takes its slice (`trainer.shard(x)`), so the result matches a
-    single process with the same global batch. Rank 0 writes checkpoints and logs.
+    DDP module to run forward through, or the module itself when `fsdp_shard` sharded it
+    with FSDP2 (for networks too large for one device; checkpoints still hold full
+    tensors). Each rank draws the same global batch randomness from `gen` and takes its
+    slice (`trainer.shard(x)`), so the result matches a single process with the same
+    global batch. Rank 0 writes checkpoints and logs.
     `recipe` (what the run computes) must match on resume; keys in `runtime` (how it runs:
     threads, device, ...) may change.
     """
@@ -189,23 +293,24 @@ class Trainer:
         if self._recipe_of(state["config"]) != self._recipe_of(json.loads(json.dumps(self.recipe))):
             raise ValueError(f"{self.path} was written by another recipe; use a new output directory or the same options")
         for name, module in self.modules.items():
-            module.load_state_dict(state["modules"][name])
+            load_full_state_dict(module, state["modules"][name])
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        self.ema = {k: v.clone() for k, v in state["ema"].items()}
+            _load_optimizer(opt, state["optimizers"][name])
+        self.ema = {k: _shard_like(v, self.ema[k]) for k, v in state["ema"].items()}
         torch.set_rng_state(state["rng"])
         self.gen.set_state(state["gen"])
         self.step, self.seconds, self.extra = state["step"], state["seconds"], state["extra"]
 
     def save(self) -> None:
-        """Writes the checkpoint (rank 0; atomic: a kill leaves the previous one intact)."""
+        """Writes the checkpoint (every process calls it: sharded FSDP2 state is gathered into
+        full tensors; rank 0 writes, atomically: a kill leaves the previous one intact)."""
+        state = _full({"modules": {n: m.state_dict() for n, m in self.modules.items()},
+                       "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}, "ema": self.ema})
         if self.rank != 0:
             return
         save_checkpoint(self.path, {
             "config": self.recipe, "step": self.step, "seconds": time.time() - self._t0, "extra": self.extra,
-            "modules": {n: m.state_dict() for n, m in self.modules.items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "ema": self.ema, "rng": torch.get_rng_state(), "gen": self.gen.get_state()})
+            **state, "rng": torch.get_rng_state(), "gen": self.gen.get_state()})
 
     def ema_state(self, name: str) -> dict[str, torch.Tensor]:
         """EMA weights of module `name`, as a state dict of its parameters."""
@@ -213,15 +318,11 @@ class Trainer:
         return {k[len(prefix):]: v for k, v in self.ema.items() if k.startswith(prefix)}
 
     # -- distributed ------------------------------------------------------------------------
-    def wrap(self, module: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
-        """The module to run forward through: itself in one process, DDP (or FSDP2 with
-        `fsdp=True`, for teachers too large for one device) under torchrun."""
-        if self.world == 1:
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module to run forward through: itself in one process or when FSDP2 has
+        sharded it (`fsdp_shard`, before the optimiser was made), else DDP under torchrun."""
+        if self.world == 1 or is_sharded(module):
             return module
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            return fully_shard(module)
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, find_unused_parameters=True)
@@ -269,10 +370,19 @@ class Trainer:
         for p in params:
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
-        check_finite(self.step, loss, params, self.path)
+        problem = non_finite(loss, params)
+        if self.world > 1:  # every process stops together, also when only one saw it
+            import torch.distributed as dist
+
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and problem is None:
+                problem = "non-finite loss or gradients in another process"
+        if problem is not None:
+            raise NonFiniteLoss(f"step {self.step}: {problem}; stopping. The last good checkpoint is {self.path}")
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip else float("inf"))
         opt.step()
-        return float(norm)
+        return float(_full(norm))
 
     def log(self, **metrics: float) -> None:
         self._metrics.update({k: float(v) for k, v in metrics.items()})

@@ -52,6 +52,36 @@ def test_run_end_to_end_makes_a_4_step_student(tiny_teacher, tmp_path):
     assert all(torch.equal(v, a[k]) for k, v in pipe.dit.state_dict().items())
 
 
+def test_torchrun_with_fsdp2_gives_the_single_process_student(tiny_teacher, tmp_path):
+    """`torchrun --nproc_per_node 2 -m distill run` (gloo, Stages II and III sharded with
+    FSDP2): the same plan and student as one process, files written once by rank 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _config(tiny_teacher, tmp_path / "ddp")
+    cfg["stage2"] = {**cfg["stage2"], "fsdp": True, "threads": 1}
+    cfg["stage3"] = {**cfg["stage3"], "fsdp": True, "threads": 1}
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(cfg))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "distill", "run", str(path), "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("student bundle:") == 1  # rank 0 speaks
+    single = run(RunConfig(**_config(tiny_teacher, tmp_path / "one", stage2={**cfg["stage2"], "fsdp": False},
+                                     stage3={**cfg["stage3"], "fsdp": False})), progress=False)
+    assert json.loads((tmp_path / "ddp" / "plan.json").read_text())["drop"] == \
+        json.loads((tmp_path / "one" / "plan.json").read_text())["drop"]
+    a, b = flgengine.load(tmp_path / "ddp" / "bundle").dit.state_dict(), flgengine.load(single["bundle"]).dit.state_dict()
+    assert a.keys() == b.keys()
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+
+
 def test_baseline_switches_and_single_stage_commands(tiny_teacher, tmp_path, capsys):
     from distill.__main__ import main
 
