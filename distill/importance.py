@@ -196,10 +196,15 @@ def save_importance(result: dict, path_json: str | Path, path_png: str | Path | 
     (both atomically). Json object keys are strings; `load_importance` turns them back."""
     atomic_write_text(Path(path_json), json.dumps(result, indent=2) + "\n")
     if path_png is not None:
-        import imageio.v3 as iio
+        save_importance_png(result, path_png)
 
-        png = iio.imwrite("<bytes>", render_importance(result), extension=".png")
-        _atomic_replace(Path(path_png), lambda tmp: Path(tmp).write_bytes(png))
+
+def save_importance_png(result: dict, path: str | Path, drop: list[int] | None = None) -> None:
+    """The bar chart of `render_importance` as a PNG (atomically)."""
+    import imageio.v3 as iio
+
+    png = iio.imwrite("<bytes>", render_importance(result, drop), extension=".png")
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(png))
 
 
 def load_importance(path: str | Path) -> dict:
@@ -211,68 +216,59 @@ def load_importance(path: str | Path) -> dict:
     return result
 
 
-# A 3 x 5 pixel font for the chart's numbers (rows top to bottom, "#" = ink).
-_GLYPHS = {
-    "0": ("###", "#.#", "#.#", "#.#", "###"), "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "2": ("###", "..#", "###", "#..", "###"), "3": ("###", "..#", "###", "..#", "###"),
-    "4": ("#.#", "#.#", "###", "..#", "..#"), "5": ("###", "#..", "###", "..#", "###"),
-    "6": ("###", "#..", "###", "#.#", "###"), "7": ("###", "..#", "..#", "..#", "..#"),
-    "8": ("###", "#.#", "###", "#.#", "###"), "9": ("###", "#.#", "###", "..#", "###"),
-    ".": ("...", "...", "...", "...", ".#."), "-": ("...", "...", "###", "...", "..."),
-    "+": ("...", ".#.", "###", ".#.", "..."), "e": ("###", "#..", "###", "#..", "###"),
-}
-_SCALE = 2  # font pixels per glyph pixel
-_BAR, _GAP, _PLOT_H, _MARGIN = 16, 6, 160, 10
-_WHITE, _INK, _AXIS = (255, 255, 255), (40, 40, 40), (150, 150, 150)
-_BLUE, _ORANGE = (66, 114, 196), (230, 120, 40)  # middle blocks; first and last block
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 380, 70, 20, 64, 58  # canvas and plot margins (px)
+_WHITE, _INK, _GRID = (255, 255, 255), (40, 40, 40), (225, 225, 225)
+_BLUE, _ORANGE, _GREY = (66, 114, 196), (230, 120, 40), (190, 190, 190)  # kept; first/last; dropped
 
 
-def _text_width(text: str) -> int:
-    return len(text) * 4 * _SCALE - _SCALE
-
-
-def _draw_text(img: np.ndarray, text: str, x: int, y: int) -> None:
-    """Writes `text` (digits, '.', '-', '+', 'e') with its top-left corner at (x, y)."""
-    for ch in text:
-        glyph = np.array([[c == "#" for c in row] for row in _GLYPHS[ch]])  # (5, 3)
-        mask = glyph.repeat(_SCALE, 0).repeat(_SCALE, 1)
-        img[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = _INK
-        x += 4 * _SCALE
-
-
-def render_importance(result: dict) -> np.ndarray:
+def render_importance(result: dict, drop: list[int] | None = None) -> np.ndarray:
     """Bar chart of importance over depth, (H, W, 3) uint8.
 
-    One bar per block in depth order, labelled below with its teacher index; the
-    teacher's first and last blocks (never pruned) are orange, the others blue. Bars grow up from the
-    zero line for positive values and down for negative ones; the numbers at the left
-    are the largest and (when negative) smallest values.
+    One bar per block in depth order (x: the teacher's block index); the first and last
+    blocks (never pruned) are orange, the others blue, and with `drop` (a plan's dropped
+    blocks) those are grey. Bars grow up from the zero line (down for negative values);
+    the y axis has gridlines at round values.
     """
+    from PIL import Image, ImageDraw, ImageFont
+
     blocks = sorted(result["importance"], key=int)
-    ends = (0, result["settings"]["num_layers"] - 1)
+    ends, dropped = (0, result["settings"]["num_layers"] - 1), set(drop or [])
     values = np.array([result["importance"][b] for b in blocks], dtype=np.float64)
     top, bottom = max(values.max(), 0.0), min(values.min(), 0.0)
     span = (top - bottom) or 1.0
-    labels = [f"{top:.2e}"] + ([f"{bottom:.2e}"] if bottom < 0 else [])
-    glyph_h = 5 * _SCALE
-    left = _MARGIN + max(_text_width(s) for s in labels) + _MARGIN
-    width = left + len(blocks) * (_BAR + _GAP) + _MARGIN
-    height = _MARGIN + _PLOT_H + _MARGIN + glyph_h + _MARGIN
-    img = np.full((height, width, 3), _WHITE, dtype=np.uint8)
+    img = Image.new("RGB", (_W, _H), _WHITE)
+    draw = ImageDraw.Draw(img)
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    x0, x1, y_top, y_bot = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM
 
-    # 1. zero line and value labels
-    y0 = _MARGIN + round(_PLOT_H * top / span)  # row of value 0
-    img[y0, left - _GAP:width - _MARGIN] = _AXIS
-    _draw_text(img, labels[0], _MARGIN, _MARGIN)
-    if bottom < 0:
-        _draw_text(img, labels[1], _MARGIN, _MARGIN + _PLOT_H - glyph_h)
+    def y_of(v: float) -> float:
+        return y_top + (top - v) / span * (y_bot - y_top)
+
+    # 1. title, gridlines with round tick values, axis labels
+    title = "Block importance: added error of the x0 estimate when the block is skipped"
+    draw.text((_W / 2, 8), title, fill=_INK, font=font, anchor="ma")
+    step = 10 ** np.floor(np.log10(span / 4))
+    step *= next(m for m in (1, 2, 5, 10) if span / (step * m) <= 6)
+    for tick in np.arange(np.ceil(bottom / step) * step, top + step / 2, step):
+        y = y_of(tick)
+        draw.line([(x0, y), (x1, y)], fill=_GRID)
+        draw.text((x0 - 6, y), f"{tick:.3g}", fill=_INK, font=small, anchor="rm")
+    draw.line([(x0, y_of(0.0)), (x1, y_of(0.0))], fill=_INK)
+    draw.text((x0 + (x1 - x0) / 2, _H - 22), "block (depth)", fill=_INK, font=small, anchor="mm")
 
     # 2. one bar and one index label per block
+    slot = (x1 - x0) / len(blocks)
     for i, (block, value) in enumerate(zip(blocks, values)):
-        x = left + i * (_BAR + _GAP)
-        h = round(_PLOT_H * abs(value) / span)
-        rows = slice(y0 - h, y0) if value >= 0 else slice(y0 + 1, y0 + 1 + h)
-        img[rows, x:x + _BAR] = _ORANGE if int(block) in ends else _BLUE
-        label = str(block)
-        _draw_text(img, label, x + (_BAR - _text_width(label)) // 2, _MARGIN + _PLOT_H + _MARGIN)
-    return img
+        left, right = x0 + i * slot + 0.15 * slot, x0 + (i + 1) * slot - 0.15 * slot
+        colour = _ORANGE if int(block) in ends else _GREY if int(block) in dropped else _BLUE
+        draw.rectangle([left, min(y_of(value), y_of(0.0)), right, max(y_of(value), y_of(0.0))], fill=colour)
+        draw.text(((left + right) / 2, y_bot + 6), str(block), fill=_INK, font=small, anchor="ma")
+
+    # 3. legend
+    legend = [(_BLUE, "kept"), (_ORANGE, "first / last (never pruned)")] + ([(_GREY, "dropped by the plan")] if drop else [])
+    x = x0
+    for colour, text in legend:
+        draw.rectangle([x, 32, x + 10, 42], fill=colour)
+        draw.text((x + 14, 37), text, fill=_INK, font=small, anchor="lm")
+        x += 28 + draw.textlength(text, font=small)
+    return np.asarray(img)

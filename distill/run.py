@@ -36,7 +36,7 @@ from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMi
 
 from . import stage2 as s2
 from . import stage3 as s3
-from .importance import block_importance, load_importance, save_importance, sigma_grid
+from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
 from .trainer import init_distributed, rank0_writes
 
@@ -206,7 +206,7 @@ def run_plan(cfg: RunConfig, pipe, importance: dict | None, out: Path) -> Prunin
         return PruningPlan.from_json(done)
     plan = make_plan(pipe.dit, importance["importance"], budget=cfg.plan["budget"],
                      source={"teacher": cfg.teacher, "weights_sha256": pipe.provenance.get("weights_sha256")})
-    rank0_writes(lambda: plan.to_json(done))
+    rank0_writes(lambda: (plan.to_json(done), save_importance_png(importance, out / "plan.png", plan.drop)))
     return plan
 
 

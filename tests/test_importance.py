@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.importance import (block_importance, calibration_set, draw_noise, load_importance, save_importance,
-                                sigma_grid, skip_blocks)
+from distill.importance import (block_importance, calibration_set, draw_noise, load_importance, render_importance,
+                                save_importance, sigma_grid, skip_blocks)
 from distill.plan import PruningPlan, apply_plan, block_params, make_plan, plan_from_drop
 from flgengine.checkpoint import load_bundle, save_bundle
 from flgengine.codec import uint8_to_video
@@ -187,3 +187,11 @@ def test_save_importance_writes_json_and_png(tmp_path):
     assert img.ndim == 3 and img.shape[2] == 3 and img.size > 0
     colours = {tuple(p) for p in img.reshape(-1, 3)}
     assert (230, 120, 40) in colours and (66, 114, 196) in colours  # first/last blocks marked apart
+    # a plan's dropped blocks as grey bars (text anti-aliasing makes a few grey pixels too);
+    # the bar of block 5 (0.4) is 0.4 / 0.03 as tall as block 4's
+    marked = render_importance(result, drop=[1, 2])
+    grey = [int((x == (190, 190, 190)).all(-1).sum()) for x in (img, marked)]
+    assert grey[0] < 50 < 500 < grey[1], grey
+    bars = marked[50:]  # below the legend
+    heights = {c: int((bars == c).all(-1).any(1).sum()) for c in ((230, 120, 40), (66, 114, 196))}
+    assert heights[(230, 120, 40)] > 10 * heights[(66, 114, 196)] > 0
