@@ -80,13 +80,21 @@ class Block(nn.Module):
         self.cross_attn = Attention(dim, num_heads, head_dim, eps)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x, context, t_mod, rope):
-        # x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32
+    def forward(self, x, context, t_mod, rope, pending=None):
+        """x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32;
+        pending: the previous block's FFN residual (y, gate) not yet in x, or None.
+
+        Returns (x, pending): the stream and this block's own FFN residual, left for the
+        next consumer (the next block or the head) to add in the same pass as its adaLN.
+        The stream is x + gate * y in either form: one pass over it less per block."""
         mod = self.modulation.float() + t_mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=-2)  # each (B, D) or (B, S, D)
         B, D = x.shape[0], x.shape[-1]
-        # 1. self-attention on the modulated stream
-        h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
+        # 1. self-attention on the modulated stream (the previous block's x += gate * y fused in)
+        if pending is None:
+            h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
+        else:
+            x, h = ops.gated_residual_adaln(x, *pending, scale_sa, shift_sa, self.eps)
         y = self.self_attn(h, rope=rope)
         # 2. x += gate_sa * y (fp32), fused with the cross-attention's LayerNorm: an affine
         #    LayerNorm is adaLN with scale = weight - 1 and shift = bias, the same for every sample
@@ -99,9 +107,8 @@ class Block(nn.Module):
         y = self.cross_attn(h, kv=context)
         one = torch.ones(1, D, dtype=torch.float32, device=x.device).expand(B, D)
         x, h = ops.gated_residual_adaln(x, y, one, scale_ff, shift_ff, self.eps)
-        # 4. feed-forward, gated residual in fp32
-        x = (x.float() + self.ffn(h).float() * _tokens(gate_ff)).type_as(x)
-        return x
+        # 4. feed-forward; its gated residual x += gate_ff * y is pending
+        return x, (self.ffn(h), gate_ff)
 
 
 class Head(nn.Module):
@@ -113,11 +120,13 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj = nn.Linear(dim, out_features)
 
-    def forward(self, x, temb):
-        # x: (B, S, D); temb: (B, D) or (B, S, D)
+    def forward(self, x, temb, pending=None):
+        # x: (B, S, D); temb: (B, D) or (B, S, D); pending: the last block's (y, gate) or None
         mod = self.modulation.float() + temb.float().unsqueeze(-2)  # (B, 2, D) or (B, S, 2, D)
         shift, scale = mod.unbind(dim=-2)
-        return self.proj(ops.adaln_modulate(x, scale, shift, self.eps))
+        if pending is None:
+            return self.proj(ops.adaln_modulate(x, scale, shift, self.eps))
+        return self.proj(ops.gated_residual_adaln(x, *pending, scale, shift, self.eps)[1])
 
 
 def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -213,12 +222,14 @@ class DiT(nn.Module):
         # 3. text: (B, L, text_dim) -> (B, L, D)
         ctx = self.text_embed(context)
 
-        # 4. blocks
+        # 4. blocks; each block's FFN residual is added by the next one, fused with its adaLN
+        pending = None
         for block in self.blocks:
-            h = block(h, ctx, t_mod, rope)
+            h, pending = block(h, ctx, t_mod, rope, pending)
 
-        # 5. head and unpatchify: (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
-        out = self.head(h, temb)
+        # 5. head (the last FFN residual fused with its adaLN) and unpatchify:
+        #    (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
+        out = self.head(h, temb, pending)
         pt, ph, pw = c.patch_size
         out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
