@@ -1,11 +1,11 @@
-"""Engines on this CPU: a shapes-world-shaped student's DiT step and whole 4-step
-generate(), eager PyTorch vs ONNX Runtime vs AOTInductor, as ratios measured in one run.
+"""Engines on this CPU: the shapes student's DiT step and whole 4-step generate(), eager
+PyTorch vs ONNX Runtime vs AOTInductor, as ratios measured in one run.
 
-The student: the shapes teacher's architecture (Wan DiT, width 128 = 4 heads x 32, FFN
-512, pixels patchified (1, 4, 4): 9 x 8 x 8 = 576 tokens, 8 word tokens of width 64)
-with 2 of its 8 blocks removed (~30% of the blocks), random weights, a 4-step sampler,
-the pixel codec and a token text encoder. Building it exports one ONNX file and compiles
-one AOTInductor package (about two minutes on 2 cores).
+The student: the shipped `shapes-4step` bundle, or, before it ships, the shipped teacher
+with the blocks of its 30% plan removed (blocks 2, 3, 4 of 8: the same architecture and
+cost) and the 4-step sampler: Wan DiT width 192 (4 heads x 48), FFN 768, pixels
+patchified (1, 8, 8): 9 x 4 x 4 = 144 tokens, 8 word tokens. Building the engines exports
+one ONNX file and compiles one AOTInductor package (two to three minutes on 2 cores).
 
 GPU variants (`gpu` marker, run by `bench/device_check.sh`): the 4-step loop eager vs one
 CUDA graph vs an AOTInductor CUDA engine for the same student, and eager vs CUDA graph for
@@ -14,30 +14,45 @@ a Wan2.1-1.3B-shaped student (21 of 30 blocks, width 1536) at 480p, bf16.
     pytest bench/test_bench_export.py -s
 """
 
+import shutil
+
 import pytest
 import torch
 
 import flgengine
 from flgengine.checkpoint import save_bundle
-from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from flgengine.config import ModelConfig
 from flgengine.model import DiT
+from flgengine.pipeline import resolve_model, shipped_models
 from timing import median_seconds
 
-SHAPES_STUDENT = dict(in_channels=3, out_channels=3, patch_size=(1, 4, 4), num_heads=4, head_dim=32, ffn_dim=512,
-                      text_dim=64, freq_dim=64, num_layers=8, rope_max_seq_len=64, block_ids=[0, 1, 3, 4, 6, 7])
-VOCAB = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "moves", "left", "right", "up", "down"]
+STUDENT_DROP = [2, 3, 4]  # the blocks the shapes student's plan removes from the teacher's 8
 
 
 def _student_bundle(path):
-    from flgengine.text import TokenTextEncoder
+    """The shipped shapes student, else the shipped teacher with its plan's blocks removed."""
+    from distill.plan import apply_plan, plan_from_drop
+    from distill.run import student_pipeline_config
+    from distill.stage3 import Stage3Config
 
-    torch.manual_seed(0)
-    TokenTextEncoder(VOCAB, max_length=8, dim=64).save(path / "text_encoder")
-    pipeline = PipelineConfig(
-        text_encoder=TextEncoderConfig(kind="tokens", path="text_encoder", max_length=8), codec=CodecConfig(kind="pixel"),
-        sampler=SamplerConfig(kind="fewstep", num_steps=4, shift=2.0, guidance=0.0, sigmas=[1.0, 0.9, 0.75, 0.5]),
-        num_frames=9, height=32, width=32, fps=8, distilled=True)
-    return save_bundle(path, DiT(ModelConfig(**SHAPES_STUDENT)), pipeline, {"kind": "bench: shapes-shaped random student"})
+    if "shapes-4step" in shipped_models():
+        return resolve_model("shapes-4step")
+    teacher = flgengine.load("shapes-teacher", dtype="fp32")
+    n = len(teacher.dit.blocks)
+    student = apply_plan(teacher.dit, plan_from_drop(teacher.dit, STUDENT_DROP, {b: 0.0 for b in range(n)}))
+    save_bundle(path, student, student_pipeline_config(teacher.config, Stage3Config()),
+                {"kind": "bench: the shapes teacher with its plan's blocks removed"})
+    shutil.copytree(resolve_model("shapes-teacher") / "text_encoder", path / "text_encoder")
+    return path
+
+
+def _student_inputs(pipe, g):
+    """x (1, C, F, H, W), t (1,), context (1, L, text_dim) for the student's pipeline."""
+    c = pipe.config
+    latent = pipe.codec.latent_shape(c.num_frames, c.height, c.width)
+    L = c.text_encoder.max_length
+    return torch.randn(1, *latent, generator=g), torch.tensor([900.0]), torch.randn(1, L, pipe.dit.config.text_dim,
+                                                                                    generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +75,8 @@ def test_dit_step_eager_vs_engines(benchmark, engines):
     from flgengine.export import load_engine
 
     bundle, dirs, errors = engines
-    pipe = flgengine.load(bundle, device="cpu")
-    g = torch.Generator().manual_seed(1)
-    x, t, ctx = torch.randn(1, 3, 9, 32, 32, generator=g), torch.tensor([900.0]), torch.randn(1, 8, 64, generator=g)
+    pipe = flgengine.load(bundle, device="cpu", dtype="fp32")
+    x, t, ctx = _student_inputs(pipe, torch.Generator().manual_seed(1))
     runs = {"eager": pipe.dit, "eager_ref": None, **{fmt: load_engine(d) for fmt, d in dirs.items()}}
     cpu = torch.device("cpu")
     seconds = {}
@@ -78,26 +92,26 @@ def test_dit_step_eager_vs_engines(benchmark, engines):
     ratios = {k: seconds["eager"] / v for k, v in seconds.items()}
     benchmark.extra_info.update({"seconds": seconds, "speedup_vs_eager": ratios, "rel_error": errors,
                                  "threads": torch.get_num_threads()})
-    print(f"\nDiT step, shapes-shaped student (6 blocks, 576 tokens), {torch.get_num_threads()} thread(s): "
+    print(f"\nDiT step, shapes student ({len(pipe.dit.blocks)} blocks), {torch.get_num_threads()} thread(s): "
           + ", ".join(f"{k} {v * 1e3:.2f} ms ({ratios[k]:.2f}x)" for k, v in seconds.items())
           + f"; rel. error vs PyTorch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
 def test_generate_eager_vs_engines(benchmark, engines):
     bundle, dirs, _ = engines
-    pipes = {"eager": flgengine.load(bundle, device="cpu"),
+    pipes = {"eager": flgengine.load(bundle, device="cpu", dtype="fp32"),
              **{fmt: flgengine.load(bundle, engine=d) for fmt, d in dirs.items()}}
     cpu = torch.device("cpu")
     seconds, videos = {}, {}
     for name, pipe in pipes.items():
-        videos[name] = pipe("a red circle moves left", seed=0, progress=False)
-        seconds[name] = median_seconds(lambda pipe=pipe: pipe("a red circle moves left", seed=0, progress=False),
+        videos[name] = pipe("a red circle moving left", seed=0, progress=False)
+        seconds[name] = median_seconds(lambda pipe=pipe: pipe("a red circle moving left", seed=0, progress=False),
                                        cpu, repeat=7, warmup=1)
-    benchmark.pedantic(lambda: pipes["aoti"]("a red circle moves left", seed=0, progress=False), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: pipes["aoti"]("a red circle moving left", seed=0, progress=False), rounds=3, iterations=1)
     diff = {k: int((v.int() - videos["eager"].int()).abs().max()) for k, v in videos.items()}
     ratios = {k: seconds["eager"] / v for k, v in seconds.items()}
     benchmark.extra_info.update({"seconds": seconds, "speedup_vs_eager": ratios, "max_uint8_diff": diff})
-    print(f"\ngenerate(), 4 steps, 9x32x32: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({ratios[k]:.2f}x)"
+    print(f"\ngenerate(), 4 steps, 9 frames 32x32: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({ratios[k]:.2f}x)"
                                                          for k, v in seconds.items())
           + f"; max |video - eager| (uint8): {diff}")
 
@@ -119,7 +133,9 @@ def test_gpu_fewstep_loop_eager_vs_cuda_graph(benchmark, size, tmp_path):
     if size == "wan1.3b-480p":
         cfg, latent, ctx_shape = ModelConfig(**WAN_1_3B_STUDENT), (16, 21, 60, 104), (1, 512, 4096)
     else:
-        cfg, latent, ctx_shape = ModelConfig(**SHAPES_STUDENT), (3, 9, 32, 32), (1, 8, 64)
+        student = flgengine.load(_student_bundle(tmp_path / "student"), dtype="fp32")
+        x, _, c = _student_inputs(student, torch.Generator().manual_seed(0))
+        cfg, latent, ctx_shape = student.dit.config, tuple(x.shape[1:]), tuple(c.shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = DiT(cfg).cast(dtype).eval().requires_grad_(False)
