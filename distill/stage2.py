@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .importance import skip_blocks
 from .plan import PruningPlan
 from .trainer import Trainer, cosine_lr, fsdp_shard, full_state_dict, is_sharded
 
+DRIFT_WARNING = 1.5  # warn when the full mode's held-out flow loss grows by more than this factor
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 
 
@@ -186,9 +188,15 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     if is_sharded(model):  # hand back an ordinary network with the full weights, on every rank
         weights, model = full_state_dict(model), copy.deepcopy(teacher).to(cfg.device)
         model.load_state_dict(weights)
+    start = trainer.extra.get("start")
+    drift = end["eval_full"] / start["eval_full"] if start else None
+    if drift is not None and drift > DRIFT_WARNING and trainer.rank == 0:
+        warnings.warn(f"Stage II: the full mode's held-out flow loss rose {drift:.2f}x ({start['eval_full']:.4g} -> "
+                      f"{end['eval_full']:.4g}): the shared weights drifted from the teacher; raise stage2.anchor or "
+                      "lower stage2.lr", stacklevel=2)
     record = {"stage": "stage2", "recipe": cfg.to_dict(), "plan": {"drop": plan.drop, "keep": plan.keep},
               "train_seconds": round(seconds, 1), "steps": trainer.step, "samples": trainer.step * cfg.batch_size,
-              "heldout_flow_loss": {"start": trainer.extra.get("start"), "end": end}}
+              "heldout_flow_loss": {"start": start, "end": end, "full_mode_drift": drift}}
     return model.requires_grad_(False), record
 
 

@@ -107,6 +107,30 @@ def test_stage2_closes_the_gap_between_modes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), _teacher().parameters()))  # teacher untouched
 
 
+def test_stage2_anchor_holds_the_full_mode_to_the_teacher(tmp_path):
+    """Pure self-distillation lets the shared weights drift (both modes move together);
+    the anchor to the frozen teacher keeps the full mode where the teacher is."""
+    teacher, data = _teacher(), FakeData()
+    x0, c = data.batch(10**9, 8)
+    x_t, t, c, _ = noisy_batch(x0, c, data.uncond, torch.Generator().manual_seed(5), 2.0, 0.0)
+    with torch.no_grad():
+        ref = teacher(x_t, 1000 * t, c)
+
+    def full_mode_drift(anchor):
+        cfg = Stage2Config(steps=30, batch_size=8, lr=3e-3, warmup=0, anchor=anchor, eval_every=30, eval_batch=8,
+                           checkpoint_every=30)
+        model, record = train_stage2(teacher, _plan(teacher), data, cfg, tmp_path / f"a{anchor}", progress=False)
+        with torch.no_grad():
+            return ((model(x_t, 1000 * t, c) - ref) ** 2).mean().item(), record
+
+    free, record = full_mode_drift(0.0)
+    held, _ = full_mode_drift(1.0)
+    assert held < 0.5 * free, (held, free)
+    drift = record["heldout_flow_loss"]["full_mode_drift"]
+    ends = record["heldout_flow_loss"]
+    assert drift == pytest.approx(ends["end"]["eval_full"] / ends["start"]["eval_full"])
+
+
 # ---- Stage III -------------------------------------------------------------------------------
 
 def test_real_velocity_formulas():
