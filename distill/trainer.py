@@ -354,7 +354,8 @@ class Trainer:
             self.bar.update(1)
             if self._metrics:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(self._metrics.items())[:3]})
-            if self.log_file is not None and (self.step % self.log_every == 0 or self.step == self.steps):
+            evaluated = any(k.startswith("eval") for k in self._metrics)  # evaluations are always logged
+            if self.log_file is not None and (self.step % self.log_every == 0 or self.step == self.steps or evaluated):
                 self.log_file.write(self.step, **self._metrics)
             if self.step % self.checkpoint_every == 0 or self.step == self.steps:
                 self.save()

@@ -151,6 +151,21 @@ def test_killed_run_resumes_to_the_same_weights(stage2_module, tmp_path):
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+def test_metrics_log_every_n_steps_and_every_evaluation(tmp_path):
+    import json
+
+    model = torch.nn.Linear(3, 1)
+    trainer = Trainer(tmp_path, {"m": model}, {"main": torch.optim.SGD(model.parameters(), lr=0.1)}, steps=25,
+                      recipe={}, checkpoint_every=100, progress=False, log_every=10)
+    for step in trainer:
+        trainer.log(loss=float(step))
+        if (step + 1) % 7 == 0:
+            trainer.log(eval_loss=-1.0)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 10, 14, 20, 21, 25]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [7, 14, 21]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
