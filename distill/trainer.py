@@ -285,8 +285,11 @@ class Trainer:
         self._t0 = time.time() - self.seconds
 
     # -- state ------------------------------------------------------------------------------
-    def _recipe_of(self, recipe: dict) -> dict:
-        return {k: v for k, v in recipe.items() if k not in self.runtime}
+    def _recipe_of(self, recipe):
+        """`recipe` without the runtime keys, at any depth (stage configs nest them)."""
+        if not isinstance(recipe, dict):
+            return recipe
+        return {k: self._recipe_of(v) for k, v in recipe.items() if k not in self.runtime}
 
     def _resume(self) -> None:
         state = load_checkpoint(self.path)

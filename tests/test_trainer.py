@@ -151,6 +151,21 @@ def test_killed_run_resumes_to_the_same_weights(stage2_module, tmp_path):
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+def test_resume_ignores_runtime_keys_at_any_depth(tmp_path):
+    model = torch.nn.Linear(3, 1)
+
+    def trainer(**stage):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Trainer(tmp_path, {"m": model}, {"main": opt}, steps=4, recipe={"stage3": {"lr": 1.0, **stage}},
+                       runtime=("threads",), checkpoint_every=1, progress=False)
+
+    for _ in trainer(threads=1):
+        pass
+    assert trainer(threads=2).step == 4  # how it runs may change
+    with pytest.raises(ValueError, match="another recipe"):
+        trainer(threads=1, lr=2.0)  # what it computes may not
+
+
 def test_metrics_log_every_n_steps_and_every_evaluation(tmp_path):
     import json
 
