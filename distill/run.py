@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from flgengine.checkpoint import BundleError, atomic_write_text, save_bundle
-from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
+from flgengine.config import (TORCH_DTYPES, ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys,
+                              torch_dtype)
 
 from . import stage2 as s2
 from . import stage3 as s3
@@ -53,6 +54,7 @@ class RunConfig(_JsonMixin):
     stage3: dict = field(default_factory=dict)
     evaluate: dict | None = field(default_factory=dict)
     convert: dict = field(default_factory=dict)
+    storage_dtype: str | None = None  # the student bundle's stored weights: fp16 / bf16 halve the file
 
     IMPORTANCE = {"samples": 32, "num_t": 12, "seed": 1234, "batch_size": 16}
     PLAN = {"budget": DEFAULT_BUDGET, "file": None}
@@ -70,6 +72,8 @@ class RunConfig(_JsonMixin):
         for key in ("teacher", "out"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"{key} must be a path, got {getattr(self, key)!r}")
+        if self.storage_dtype is not None and self.storage_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"storage_dtype must be one of {', '.join(TORCH_DTYPES)} or null, got {self.storage_dtype!r}")
         kind = self.data.get("kind") if isinstance(self.data, dict) else None
         if kind not in self.DATA:
             raise ConfigError(f"data.kind must be one of {', '.join(self.DATA)}, got {kind!r}")
@@ -172,10 +176,13 @@ def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict)
     return evaluate
 
 
-def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict) -> Path:
-    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline."""
+def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict,
+                  storage_dtype: str | None = None) -> Path:
+    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline;
+    weights stored in `storage_dtype` (e.g. "fp16") when given."""
     path = Path(path)
-    save_bundle(path, student, pipeline_config, provenance)
+    save_bundle(path, student, pipeline_config, provenance,
+                storage_dtype=torch_dtype(storage_dtype) if storage_dtype else None)
     for sub in ("text_encoder", "tokenizer", "vae"):
         src = Path(pipe.path) / sub
         if src.is_dir() and not (path / sub).exists():
@@ -278,7 +285,7 @@ class Run:
                       "teacher": {"path": cfg.teacher, "weights_sha256": self.pipe.provenance.get("weights_sha256")},
                       "config": cfg.to_dict(), "stages": stages}
         bundle = Path(cfg.bundle) if cfg.bundle else self.out / "bundle"
-        rank0_writes(lambda: write_student(bundle, student, self.pipe, student_cfg, provenance))
+        rank0_writes(lambda: write_student(bundle, student, self.pipe, student_cfg, provenance, cfg.storage_dtype))
         return {"bundle": str(bundle), "provenance": provenance}
 
 

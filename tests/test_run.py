@@ -46,6 +46,12 @@ def test_run_end_to_end_makes_a_4_step_student(tiny_teacher, tmp_path):
     assert stages == ["plan", "stage2", "stage3"]
     selected = result["provenance"]["stages"][-1]["selected"]
     assert selected["step"] in (0, 1, 2) and 0 <= selected["metrics"]["adherence"] <= 1
+    # fp16 storage (the shipped student's): the same weights to fp16 rounding, half the file
+    half = tmp_path / "half"
+    run(RunConfig(**_config(tiny_teacher, tmp_path / "run"), storage_dtype="fp16", bundle=str(half)), progress=False)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "bundle" / "model.safetensors").stat().st_size
+    h = flgengine.load(half).dit.state_dict()
+    assert all(torch.allclose(h[k], v, rtol=1e-3, atol=1e-4) for k, v in pipe.dit.state_dict().items())
     # a second run finds every stage done and gives the same student
     again = run(RunConfig(**_config(tiny_teacher, tmp_path / "run")), progress=False)
     a = flgengine.load(again["bundle"]).dit.state_dict()
@@ -107,6 +113,8 @@ def test_run_config_is_strict(tiny_teacher, tmp_path):
 
     good = _config(tiny_teacher, tmp_path / "x")
     assert load(good).stage3_config().steps == 2
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        load({**good, "storage_dtype": "fp8"})
     with pytest.raises(ConfigError, match="unknown key 'stage4'"):
         load({**good, "stage4": {}})
     with pytest.raises(ConfigError, match="unknown key 'alpah' for Stage2Config"):
