@@ -28,13 +28,15 @@ build: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The demo runs the built-in default model (shapes-teacher, shipped in flgengine/assets,
-# until the 4-step student ships): nothing is downloaded.
+# The demo runs the built-in default model (shapes-4step, the FastLightGen student shipped
+# in flgengine/assets: 4 steps, no CFG) and, for comparison, its 50-step + CFG teacher:
+# nothing is downloaded.
 demo: $(STAMP)
 	$(PY) -m flgengine generate "a red circle moving left" -o demo-out/red-circle-left.mp4
 	$(PY) -m flgengine generate "a yellow triangle moving up" -o demo-out/yellow-triangle-up.gif
-	$(PY) -m flgengine info shapes-teacher
-	@echo "demo videos: $(CURDIR)/demo-out/red-circle-left.mp4 $(CURDIR)/demo-out/yellow-triangle-up.gif"
+	$(PY) -m flgengine generate "a red circle moving left" --model shapes-teacher -o demo-out/red-circle-left-teacher.mp4
+	$(PY) -m flgengine info shapes-4step
+	@echo "demo videos: $(CURDIR)/demo-out/red-circle-left.mp4 $(CURDIR)/demo-out/yellow-triangle-up.gif $(CURDIR)/demo-out/red-circle-left-teacher.mp4"
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q
