@@ -5,7 +5,7 @@
     python -m distill evaluate BUNDLE --samples 180        # quality metrics of a bundle
     python -m distill run CONFIG                           # FastLightGen: teacher bundle -> 4-step student
     python -m distill importance|plan|stage2|stage3 CONFIG # one stage of that run
-    python -m distill compare --student NAME=BUNDLE ...    # the comparison table
+    python -m distill compare --student NAME=BUNDLE ...    # the comparison table (+ --grid video)
     python -m distill convert WAN_DIR -o BUNDLE            # a diffusers Wan teacher as a bundle
     python -m distill precompute BUNDLE VIDEOS -o SHARDS   # training shards for the Wan path
 """

@@ -16,19 +16,61 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 from .evaluate import evaluate_bundle, load_evaluator
 
 
-def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, seeds=(0,), batch_size: int = 20,
-            teacher_few_steps: int = 4, progress: bool = True) -> list[dict]:
+GRID_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right",
+                "a yellow circle moving down", "a white square moving left")
+
+
+def _runs(teacher: str, students: list[tuple[str, str]], teacher_few_steps: int) -> list[tuple[str, object, dict]]:
+    """(row name, pipeline, generate kwargs): the teacher at its own sampler and at few steps, then the students."""
     import flgengine
 
-    evaluator = load_evaluator()
-    rows = []
     t = flgengine.load(teacher, device="cpu", dtype="fp32")
     runs = [(f"teacher, {t.config.sampler.num_steps} steps + CFG", t, {}),
             (f"teacher, {teacher_few_steps} steps + CFG", t, {"steps": teacher_few_steps})]
-    runs += [(name, flgengine.load(path, device="cpu", dtype="fp32"), {}) for name, path in students]
+    return runs + [(name, flgengine.load(path, device="cpu", dtype="fp32"), {}) for name, path in students]
+
+
+def video_grid(runs, prompts=GRID_PROMPTS, seed: int = 0, scale: int = 3) -> np.ndarray:
+    """One video of every row's model (rows) on every prompt (columns), same seed and noise:
+    (T, H, W, 3) uint8 with the model names on the left and the prompts on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    videos = [np.asarray(pipe(list(prompts), seed=seed, progress=False, **kw)) for _, pipe, kw in runs]  # (P, T, h, w, 3)
+    P, T, h, w, _ = videos[0].shape
+    cell, gap, left, top = (h * scale, w * scale), 4, 190, 40
+    H, W = top + len(runs) * (cell[0] + gap), left + P * (cell[1] + gap)
+    font = ImageFont.load_default(size=12)
+    frame = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(frame)
+    for j, prompt in enumerate(prompts):  # "a red circle" / "moving left"
+        words = prompt.split()
+        x = left + j * (cell[1] + gap) + cell[1] / 2
+        draw.text((x, 6), " ".join(words[:3]), fill=(40, 40, 40), font=font, anchor="ma")
+        draw.text((x, 21), " ".join(words[3:]), fill=(40, 40, 40), font=font, anchor="ma")
+    for i, (name, _, _) in enumerate(runs):
+        draw.text((8, top + i * (cell[0] + gap) + cell[0] / 2), name, fill=(40, 40, 40), font=font, anchor="lm")
+    base = np.asarray(frame).copy()
+    out = np.repeat(base[None], T, axis=0)  # (T, H, W, 3)
+    for i, v in enumerate(videos):
+        big = v.repeat(scale, axis=2).repeat(scale, axis=3)  # (P, T, h*s, w*s, 3), nearest neighbour
+        for j in range(P):
+            y, x = top + i * (cell[0] + gap), left + j * (cell[1] + gap)
+            out[:, y:y + cell[0], x:x + cell[1]] = big[j]
+    return out
+
+
+def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, seeds=(0,), batch_size: int = 20,
+            teacher_few_steps: int = 4, progress: bool = True, grid: str | None = None) -> list[dict]:
+    """The rows of the comparison table; with `grid`, also writes a video (.gif / .mp4) of
+    every model on GRID_PROMPTS (rows = models, same seed)."""
+    evaluator = load_evaluator()
+    rows = []
+    runs = _runs(teacher, students, teacher_few_steps)
     for name, pipe, kw in runs:
         r = evaluate_bundle(pipe, samples=samples, seeds=seeds, batch_size=batch_size, progress=progress,
                             evaluator=evaluator, **kw)
@@ -39,6 +81,10 @@ def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, se
     base = rows[0]["seconds_per_video"]
     for row in rows:
         row["speedup"] = base / row["seconds_per_video"]
+    if grid:
+        from flgengine.video import save_video
+
+        save_video(video_grid(runs), grid, fps=4)
     return rows
 
 
@@ -62,6 +108,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="base seeds (default 0)")
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--grid", default=None, metavar="FILE",
+                   help="also write a video (.gif or .mp4) of every model on five prompts, side by side")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -72,7 +120,8 @@ def run(args) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--student takes NAME=BUNDLE, got {s!r}")
         students.append((name, path))
-    rows = compare(args.teacher, students, args.samples, args.seeds, args.batch_size, progress=not args.quiet)
+    rows = compare(args.teacher, students, args.samples, args.seeds, args.batch_size, progress=not args.quiet,
+                   grid=args.grid)
     print(markdown(rows))
     if args.json:
         from pathlib import Path

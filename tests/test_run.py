@@ -137,8 +137,14 @@ def test_compare_table(tiny_teacher, tmp_path):
     from distill.compare import compare, markdown
 
     student = run(RunConfig(**_config(tiny_teacher, tmp_path / "run", evaluate=None)), progress=False)["bundle"]
-    rows = compare(tiny_teacher, [("FastLightGen", student)], samples=2, progress=False)
+    rows = compare(tiny_teacher, [("FastLightGen", student)], samples=2, progress=False, grid=tmp_path / "grid.gif")
     assert [r["nfe"] for r in rows] == [100, 8, 4]
+    import imageio.v3 as iio
+
+    from distill.compare import GRID_PROMPTS
+
+    grid = iio.imread(tmp_path / "grid.gif")  # (T, H, W, C): 3 model rows x 5 prompt columns of 3x cells
+    assert grid.shape[0] == 9 and grid.shape[1] > 3 * 96 and grid.shape[2] > len(GRID_PROMPTS) * 96
     assert rows[2]["params"] < rows[0]["params"] and rows[0]["speedup"] == 1.0
     assert all(0 <= r["adherence"]["adherence"] <= 1 and r["seconds_per_video"] > 0 for r in rows)
     table = markdown(rows)
