@@ -63,7 +63,7 @@ def _build() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.cuda.is_available(),
         "build": build_info(),
-        "op_backends": {op: ops.backends_for(op) for op in ("adaln_modulate", "rms_norm", "apply_rope", "attention")},
+        "op_backends": {op: ops.backends_for(op) for op in sorted(ops.registry._IMPLS)},
     }
 
 
@@ -77,9 +77,36 @@ def _info(args) -> int:
             continue
         print(f"{k:>14}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     if args.bundle and not args.verbose:
-        stages = info["provenance"].get("stages")
-        print(f"{'provenance':>14}: {json.dumps(stages) if stages else '(see --verbose)'}")
+        prov = info["provenance"]
+        print(f"{'provenance':>14}: {prov.get('kind', '?')} (--verbose for all of it)")
+        for stage in prov.get("stages") or []:
+            print(f"{'':>14}  - {_stage_summary(stage)}")
+        ev = prov.get("evaluation")
+        if ev:
+            a = ev["prompt_adherence"]
+            print(f"{'evaluation':>14}: {ev['videos']} videos, {ev['steps']} steps: adherence {a['adherence']:.3f} "
+                  f"(colour {a['colour']:.3f}, shape {a['shape']:.3f}, direction {a['direction']:.3f}), "
+                  f"motion {ev['motion']['ratio']:.2f}x, FD {ev['fd']:.0f} (floor {ev['fd_real_vs_real']:.0f}), "
+                  f"{ev['seconds_per_video']:.3f} s/video")
     return 0
+
+
+def _stage_summary(stage: dict) -> str:
+    """One line per provenance stage: what it was, how long, its main result."""
+    name, parts = stage.get("stage", "?"), []
+    if name == "plan":
+        parts.append(f"dropped blocks {stage.get('drop')} ({stage.get('removed_fraction', 0):.1%} of the parameters)")
+    if "steps" in stage:
+        parts.append(f"{stage['steps']} steps")
+    if "train_seconds" in stage:
+        parts.append(f"{stage['train_seconds'] / 60:.1f} min")
+    loss = stage.get("heldout_flow_loss", {})
+    if loss.get("end"):
+        parts.append("held-out flow loss full {eval_full:.4f}, pruned {eval_pruned:.4f}".format(**loss["end"]))
+    selected = stage.get("selected")
+    if selected:
+        parts.append(f"best checkpoint at step {selected.get('step')}")
+    return f"{name}: " + (", ".join(parts) if parts else json.dumps({k: v for k, v in stage.items() if k != 'stage'})[:120])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,7 +141,14 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
 
     assert cli(["info", "--json"]) == 0
     build = json.loads(capsys.readouterr().out)
-    assert "adaln_modulate" in build["op_backends"] and "cuda" in build["build"]
+    assert {"adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention"} <= set(build["op_backends"])
+    assert "cuda" in build["build"]
+
+    # the shipped student, in words: its stages one line each, its evaluation
+    assert cli(["info", "shapes-4step"]) == 0
+    text = capsys.readouterr().out
+    assert "FastLightGen student" in text and "- plan: dropped blocks [2, 3, 4]" in text
+    assert "- stage3: 300 steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
 
     assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
     assert "4k+1" in capsys.readouterr().err
