@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ..model.embed import clear_rope_cache
+from ..model.embed import clear_rope_cache, rope_3d
 from .spec import EngineSpec
 
 __all__ = ["traceable", "export_program"]
@@ -18,15 +18,17 @@ __all__ = ["traceable", "export_program"]
 def traceable(model, example_inputs):
     """Within the block `model` runs reference ops.
 
-    The RoPE table cache is filled with real tensors by one eager forward on
-    `example_inputs` first (a table first built while tracing would be a fake tensor left
-    in the cache) and emptied afterwards.
+    The RoPE table cache is filled with real tensors for `example_inputs`' token grid first
+    (a table first built while tracing would be a fake tensor left in the cache) and
+    emptied afterwards. No forward runs: at Wan sizes one eager CPU forward is most of an
+    hour.
     """
+    c = model.config
     old_backend = model.backend
     model.backend = "ref"
     try:
-        with torch.no_grad():
-            model(*example_inputs)  # warms the RoPE cache with real tensors
+        grid = model.check_inputs(*example_inputs)
+        rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, example_inputs[0].device)  # the forward's call
         yield model
     finally:
         model.backend = old_backend
