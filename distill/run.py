@@ -39,7 +39,7 @@ from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
-from .trainer import init_distributed, rank0_writes
+from .trainer import init_distributed, rank0_decides, rank0_writes
 
 
 @dataclass
@@ -194,7 +194,7 @@ def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, pr
 
 def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True) -> dict:
     done = out / "importance.json"
-    if done.is_file():
+    if rank0_decides(done.is_file()):
         return load_importance(done)
     c = cfg.importance
     x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
@@ -209,7 +209,7 @@ def run_plan(cfg: RunConfig, pipe, importance: dict | None, out: Path) -> Prunin
     if cfg.plan["file"]:
         return PruningPlan.from_json(cfg.plan["file"])
     done = out / "plan.json"
-    if done.is_file():
+    if rank0_decides(done.is_file()):
         return PruningPlan.from_json(done)
     plan = make_plan(pipe.dit, importance["importance"], budget=cfg.plan["budget"],
                      source={"teacher": cfg.teacher, "weights_sha256": pipe.provenance.get("weights_sha256")})
@@ -256,7 +256,7 @@ class Run:
         if stage2_cfg is None:
             return self.pipe.dit, None
         done = self.out / "stage2" / "bundle"
-        if (done / "model.safetensors").is_file():
+        if rank0_decides((done / "model.safetensors").is_file()):
             return load_bundle(done).model, json.loads((done / "provenance.json").read_text())["stages"][-1]
         net, record = s2.train_stage2(self.pipe.dit, self._need_plan(), self.data, stage2_cfg, self.out / "stage2",
                                       progress=self.progress)

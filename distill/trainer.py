@@ -222,6 +222,19 @@ def init_distributed() -> tuple[int, int]:
     return distributed()
 
 
+def rank0_decides(value):
+    """Rank 0's `value` on every rank (e.g. "is this stage's result already on disk?": a
+    rank that looked a moment later could see a file rank 0 is just writing)."""
+    rank, world = distributed()
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank0_writes(write) -> None:
     """Runs `write()` (which writes files) on rank 0 only; the others wait until it is done."""
     rank, world = distributed()
