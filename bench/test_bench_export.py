@@ -25,6 +25,7 @@ from flgengine.config import ModelConfig
 from flgengine.model import DiT
 from flgengine.pipeline import resolve_model, shipped_models
 from timing import median_seconds
+from wan_onnx_export import WAN_1_3B_STUDENT
 
 STUDENT_DROP = [2, 3, 4]  # the blocks the shapes student's plan removes from the teacher's 8
 
@@ -118,9 +119,6 @@ def test_generate_eager_vs_engines(benchmark, engines):
 
 # ---- GPU: the whole 4-step loop, eager vs one CUDA graph (vs an AOTInductor engine) ------------
 
-WAN_1_3B_STUDENT = dict(in_channels=16, out_channels=16, patch_size=(1, 2, 2), num_heads=12, head_dim=128,
-                        ffn_dim=8960, text_dim=4096, freq_dim=256, num_layers=30,
-                        block_ids=[i for i in range(30) if i not in (2, 5, 8, 11, 14, 17, 20, 23, 26)])
 
 
 @pytest.mark.gpu

@@ -42,7 +42,7 @@ from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
-from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded
+from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
 
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 REAL_SCORES = ("well-guided", "cfg")
@@ -172,8 +172,9 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
     # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
     # the result; the networks are sharded before the optimisers are made
-    template = copy.deepcopy(student).eval() if cfg.fsdp else None
+    template = None
     if cfg.fsdp:
+        template = copy.deepcopy(student).eval()
         for net in (real, student, fake):
             fsdp_shard(net)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, betas=(0.0, 0.99), weight_decay=0.0)
@@ -242,13 +243,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             consider(step + 1)
     seconds = trainer.close()
     student = plain_student()
-    if trainer.world > 1:  # rank 0 chose (and wrote) the best checkpoint: every rank returns it
-        import torch.distributed as dist
-
-        chosen = [trainer.extra.get("best")]
-        dist.broadcast_object_list(chosen, src=0)
-        trainer.extra["best"] = chosen[0]
-    best = trainer.extra.get("best")
+    # rank 0 chose (and wrote) the best checkpoint: every rank returns it
+    best = rank0_decides(trainer.extra.get("best"))
     if best is not None:
         student.load_state_dict(_load_safetensors(best_path, str(best_path)))
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
