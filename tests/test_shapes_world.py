@@ -134,6 +134,22 @@ def test_teacher_zero_init_starts_as_identity_branches():
     assert fresh(x, torch.tensor([100.0, 900.0]), text(["", ""])).abs().max() > 0
 
 
+def test_teacher_position_embeddings_stand_out_of_high_noise_tokens():
+    # at t ~ 1 a token's patch embedding is noise; the position table must be of comparable
+    # size or the network cannot tell where a token is (see TeacherConfig.pos_init_std)
+    from distill.teacher import TeacherConfig, _build
+
+    small = dict(num_layers=2, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16)
+    model, _ = _build(TeacherConfig(**small))
+    noise = model.patch_embed(torch.randn(64, 3, 1, 8, 8)).flatten()
+    assert abs(model.pos_table.std().item() - 1.0) < 0.05
+    assert model.pos_table.std() > noise.std()
+    model, _ = _build(TeacherConfig(**small, pos_init_std=0.02))
+    assert abs(model.pos_table.std().item() - 0.02) < 0.002
+    model, _ = _build(TeacherConfig(**small, pos_table=False))
+    assert all(abs(getattr(model, n).std().item() - 1.0) < 0.05 for n in ("pos_frame", "pos_row", "pos_col"))
+
+
 def test_teacher_cli_boolean_flags():
     import argparse
 
