@@ -96,7 +96,10 @@ class RunConfig(_JsonMixin):
         return s3.config_from_dict(self.stage3, "stage3")
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+        """The config in `path` (json or yaml) with `overrides` ("KEY=VALUE", dotted keys into
+        sections, VALUE read as YAML: `stage3.steps=100`, `out=runs/x`, `stage2=null`) applied
+        before validation."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -115,6 +118,8 @@ class RunConfig(_JsonMixin):
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+        for item in overrides:
+            apply_override(data, item)
         check_known_keys(data, [f.name for f in dataclasses.fields(cls)], str(path))
         try:
             return cls(**data)
@@ -122,6 +127,29 @@ class RunConfig(_JsonMixin):
             raise ConfigError(f"{path}: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Sets `data[a][b]... = value` for "a.b...=value" (value parsed as YAML). Sections that are
+    absent or null become mappings; the key names themselves are validated with the config."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. stage3.steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            if node.get(part) is not None:
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is {node[part]!r}, not a section")
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 # ---- pieces the stages share ------------------------------------------------------------------
@@ -300,7 +328,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 
 
 def run_command(args) -> int:
-    cfg = RunConfig.load(args.config)
+    cfg = RunConfig.load(args.config, args.set or ())
     rank, _ = init_distributed()  # under torchrun: DDP (or FSDP2 with stage2/stage3 fsdp: true)
     say = print if rank == 0 else (lambda *a: None)
     progress = not args.quiet and rank == 0
@@ -324,4 +352,7 @@ def run_command(args) -> int:
 
 def add_args(p) -> None:
     p.add_argument("config", help="run config (json or yaml): see `distill/run.py` and the README")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value before validation (repeatable; dotted keys into sections, "
+                        "VALUE read as YAML): --set out=runs/try --set stage3.steps=100 --set stage2=null")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

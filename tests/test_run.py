@@ -133,6 +133,26 @@ def test_run_config_is_strict(tiny_teacher, tmp_path):
         load("teacher: [", ".yaml")
 
 
+def test_run_config_overrides_from_the_command_line(tiny_teacher, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_config(tiny_teacher, tmp_path / "x")))
+    cfg = RunConfig.load(path, ["stage3.steps=9", "out=runs/other", "stage3.b1_range=[2.0, 3.5]", "stage2=null",
+                                "evaluate.seeds=[1, 2]", "plan.budget=0.25"])
+    assert cfg.stage3_config().steps == 9 and cfg.out == "runs/other" and cfg.stage2 is None
+    assert list(cfg.stage3_config().b1_range) == [2.0, 3.5] and cfg.evaluate["seeds"] == [1, 2] and cfg.plan["budget"] == 0.25
+    assert RunConfig.load(path, ["stage2.alpha=0.5"]).stage2_config().alpha == 0.5  # untouched keys stay
+    assert RunConfig.load(path, ["stage2.alpha=0.5"]).stage2_config().steps == 2
+    # overrides are validated like the file: unknown keys and bad values name the key
+    with pytest.raises(ConfigError, match="unknown key 'alpah' for Stage2Config"):
+        RunConfig.load(path, ["stage2.alpah=1"])
+    with pytest.raises(ConfigError, match="stage3.b1_range"):
+        RunConfig.load(path, ["stage3.b1_range=[4, 3]"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        RunConfig.load(path, ["stage3.steps"])
+    with pytest.raises(ConfigError, match="out is 'runs/x2', not a section"):
+        RunConfig.load(path, ["out=runs/x2", "out.deeper=1"])
+
+
 def test_compare_table(tiny_teacher, tmp_path):
     from distill.compare import compare, markdown
 
