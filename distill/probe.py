@@ -7,6 +7,11 @@ For real clips x0 at noise level t, the flow loss || v(x_t, t, c) - (eps - x0) |
 the true prompt, the empty prompt, and the prompt with one attribute (colour, shape,
 direction) swapped for another. A model that uses an attribute has a higher loss with it
 swapped; a gap of ~0 at high t means that word does not reach the prediction at all.
+
+Beside it, what the data allows: at t -> 1 the best prediction is the prompt's mean clip, so
+a perfect model's gap with a word swapped is the squared distance between the two prompts'
+mean clips (per element), estimated without bias from two independent halves of clips per
+prompt. A model far below that at high t is not using the word.
 """
 
 from __future__ import annotations
@@ -50,17 +55,49 @@ def prompt_sensitivity(pipe, n: int = 48, ts=(0.95, 0.85, 0.7, 0.5), seed: int =
     return rows
 
 
+def ideal_gaps(codec, per_prompt: int = 96, seed: int = 321) -> dict[str, float]:
+    """{attribute: E ||m(c) - m(c')||^2 per element} over prompts c and c' = c with that attribute
+    changed, m = mean encoded clip of a prompt (the t -> 1 gap of a perfect model)."""
+    rng = np.random.default_rng(seed)
+    half = per_prompt // 2
+    facts = [(c, s, d) for c in shapes.COLOURS for s in shapes.SHAPES for d in shapes.DIRECTIONS]
+    means = {}  # facts -> (mean of half A, mean of half B), each (C, T, H, W)
+    for f in facts:
+        clips = [shapes.render(shapes.sample_clip(rng, colour=f[0], shape=f[1], direction=f[2])) for _ in range(2 * half)]
+        x = codec.encode(uint8_to_video(torch.from_numpy(np.stack(clips)))).float()
+        means[f] = (x[:half].mean(0), x[half:].mean(0))
+    out = {}
+    for i, attr in enumerate(ATTRIBUTES):
+        gaps = []
+        for f in facts:
+            for v in ATTRIBUTES[attr]:
+                if v == f[i]:
+                    continue
+                g = f[:i] + (v,) + f[i + 1:]
+                # (mA(f) - mA(g)) . (mB(f) - mB(g)): unbiased for ||m(f) - m(g)||^2
+                gaps.append(torch.mean((means[f][0] - means[g][0]) * (means[f][1] - means[g][1])).item())
+        out[attr] = float(np.mean(gaps))
+    return out
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a shapes-world bundle (or shipped name)")
     p.add_argument("--samples", type=int, default=48, help="clips (default 48)")
+    p.add_argument("--ideal-clips", type=int, default=96,
+                   help="clips per prompt for the data's ideal gaps (default 96; 0: skip that row)")
 
 
 def run(args) -> int:
     import flgengine
 
-    rows = prompt_sensitivity(flgengine.load(args.bundle, device="cpu", dtype="fp32"), n=args.samples)
+    pipe = flgengine.load(args.bundle, device="cpu", dtype="fp32")
+    rows = prompt_sensitivity(pipe, n=args.samples)
     print("t      true      uncond    +colour   +shape    +direction   (loss; +X: gap with X swapped)")
     for r in rows:
         print(f"{r['t']:<6} {r['true']:.5f}   {r['uncond']:.5f}   " + "   ".join(
             f"{r[a] - r['true']:+.5f}" for a in ATTRIBUTES))
+    if args.ideal_clips >= 2:
+        ideal = ideal_gaps(pipe.codec, args.ideal_clips)
+        print("ideal                        " + "   ".join(f"+{ideal[a]:.5f}" for a in ATTRIBUTES)
+              + "   (what the data allows at t -> 1: a perfect model's gap)")
     return 0
