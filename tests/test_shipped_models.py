@@ -28,19 +28,21 @@ def test_shapes_teacher_provenance_has_recipe_time_and_quality():
     assert ev["fd"] > 0 and ev["fd_real_vs_real"] > 0 and ev["motion"]["true_speed"] > 0
 
 
-def test_shipped_teacher_draws_the_prompted_colour():
-    """The evaluator reads the colour the teacher was asked for in fresh prompts (the
-    attribute the shipped teacher has learned)."""
+def test_shipped_teacher_draws_what_it_is_asked_for():
+    """The evaluator reads the colour, shape and direction the teacher was asked for in
+    fresh prompts (measured on 180 videos: 1.000 / 0.872 / 0.989)."""
     from distill.evaluate import classify, load_evaluator
 
     pipe = flgengine.load("shapes-teacher")
     rng = np.random.default_rng(2026)
-    prompts = [shapes.prompt_of(c, s, d) for c, s, d in zip(rng.permutation(list(shapes.COLOURS))[:5],
-                                                                 rng.choice(shapes.SHAPES, 5), rng.choice(list(shapes.DIRECTIONS), 5))]
-    videos = pipe(prompts, seed=7, steps=25, progress=False)
-    read = classify(load_evaluator(), videos)
-    hits = sum(r == p.split()[1] for r, p in zip(read["colour"], prompts))
-    assert hits >= 4, (prompts, read["colour"])
+    n = 8
+    facts = [(list(shapes.COLOURS)[rng.integers(5)], shapes.SHAPES[rng.integers(3)],
+              list(shapes.DIRECTIONS)[rng.integers(4)]) for _ in range(n)]
+    prompts = [shapes.prompt_of(*f) for f in facts]
+    read = classify(load_evaluator(), pipe(prompts, seed=7, steps=25, progress=False))
+    for i, attr in enumerate(("colour", "shape", "direction")):
+        hits = sum(r == f[i] for r, f in zip(read[attr], facts))
+        assert hits >= (n if attr == "colour" else n - 2), (attr, prompts, read[attr])
 
 
 def test_shapes_student_is_the_4_step_pruned_distillation_of_the_teacher():
