@@ -58,13 +58,14 @@ def prompt_sensitivity(pipe, n: int = 48, ts=(0.95, 0.85, 0.7, 0.5), seed: int =
 def ideal_gaps(codec, per_prompt: int = 96, seed: int = 321) -> dict[str, float]:
     """{attribute: E ||m(c) - m(c')||^2 per element} over prompts c and c' = c with that attribute
     changed, m = mean encoded clip of a prompt (the t -> 1 gap of a perfect model)."""
-    rng = np.random.default_rng(seed)
+    from .evaluate import real_videos
+
     half = per_prompt // 2
     facts = [(c, s, d) for c in shapes.COLOURS for s in shapes.SHAPES for d in shapes.DIRECTIONS]
     means = {}  # facts -> (mean of half A, mean of half B), each (C, T, H, W)
-    for f in facts:
-        clips = [shapes.render(shapes.sample_clip(rng, colour=f[0], shape=f[1], direction=f[2])) for _ in range(2 * half)]
-        x = codec.encode(uint8_to_video(torch.from_numpy(np.stack(clips)))).float()
+    for k, f in enumerate(facts):
+        clips = real_videos([shapes.prompt_of(*f)] * (2 * half), seed=seed * 1000 + k)
+        x = codec.encode(uint8_to_video(torch.from_numpy(clips))).float()
         means[f] = (x[:half].mean(0), x[half:].mean(0))
     out = {}
     for i, attr in enumerate(ATTRIBUTES):
