@@ -4,7 +4,10 @@
 # The machine has no network: torch, triton, scikit-build-core, pybind11, cmake and
 # ninja are already there; nothing is installed from an index.
 #
-#   device run: bash bench/device_check.sh
+#   device run: bash bench/device_check.sh 2>&1 | tee $OUT/log.txt
+#
+# Each section has its own time limit so one slow part cannot eat the lease; files under
+# $OUT stay few (the device tool returns at most 8).
 set -uo pipefail
 OUT=${OUT:-/tmp/flg-device-out}
 mkdir -p "$OUT"
@@ -13,28 +16,31 @@ PY=${PY:-python3}
 log() { echo "== $*"; }
 
 log "card"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.csv"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 log "build _C (CUDA archs 80;90a)"
 t0=$(date +%s)
-if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+BUILD_LOG=$(mktemp)
+if ! CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-isolation --no-deps -e . >"$BUILD_LOG" 2>&1; then
+  tail -60 "$BUILD_LOG"; echo "BUILD FAILED"; exit 1
 fi
 echo "built in $(( $(date +%s) - t0 )) s"
-$PY -c "import flgengine.ops.native as n, json; print(json.dumps(n.build_info()))" | tee "$OUT/build_info.json"
+$PY -c "import flgengine.ops.native as n, json; print(json.dumps(n.build_info()))"
 
 log "ceilings: copy bandwidth and bf16 matmul (every GPU figure below is a fraction of these)"
 (cd bench && $PY -c "import ceilings, json; print(json.dumps(ceilings.measured('cuda')))") | tee "$OUT/ceilings.json"
 
 log "gpu tests"
-$PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25
-rc_tests=${PIPESTATUS[0]}
+timeout 300 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --tb=short --durations=8 >"$OUT/gpu_tests.txt" 2>&1
+rc_tests=$?
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30
 
 log "gpu benchmarks"
-$PY -m pytest -q bench -m gpu -s -p no:cacheprovider --benchmark-json="$OUT/bench.json" 2>&1 \
-  | grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step)|passed|failed|error" | tee "$OUT/bench_summary.txt"
-rc_bench=${PIPESTATUS[0]}
+timeout 300 $PY -m pytest -q bench -m gpu -s -p no:cacheprovider -rfE --tb=short --benchmark-json="$OUT/bench.json" \
+  >"$OUT/bench_log.txt" 2>&1
+rc_bench=$?
+grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step|FAILED|ERROR)|passed|failed|error" "$OUT/bench_log.txt"
 
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny student, then generate through it"
 # (the gpu tests and benchmarks above already cover the CUDA graph loop: test_cudagraph.py,
@@ -51,10 +57,18 @@ save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
 PYEOF
 t0=$(date +%s)
 $PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
-  -o "$ENG/aoti" --json >"$OUT/export_aoti_cuda.json" 2>"$OUT/export_aoti_cuda.log"
+  -o "$ENG/aoti" --json >"$OUT/export_aoti_cuda.json" 2>"$ENG/export.log"
 rc_export=$?
-echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/export_aoti_cuda.log"
+echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$ENG/export.log"
 $PY -c "import tensorrt" 2>/dev/null && echo "tensorrt present" || echo "tensorrt absent (TensorRT build not checked)"
+
+log "shapes teacher: guidance sweep (180 videos each, 50 steps, fp32)"
+for g in 2.5 3 5 6 8; do
+  timeout 60 $PY -m distill evaluate shapes-teacher --samples 60 --seeds 0 1 2 --batch-size 180 \
+    --guidance $g --device cuda --dtype fp32 --json --quiet >"$ENG/g$g.json" 2>"$ENG/g$g.log" \
+    && $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('guidance', sys.argv[2], json.dumps(r))" "$ENG/g$g.json" $g \
+    || { echo "guidance $g failed"; tail -3 "$ENG/g$g.log"; }
+done | tee "$OUT/guidance_sweep.txt"
 
 log "done: tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
 exit $(( rc_tests || rc_bench || rc_export ))
