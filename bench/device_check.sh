@@ -7,7 +7,8 @@
 #   device run: bash bench/device_check.sh 2>&1 | tee $OUT/log.txt
 #
 # Each section has its own time limit so one slow part cannot eat the lease; files under
-# $OUT stay few (the device tool returns at most 8).
+# $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
+# (tests 225 s, with the AOTInductor compiles the slowest part).
 set -uo pipefail
 OUT=${OUT:-/tmp/flg-device-out}
 mkdir -p "$OUT"
@@ -36,13 +37,22 @@ timeout 300 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --tb=short --
 rc_tests=$?
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30
 
-log "gpu benchmarks"
-timeout 300 $PY -m pytest -q bench -m gpu -s -p no:cacheprovider -rfE --tb=short --benchmark-json="$OUT/bench.json" \
-  >"$OUT/bench_log.txt" 2>&1
-rc_bench=$?
-grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step|FAILED|ERROR)|passed|failed|error" "$OUT/bench_log.txt"
+log "gpu benchmarks (each part in its own process: a crash in one cannot hide the rest)"
+rc_bench=0
+: >"$OUT/bench_log.txt"
+bench_part() {  # NAME FILE [pytest args...]: one benchmark process, JSON to $OUT/bench_NAME.json
+  local name=$1 file=$2; shift 2
+  echo "-- $name" >>"$OUT/bench_log.txt"
+  timeout 240 $PY -m pytest -q "bench/$file" "$@" -m gpu -s -p no:cacheprovider -rfE --tb=short \
+    --benchmark-json="$OUT/bench_$name.json" >>"$OUT/bench_log.txt" 2>&1 || { rc_bench=1; echo "bench $name failed"; }
+}
+bench_part ops test_bench_ops.py
+bench_part dit test_bench_dit.py
+bench_part loop test_bench_export.py -k "not aoti"
+bench_part aoti test_bench_export.py -k aoti_engine
+grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
-log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny student, then generate through it"
+log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny DiT, verified by loading it back"
 # (the gpu tests and benchmarks above already cover the CUDA graph loop: test_cudagraph.py,
 #  bench/test_bench_export.py::test_gpu_fewstep_loop_eager_vs_cuda_graph)
 ENG=$(mktemp -d)
@@ -56,19 +66,11 @@ from flgengine.model import DiT
 save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
 PYEOF
 t0=$(date +%s)
-$PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
-  -o "$ENG/aoti" --json >"$OUT/export_aoti_cuda.json" 2>"$ENG/export.log"
+timeout 150 $PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
+  -o "$ENG/aoti" --json >"$ENG/export.json" 2>"$ENG/export.log"
 rc_export=$?
-echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$ENG/export.log"
+echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$ENG/export.log"; head -c 1500 "$ENG/export.json"
 $PY -c "import tensorrt" 2>/dev/null && echo "tensorrt present" || echo "tensorrt absent (TensorRT build not checked)"
-
-log "shapes teacher: guidance sweep (180 videos each, 50 steps, fp32)"
-for g in 2.5 3 5 6 8; do
-  timeout 60 $PY -m distill evaluate shapes-teacher --samples 60 --seeds 0 1 2 --batch-size 180 \
-    --guidance $g --device cuda --dtype fp32 --json --quiet >"$ENG/g$g.json" 2>"$ENG/g$g.log" \
-    && $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('guidance', sys.argv[2], json.dumps(r))" "$ENG/g$g.json" $g \
-    || { echo "guidance $g failed"; tail -3 "$ENG/g$g.log"; }
-done | tee "$OUT/guidance_sweep.txt"
 
 log "done: tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
 exit $(( rc_tests || rc_bench || rc_export ))

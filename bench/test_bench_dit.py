@@ -55,8 +55,9 @@ def test_dit_forward(benchmark, size, pruned):
     tokens = latent[2] * latent[3] * latent[4] // 4
     results = {}
     with torch.no_grad():
-        for backend in ("ref", "cuda", "triton") if device.type == "cuda" else ("ref", "cpu"):
-            model.backend = backend
+        # "auto": no preference, each op's automatic pick (the default a user gets)
+        for backend in ("ref", "auto", "cuda", "triton") if device.type == "cuda" else ("ref", "cpu"):
+            model.backend = None if backend == "auto" else backend
             results[backend] = median_seconds(lambda: model(x, t, ctx), device, repeat=5 if size == "wan1.3b" else 10, warmup=2)
         benchmark.pedantic(lambda: model(x, t, ctx), rounds=3, iterations=1, warmup_rounds=1)
     fl = _flops(cfg, model, tokens)

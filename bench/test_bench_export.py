@@ -24,6 +24,7 @@ from flgengine.checkpoint import save_bundle
 from flgengine.config import ModelConfig
 from flgengine.model import DiT
 from flgengine.pipeline import resolve_model, shipped_models
+from flgengine.sampling import FewStepSampler, randn
 from timing import median_seconds
 from wan_onnx_export import WAN_1_3B_STUDENT
 
@@ -121,12 +122,8 @@ def test_generate_eager_vs_engines(benchmark, engines):
 
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("size", ["shapes-student", "wan1.3b-480p"])
-def test_gpu_fewstep_loop_eager_vs_cuda_graph(benchmark, size, tmp_path):
-    from flgengine.cudagraph import GraphedFewStepLoop
-    from flgengine.sampling import FewStepSampler, randn
-
+def _gpu_loop_inputs(size, tmp_path):
+    """(bf16 CUDA DiT, noise, context, generator) for the 4-step loop benchmarks."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     if size == "wan1.3b-480p":
         cfg, latent, ctx_shape = ModelConfig(**WAN_1_3B_STUDENT), (16, 21, 60, 104), (1, 512, 4096)
@@ -137,27 +134,51 @@ def test_gpu_fewstep_loop_eager_vs_cuda_graph(benchmark, size, tmp_path):
     torch.manual_seed(0)
     with torch.device(device):
         model = DiT(cfg).cast(dtype).eval().requires_grad_(False)
-    sampler = FewStepSampler([1.0, 0.9, 0.75, 0.5])
     gen = torch.Generator().manual_seed(0)
     noise = randn((1, *latent), gen, device, dtype)
     ctx = torch.randn(ctx_shape, generator=gen).to(device, dtype)
-    runs = {"eager": lambda: sampler.sample(model, noise, ctx, generator=gen)}
+    return model, noise, ctx, gen
+
+
+def _report(benchmark, what, seconds, model):
+    ratios = {k: seconds["eager"] / v for k, v in seconds.items()}
+    benchmark.extra_info.update({"seconds": seconds, "speedup_vs_eager": ratios, "blocks": len(model.config.kept_blocks)})
+    print(f"\nfew-step loop (4 DiT calls + sampler), {what}, bf16: "
+          + ", ".join(f"{k} {v * 1e3:.2f} ms ({ratios[k]:.2f}x)" for k, v in seconds.items()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", ["shapes-student", "wan1.3b-480p"])
+def test_gpu_fewstep_loop_eager_vs_cuda_graph(benchmark, size, tmp_path):
+    from flgengine.cudagraph import GraphedFewStepLoop
+
+    model, noise, ctx, gen = _gpu_loop_inputs(size, tmp_path)
+    sampler = FewStepSampler([1.0, 0.9, 0.75, 0.5])
     with torch.no_grad():
         graph = GraphedFewStepLoop(sampler, model, noise, ctx)
-        runs["cuda_graph"] = lambda: graph(noise, ctx, None, gen)
-        if size == "shapes-student":  # an AOTInductor CUDA engine of the same DiT (a small compile)
-            from flgengine.export import export_engine, load_engine
-
-            bundle = save_bundle(tmp_path / "b", model.float())
-            model.cast(dtype)
-            export_engine(bundle, "aoti", tmp_path / "aoti", device="cuda", dtype="bf16", latent=latent[1:],
-                          text_len=ctx_shape[1], dynamic=(), progress=False)
-            engine = load_engine(tmp_path / "aoti")
-            runs["aoti"] = lambda: sampler.sample(engine, noise, ctx, generator=gen)
+        runs = {"eager": lambda: sampler.sample(model, noise, ctx, generator=gen),
+                "cuda_graph": lambda: graph(noise, ctx, None, gen)}
         repeat = 3 if size == "wan1.3b-480p" else 20
-        seconds = {k: median_seconds(run, device, repeat=repeat, warmup=1) for k, run in runs.items()}
+        seconds = {k: median_seconds(run, noise.device, repeat=repeat, warmup=1) for k, run in runs.items()}
         benchmark.pedantic(runs["cuda_graph"], rounds=3, iterations=1, warmup_rounds=1)
-    ratios = {k: seconds["eager"] / v for k, v in seconds.items()}
-    benchmark.extra_info.update({"seconds": seconds, "speedup_vs_eager": ratios, "blocks": len(cfg.kept_blocks)})
-    print(f"\nfew-step loop (4 DiT calls + sampler), {size}, bf16: "
-          + ", ".join(f"{k} {v * 1e3:.2f} ms ({ratios[k]:.2f}x)" for k, v in seconds.items()))
+    _report(benchmark, size, seconds, model)
+
+
+@pytest.mark.gpu
+def test_gpu_fewstep_loop_aoti_engine(benchmark, tmp_path):
+    """The shapes student's 4-step loop through an AOTInductor CUDA engine (bf16, static shapes) vs eager."""
+    from flgengine.export import export_engine, load_engine
+
+    model, noise, ctx, gen = _gpu_loop_inputs("shapes-student", tmp_path)
+    sampler = FewStepSampler([1.0, 0.9, 0.75, 0.5])
+    bundle = save_bundle(tmp_path / "b", model.float())
+    model.cast(torch.bfloat16)
+    export_engine(bundle, "aoti", tmp_path / "aoti", device="cuda", dtype="bf16", latent=tuple(noise.shape[2:]),
+                  text_len=ctx.shape[1], dynamic=(), progress=False)
+    engine = load_engine(tmp_path / "aoti")
+    with torch.no_grad():
+        runs = {"eager": lambda: sampler.sample(model, noise, ctx, generator=gen),
+                "aoti": lambda: sampler.sample(engine, noise, ctx, generator=gen)}
+        seconds = {k: median_seconds(run, noise.device, repeat=20, warmup=1) for k, run in runs.items()}
+        benchmark.pedantic(runs["aoti"], rounds=3, iterations=1, warmup_rounds=1)
+    _report(benchmark, "shapes-student", seconds, model)

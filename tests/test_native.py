@@ -154,7 +154,7 @@ def test_cuda_adaln_modulate_matches_reference(dtype, shape, per_token):
     from helpers import rel_err
     tol = max(2 * rel_err(ref.adaln_modulate(x, scale, shift), expect), TOL[dtype])
     assert_close(out, expect, tol, f"cuda adaln_modulate {dtype} {shape}")
-    assert registry.pick("adaln_modulate", (x, scale, shift))[0] == "cuda"
+    assert registry.pick("adaln_modulate", (x, scale, shift))[0] in ("triton", "cuda")  # a fused kernel, not ref
 
 
 @needs_C
@@ -455,7 +455,7 @@ def test_cuda_gated_residual_adaln_matches_reference(dtype, case):
         x, y, gate, scale, shift = _gated_inputs(case, dtype, torch.float32, device="cuda")
     _check_gated(x, y, gate, scale, shift, "cuda", f"cuda gated_residual_adaln {dtype} {case}")
     torch.cuda.synchronize()
-    assert registry.pick("gated_residual_adaln", (x, y, gate, scale, shift))[0] == "cuda"
+    assert registry.pick("gated_residual_adaln", (x, y, gate, scale, shift))[0] in ("triton", "cuda")
 
 
 @pytest.mark.gpu
@@ -491,7 +491,7 @@ def test_cuda_attention_matches_sdpa(dtype, B, Sq, Skv, H, D):
     k, v = _nonzero(B, Skv, H, D).cuda().to(dtype), _nonzero(B, Skv, H, D).cuda().to(dtype)
     _check_attention(q, k, v, "cuda", f"cuda attention {dtype} B={B} Sq={Sq} Skv={Skv} H={H} D={D}")
     torch.cuda.synchronize()
-    assert registry.pick("attention", (q, k, v))[0] == "cuda"
+    assert registry.pick("attention", (q, k, v))[0] == "ref"  # explicit-only: SDPA measured faster
 
 
 @pytest.mark.gpu

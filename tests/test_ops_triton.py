@@ -90,7 +90,9 @@ def _mod(kind: str, B: int, S: int, D: int, dtype, device, k: int = 0, mul: floa
         m = torch.ones(1, D, dtype=dtype, device=device).expand(B, D)
     else:
         raise ValueError(kind)
-    assert (kind in ("sample", "token")) == (m.stride() == torch.empty(m.shape).stride()), (kind, m.stride())
+    # the layout is the one named (a (D,) expanded to (1, D) is contiguous: B = 1 cannot tell them apart)
+    contiguous = kind in ("sample", "token") or (B == 1 and kind in ("vector", "ones"))
+    assert contiguous == (m.stride() == torch.empty(m.shape).stride()), (kind, m.stride())
     return m
 
 

@@ -69,12 +69,22 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def _auto_order(tensors) -> tuple[str, ...]:
+# The automatic order on CUDA tensors, per op where measurement says so (H100, bf16, Wan-1.3B
+# 480p shapes; bench/RESULTS.md 2026-11-27): Triton's adaln_modulate and gated_residual_adaln
+# ran 1.3x and 1.5x faster than the CUDA ones, the CUDA qk_norm_rope 1.3x faster than Triton's.
+# (Our attention kernels are explicit-only: torch SDPA was faster.)
+CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    "adaln_modulate": ("triton", "cuda", "ref"),
+    "gated_residual_adaln": ("triton", "cuda", "ref"),
+}
+
+
+def _auto_order(op: str, tensors) -> tuple[str, ...]:
     t = tensors[0]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors if isinstance(x, torch.Tensor)):
         return ("ref",)  # fused ops have no backward: training runs the reference
     if t.device.type == "cuda":
-        return ("cuda", "triton", "ref")
+        return CUDA_ORDER.get(op, ("cuda", "triton", "ref"))
     if t.device.type == "cpu":
         return ("cpu", "ref")
     return ("ref",)
@@ -96,7 +106,7 @@ def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
         if reason is not None:
             raise BackendUnavailable(f"op {op!r} cannot run on backend {name!r}: {reason}")
         return name, impl
-    for cand in _auto_order(tensors):
+    for cand in _auto_order(op, tensors):
         if cand not in impls or (op, cand) in _EXPLICIT_ONLY:
             continue
         impl, why_not = impls[cand]

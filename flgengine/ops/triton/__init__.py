@@ -96,6 +96,8 @@ def _(q, k, v):
 
 
 def register(registry) -> None:
-    """Registers the four ops as backend "triton" (their why_not decides per call)."""
+    """Registers the four ops as backend "triton" (their why_not decides per call). Attention
+    serves explicit requests only: on an H100 it ran at 0.52-0.83x torch SDPA (bench/RESULTS.md
+    2026-11-27), so the automatic pick keeps SDPA."""
     for op in OPS:
-        registry.register(op, "triton", globals()[f"{op}_triton"], _why_not(op))
+        registry.register(op, "triton", globals()[f"{op}_triton"], _why_not(op), auto=op != "attention")
