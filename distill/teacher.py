@@ -73,7 +73,12 @@ class TeacherConfig:
     # right" by frame x column): at 0.02 the teacher never learned the direction word (its loss
     # with the direction swapped was the same to 5 digits); at 1.0 it does (see README).
     pos_init_std: float = 1.0
-    velocity_skip: float | None = 0.5  # sigma_data of the c_skip(t) * x_t output skip (ModelConfig.velocity_skip)
+    velocity_skip: float | None = None  # sigma_data of a c_skip(t) * x_t output skip (ModelConfig.velocity_skip; v8 used 0.5)
+    # the network predicts x0, trained with the velocity loss (ModelConfig.x0_prediction; this is
+    # the floor on t in v = (x_t - x0_hat) / t). With velocity output (v8) the width-192 network
+    # could not predict the per-pixel noise at low t: its samples kept the noise of t ~ 0.3,
+    # which also dragged the measured motion to 0.75x (static speckle weighs on the centroid).
+    x0_prediction: float | None = 0.05
     pooled_text: bool = True  # pooled prompt into the timestep embedding (see ModelConfig.pooled_text)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
@@ -94,6 +99,7 @@ class TeacherConfig:
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
                            pos_embed=self.pos_embed, pooled_text=self.pooled_text, velocity_skip=self.velocity_skip,
+                           x0_prediction=self.x0_prediction,
                            pos_grid=(shapes.NUM_FRAMES, shapes.SIZE // self.patch, shapes.SIZE // self.patch)
                            if self.pos_embed and self.pos_table else None)
 

@@ -425,6 +425,9 @@ def to_diffusers(model_or_bundle, out_dir: str | Path) -> Path:
     if c.velocity_skip:
         raise ValueError("to_diffusers: this model adds a skip c_skip(t) * x to its output (velocity_skip), "
                          "which a diffusers WanTransformer3DModel does not have")
+    if c.x0_prediction:
+        raise ValueError("to_diffusers: this model's network predicts x0 and converts it to a velocity (x0_prediction), "
+                         "which a diffusers WanTransformer3DModel does not do")
     if c.pooled_text:
         raise ValueError("to_diffusers: this model adds a pooled text vector to its timestep embedding (pooled_text), "
                          "which a diffusers WanTransformer3DModel does not have")

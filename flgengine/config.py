@@ -149,6 +149,16 @@ class ModelConfig(_JsonMixin):
     stream to the output (v = eps - x0), which leaves a narrow model (width ~ pixels per
     patch) no room for what the prompt says at high noise. Per-sample timesteps only.
     Models with it do not convert to diffusers.
+
+    `x0_prediction` = a sigma floor (not in Wan; default off): the network predicts the clean
+    sample x0 and the DiT returns the velocity it implies, `v = (x_t - x0_hat) / max(t, floor)`
+    (t in 0..1), so samplers, distillation and engines see a velocity model as ever. Trained
+    with the usual velocity loss this is "x-prediction, v-loss". A network whose width is about
+    the pixels of a patch cannot predict the noise of every pixel (what v = eps - x0 asks of it
+    at low noise): a velocity-predicting shapes teacher left its videos as noisy as t ~ 0.3,
+    its x0 estimate at t <= 0.2 no better than the noisy input. Clean samples lie on a
+    low-dimensional set and are what such a network can predict. Per-sample timesteps only;
+    not with `velocity_skip`. Models with it do not convert to diffusers.
     """
 
     in_channels: int = 16
@@ -168,18 +178,23 @@ class ModelConfig(_JsonMixin):
     pos_grid: tuple[int, int, int] | None = None
     pooled_text: bool = False
     velocity_skip: float | None = None
+    x0_prediction: float | None = None
     block_ids: list[int] | None = None
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None
     dtype: str = "float32"
 
     # optional DiT features that bundles written before them do not name: absent = off
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip", "x0_prediction")
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         _check(self.velocity_skip is None or (isinstance(self.velocity_skip, (int, float)) and self.velocity_skip > 0),
                f"velocity_skip (sigma_data) must be a positive number or null, got {self.velocity_skip!r}")
+        _check(self.x0_prediction is None or (isinstance(self.x0_prediction, (int, float))
+                                              and not isinstance(self.x0_prediction, bool) and 0 < self.x0_prediction < 1),
+               f"x0_prediction (sigma floor) must be a number in (0, 1) or null, got {self.x0_prediction!r}")
+        _check(not (self.x0_prediction and self.velocity_skip), "x0_prediction and velocity_skip cannot both be set")
         if self.pos_grid is not None:
             _check(isinstance(self.pos_grid, (list, tuple)) and len(self.pos_grid) == 3
                    and all(isinstance(n, int) and n > 0 for n in self.pos_grid),

@@ -1,5 +1,7 @@
 """The DiT: pruned students are the same class and compute what pruning promises."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,6 +108,31 @@ def test_position_table_per_token():
         model(torch.zeros(1, 4, 3, 4, 4), t, c)  # 3 frames > the table's 2
     with pytest.raises(Exception, match="pos_grid needs pos_embed"):
         tiny_config(pos_grid=(2, 2, 2))
+
+
+def test_x0_prediction_returns_the_velocity_of_the_networks_x0():
+    from flgengine.checkpoint import to_diffusers
+
+    torch.manual_seed(0)
+    model = DiT(tiny_config(x0_prediction=0.05)).eval()
+    plain = DiT(tiny_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    x, _, c = _inputs()
+    t = torch.tensor([20.0, 600.0])[: x.shape[0]]  # below and above the floor
+    with torch.no_grad():
+        x0_hat = plain(x, t, c)  # the same network, read as an x0 estimate
+        sigma = torch.tensor([0.05, 0.6])[: x.shape[0]].view(-1, 1, 1, 1, 1)
+        assert_close(model(x, t, c), (x - x0_hat) / sigma, 1e-6, "x0 prediction")
+    for bad in (0.0, 1.0, True, "0.05"):
+        with pytest.raises(ValueError, match="x0_prediction"):
+            tiny_config(x0_prediction=bad)
+    with pytest.raises(ValueError, match="cannot both be set"):
+        tiny_config(x0_prediction=0.05, velocity_skip=0.5)
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        S = math.prod(d // p for d, p in zip(x.shape[2:], model.config.patch_size))
+        model(x, t[:, None].expand(-1, S), c)
+    with pytest.raises(ValueError, match="x0_prediction"):
+        to_diffusers(model, "/nonexistent")
 
 
 def test_velocity_skip_adds_the_linear_prediction():

@@ -6,6 +6,7 @@
     per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn -> adaLN(FFN)
     head: adaLN with (shift, scale) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
     [+ c_skip(t) * x, optional: ModelConfig.velocity_skip]
+    [or the output is x0_hat and v = (x - x0_hat) / max(t, floor): ModelConfig.x0_prediction]
 
 A pruned student is this class with fewer blocks (`config.block_ids`) and possibly
 fewer heads / a narrower FFN per block. Modulation math runs in fp32. Ops that get
@@ -181,8 +182,9 @@ class DiT(nn.Module):
             raise ValueError("t must be (B,) or (B, S), got a scalar; use t.expand(B)")
         if t.shape[0] != B or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != S):
             raise ValueError(f"t must be ({B},) or ({B}, {S}) (one per token), got {tuple(t.shape)}")
-        if c.velocity_skip and t.dim() != 1:
-            raise ValueError(f"this model (velocity_skip) takes one timestep per sample, t of shape ({B},); got {tuple(t.shape)}")
+        if (c.velocity_skip or c.x0_prediction) and t.dim() != 1:
+            what = "velocity_skip" if c.velocity_skip else "x0_prediction"
+            raise ValueError(f"this model ({what}) takes one timestep per sample, t of shape ({B},); got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
         return grid
@@ -236,6 +238,9 @@ class DiT(nn.Module):
         out = out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
         if c.velocity_skip:  # + c_skip(t) x: the network predicts only what the input does not carry
             out = out + velocity_skip(t, c.velocity_skip).view(B, 1, 1, 1, 1).to(out.dtype) * x
+        if c.x0_prediction:  # out is x0_hat: the velocity it implies, v = (x_t - x0_hat) / t
+            sigma = (t.float() / 1000.0).clamp(min=c.x0_prediction).view(B, 1, 1, 1, 1)
+            out = ((x.float() - out.float()) / sigma).to(out.dtype)
         return out
 
     # -- utilities -------------------------------------------------------------------
