@@ -73,12 +73,11 @@ class TeacherConfig:
     # right" by frame x column): at 0.02 the teacher never learned the direction word (its loss
     # with the direction swapped was the same to 5 digits); at 1.0 it does (see README).
     pos_init_std: float = 1.0
-    velocity_skip: float | None = None  # sigma_data of a c_skip(t) * x_t output skip (ModelConfig.velocity_skip; v8 used 0.5)
-    # the network predicts x0, trained with the velocity loss (ModelConfig.x0_prediction; this is
-    # the floor on t in v = (x_t - x0_hat) / t). With velocity output (v8) the width-192 network
-    # could not predict the per-pixel noise at low t: its samples kept the noise of t ~ 0.3,
-    # which also dragged the measured motion to 0.75x (static speckle weighs on the centroid).
-    x0_prediction: float | None = 0.05
+    velocity_skip: float | None = 0.5  # sigma_data of the c_skip(t) * x_t output skip (ModelConfig.velocity_skip)
+    # the network predicts x0 (ModelConfig.x0_prediction, the floor on t; needs velocity_skip None).
+    # Measured as v9 (README, bench/RESULTS.md): clean backgrounds where v8 keeps the noise of t ~ 0.3,
+    # but the shape jitters from frame to frame (motion 1.47x) and adherence fell to 0.62; off by default.
+    x0_prediction: float | None = None
     pooled_text: bool = True  # pooled prompt into the timestep embedding (see ModelConfig.pooled_text)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)

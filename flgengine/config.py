@@ -157,8 +157,10 @@ class ModelConfig(_JsonMixin):
     the pixels of a patch cannot predict the noise of every pixel (what v = eps - x0 asks of it
     at low noise): a velocity-predicting shapes teacher left its videos as noisy as t ~ 0.3,
     its x0 estimate at t <= 0.2 no better than the noisy input. Clean samples lie on a
-    low-dimensional set and are what such a network can predict. Per-sample timesteps only;
-    not with `velocity_skip`. Models with it do not convert to diffusers.
+    low-dimensional set and are what such a network can predict. Measured on the shapes teacher
+    (v9): clean backgrounds, but the shape jittered from frame to frame and prompt adherence fell
+    (bench/RESULTS.md), so the shipped teacher does not use it. Per-sample timesteps only; not
+    with `velocity_skip`. Models with it do not convert to diffusers.
     """
 
     in_channels: int = 16

@@ -124,14 +124,14 @@ def test_teacher_zero_init_starts_as_identity_branches():
     x = torch.randn(2, 3, 5, 32, 32)
     t = torch.tensor([100.0, 900.0])
     v = model(x, t, text(["a red circle moving left", ""]))
-    # zeroed output projection: the network's x0 estimate starts at 0, so v = x_t / t
-    assert cfg.x0_prediction and v.shape == x.shape and (v - x / torch.tensor([0.1, 0.9]).view(2, 1, 1, 1, 1)).abs().max() < 1e-5
-    # the v8 recipe (velocity output with the skip): the network adds nothing to c_skip(t) * x
-    v8 = TeacherConfig(**{**vars(cfg), "velocity_skip": 0.5, "x0_prediction": None})
-    model, text = _build(v8)
-    v = model(x, t, text(["a red circle moving left", ""]))
-    skip = velocity_skip(t, v8.velocity_skip).view(2, 1, 1, 1, 1) * x
+    # zeroed output projection: the network adds nothing to the velocity skip c_skip(t) * x
+    skip = velocity_skip(t, cfg.velocity_skip).view(2, 1, 1, 1, 1) * x
     assert v.shape == x.shape and (v - skip).abs().max() < 1e-6
+    # with x0 prediction (the v9 recipe) the network's x0 estimate starts at 0, so v = x_t / t
+    x0cfg = TeacherConfig(**{**vars(cfg), "velocity_skip": None, "x0_prediction": 0.05})
+    m0, t0 = _build(x0cfg)
+    v0 = m0(x, t, t0(["a red circle moving left", ""]))
+    assert (v0 - x / torch.tensor([0.1, 0.9]).view(2, 1, 1, 1, 1)).abs().max() < 1e-5
     D = model.config.dim
     gates = torch.cat([model.time_proj.weight[2 * D:3 * D], model.time_proj.weight[5 * D:6 * D]])
     assert gates.abs().max() == 0 and all(b.modulation[[2, 5]].abs().max() == 0 for b in model.blocks)
