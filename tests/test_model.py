@@ -110,13 +110,19 @@ def test_position_table_per_token():
         tiny_config(pos_grid=(2, 2, 2))
 
 
+def _with_plain_twin(**option):
+    """A tiny DiT with an output `option` and the same weights without it."""
+    torch.manual_seed(0)
+    model = DiT(tiny_config(**option)).eval()
+    plain = DiT(tiny_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    return model, plain
+
+
 def test_x0_prediction_returns_the_velocity_of_the_networks_x0():
     from flgengine.checkpoint import to_diffusers
 
-    torch.manual_seed(0)
-    model = DiT(tiny_config(x0_prediction=0.05)).eval()
-    plain = DiT(tiny_config()).eval()
-    plain.load_state_dict(model.state_dict())
+    model, plain = _with_plain_twin(x0_prediction=0.05)
     x, _, c = _inputs()
     t = torch.tensor([20.0, 600.0])[: x.shape[0]]  # below and above the floor
     with torch.no_grad():
@@ -139,10 +145,7 @@ def test_velocity_skip_adds_the_linear_prediction():
     from flgengine.checkpoint import to_diffusers
     from flgengine.model.dit import velocity_skip
 
-    torch.manual_seed(0)
-    model = DiT(tiny_config(velocity_skip=0.5)).eval()
-    plain = DiT(tiny_config()).eval()
-    plain.load_state_dict(model.state_dict())
+    model, plain = _with_plain_twin(velocity_skip=0.5)
     x, t, c = _inputs()
     with torch.no_grad():
         skip = velocity_skip(t, 0.5)

@@ -325,7 +325,6 @@ def register(registry) -> None:
         registry.register("adaln_modulate", backend, adaln_modulate, adaln_why_not(backend))
         registry.register("gated_residual_adaln", backend, gated_residual_adaln, gated_residual_adaln_why_not(backend))
         registry.register("qk_norm_rope", backend, qk_norm_rope, qk_norm_rope_why_not(backend))
-        # the C++ CPU attention is correct but ~2x slower than torch SDPA on CPU: explicit requests only
-        # explicit-only: measured slower than the reference (C++ vs ATen on CPU; on an H100 the
-        # CUDA kernel ran at 0.21-0.27x torch SDPA, bench/RESULTS.md 2026-11-27)
+        # explicit requests only: measured slower than torch SDPA (the C++ one ~2x on CPU; the CUDA
+        # one 0.21-0.27x SDPA's speed on an H100, bench/RESULTS.md 2026-11-27, stop 12)
         registry.register("attention", backend, attention, attention_why_not(backend), auto=False)
