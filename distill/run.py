@@ -34,6 +34,7 @@ import torch
 from flgengine.checkpoint import BundleError, atomic_write_text, save_bundle
 from flgengine.config import (TORCH_DTYPES, ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys,
                               torch_dtype)
+from flgengine.model import TwoExpertDiT, main_expert
 
 from . import stage2 as s2
 from . import stage3 as s3
@@ -181,7 +182,7 @@ def student_pipeline_config(teacher: PipelineConfig, stage3: s3.Stage3Config) ->
     """The teacher's pipeline with the student's few-step sampler (no CFG, marked distilled)."""
     sampler = SamplerConfig(kind="fewstep", num_steps=stage3.num_steps, shift=stage3.shift, guidance=0.0,
                             sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps)
-    return dataclasses.replace(teacher, sampler=sampler, distilled=True)
+    return dataclasses.replace(teacher, sampler=sampler, distilled=True, low_noise_boundary=None)
 
 
 def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict):
@@ -226,7 +227,7 @@ def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True)
         return load_importance(done)
     c = cfg.importance
     x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
-    result = block_importance(pipe.dit, x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
+    result = block_importance(main_expert(pipe.dit), x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
                               batch_size=c["batch_size"], progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     rank0_writes(lambda: save_importance(result, done, out / "importance.png"))
@@ -239,7 +240,7 @@ def run_plan(cfg: RunConfig, pipe, importance: dict | None, out: Path) -> Prunin
     done = out / "plan.json"
     if rank0_decides(done.is_file()):
         return PruningPlan.from_json(done)
-    plan = make_plan(pipe.dit, importance["importance"], budget=cfg.plan["budget"],
+    plan = make_plan(main_expert(pipe.dit), importance["importance"], budget=cfg.plan["budget"],
                      source={"teacher": cfg.teacher, "weights_sha256": pipe.provenance.get("weights_sha256")})
     rank0_writes(lambda: (plan.to_json(done), save_importance_png(importance, out / "plan.png", plan.drop)))
     return plan
@@ -286,9 +287,10 @@ class Run:
         done = self.out / "stage2" / "bundle"
         if rank0_decides((done / "model.safetensors").is_file()):
             return load_bundle(done).model, json.loads((done / "provenance.json").read_text())["stages"][-1]
-        net, record = s2.train_stage2(self.pipe.dit, self._need_plan(), self.data, stage2_cfg, self.out / "stage2",
+        net, record = s2.train_stage2(main_expert(self.pipe.dit), self._need_plan(), self.data, stage2_cfg, self.out / "stage2",
                                       progress=self.progress)
-        rank0_writes(lambda: save_bundle(done, net, self.pipe.config, {"kind": "stage2 network", "stages": [record]}))
+        rank0_writes(lambda: save_bundle(done, net, dataclasses.replace(self.pipe.config, low_noise_boundary=None),
+                                         {"kind": "stage2 network", "stages": [record]}))
         return net, record
 
     def stage3(self, real=None) -> dict:
@@ -298,12 +300,17 @@ class Run:
             if cfg.stage2 is not None and not (self.out / "stage2" / "bundle" / "model.safetensors").is_file():
                 raise FileNotFoundError(f"{self.out}/stage2/bundle: missing; run `python -m distill stage2` first")
             real, _ = self.stage2()
+        # the student (and the fake score) start from the pruned expert; a two-expert teacher's
+        # low-noise expert joins the real score whole for t <= its boundary
+        init = main_expert(real)
+        if isinstance(self.pipe.dit, TwoExpertDiT) and not isinstance(real, TwoExpertDiT):
+            real = TwoExpertDiT(real, self.pipe.dit.low, self.pipe.dit.boundary)
         stage3_cfg = cfg.stage3_config()
         student_cfg = student_pipeline_config(self.pipe.config, stage3_cfg)
         evaluate = student_evaluator(self.pipe, student_cfg, cfg.evaluate) if cfg.evaluate is not None else None
         use_plan = plan if (stage3_cfg.prune or stage3_cfg.real_score == "well-guided") else None
         student, record = s3.train_stage3(real, use_plan, self.data, stage3_cfg, self.out / "stage3",
-                                          evaluate=evaluate, progress=self.progress)
+                                          evaluate=evaluate, init=init, progress=self.progress)
         stages = [{"stage": "plan", "drop": plan.drop, "keep": plan.keep, "removed_fraction": plan.removed_fraction,
                    "importance": plan.importance}]
         if cfg.stage2 is not None:

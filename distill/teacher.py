@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flgengine.checkpoint import save_bundle
+from flgengine.checkpoint import LOW_NOISE_DIR, atomic_write_text, load_bundle, read_json_object, read_model_config, save_bundle
 from flgengine.codec import uint8_to_video
 from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig, torch_dtype
 from flgengine.model import DiT
@@ -92,8 +93,28 @@ class TeacherConfig:
     # stay under 20 MiB); they load in fp32 as always
     storage_dtype: str = "float16"
     workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
+    # -- two-expert teacher (Wan2.2's high-/low-noise split by a timestep boundary) --
+    # A bundle path: train the low-noise expert of that (high-noise) teacher instead of a teacher:
+    # its DiT starts from the teacher's weights with the x0 output (ModelConfig.x0_prediction, floor
+    # `x0_prediction` or 0.05) in place of the velocity skip, its text encoder is the teacher's,
+    # frozen (both experts read the same context), and training t covers (0, t_max] only. The final
+    # bundle is the teacher with this expert added under low_noise/, used for t <= `boundary`.
+    expert_of: str | None = None
+    t_max: float = 1.0  # training t = t_max * shift(u): the noise levels this run learns
+    boundary: float = 0.2  # sampling switches to the low-noise expert at t <= boundary (pipeline.json)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.t_max, (int, float)) and 0 < self.t_max <= 1):
+            raise ValueError(f"t_max must be in (0, 1], got {self.t_max!r}")
+        if not (isinstance(self.boundary, (int, float)) and 0 < self.boundary < 1):
+            raise ValueError(f"boundary must be in (0, 1), got {self.boundary!r}")
+        if self.expert_of and not (Path(self.expert_of) / "config.json").is_file():
+            raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
 
     def model_config(self) -> ModelConfig:
+        if self.expert_of:
+            return dataclasses.replace(read_model_config(self.expert_of), velocity_skip=None,
+                                       x0_prediction=self.x0_prediction or 0.05)
         return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
@@ -116,6 +137,14 @@ RUNTIME = ("threads", "compile", "checkpoint_every", "device", "workers", "stora
 
 def _build(cfg: TeacherConfig) -> tuple[DiT, TokenTextEncoder]:
     torch.manual_seed(cfg.seed)
+    if cfg.expert_of:  # the low-noise expert: the teacher's weights under the x0 output, its text encoder frozen
+        high = load_bundle(cfg.expert_of, dtype=torch.float32).model
+        if not isinstance(high, DiT):
+            raise ValueError(f"expert_of {cfg.expert_of!r} already has a low-noise expert: name a one-DiT teacher")
+        model = DiT(cfg.model_config())
+        model.load_state_dict(high.state_dict())
+        text = TokenTextEncoder.load(Path(cfg.expert_of) / "text_encoder").requires_grad_(False)
+        return model.requires_grad_(True), text
     model = DiT(cfg.model_config())
     if cfg.pos_embed:
         with torch.no_grad():
@@ -165,12 +194,12 @@ def param_groups(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig) -> list
 
 
 def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts: list[str],
-              gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0) -> torch.Tensor:
+              gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0, t_max: float = 1.0) -> torch.Tensor:
     """Flow-matching loss on a batch. videos: (B, 3, T, H, W) in [-1, 1]."""
     B = videos.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
     context = text([("" if d else p) for p, d in zip(prompts, drop.tolist())])  # (B, L, text_dim)
-    t = shift_sigmas(torch.rand(B, generator=gen), t_shift).to(videos.device)  # (B,) in (0, 1)
+    t = t_max * shift_sigmas(torch.rand(B, generator=gen), t_shift).to(videos.device)  # (B,) in (0, t_max)
     eps = torch.randn(videos.shape, generator=gen).to(videos.device)
     tt = t.view(B, 1, 1, 1, 1)
     x_t = (1 - tt) * videos + tt * eps
@@ -216,7 +245,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     for step in trainer:
         x0, prompts = next(batches)
         x0 = x0.to(cfg.device)  # (B, 3, T, H, W)
-        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift)
+        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift, cfg.t_max)
         grad_norm = trainer.update("main", loss)
         trainer.log(loss=loss.item(), grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
     seconds = trainer.close()
@@ -249,6 +278,8 @@ def snapshot(out: str | Path, bundle: str | Path) -> Path:
 
 
 def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
+    if cfg.expert_of:
+        return write_expert_bundle(model, cfg, path, recipe)
     text.save(path / "text_encoder")
     provenance = {"kind": "shapes-world teacher", "world": "flgengine.worlds.shapes",
                   "objective": "flow matching, v = eps - x0, shifted-uniform t, condition dropout (CFG)",
@@ -256,9 +287,47 @@ def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: P
     return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=torch_dtype(cfg.storage_dtype))
 
 
+def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
+    """The two-expert bundle: the teacher `cfg.expert_of` as it is (its DiT runs t > boundary)
+    plus `low` in path/low_noise (t <= boundary), the boundary in pipeline.json."""
+    high = Path(cfg.expert_of)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        tmp = path / f".{name}.tmp"
+        shutil.copyfile(high / name, tmp)
+        tmp.replace(path / name)
+    TokenTextEncoder.load(high / "text_encoder").save(path / "text_encoder")
+    save_bundle(path / LOW_NOISE_DIR, low.eval(), None,
+                {"kind": "low-noise expert of a shapes-world teacher", "high_noise_expert": str(high),
+                 "objective": "flow matching at t <= t_max, x0 output (x-prediction, v-loss)",
+                 "stages": [{"stage": "train-low-noise-expert", **recipe}]},
+                storage_dtype=torch_dtype(cfg.storage_dtype))
+    provenance = read_json_object(high / "provenance.json")
+    provenance["kind"] = "shapes-world teacher, two experts (high / low noise)"
+    provenance["stages"] = [*provenance.get("stages", []),
+                            {"stage": "train-low-noise-expert", "boundary": cfg.boundary, **recipe}]
+    provenance["train_seconds_total"] = round(sum(s.get("train_seconds", 0) for s in provenance["stages"]), 1)
+    atomic_write_text(path / "provenance.json", json.dumps(provenance, indent=2) + "\n")
+    pipeline = dataclasses.replace(PipelineConfig.from_json(high / "pipeline.json"), low_noise_boundary=cfg.boundary)
+    pipeline.to_json(path / "pipeline.json")
+    return path
+
+
 def config_from_args(args) -> TeacherConfig:
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    return TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return TeacherConfig(**{k: (None if v is _NONE else v) for k, v in vars(args).items() if k in fields and v is not None})
+
+
+_NONE = "none"  # an optional number set to None on the command line (argparse's None means "not given")
+
+
+def _arg_type(f: dataclasses.Field):
+    """The CLI type of a recipe field; optional numbers also take "none" (the field's None)."""
+    if f.default is not None:
+        return type(f.default)
+    if "float" in str(f.type):
+        return lambda v: _NONE if v.lower() == "none" else float(v)
+    return str
 
 
 def add_args(p) -> None:
@@ -280,7 +349,7 @@ def add_args(p) -> None:
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
                            default=None, help=f"(default {f.default})")
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_arg_type(f), default=None,
                        help=f"(default {f.default})")
     p.add_argument("--quiet", action="store_true")
 

@@ -151,8 +151,9 @@ def fsdp_shard(module: torch.nn.Module) -> torch.nn.Module:
         return module
     from torch.distributed.fsdp import fully_shard
 
-    for block in getattr(module, "blocks", []):
-        fully_shard(block)
+    for part in getattr(module, "experts", lambda: (module,))():  # a TwoExpertDiT's two DiTs, or the module
+        for block in getattr(part, "blocks", []):
+            fully_shard(block)
     fully_shard(module)
     return module
 

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")
+# a two-expert bundle's low-noise DiT (pipeline.json's low_noise_boundary): config.json + model.safetensors
+LOW_NOISE_DIR = "low_noise"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -167,7 +169,7 @@ class Bundle:
     """A loaded bundle: the DiT and the configs around it."""
 
     path: Path
-    model: Any  # flgengine.model.DiT
+    model: Any  # flgengine.model.DiT, or TwoExpertDiT for a two-expert bundle
     pipeline: PipelineConfig
     provenance: dict
 
@@ -223,9 +225,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_bundle(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
-    """Loads and validates a bundle; returns a `Bundle` with the DiT in eval mode."""
-    from .model import DiT
-
+    """Loads and validates a bundle; returns a `Bundle` with the DiT in eval mode (a
+    `TwoExpertDiT` when pipeline.json sets low_noise_boundary)."""
     path = Path(path)
     if not path.exists():
         raise BundleError(f"{path}: bundle directory does not exist")
@@ -247,6 +248,27 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
         raise BundleError(str(e)) from None
     provenance = read_json_object(path / "provenance.json")
 
+    model = _load_dit(path, config, device, dtype)
+    if pipeline.low_noise_boundary is not None:  # two experts: the low-noise DiT in low_noise/
+        from .model import TwoExpertDiT
+
+        low_dir = path / LOW_NOISE_DIR
+        for name in ("config.json", "model.safetensors"):
+            if not (low_dir / name).is_file():
+                raise BundleError(f"{low_dir / name}: missing (pipeline.json sets low_noise_boundary "
+                                  f"{pipeline.low_noise_boundary}: a two-expert bundle keeps its low-noise DiT there)")
+        low = _load_dit(low_dir, read_model_config(low_dir), device, dtype)
+        try:
+            model = TwoExpertDiT(model, low, pipeline.low_noise_boundary)
+        except ValueError as e:
+            raise BundleError(f"{path}: {e}") from None
+    return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
+
+
+def _load_dit(path: Path, config: ModelConfig, device, dtype):
+    """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
+    from .model import DiT
+
     where = f"{path}/model.safetensors"
     state = _load_safetensors(path / "model.safetensors", where)
     with torch.device("meta"):
@@ -257,7 +279,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
     model.cast(dtype if dtype is not None else torch_dtype(config.dtype))
     if device is not None:
         model.to(device)
-    return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
+    return model
 
 
 # ---- Wan (diffusers) conversion -------------------------------------------------------------
@@ -418,6 +440,9 @@ def to_diffusers(model_or_bundle, out_dir: str | Path) -> Path:
     with per-block widths have no diffusers equivalent and are refused.
     """
     model = load_bundle(model_or_bundle).model if isinstance(model_or_bundle, (str, Path)) else model_or_bundle
+    if hasattr(model, "experts"):
+        raise ValueError("to_diffusers: this model has two experts (high / low noise); convert each DiT on its own "
+                         "(model.high, model.low): one WanTransformer3DModel each, as Wan2.2's transformer and transformer_2")
     c: ModelConfig = model.config
     if c.pos_embed:
         raise ValueError("to_diffusers: this model has absolute position embeddings (pos_embed), which a diffusers "

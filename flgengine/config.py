@@ -322,8 +322,16 @@ class PipelineConfig(_JsonMixin):
     fps: int = 16
     negative_prompt: str = ""
     distilled: bool = False
+    # a two-expert bundle (Wan2.2's high-/low-noise split): the DiT in low_noise/ runs every step at
+    # t <= low_noise_boundary (t in 0..1), the bundle's own DiT the steps above it
+    low_noise_boundary: float | None = None
+
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("low_noise_boundary",)
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "height", "width", "fps"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        b = self.low_noise_boundary
+        _check(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1),
+               f"low_noise_boundary must be a number in (0, 1) or null, got {b!r}")

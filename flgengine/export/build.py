@@ -203,6 +203,9 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
     with steps.stage(f"loading {bundle_path} ({io_dtype}, {device})"):
         b = load_bundle(bundle_path, device=device, dtype=torch.float32 if fmt == "tensorrt" else getattr(torch, dtype))
         model = b.model
+        if b.pipeline.low_noise_boundary is not None:
+            raise ValueError(f"{bundle_path} has two DiTs (high / low noise, boundary {b.pipeline.low_noise_boundary}); "
+                             "engines hold one: export a student, or a one-DiT teacher")
         video = None
         if latent is None:
             latent, video = latent_grid(bundle_path, b.pipeline, num_frames, height, width)

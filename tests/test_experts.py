@@ -1,0 +1,135 @@
+"""Two-expert models (Wan2.2's high-/low-noise split): routing, the low-noise expert's training
+run, the bundle that holds both, and what refuses them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import flgengine
+from flgengine.checkpoint import LOW_NOISE_DIR, BundleError, load_bundle, to_diffusers
+from flgengine.model import DiT, TwoExpertDiT, main_expert
+from tests.helpers import tiny_config
+
+TINY = dict(num_layers=4, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16, warmup=1, checkpoint_every=2)
+
+
+def test_each_sample_runs_on_the_expert_of_its_noise_level():
+    torch.manual_seed(0)
+    high, low = DiT(tiny_config()).eval(), DiT(tiny_config()).eval()
+    model = TwoExpertDiT(high, low, 0.3)
+    x = torch.randn(4, high.config.in_channels, 3, 8, 8)
+    ctx = torch.randn(4, 5, high.config.text_dim)
+    t = torch.tensor([900.0, 300.0, 299.0, 50.0])  # t <= 300 is the low expert's (boundary 0.3)
+    out = model(x, t, ctx)
+    for i, net in enumerate((high, low, low, low)):
+        assert torch.allclose(out[i:i + 1], net(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]), atol=1e-5), i
+    assert torch.equal(model(x[:1], t[:1], ctx[:1]), high(x[:1], t[:1], ctx[:1]))  # one side: no split
+    assert model.num_params() == high.num_params() + low.num_params() and main_expert(model) is high
+    model.backend = "ref"
+    assert high.backend == low.backend == "ref"
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        model(x, t[:, None].expand(4, 3 * 4 * 4), ctx)
+    with pytest.raises(ValueError, match="boundary"):
+        TwoExpertDiT(high, low, 1.5)
+    with pytest.raises(ValueError, match="text_dim"):
+        TwoExpertDiT(high, DiT(tiny_config(text_dim=8)), 0.3)
+
+
+def test_block_skipping_acts_on_the_high_noise_expert():
+    from distill.importance import skip_blocks
+
+    torch.manual_seed(0)
+    high, low = DiT(tiny_config()).eval(), DiT(tiny_config()).eval()
+    model = TwoExpertDiT(high, low, 0.3)
+    x, ctx = torch.randn(2, high.config.in_channels, 3, 8, 8), torch.randn(2, 5, high.config.text_dim)
+    t = torch.tensor([900.0, 100.0])
+    full = model(x, t, ctx)
+    with skip_blocks(model, [1]):
+        assert len(high.blocks) == len(high.config.kept_blocks) - 1 and len(low.blocks) == len(low.config.kept_blocks)
+        skipped = model(x, t, ctx)
+    assert not torch.allclose(skipped[0], full[0]) and torch.equal(skipped[1], full[1])
+    assert len(high.blocks) == len(high.config.kept_blocks)
+
+
+@pytest.fixture(scope="module")
+def two_expert_teacher(tmp_path_factory):
+    from distill.teacher import TeacherConfig, train_teacher
+
+    root = tmp_path_factory.mktemp("experts")
+    teacher = train_teacher(TeacherConfig(steps=2, batch_size=2, **TINY), root / "teacher", progress=False)["bundle"]
+    result = train_teacher(TeacherConfig(steps=2, batch_size=2, **TINY, expert_of=teacher, t_max=0.3, boundary=0.25),
+                           root / "low", progress=False)
+    return Path(teacher), Path(result["bundle"])
+
+
+def test_the_low_noise_expert_run_makes_a_two_expert_bundle(two_expert_teacher):
+    teacher, path = two_expert_teacher
+    one, two = load_bundle(teacher), load_bundle(path)
+    assert isinstance(one.model, DiT) and isinstance(two.model, TwoExpertDiT) and two.model.boundary == 0.25
+    assert two.pipeline.low_noise_boundary == 0.25 and one.pipeline.low_noise_boundary is None
+    # the teacher's DiT is the high-noise expert, unchanged; the low one trained from its weights
+    assert all(torch.equal(v, two.model.high.state_dict()[k]) for k, v in one.model.state_dict().items())
+    low = two.model.low.state_dict()
+    assert any(not torch.equal(v, low[k]) for k, v in one.model.state_dict().items())
+    assert two.model.low.config.x0_prediction == 0.05 and two.model.low.config.velocity_skip is None
+    # the text encoder is the teacher's, frozen: both experts read the same context
+    for name in ("model.safetensors", "config.json"):
+        assert (path / "text_encoder" / name).read_bytes() == (one.path / "text_encoder" / name).read_bytes()
+    stages = json.loads((path / "provenance.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["train-teacher", "train-low-noise-expert"]
+    assert stages[1]["boundary"] == 0.25 and stages[1]["recipe"]["t_max"] == 0.3
+    video = flgengine.generate("a red circle moving left", model=path, steps=4, seed=0, progress=False)
+    assert video.shape == (1, 9, 32, 32, 3)
+
+
+def test_two_expert_bundles_are_refused_where_one_dit_is_needed(two_expert_teacher, tmp_path):
+    import shutil
+
+    from distill.teacher import TeacherConfig, train_teacher
+    from flgengine.export import export_engine
+
+    _, path = two_expert_teacher
+    with pytest.raises(ValueError, match="two experts"):
+        to_diffusers(path, tmp_path / "wan")
+    with pytest.raises(ValueError, match="two DiTs"):
+        export_engine(path, "onnx", tmp_path / "engine", progress=False)
+    with pytest.raises(ValueError, match="already has a low-noise expert"):
+        train_teacher(TeacherConfig(steps=1, batch_size=2, **TINY, expert_of=str(path)), tmp_path / "again",
+                      progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / LOW_NOISE_DIR / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="low_noise_boundary"):
+        load_bundle(broken)
+    with pytest.raises(ValueError, match="t_max"):
+        TeacherConfig(t_max=0.0)
+
+
+def test_distilling_a_two_expert_teacher_prunes_the_high_noise_expert(two_expert_teacher, tmp_path, monkeypatch):
+    from distill import stage3
+    from distill.run import RunConfig, run
+
+    _, path = two_expert_teacher
+    seen = {}
+    train = stage3.train_stage3
+
+    def spy(real, plan, data, cfg, out, evaluate=None, init=None, progress=True):
+        seen.update(real=real, init=init)
+        return train(real, plan, data, cfg, out, evaluate=evaluate, init=init, progress=progress)
+
+    monkeypatch.setattr(stage3, "train_stage3", spy)
+    cfg = dict(teacher=str(path), out=str(tmp_path / "run"), importance={"samples": 2, "num_t": 2, "batch_size": 4},
+               plan={"budget": 0.3}, stage2={"steps": 1, "batch_size": 2, "eval_every": 1, "eval_batch": 2},
+               stage3={"steps": 1, "batch_size": 2, "fake_updates": 1, "checkpoint_every": 1}, evaluate=None)
+    result = run(RunConfig(**cfg), progress=False)
+    teacher = load_bundle(path).model
+    # the real score: the Stage II network above the boundary, the teacher's low-noise expert whole below
+    assert isinstance(seen["real"], TwoExpertDiT) and isinstance(seen["init"], DiT)
+    assert seen["real"].boundary == 0.25 and seen["real"].high is seen["init"]
+    assert all(torch.equal(v, seen["real"].low.state_dict()[k]) for k, v in teacher.low.state_dict().items())
+    student = load_bundle(result["bundle"])
+    assert isinstance(student.model, DiT) and student.pipeline.low_noise_boundary is None
+    assert student.model.config.num_layers == 4 and len(student.model.blocks) < 4 and student.model.config.x0_prediction is None
+    assert load_bundle(tmp_path / "run" / "stage2" / "bundle").pipeline.low_noise_boundary is None
