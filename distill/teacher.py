@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flgengine.checkpoint import LOW_NOISE_DIR, atomic_write_text, load_bundle, read_json_object, read_model_config, save_bundle
+from flgengine.checkpoint import (LOW_NOISE_DIR, load_bundle, read_json_object, read_model_config, save_bundle,
+                                  storage_dtype_of)
 from flgengine.codec import uint8_to_video
-from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig, torch_dtype
+from flgengine.config import TORCH_DTYPES, CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
@@ -89,8 +89,8 @@ class TeacherConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the DiT for training (no gain measured at 144 tokens on 2 cores)
     device: str = "cpu"
-    # the bundle's weights are stored in this dtype (float16 halves the file: the shipped assets
-    # stay under 20 MiB); they load in fp32 as always
+    # the bundle's weights are stored in this dtype (float16 halves the file, int8 quarters it:
+    # int8 rows with per-row scales, see checkpoint.quantize_int8); they load in fp32 as always
     storage_dtype: str = "float16"
     workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
     # -- two-expert teacher (Wan2.2's high-/low-noise split by a timestep boundary) --
@@ -108,6 +108,8 @@ class TeacherConfig:
             raise ValueError(f"t_max must be in (0, 1], got {self.t_max!r}")
         if not (isinstance(self.boundary, (int, float)) and 0 < self.boundary < 1):
             raise ValueError(f"boundary must be in (0, 1), got {self.boundary!r}")
+        if self.storage_dtype not in (*TORCH_DTYPES, "int8"):
+            raise ValueError(f"storage_dtype must be one of {', '.join(TORCH_DTYPES)} or int8, got {self.storage_dtype!r}")
         if self.expert_of and not (Path(self.expert_of) / "config.json").is_file():
             raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
 
@@ -261,13 +263,14 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     return {"bundle": str(path), **recipe}
 
 
-def snapshot(out: str | Path, bundle: str | Path) -> Path:
-    """Writes a bundle of the EMA weights in `out`'s latest checkpoint (training not resumed)."""
+def snapshot(out: str | Path, bundle: str | Path, storage_dtype: str | None = None) -> Path:
+    """Writes a bundle of the EMA weights in `out`'s latest checkpoint (training not resumed),
+    its weights stored in `storage_dtype` (default: the run's)."""
     ckpt = Path(out) / CHECKPOINT
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no checkpoint to snapshot")
     state = load_checkpoint(ckpt)
-    cfg = TeacherConfig(**state["config"])
+    cfg = TeacherConfig(**{**state["config"], **({"storage_dtype": storage_dtype} if storage_dtype else {})})
     model, text = _build(cfg)
     torch.nn.ModuleDict({"dit": model, "text": text}).load_state_dict(state["ema"])
     step, seconds = state["step"], state["seconds"]
@@ -284,41 +287,30 @@ def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: P
     provenance = {"kind": "shapes-world teacher", "world": "flgengine.worlds.shapes",
                   "objective": "flow matching, v = eps - x0, shifted-uniform t, condition dropout (CFG)",
                   "stages": [{"stage": "train-teacher", **recipe}]}
-    return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=torch_dtype(cfg.storage_dtype))
+    return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=storage_dtype_of(cfg.storage_dtype))
 
 
 def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
-    """The two-expert bundle: the teacher `cfg.expert_of` as it is (its DiT runs t > boundary)
-    plus `low` in path/low_noise (t <= boundary), the boundary in pipeline.json."""
+    """The two-expert bundle: the teacher `cfg.expert_of` (its DiT runs t > boundary) and `low`
+    in path/low_noise (t <= boundary), both stored in `cfg.storage_dtype`, the boundary in
+    pipeline.json, the teacher's text encoder and provenance with this run's stage added."""
     high = Path(cfg.expert_of)
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        tmp = path / f".{name}.tmp"
-        shutil.copyfile(high / name, tmp)
-        tmp.replace(path / name)
-    TokenTextEncoder.load(high / "text_encoder").save(path / "text_encoder")
+    storage = storage_dtype_of(cfg.storage_dtype)
     save_bundle(path / LOW_NOISE_DIR, low.eval(), None,
                 {"kind": "low-noise expert of a shapes-world teacher", "high_noise_expert": str(high),
                  "objective": "flow matching at t <= t_max, x0 output (x-prediction, v-loss)",
-                 "stages": [{"stage": "train-low-noise-expert", **recipe}]},
-                storage_dtype=torch_dtype(cfg.storage_dtype))
+                 "stages": [{"stage": "train-low-noise-expert", **recipe}]}, storage_dtype=storage)
+    TokenTextEncoder.load(high / "text_encoder").save(path / "text_encoder")
     provenance = read_json_object(high / "provenance.json")
+    for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
+        provenance.pop(key, None)  # save_bundle writes them anew
     provenance["kind"] = "shapes-world teacher, two experts (high / low noise)"
     provenance["stages"] = [*provenance.get("stages", []),
                             {"stage": "train-low-noise-expert", "boundary": cfg.boundary, **recipe}]
     provenance["train_seconds_total"] = round(sum(s.get("train_seconds", 0) for s in provenance["stages"]), 1)
-    atomic_write_text(path / "provenance.json", json.dumps(provenance, indent=2) + "\n")
+    provenance["num_params_low_noise"] = low.num_params()
     pipeline = dataclasses.replace(PipelineConfig.from_json(high / "pipeline.json"), low_noise_boundary=cfg.boundary)
-    pipeline.to_json(path / "pipeline.json")
-    return path
-
-
-def config_from_args(args) -> TeacherConfig:
-    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    return TeacherConfig(**{k: (None if v is _NONE else v) for k, v in vars(args).items() if k in fields and v is not None})
-
-
-_NONE = "none"  # an optional number set to None on the command line (argparse's None means "not given")
+    return save_bundle(path, load_bundle(high, dtype=torch.float32).model, pipeline, provenance, storage_dtype=storage)
 
 
 def _arg_type(f: dataclasses.Field):
@@ -361,7 +353,7 @@ def run(args) -> int:
         raise SystemExit("train-teacher runs in one process (use --device cuda --workers N on a GPU); "
                          "torchrun is for `python -m distill run|stage2|stage3`")
     if args.snapshot:
-        print(f"wrote {snapshot(args.out, args.snapshot)}")
+        print(f"wrote {snapshot(args.out, args.snapshot, args.storage_dtype)}")
         return 0
     result = train_teacher(config_from_args(args), args.out, args.bundle, progress=not args.quiet)
     print(json.dumps(result, indent=2))

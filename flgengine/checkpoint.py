@@ -174,6 +174,42 @@ class Bundle:
     provenance: dict
 
 
+INT8_SCALE = ".int8_scale"  # int8 storage: the key suffix of a weight's per-row scales
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 storage of a state dict: each floating tensor of >= 2 dims becomes int8 rows with
+    one fp32 scale per row (w ~ q * scale, scale = max|w| over the last dim / 127, under
+    `key + INT8_SCALE`); other floating tensors are stored in float16."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            w = v.detach().float()
+            scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (..., 1)
+            out[k] = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale
+        else:
+            out[k] = v.half() if v.is_floating_point() else v
+    return out
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The float32 weights of an int8-stored state dict (see quantize_int8); others unchanged."""
+    for key in [k for k in state if k.endswith(INT8_SCALE)]:
+        name, scale = key[:-len(INT8_SCALE)], state.pop(key)
+        q = state.get(name)
+        if q is None or q.dtype != torch.int8 or scale.shape != (*q.shape[:-1], 1):
+            raise BundleError(f"{where}: int8 scales {key!r} do not match an int8 tensor {name!r} of rows "
+                              f"{tuple(scale.shape[:-1])}")
+        state[name] = q.float() * scale.float()
+    return state
+
+
+def storage_dtype_of(name: str | None) -> torch.dtype | None:
+    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, or "int8" (quantize_int8)."""
+    return None if name is None else torch.int8 if name == "int8" else torch_dtype(name)
+
+
 def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
                 storage_dtype: torch.dtype | None = None) -> Path:
     """Writes `model` (a DiT) as a bundle directory; each file is written atomically.
@@ -181,7 +217,8 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     `pipeline` defaults to a DiT-only pipeline (no text encoder or codec). The weights'
     sha256 and the writing flgengine version are added to the provenance.
     `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
-    file of fp32); loading casts them to the config's compute dtype as always.
+    file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter,
+    see quantize_int8); loading casts them to the config's compute dtype as always.
     """
     from . import __version__
 
@@ -189,7 +226,9 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     path.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline if pipeline is not None else PipelineConfig()
     state = model.state_dict()
-    if storage_dtype is not None:
+    if storage_dtype == torch.int8:
+        state = quantize_int8(state)
+    elif storage_dtype is not None:
         state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
     model.config.to_json(path / "config.json")
@@ -270,7 +309,7 @@ def _load_dit(path: Path, config: ModelConfig, device, dtype):
     from .model import DiT
 
     where = f"{path}/model.safetensors"
-    state = _load_safetensors(path / "model.safetensors", where)
+    state = dequantize_int8(_load_safetensors(path / "model.safetensors", where), where)
     with torch.device("meta"):
         model = DiT(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -84,6 +84,36 @@ def test_bundle_stored_in_fp16_loads_in_fp32(tmp_path):
         assert got.dtype == torch.float32 and torch.equal(got, v.half().float()), k
 
 
+def test_bundle_stored_in_int8_is_within_half_a_step_of_each_row(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(tiny_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    full = save_bundle(tmp_path / "fp32", model)
+    q = save_bundle(tmp_path / "int8", model, storage_dtype=torch.int8)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(q) < 0.55 * size(full)  # rows of 16 here: a 4-byte scale per 16 bytes (0.26x at width 192)
+    b = load_bundle(q)
+    assert b.provenance["storage_dtype"] == "int8"
+    for k, v in model.state_dict().items():
+        got = b.model.state_dict()[k]
+        assert got.dtype == torch.float32, k
+        if v.dim() >= 2:  # int8 rows: |w - q * scale| <= scale / 2, scale = max|row| / 127
+            step = v.abs().amax(dim=-1, keepdim=True) / 127
+            assert ((got - v).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all(), k
+            assert not torch.equal(got, v), k
+        else:  # vectors in float16
+            assert torch.equal(got, v.half().float()), k
+    # scales that do not fit their tensor are named
+    def drop_rows(sd):
+        key = next(k for k in sd if k.endswith(".int8_scale"))
+        sd[key] = sd[key][:1]
+    _rewrite_weights(q, drop_rows)
+    with pytest.raises(BundleError, match="int8 scales"):
+        load_bundle(q)
+
+
 def _rewrite_weights(path, fn):
     from safetensors.torch import load_file
 

@@ -10,7 +10,7 @@ import torch
 import flgengine
 from flgengine.checkpoint import LOW_NOISE_DIR, BundleError, load_bundle, to_diffusers
 from flgengine.model import DiT, TwoExpertDiT, main_expert
-from tests.helpers import tiny_config
+from helpers import tiny_config
 
 TINY = dict(num_layers=4, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16, warmup=1, checkpoint_every=2)
 
