@@ -304,6 +304,7 @@ def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) 
     provenance = read_json_object(high / "provenance.json")
     for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
         provenance.pop(key, None)  # save_bundle writes them anew
+    provenance.pop("evaluation", None)  # it measured the teacher alone: `distill evaluate --write-provenance` anew
     provenance["kind"] = "shapes-world teacher, two experts (high / low noise)"
     provenance["stages"] = [*provenance.get("stages", []),
                             {"stage": "train-low-noise-expert", "boundary": cfg.boundary, **recipe}]

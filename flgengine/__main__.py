@@ -43,7 +43,7 @@ def _describe_bundle(path: str) -> dict:
         "heads": c.block_num_heads or c.num_heads,
         "ffn_dim": c.block_ffn_dim or c.ffn_dim,
         "low_noise_expert": None if p.low_noise_boundary is None else
-        {"boundary": p.low_noise_boundary, "parameters": b.model.low.num_params(), "config": b.model.low.config.to_dict()},
+        {"boundary": p.low_noise_boundary, "parameters": b.model.low.num_params(), "blocks": len(b.model.low.blocks)},
         "sampler": p.sampler.to_dict(),
         "distilled": p.distilled,
         "defaults": {"num_frames": p.num_frames, "height": p.height, "width": p.width, "fps": p.fps},

@@ -259,6 +259,10 @@ class SamplerConfig(_JsonMixin):
     guidance when `guidance > 1` (teachers). `fewstep`: the student sampler over the
     explicit `sigmas` list (predict x0, re-noise to the next sigma); `guidance` is 0,
     CFG is baked in. The model is called with t = sigma * `num_train_timesteps`.
+
+    `low_noise_guidance` (two-expert bundles, Wan2.2's guidance_scale_2): the CFG scale of
+    the steps the low-noise expert runs (sigma <= pipeline.json's low_noise_boundary);
+    null uses `guidance` throughout.
     """
 
     kind: str = "euler"
@@ -267,12 +271,18 @@ class SamplerConfig(_JsonMixin):
     guidance: float = 5.0
     sigmas: list[float] | None = None
     num_train_timesteps: int = 1000
+    low_noise_guidance: float | None = None
+
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("low_noise_guidance",)
 
     def __post_init__(self) -> None:
         _check(self.kind in SAMPLER_KINDS, f"sampler kind must be one of {SAMPLER_KINDS}, got {self.kind!r}")
         _check(isinstance(self.num_steps, int) and self.num_steps >= 1, f"num_steps must be an integer >= 1, got {self.num_steps!r}")
         _check(math.isfinite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
         _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance!r}")
+        g2 = self.low_noise_guidance
+        _check(g2 is None or (isinstance(g2, (int, float)) and not isinstance(g2, bool) and math.isfinite(g2) and g2 >= 0),
+               f"low_noise_guidance must be a number >= 0 or null, got {g2!r}")
         if self.kind == "fewstep":
             _check(self.sigmas is not None, "a fewstep sampler needs an explicit sigmas list")
         if self.sigmas is not None:

@@ -73,7 +73,7 @@ class Pipeline:
     def __init__(self, dit, text_encoder, codec, config: PipelineConfig, *, device: torch.device,
                  dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None, engine=None):
         self.dit, self.text_encoder, self.codec, self.config = dit, text_encoder, codec, config
-        self.sampler = build_sampler(config.sampler)
+        self.sampler = build_sampler(config.sampler, config.low_noise_boundary)
         self.device, self.dtype, self.path = device, dtype, path
         self.provenance = provenance or {}
         self.engine = engine  # a flgengine.export.Engine running the DiT, or None (PyTorch)
@@ -146,9 +146,12 @@ class Pipeline:
             sigmas = cfg.sigmas if n == cfg.num_steps else \
                 shift_sigmas(torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1], cfg.shift).tolist()
             return FewStepSampler(sigmas, cfg.num_train_timesteps, cfg.guidance if guidance is None else guidance)
+        # guidance= sets every step's scale (a two-expert bundle's low_noise_guidance too)
         return build_sampler(SamplerConfig(kind="euler", num_steps=steps or cfg.num_steps, shift=cfg.shift,
                                            guidance=cfg.guidance if guidance is None else float(guidance),
-                                           num_train_timesteps=cfg.num_train_timesteps))
+                                           num_train_timesteps=cfg.num_train_timesteps,
+                                           low_noise_guidance=cfg.low_noise_guidance if guidance is None else None),
+                             self.config.low_noise_boundary)
 
     def check(self, prompts, num_frames: int, height: int, width: int) -> list[str]:
         if self.text_encoder is None or self.codec is None:

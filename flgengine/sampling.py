@@ -51,10 +51,20 @@ def _guided(model: VelocityFn, x, t, context, uncond, guidance: float):
 
 
 class EulerSampler:
-    """Flow-matching Euler with timestep shift and CFG (guidance > 1 uses `uncond`)."""
+    """Flow-matching Euler with timestep shift and CFG (guidance > 1 uses `uncond`).
 
-    def __init__(self, num_steps: int = 50, shift: float = 5.0, guidance: float = 5.0, num_train_timesteps: int = 1000):
+    With `boundary` (a two-expert model's low_noise_boundary) and `low_noise_guidance`, the
+    steps at sigma <= boundary (the low-noise expert's) use that CFG scale instead."""
+
+    def __init__(self, num_steps: int = 50, shift: float = 5.0, guidance: float = 5.0, num_train_timesteps: int = 1000,
+                 low_noise_guidance: float | None = None, boundary: float | None = None):
         self.num_steps, self.shift, self.guidance, self.T = num_steps, shift, guidance, num_train_timesteps
+        self.low_noise_guidance, self.boundary = low_noise_guidance, boundary
+
+    def guidance_at(self, t: float) -> float:
+        """The CFG scale of a step at timestep t (0..T): the experts' rule, t <= T * boundary is low noise."""
+        low = self.boundary is not None and self.low_noise_guidance is not None and t <= self.T * self.boundary
+        return self.low_noise_guidance if low else self.guidance
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -65,10 +75,10 @@ class EulerSampler:
         # noise: (B, C, F, H, W) ~ N(0, I) at sigma = 1
         sig = self.sigmas.tolist()
         x = noise.float()
-        guidance = self.guidance if uncond is not None else 1.0
         steps = range(self.num_steps) if progress is None else progress(range(self.num_steps))
         for i in steps:
             t = torch.full((x.shape[0],), sig[i] * self.T, device=x.device)
+            guidance = self.guidance_at(sig[i] * self.T) if uncond is not None else 1.0
             v = _guided(model, x.to(noise.dtype), t, context, uncond, guidance).float()
             x = x + (sig[i + 1] - sig[i]) * v
         return x
@@ -112,7 +122,9 @@ class FewStepSampler:
         return x0
 
 
-def build_sampler(cfg: SamplerConfig):
+def build_sampler(cfg: SamplerConfig, low_noise_boundary: float | None = None):
+    """The sampler of `cfg`; `low_noise_boundary`: a two-expert bundle's (for low_noise_guidance)."""
     if cfg.kind == "euler":
-        return EulerSampler(cfg.num_steps, cfg.shift, cfg.guidance, cfg.num_train_timesteps)
+        return EulerSampler(cfg.num_steps, cfg.shift, cfg.guidance, cfg.num_train_timesteps, cfg.low_noise_guidance,
+                            low_noise_boundary)
     return FewStepSampler(cfg.sigmas, cfg.num_train_timesteps, cfg.guidance)

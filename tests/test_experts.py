@@ -84,6 +84,25 @@ def test_the_low_noise_expert_run_makes_a_two_expert_bundle(two_expert_teacher):
     assert video.shape == (1, 9, 32, 32, 3)
 
 
+def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teacher, tmp_path):
+    import shutil
+
+    _, path = two_expert_teacher
+    edited = tmp_path / "g2"
+    shutil.copytree(path, edited)
+    cfg = json.loads((edited / "pipeline.json").read_text())
+    cfg["sampler"]["low_noise_guidance"] = 1.0
+    (edited / "pipeline.json").write_text(json.dumps(cfg))
+    pipe = flgengine.load(edited)
+    s = pipe.sampler
+    assert s.boundary == 0.25 and s.guidance_at(900.0) == cfg["sampler"]["guidance"] and s.guidance_at(250.0) == 1.0
+    assert pipe._sampler_for(steps=10, guidance=None, force=False).guidance_at(100.0) == 1.0
+    assert pipe._sampler_for(steps=None, guidance=2.0, force=False).guidance_at(100.0) == 2.0  # guidance= sets all
+    a = pipe("a red circle moving left", seed=0, steps=12, progress=False)
+    b = flgengine.load(path)("a red circle moving left", seed=0, steps=12, progress=False)
+    assert not torch.equal(a, b)
+
+
 def test_two_expert_bundles_are_refused_where_one_dit_is_needed(two_expert_teacher, tmp_path):
     import shutil
 

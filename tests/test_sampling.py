@@ -51,6 +51,20 @@ def test_cfg_combines_cond_and_uncond():
     assert torch.allclose(out, torch.full_like(noise, -(3 + 4 * (1 - 3))))
 
 
+def test_low_noise_steps_use_their_own_guidance():
+    # v_c = 1, v_u = 3: a step at scale g moves x by (s_next - s) (3 + g (1 - 3)); 4 steps over
+    # sigmas 1, .75, .5, .25 -> 0 with boundary 0.5: the last two steps (0.5, 0.25) are low-noise
+    def model(x, t, c):
+        return torch.ones_like(x) * c[:, :1, :1].view(-1, 1, 1, 1, 1)
+
+    noise, cond, uncond = torch.zeros(1, 1, 1, 2, 2), torch.ones(1, 1, 1), 3 * torch.ones(1, 1, 1)
+    out = EulerSampler(4, 1.0, guidance=4.0, low_noise_guidance=1.0, boundary=0.5).sample(model, noise, cond, uncond)
+    expected = -0.5 * (3 + 4 * (1 - 3)) - 0.5 * (3 + 1 * (1 - 3))
+    assert torch.allclose(out, torch.full_like(noise, expected))
+    same = EulerSampler(4, 1.0, guidance=4.0, low_noise_guidance=1.0).sample(model, noise, cond, uncond)  # no boundary
+    assert torch.allclose(same, EulerSampler(4, 1.0, guidance=4.0).sample(model, noise, cond, uncond))
+
+
 def test_fewstep_with_perfect_x0_predictor_returns_x0():
     x0 = torch.randn(2, 3, 1, 4, 4)
 
