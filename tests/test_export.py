@@ -298,6 +298,27 @@ def test_tensorrt_profile_from_the_options():
         EngineSpec.from_options(cfg, (3, 7, 8))
 
 
+def test_max_autotune_reaches_the_aoti_compiler_and_nothing_else(student, tmp_path, monkeypatch):
+    import torch._inductor as inductor
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def compile_spy(program, package_path, inductor_configs=None):
+        seen.update(inductor_configs or {})
+        raise Stop
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", compile_spy)
+    with pytest.raises(Stop):
+        export_engine(student, "aoti", tmp_path / "a", max_autotune=True, progress=False)
+    assert seen["max_autotune"] is True and seen["max_autotune_gemm_backends"] == "ATEN,CPP"
+    assert "weights_sha256" in seen["aot_inductor.metadata"]
+    with pytest.raises(ValueError, match="max_autotune is an AOTInductor option"):
+        export_engine(student, "onnx", tmp_path / "o", max_autotune=True, progress=False)
+
+
 def test_tensorrt_builder_flags():
     from flgengine.export.tensorrt import builder_flags
 

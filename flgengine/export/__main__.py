@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (TensorRT: the builder's precision; default fp32)")
     e.add_argument("--device", default=None, help="cpu or cuda (AOTInductor; default cpu; TensorRT: cuda)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23; 20 for the ONNX TensorRT consumes)")
+    e.add_argument("--max-autotune", action="store_true",
+                   help="AOTInductor: benchmark GEMM kernels while compiling (~3x compile time, a few %% faster)")
     e.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace (default 8 GiB)")
     e.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to read and update "
                                                         "(default: DIR/timing.cache)")
@@ -76,7 +78,7 @@ def _export(args) -> int:
         num_frames=args.frames, height=args.height, width=args.width, latent=args.latent, text_len=args.text_len,
         min_text_len=args.min_text_len, max_text_len=args.max_text_len, dynamic=args.dynamic, dtype=args.dtype,
         device=args.device, opset=args.opset, verify=args.verify, seed=args.seed, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, progress=not args.quiet)
+        timing_cache=args.timing_cache, max_autotune=args.max_autotune, progress=not args.quiet)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     elif not args.quiet:

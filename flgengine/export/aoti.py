@@ -25,13 +25,19 @@ def _inductor():
     return inductor
 
 
-def export_aoti(program: torch.export.ExportedProgram, out_dir: Path, metadata: dict[str, str] | None = None) -> list[str]:
-    """Compiles `program` into `out_dir/dit.pt2`; `metadata` is stored in the package."""
+def export_aoti(program: torch.export.ExportedProgram, out_dir: Path, metadata: dict[str, str] | None = None,
+                max_autotune: bool = False, device_type: str = "cpu") -> list[str]:
+    """Compiles `program` into `out_dir/dit.pt2`; `metadata` is stored in the package.
+    `max_autotune` benchmarks GEMM candidates while compiling (ATen and Inductor's C++
+    templates on the CPU, its Triton templates on CUDA): ~3x the compile time on the CPU
+    for a few percent (bench/RESULTS.md)."""
     inductor = _inductor()
     path = Path(out_dir) / AOTI_FILE
-    configs = {"aot_inductor.metadata": dict(metadata)} if metadata else None
+    configs = {"aot_inductor.metadata": dict(metadata)} if metadata else {}
+    if max_autotune:
+        configs.update({"max_autotune": True, "max_autotune_gemm_backends": "ATEN,CPP" if device_type == "cpu" else "ATEN,TRITON"})
     with torch.no_grad():
-        inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+        inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs or None)
     return [AOTI_FILE]
 
 

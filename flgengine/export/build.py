@@ -161,7 +161,8 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
                   min_text_len: int | None = None, max_text_len: int | None = None,
                   dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "fp32", device: str | None = None,
                   opset: int | None = None, verify: bool = True, seed: int = 0, workspace_gib: float = 8.0,
-                  timing_cache: str | os.PathLike | None = None, progress: bool = True) -> EngineManifest:
+                  timing_cache: str | os.PathLike | None = None, max_autotune: bool = False,
+                  progress: bool = True) -> EngineManifest:
     """Exports a bundle's DiT as an engine directory `out`; returns its manifest.
 
     Shapes: the video `num_frames x height x width` (default: the bundle's pipeline.json)
@@ -193,6 +194,8 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
     if fmt == "onnx" and device.type != "cpu":
         raise ValueError("ONNX engines are exported and verified on the CPU (ONNX Runtime); use --format tensorrt for CUDA")
     check_dynamic(dynamic)
+    if max_autotune and fmt != "aoti":
+        raise ValueError(f"max_autotune is an AOTInductor option (--format aoti), not {fmt}")
     out = Path(out)
     _check_target(out)
     bundle_path = resolve_model(bundle)
@@ -259,9 +262,11 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
 
             with steps.stage(f"torch.export (dynamic: {dyn})"):
                 program = export_program(model, spec, device)
-            with steps.stage(f"AOTInductor compile ({device.type})"):
+            options["max_autotune"] = bool(max_autotune)
+            with steps.stage(f"AOTInductor compile ({device.type}{', max_autotune' if max_autotune else ''})"):
                 files = export_aoti(program, tmp, metadata={"weights_sha256": identity.weights_sha256,
-                                                             "flgengine_dtype": dtype})
+                                                             "flgengine_dtype": dtype}, max_autotune=max_autotune,
+                                   device_type=device.type)
             del program
             run = AotiRunner(tmp / files[0], device.type) if verify else None
             run_device = device
