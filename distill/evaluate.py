@@ -466,6 +466,9 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         "batch_size": batch_size,
         "steps": steps if steps is not None else _sampler_default(pipe, "num_steps"),
         "guidance": guidance if guidance is not None else _sampler_default(pipe, "guidance"),
+        **({"low_noise_boundary": pipe.config.low_noise_boundary,  # a two-expert model's split and its CFG below it
+            "low_noise_guidance": _sampler_default(pipe, "low_noise_guidance") if guidance is None else guidance}
+           if getattr(getattr(pipe, "config", None), "low_noise_boundary", None) is not None else {}),
         "seconds_per_video": seconds / len(all_prompts),
         "device": str(getattr(pipe, "device", "")), "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
         **evaluate_videos(torch.cat(videos), all_prompts, evaluator),

@@ -101,6 +101,10 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
     a = pipe("a red circle moving left", seed=0, steps=12, progress=False)
     b = flgengine.load(path)("a red circle moving left", seed=0, steps=12, progress=False)
     assert not torch.equal(a, b)
+    from distill.evaluate import evaluate_bundle
+
+    r = evaluate_bundle(pipe, samples=2, steps=12, batch_size=2, progress=False)
+    assert r["low_noise_boundary"] == 0.25 and r["low_noise_guidance"] == 1.0  # recorded beside the guidance
 
 
 def test_two_expert_bundles_are_refused_where_one_dit_is_needed(two_expert_teacher, tmp_path):
