@@ -27,6 +27,11 @@ def test_shapes_teacher_provenance_has_recipe_time_and_quality():
     assert ev["videos"] >= 180 and ev["steps"] == 50 and set(a) >= {"adherence", "colour", "shape", "direction"}
     assert 0 <= a["adherence"] <= min(a["colour"], a["shape"], a["direction"]) <= 1
     assert ev["fd"] > 0 and ev["fd_real_vs_real"] > 0 and ev["motion"]["true_speed"] > 0
+    # two experts: the low-noise one's run recorded, the evaluation taken with the shipped split and guidance
+    low = next(s for s in prov["stages"] if s["stage"] == "train-low-noise-expert")
+    assert low["recipe"]["expert_of"] and 0 < low["train_seconds"] <= 30 * 60 and low["boundary"] == ev["low_noise_boundary"]
+    sampler = json.loads((ASSETS / "shapes-teacher" / "pipeline.json").read_text())["sampler"]
+    assert ev["guidance"] == sampler["guidance"] and ev["low_noise_guidance"] == sampler["low_noise_guidance"]
 
 
 def test_shipped_teacher_draws_what_it_is_asked_for():
