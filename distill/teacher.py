@@ -314,13 +314,19 @@ def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) 
     return save_bundle(path, load_bundle(high, dtype=torch.float32).model, pipeline, provenance, storage_dtype=storage)
 
 
+def config_from_args(args) -> TeacherConfig:
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    return TeacherConfig(**{k: (None if v is _NONE else v) for k, v in vars(args).items() if k in fields and v is not None})
+
+
+_NONE = "none"  # an optional number set to None on the command line (argparse's None means "not given")
+
+
 def _arg_type(f: dataclasses.Field):
     """The CLI type of a recipe field; optional numbers also take "none" (the field's None)."""
-    if f.default is not None:
-        return type(f.default)
-    if "float" in str(f.type):
+    if "float" in str(f.type) and "None" in str(f.type):
         return lambda v: _NONE if v.lower() == "none" else float(v)
-    return str
+    return type(f.default) if f.default is not None else str
 
 
 def add_args(p) -> None:

@@ -165,6 +165,10 @@ def test_teacher_cli_boolean_flags():
     cfg = config_from_args(p.parse_args(["--out", "x", "--no-zero-init", "--compile", "--patch", "4"]))
     assert cfg.zero_init is False and cfg.compile is True and cfg.patch == 4
     assert config_from_args(p.parse_args(["--out", "x"])).zero_init is True
+    # optional numbers take "none"; the low-noise expert's options parse
+    cfg = config_from_args(p.parse_args(["--out", "x", "--velocity-skip", "none", "--x0-prediction", "0.05",
+                                         "--t-max", "0.35", "--boundary", "0.2"]))
+    assert cfg.velocity_skip is None and cfg.x0_prediction == 0.05 and cfg.t_max == 0.35 and cfg.boundary == 0.2
 
 
 def test_teacher_training_resumes_to_the_same_weights(tmp_path):
