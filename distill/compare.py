@@ -64,6 +64,15 @@ def video_grid(runs, prompts=GRID_PROMPTS, seed: int = 0, scale: int = 3) -> np.
     return out
 
 
+def dit_calls(pipe, steps: int, guidance: float | None) -> int:
+    """DiT evaluations per video: two per CFG step, one otherwise (a two-expert teacher's
+    low-noise steps without CFG count one)."""
+    sampler = pipe._sampler_for(steps, None, force=True)
+    if not hasattr(sampler, "guidance_at"):  # few-step students
+        return steps * (2 if (guidance or 0) > 1 else 1)
+    return sum(2 if sampler.guidance_at(s * sampler.T) > 1 else 1 for s in sampler.sigmas[:-1].tolist())
+
+
 def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, seeds=(0,), batch_size: int = 20,
             teacher_few_steps: int = 4, progress: bool = True, grid: str | None = None) -> list[dict]:
     """The rows of the comparison table; with `grid`, also writes a video (.gif / .mp4) of
@@ -74,7 +83,7 @@ def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, se
     for name, pipe, kw in runs:
         r = evaluate_bundle(pipe, samples=samples, seeds=seeds, batch_size=batch_size, progress=progress,
                             evaluator=evaluator, **kw)
-        nfe = r["steps"] * (2 if (r["guidance"] or 0) > 1 else 1)
+        nfe = dit_calls(pipe, r["steps"], r["guidance"])
         rows.append({"name": name, "nfe": nfe, "params": pipe.dit.num_params(), "adherence": r["prompt_adherence"],
                      "fd": r["fd"], "fd_floor": r["fd_real_vs_real"], "motion": r["motion"]["ratio"],
                      "seconds_per_video": r["seconds_per_video"], "path": r["model"]})

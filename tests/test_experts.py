@@ -105,6 +105,10 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
 
     r = evaluate_bundle(pipe, samples=2, steps=12, batch_size=2, progress=False)
     assert r["low_noise_boundary"] == 0.25 and r["low_noise_guidance"] == 1.0  # recorded beside the guidance
+    from distill.compare import dit_calls
+
+    # 12 steps at shift 2: one sigma (1/12 -> 0.154) is <= 0.25, run without CFG: 11 x 2 + 1 DiT calls
+    assert dit_calls(pipe, 12, r["guidance"]) == 23 and dit_calls(flgengine.load(path), 12, r["guidance"]) == 24
 
 
 def test_two_expert_bundles_are_refused_where_one_dit_is_needed(two_expert_teacher, tmp_path):
