@@ -459,6 +459,10 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     seconds = time.time() - t0
     bar.close()
     guidance = generate_kwargs.get("guidance")
+    boundary = getattr(getattr(pipe, "config", None), "low_noise_boundary", None)
+    experts = {} if boundary is None else {  # a two-expert model's split and the CFG scale below it
+        "low_noise_boundary": boundary,
+        "low_noise_guidance": _sampler_default(pipe, "low_noise_guidance") if guidance is None else guidance}
     return {
         "model": str(getattr(pipe, "path", None) or type(pipe).__name__),
         "samples": samples,
@@ -466,9 +470,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         "batch_size": batch_size,
         "steps": steps if steps is not None else _sampler_default(pipe, "num_steps"),
         "guidance": guidance if guidance is not None else _sampler_default(pipe, "guidance"),
-        **({"low_noise_boundary": pipe.config.low_noise_boundary,  # a two-expert model's split and its CFG below it
-            "low_noise_guidance": _sampler_default(pipe, "low_noise_guidance") if guidance is None else guidance}
-           if getattr(getattr(pipe, "config", None), "low_noise_boundary", None) is not None else {}),
+        **experts,
         "seconds_per_video": seconds / len(all_prompts),
         "device": str(getattr(pipe, "device", "")), "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
         **evaluate_videos(torch.cat(videos), all_prompts, evaluator),

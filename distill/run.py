@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from flgengine.checkpoint import BundleError, atomic_write_text, save_bundle, storage_dtype_of
-from flgengine.config import TORCH_DTYPES, ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
+from flgengine.checkpoint import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
+from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
 from flgengine.model import TwoExpertDiT, main_expert
 
 from . import stage2 as s2
@@ -72,9 +72,8 @@ class RunConfig(_JsonMixin):
         for key in ("teacher", "out"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"{key} must be a path, got {getattr(self, key)!r}")
-        if self.storage_dtype is not None and self.storage_dtype not in (*TORCH_DTYPES, "int8"):
-            raise ConfigError(f"storage_dtype must be one of {', '.join(TORCH_DTYPES)}, int8 or null, "
-                              f"got {self.storage_dtype!r}")
+        if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)} or null, got {self.storage_dtype!r}")
         kind = self.data.get("kind") if isinstance(self.data, dict) else None
         if kind not in self.DATA:
             raise ConfigError(f"data.kind must be one of {', '.join(self.DATA)}, got {kind!r}")

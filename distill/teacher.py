@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flgengine.checkpoint import (LOW_NOISE_DIR, load_bundle, read_json_object, read_model_config, save_bundle,
-                                  storage_dtype_of)
+from flgengine.checkpoint import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_json_object, read_model_config,
+                                  save_bundle, storage_dtype_of)
 from flgengine.codec import uint8_to_video
-from flgengine.config import TORCH_DTYPES, CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
@@ -108,8 +108,8 @@ class TeacherConfig:
             raise ValueError(f"t_max must be in (0, 1], got {self.t_max!r}")
         if not (isinstance(self.boundary, (int, float)) and 0 < self.boundary < 1):
             raise ValueError(f"boundary must be in (0, 1), got {self.boundary!r}")
-        if self.storage_dtype not in (*TORCH_DTYPES, "int8"):
-            raise ValueError(f"storage_dtype must be one of {', '.join(TORCH_DTYPES)} or int8, got {self.storage_dtype!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.expert_of and not (Path(self.expert_of) / "config.json").is_file():
             raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, PipelineConfig, torch_dtype
+from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torch_dtype
 
 __all__ = [
     "BundleError",
@@ -203,6 +203,9 @@ def dequantize_int8(state: dict[str, torch.Tensor], where: str) -> dict[str, tor
                               f"{tuple(scale.shape[:-1])}")
         state[name] = q.float() * scale.float()
     return state
+
+
+STORAGE_DTYPES = (*TORCH_DTYPES, "int8")  # names a bundle's weights can be stored in
 
 
 def storage_dtype_of(name: str | None) -> torch.dtype | None:
