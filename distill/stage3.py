@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from flgengine.checkpoint import atomic_save_safetensors, _load_safetensors
 from flgengine.config import ConfigError, _JsonMixin
-from flgengine.model import DiT
+from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .importance import skip_blocks
@@ -66,6 +66,9 @@ class Stage3Config(_JsonMixin):
     prune: bool = True
     b1_range: list[float] = field(default_factory=lambda: [3.0, 4.0])
     b2_range: list[float] = field(default_factory=lambda: [0.1, 0.4])
+    # a two-expert real score: b1 for samples at t <= its boundary (the low-noise expert, which the
+    # teacher samples with low_noise_guidance, usually 1 = no CFG); None: b1 from b1_range everywhere
+    low_noise_b1: float | None = None
     t_min: float = 0.02
     t_max: float = 0.98
     t_shift: float = 2.0
@@ -93,6 +96,9 @@ class Stage3Config(_JsonMixin):
             need(isinstance(r, (list, tuple)) and len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] <= r[1],
                  key, "[low, high] with low <= high")
         need(0 < self.t_min < self.t_max < 1, "t_min", "in (0, t_max) with t_max < 1")
+        need(self.low_noise_b1 is None or (isinstance(self.low_noise_b1, (int, float))
+                                           and math.isfinite(self.low_noise_b1) and self.low_noise_b1 >= 0),
+             "low_noise_b1", "null or a number >= 0")
 
     def sigmas(self) -> list[float]:
         return euler_sigmas(self.num_steps, self.shift)[:-1].tolist()  # the trailing 0 is not a step
@@ -119,9 +125,11 @@ def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list
 
 
 @torch.no_grad()
-def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float, b2: float, mode: str) -> torch.Tensor:
+def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float | torch.Tensor, b2: float,
+                  mode: str) -> torch.Tensor:
     """The real score's velocity. mode "well-guided": v_p(u) + b1 (v_p(c) - v_p(u)) + b2 (v_u(c) - v_p(c))
-    with p = `real` with the blocks `drop` skipped, u = `real` in full; "cfg": v(u) + b1 (v(c) - v(u))."""
+    with p = `real` with the blocks `drop` skipped, u = `real` in full; "cfg": v(u) + b1 (v(c) - v(u)).
+    b1: a number, or per sample (B, 1, 1, 1, 1)."""
     B = x_t.shape[0]
     unc = uncond.expand(B, -1, -1)
     if mode == "cfg":
@@ -231,6 +239,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
         b1 = float(torch.empty(()).uniform_(*cfg.b1_range, generator=gen))
         b2 = float(torch.empty(()).uniform_(*cfg.b2_range, generator=gen))
+        if cfg.low_noise_b1 is not None and isinstance(real, TwoExpertDiT):  # the low expert's own guidance
+            b1 = torch.where(t <= real.boundary, cfg.low_noise_b1, b1)  # (B, 1, 1, 1, 1)
         x_t = (1 - t) * x.detach() + t * eps
         T = 1000 * t.flatten()
         with torch.no_grad():

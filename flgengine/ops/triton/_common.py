@@ -117,12 +117,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def row_tiling(block: int, n_rows: int, interpret: bool) -> tuple[int, int]:
-    """(rows per program, num_warps) for the row-wise ops, `block` = the padded row tile.
+def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = None) -> tuple[int, int]:
+    """(rows per program, num_warps) for the row-wise ops, `block` = the padded row tile,
+    `n_rows` = the rows one program column covers; `tiling` ({"ROWS", "num_warps"}) overrides.
 
     On a GPU a program holds about 4096 elements of each input (a Wan row of 1536 -> 2 rows of
     2048); the interpreter costs ~5 ms per program whatever its size, so there one program
     takes as many rows as fit in ~32k elements."""
+    if tiling is not None:
+        rows, warps = int(tiling["ROWS"]), int(tiling["num_warps"])
+        if rows < 1 or rows & (rows - 1) or warps < 1 or warps & (warps - 1):
+            raise ValueError(f"tiling {tiling!r}: ROWS and num_warps must be powers of two")
+        return rows, warps
     if interpret:
         return min(next_pow2(n_rows), max(1, 32768 // block)), 4
     rows = max(1, min(16, 4096 // block))

@@ -1,7 +1,8 @@
 """adaln_modulate in Triton: LayerNorm without affine (fp32 statistics) then x * (1 + scale) + shift.
 
-One program normalises ROWS token rows of x at once (a [ROWS, BLOCK_D] tile, BLOCK_D = D
-rounded up to a power of two, masked). x, scale and shift are read through their strides, so
+Program (i, b) normalises ROWS token rows of sample b at once (a [ROWS, BLOCK_D] tile,
+BLOCK_D = D rounded up to a power of two, masked); a per-sample scale / shift is read once per
+program and broadcast over its rows (one [BLOCK_D] row from L2 instead of ROWS). x, scale and shift are read through their strides, so
 the model's `unbind` views of a (B, 6, D) / (B, S, 6, D) modulation and `(D,).expand(B, D)`
 vectors go in without copies. The output is contiguous, in x's dtype.
 """
@@ -20,20 +21,20 @@ MAX_D = 16384  # the row is one tile
 @triton.jit
 def _adaln_modulate_kernel(
     out_ptr, x_ptr, scale_ptr, shift_ptr,
-    n_rows, S, D,
+    S, D,
     sxb, sxs, sxd,
     scb, scs, scd,
     shb, shs, shd,
     eps,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RTNE_BF16: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_PER_SAMPLE: tl.constexpr, SHIFT_PER_SAMPLE: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
-    rows = rows.to(tl.int64)
-    b = (rows // S)[:, None]
-    s = (rows % S)[:, None]
-    c = cols[None, :]
+    # program (i, b): tokens i*ROWS .. i*ROWS+ROWS-1 of sample b
+    b = tl.program_id(1).to(tl.int64)
+    s = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # [ROWS, 1]
+    c = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    c_ok = c < D
+    mask = (s < S) & c_ok
 
     x = tl.load(x_ptr + b * sxb + s * sxs + c * sxd, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
@@ -41,13 +42,20 @@ def _adaln_modulate_kernel(
     var = tl.sum(xc * xc, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    scale = tl.load(scale_ptr + b * scb + s * scs + c * scd, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + b * shb + s * shs + c * shd, mask=mask, other=0.0).to(tl.float32)
+    # a per-sample modulation (token stride 0): one [1, BLOCK_D] row per program, broadcast
+    if SCALE_PER_SAMPLE:
+        scale = tl.load(scale_ptr + b * scb + c * scd, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr + b * scb + s * scs + c * scd, mask=mask, other=0.0).to(tl.float32)
+    if SHIFT_PER_SAMPLE:
+        shift = tl.load(shift_ptr + b * shb + c * shd, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        shift = tl.load(shift_ptr + b * shb + s * shs + c * shd, mask=mask, other=0.0).to(tl.float32)
     out = (xc * rstd[:, None]) * (1.0 + scale) + shift
     if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
         u = out.to(tl.uint32, bitcast=True)
         out = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rows[:, None] * D + c, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (b * S + s) * D + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
@@ -66,21 +74,23 @@ def why_not(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> str | 
     return _common.runtime_reason((x, scale, shift)) or check(x, scale, shift)
 
 
-def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Launches the kernel; ValueError if the inputs are outside what it serves."""
+def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6,
+                   tiling: dict | None = None) -> torch.Tensor:
+    """Launches the kernel; ValueError if the inputs are outside what it serves.
+    tiling: {"ROWS": r, "num_warps": w} instead of `_common.row_tiling`'s (benchmark sweeps)."""
     reason = _common.device_reason((x, scale, shift)) or check(x, scale, shift)
     if reason:
         raise ValueError(f"triton adaln_modulate: {reason}")
     B, S, D = x.shape
     out = torch.empty((B, S, D), dtype=x.dtype, device=x.device)
-    n_rows = B * S
-    if n_rows == 0 or D == 0:
+    if B * S == 0 or D == 0:
         return out
     block_d = _common.next_pow2(D)
-    rows, warps = _common.row_tiling(block_d, n_rows, _common.is_interpreted(x.device))
-    grid = (triton.cdiv(n_rows, rows),)
+    rows, warps = _common.row_tiling(block_d, S, _common.is_interpreted(x.device), tiling)
+    grid = (triton.cdiv(S, rows), B)
     _common.launch(_adaln_modulate_kernel, grid, x.device,
-                   out, x, scale, shift, n_rows, S, D, *x.stride(), *_common.mod_strides(scale),
+                   out, x, scale, shift, S, D, *x.stride(), *_common.mod_strides(scale),
                    *_common.mod_strides(shift), float(eps), ROWS=rows, BLOCK_D=block_d,
+                   SCALE_PER_SAMPLE=scale.dim() == 2, SHIFT_PER_SAMPLE=shift.dim() == 2,
                    RTNE_BF16=_common.fix_bf16_rounding(x.dtype, x.device), num_warps=warps)
     return out

@@ -2,7 +2,8 @@
 h = adaln_modulate(x_new, scale, shift) in one pass over the row.
 
 The LayerNorm statistics are those of the *rounded* x_new (the value the next block reads),
-as in the reference. One program handles ROWS token rows; every input is read through its
+as in the reference. Program (i, b) handles ROWS token rows of sample b (a per-sample gate /
+scale / shift is read once per program, as in adaln_modulate); every input is read through its
 strides (gate / scale / shift may each be per sample (B, D), per token (B, S, D), or an
 expanded vector with stride 0). Both outputs are contiguous, in x's dtype.
 """
@@ -21,32 +22,36 @@ MAX_D = 16384
 @triton.jit
 def _gated_residual_adaln_kernel(
     xo_ptr, h_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr,
-    n_rows, S, D,
+    S, D,
     sxb, sxs, sxd,
     syb, sys_, syd,
     sgb, sgs, sgd,
     scb, scs, scd,
     shb, shs, shd,
     eps,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RTNE_BF16: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GATE_PER_SAMPLE: tl.constexpr, SCALE_PER_SAMPLE: tl.constexpr,
+    SHIFT_PER_SAMPLE: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
-    rows = rows.to(tl.int64)
-    b = (rows // S)[:, None]
-    s = (rows % S)[:, None]
-    c = cols[None, :]
+    # program (i, b): tokens i*ROWS .. i*ROWS+ROWS-1 of sample b
+    b = tl.program_id(1).to(tl.int64)
+    s = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # [ROWS, 1]
+    c = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    c_ok = c < D
+    mask = (s < S) & c_ok
 
     x = tl.load(x_ptr + b * sxb + s * sxs + c * sxd, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b * syb + s * sys_ + c * syd, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * sgb + s * sgs + c * sgd, mask=mask, other=0.0).to(tl.float32)
+    # a per-sample modulation (token stride 0): one [1, BLOCK_D] row per program, broadcast
+    if GATE_PER_SAMPLE:
+        gate = tl.load(gate_ptr + b * sgb + c * sgd, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        gate = tl.load(gate_ptr + b * sgb + s * sgs + c * sgd, mask=mask, other=0.0).to(tl.float32)
     x_new = x + y * gate
     if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
         u = x_new.to(tl.uint32, bitcast=True)
         x_new = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
     x_new = x_new.to(xo_ptr.dtype.element_ty)
-    out_offs = rows[:, None] * D + c
+    out_offs = (b * S + s) * D + c
     tl.store(xo_ptr + out_offs, x_new, mask=mask)
 
     xn = x_new.to(tl.float32)  # statistics of the rounded value
@@ -55,8 +60,14 @@ def _gated_residual_adaln_kernel(
     var = tl.sum(xc * xc, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    scale = tl.load(scale_ptr + b * scb + s * scs + c * scd, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + b * shb + s * shs + c * shd, mask=mask, other=0.0).to(tl.float32)
+    if SCALE_PER_SAMPLE:
+        scale = tl.load(scale_ptr + b * scb + c * scd, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr + b * scb + s * scs + c * scd, mask=mask, other=0.0).to(tl.float32)
+    if SHIFT_PER_SAMPLE:
+        shift = tl.load(shift_ptr + b * shb + c * shd, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        shift = tl.load(shift_ptr + b * shb + s * shs + c * shd, mask=mask, other=0.0).to(tl.float32)
     h = (xc * rstd[:, None]) * (1.0 + scale) + shift
     if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
         u = h.to(tl.uint32, bitcast=True)
@@ -88,23 +99,25 @@ def why_not(x, y, gate, scale, shift) -> str | None:
 
 
 def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
-                         shift: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the kernel; ValueError if the inputs are outside what it serves."""
+                         shift: torch.Tensor, eps: float = 1e-6,
+                         tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the kernel; ValueError if the inputs are outside what it serves.
+    tiling: {"ROWS": r, "num_warps": w} instead of `_common.row_tiling`'s (benchmark sweeps)."""
     reason = _common.device_reason((x, y, gate, scale, shift)) or check(x, y, gate, scale, shift)
     if reason:
         raise ValueError(f"triton gated_residual_adaln: {reason}")
     B, S, D = x.shape
     x_new = torch.empty((B, S, D), dtype=x.dtype, device=x.device)
     h = torch.empty((B, S, D), dtype=x.dtype, device=x.device)
-    n_rows = B * S
-    if n_rows == 0 or D == 0:
+    if B * S == 0 or D == 0:
         return x_new, h
     block_d = _common.next_pow2(D)
-    rows, warps = _common.row_tiling(block_d, n_rows, _common.is_interpreted(x.device))
-    grid = (triton.cdiv(n_rows, rows),)
+    rows, warps = _common.row_tiling(block_d, S, _common.is_interpreted(x.device), tiling)
+    grid = (triton.cdiv(S, rows), B)
     _common.launch(_gated_residual_adaln_kernel, grid, x.device,
-                   x_new, h, x, y, gate, scale, shift, n_rows, S, D, *x.stride(), *y.stride(),
+                   x_new, h, x, y, gate, scale, shift, S, D, *x.stride(), *y.stride(),
                    *_common.mod_strides(gate), *_common.mod_strides(scale), *_common.mod_strides(shift), float(eps),
-                   ROWS=rows, BLOCK_D=block_d,
+                   ROWS=rows, BLOCK_D=block_d, GATE_PER_SAMPLE=gate.dim() == 2, SCALE_PER_SAMPLE=scale.dim() == 2,
+                   SHIFT_PER_SAMPLE=shift.dim() == 2,
                    RTNE_BF16=_common.fix_bf16_rounding(x.dtype, x.device), num_warps=warps)
     return x_new, h

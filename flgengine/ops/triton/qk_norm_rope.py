@@ -2,8 +2,9 @@
 RoPE per head, for q and k; outputs (B, S, H, Dh) contiguous in q's dtype.
 
 A row of N = H*Dh channels is N/2 pairs (x[2j], x[2j+1]); pair j rotates by angle index
-j % (Dh/2) (pairs never straddle heads since Dh is even), so one program reads the even and
-the odd channels of ROWS rows as two [ROWS, BLOCK_P] tiles and needs no per-head loop: any
+j % (Dh/2) (pairs never straddle heads since Dh is even), so one program reads ROWS whole rows
+contiguously (vector loads), splits them into the even and the odd channels as two
+[ROWS, BLOCK_P] tiles in registers, and needs no per-head loop: any
 even head dim works, powers of two or not. The normalised value is rounded to the output
 dtype before the rotation (what the unfused model does: F.rms_norm returns q's dtype); the
 rotation is fp32. q and k are two launches of the same kernel (their strides may differ).
@@ -31,21 +32,22 @@ def _rms_norm_rope_kernel(
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pairs = tl.arange(0, BLOCK_P)
-    p_ok = pairs < N // 2
-    mask = (rows < n_rows)[:, None] & p_ok[None, :]
+    cols = tl.arange(0, 2 * BLOCK_P)  # channels, read and written as whole contiguous rows
+    row_ok = (rows < n_rows)[:, None]
+    mask = row_ok & (pairs < N // 2)[None, :]  # [ROWS, BLOCK_P]
+    mask2 = row_ok & (cols < N)[None, :]  # [ROWS, 2 * BLOCK_P]
     rows = rows.to(tl.int64)
     b = (rows // S)[:, None]
     s = (rows % S)[:, None]
-    even = (2 * pairs)[None, :]
-    odd = even + 1
     i = (pairs % HALF)[None, :]  # rotation index inside the head (HALF = Dh/2, a constant: cheap modulo)
 
-    base = x_ptr + b * sxb + s * sxs
-    x1 = tl.load(base + even * sxd, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + odd * sxd, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sxb + s * sxs + cols[None, :] * sxd, mask=mask2, other=0.0).to(tl.float32)
+    x1, x2 = tl.split(tl.reshape(x, [ROWS, BLOCK_P, 2]))  # even, odd channels: [ROWS, BLOCK_P] each
     rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / N + eps)
-    w1 = tl.load(w_ptr + (2 * pairs) * sw, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + (2 * pairs + 1) * sw, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    w = tl.load(w_ptr + cols * sw, mask=cols < N, other=0.0).to(tl.float32)
+    w1, w2 = tl.split(tl.reshape(w, [BLOCK_P, 2]))
+    w1 = w1[None, :]
+    w2 = w2[None, :]
     # the normalised value in the output dtype, as F.rms_norm hands it to the rotation
     n1 = x1 * rstd[:, None] * w1
     n2 = x2 * rstd[:, None] * w2
@@ -66,9 +68,8 @@ def _rms_norm_rope_kernel(
         o1 = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
         u = o2.to(tl.uint32, bitcast=True)
         o2 = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    out = out_ptr + rows[:, None] * N
-    tl.store(out + even, o1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + odd, o2.to(out_ptr.dtype.element_ty), mask=mask)
+    out = tl.reshape(tl.join(o1, o2), [ROWS, 2 * BLOCK_P])  # pairs interleaved back
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask2)
 
 
 def check(q, k, q_weight, k_weight, cos, sin, num_heads: int | None = None) -> str | None:
@@ -115,8 +116,10 @@ def why_not(q, k, q_weight, k_weight, cos, sin) -> str | None:
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the kernel for q and for k; ValueError if the inputs are outside what it serves."""
+                 sin: torch.Tensor, num_heads: int, eps: float = 1e-6,
+                 tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the kernel for q and for k; ValueError if the inputs are outside what it serves.
+    tiling: {"ROWS": r, "num_warps": w} instead of `_common.row_tiling`'s (benchmark sweeps)."""
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"triton qk_norm_rope: num_heads must be a positive int, got {num_heads!r}")
     tensors = (q, k, q_weight, k_weight, cos, sin)
@@ -131,7 +134,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if n_rows == 0:
         return q_out, k_out
     block_p = _common.next_pow2(N // 2)
-    rows, warps = _common.row_tiling(block_p, n_rows, _common.is_interpreted(q.device))
+    rows, warps = _common.row_tiling(block_p, n_rows, _common.is_interpreted(q.device), tiling)
     grid = (triton.cdiv(n_rows, rows),)
     for out, x, w in ((q_out, q, q_weight), (k_out, k, k_weight)):
         _common.launch(_rms_norm_rope_kernel, grid, q.device,
