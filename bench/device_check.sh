@@ -5,6 +5,11 @@
 # ninja are already there; nothing is installed from an index.
 #
 #   device run: bash bench/device_check.sh 2>&1 | tee $OUT/log.txt
+#   a shorter lease: PARTS="sweep tests loop dit" bash bench/device_check.sh ...
+#
+# PARTS (default: all) picks the sections after the build and the ceilings: sweep (tile sweep of
+# the Triton ops, bench/sweep_triton.py), tests (`gpu` tests; TESTS= narrows the files), ops, dit,
+# loop, aoti (the benchmark files, each in its own process), export (the AOTInductor CLI).
 #
 # Each section has its own time limit so one slow part cannot eat the lease; files under
 # $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
@@ -14,7 +19,12 @@ OUT=${OUT:-/tmp/flg-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PY:-python3}
-log() { echo "== $*"; }
+PARTS=${PARTS:-"sweep tests ops dit loop aoti export"}
+TESTS=${TESTS:-tests}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+log() { echo "== $* ($(( $(date +%s) - T_START )) s)"; }
+T_START=$(date +%s)
+rc_tests=0 rc_bench=0 rc_export=0 rc_sweep=0
 
 log "card"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -32,26 +42,35 @@ $PY -c "import flgengine.ops.native as n, json; print(json.dumps(n.build_info())
 log "ceilings: copy bandwidth and bf16 matmul (every GPU figure below is a fraction of these)"
 (cd bench && $PY -c "import ceilings, json; print(json.dumps(ceilings.measured('cuda')))") | tee "$OUT/ceilings.json"
 
-log "gpu tests"
-timeout 300 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --tb=short --durations=8 >"$OUT/gpu_tests.txt" 2>&1
-rc_tests=$?
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30
+if want sweep; then
+  log "Triton tile sweep (bf16, Wan-1.3B 480p): time, rate, error of each tiling"
+  SWEEP_LOG=$(mktemp)
+  timeout 170 $PY bench/sweep_triton.py --out "$OUT/sweep_triton.json" >"$SWEEP_LOG" 2>&1 || rc_sweep=1
+  grep -vE '^\{' "$SWEEP_LOG" | tail -45
+fi
+
+if want tests; then
+  log "gpu tests ($TESTS)"
+  timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -m gpu $TESTS -p no:cacheprovider -rfE --tb=short --durations=8 >"$OUT/gpu_tests.txt" 2>&1
+  rc_tests=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30
+fi
 
 log "gpu benchmarks (each part in its own process: a crash in one cannot hide the rest)"
-rc_bench=0
 : >"$OUT/bench_log.txt"
 bench_part() {  # NAME FILE [pytest args...]: one benchmark process, JSON to $OUT/bench_NAME.json
   local name=$1 file=$2; shift 2
   echo "-- $name" >>"$OUT/bench_log.txt"
-  timeout 240 $PY -m pytest -q "bench/$file" "$@" -m gpu -s -p no:cacheprovider -rfE --tb=short \
+  timeout ${BENCH_TIMEOUT:-240} $PY -m pytest -q "bench/$file" "$@" -m gpu -s -p no:cacheprovider -rfE --tb=short \
     --benchmark-json="$OUT/bench_$name.json" >>"$OUT/bench_log.txt" 2>&1 || { rc_bench=1; echo "bench $name failed"; }
 }
-bench_part ops test_bench_ops.py
-bench_part dit test_bench_dit.py
-bench_part loop test_bench_export.py -k "not aoti"
-bench_part aoti test_bench_export.py -k aoti_engine
+want loop && bench_part loop test_bench_export.py -k "not aoti"
+want dit && bench_part dit test_bench_dit.py
+want ops && bench_part ops test_bench_ops.py
+want aoti && bench_part aoti test_bench_export.py -k aoti_engine
 grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
+if want export; then
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny DiT, verified by loading it back"
 # (the gpu tests and benchmarks above already cover the CUDA graph loop: test_cudagraph.py,
 #  bench/test_bench_export.py::test_gpu_fewstep_loop_eager_vs_cuda_graph)
@@ -66,11 +85,13 @@ from flgengine.model import DiT
 save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
 PYEOF
 t0=$(date +%s)
-timeout 150 $PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
+# PYTHONFAULTHANDLER: a crash (the load segfaulted in stop 12) prints the Python stack that reached it
+PYTHONFAULTHANDLER=1 timeout 150 $PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
   -o "$ENG/aoti" --json >"$ENG/export.json" 2>"$ENG/export.log"
 rc_export=$?
-echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -3 "$ENG/export.log"; head -c 1500 "$ENG/export.json"
+echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -25 "$ENG/export.log"; head -c 1500 "$ENG/export.json"
 $PY -c "import tensorrt" 2>/dev/null && echo "tensorrt present" || echo "tensorrt absent (TensorRT build not checked)"
+fi
 
-log "done: tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
-exit $(( rc_tests || rc_bench || rc_export ))
+log "done: sweep rc=$rc_sweep tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
+exit $(( rc_sweep || rc_tests || rc_bench || rc_export ))

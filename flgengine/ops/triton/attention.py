@@ -182,8 +182,9 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return _common.runtime_reason((q, k, v)) or check(q, k, v)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Launches the kernel; ValueError if the inputs are outside what it serves."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | None = None) -> torch.Tensor:
+    """Launches the kernel; ValueError if the inputs are outside what it serves.
+    tiling: some of BLOCK_M, BLOCK_N, num_warps, num_stages over `config`'s (benchmark sweeps)."""
     reason = _common.device_reason((q, k, v)) or check(q, k, v)
     if reason:
         raise ValueError(f"triton attention: {reason}")
@@ -194,6 +195,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return out
     interpret = _common.is_interpreted(q.device)
     cfg = config(D, q.dtype, interpret)
+    if tiling:
+        unknown = set(tiling) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        if unknown:
+            raise ValueError(f"tiling keys {sorted(unknown)} are not tunable (BLOCK_M, BLOCK_N, num_warps, num_stages)")
+        cfg.update(tiling)
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
     outer = [t.stride(i) for t in (q, k, v) for i in range(3)]  # batch, token, head strides
     align = 16

@@ -1,0 +1,144 @@
+"""Tile sweep of the Triton ops on a GPU: each configuration's time, rate, fraction of the
+card's ceilings and error against the reference backend, at the Wan-1.3B 480p shape.
+
+    python bench/sweep_triton.py [--out sweep.json] [--quick]
+
+The defaults in flgengine/ops/triton (`_common.row_tiling`, `attention.config`) are chosen
+from these numbers; a configuration counts only if its error is within the dtype's
+tolerance. A configuration that does not compile (shared memory, registers) is recorded
+with its error message. Runs in `bench/device_check.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ceilings  # noqa: E402
+from test_bench_ops import WAN, _elementwise_inputs  # noqa: E402
+from timing import median_seconds  # noqa: E402
+
+from flgengine import ops  # noqa: E402
+from flgengine.ops import triton as tri  # noqa: E402
+from flgengine.ops.triton import _common  # noqa: E402
+
+ROW_TILINGS = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)]  # (ROWS, num_warps)
+ATTN_TILINGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+    (128, 32, 8, 3), (64, 128, 4, 3),
+]
+ATTN_SHAPES = [(12, 128, 32760, 32760), (12, 72, 32760, 32760), (12, 128, 32760, 512)]  # (H, D, Sq, Skv)
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def reps(device: torch.device, repeat: int = 20) -> dict:
+    return {"repeat": repeat, "warmup": 3} if device.type == "cuda" else {"repeat": 1, "warmup": 0}
+
+
+def rel_err(out, ref) -> float:
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+               for a, b in zip(outs, refs))
+
+
+def sweep_elementwise(ceil: dict, dtype, quick: bool, device: torch.device) -> list[dict]:
+    rows = []
+    shape = WAN if device.type == "cuda" else (1, 128, 256)  # CPU: a smoke run under TRITON_INTERPRET=1
+    for op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope"):
+        args, nbytes = _elementwise_inputs(op, shape, dtype, device)
+        ref = getattr(ops, op)(*args, backend="ref")
+        fn = getattr(tri._module(op), op)  # the launcher itself: it takes `tiling`
+        for r, w in ROW_TILINGS[:3] if quick else ROW_TILINGS:
+            rec = {"op": op, "dtype": str(dtype), "shape": list(shape), "ROWS": r, "num_warps": w}
+            try:
+                out = fn(*args, tiling={"ROWS": r, "num_warps": w})
+                t = median_seconds(lambda: fn(*args, tiling={"ROWS": r, "num_warps": w}), device, **reps(device))
+                rate = nbytes / t / 1e9
+                rec.update(us=t * 1e6, GBs=rate, copy_fraction=rate / ceil["copy_GBps"], rel_err=rel_err(out, ref),
+                           ok=rel_err(out, ref) <= TOL[dtype])
+            except Exception as e:  # a tiling that does not compile or launch
+                rec.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+    return rows
+
+
+def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device) -> list[dict]:
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = ATTN_SHAPES if device.type == "cuda" else [(2, 72, 160, 130)]
+    attention = tri._module("attention").attention
+    for H, D, Sq, Skv in shapes[:1] if quick else shapes:
+        q = torch.randn(1, Sq, H, D, generator=g, device=device).to(dtype)
+        k = torch.randn(1, Skv, H, D, generator=g, device=device).to(dtype)
+        v = torch.randn(1, Skv, H, D, generator=g, device=device).to(dtype)
+        flops = 4 * H * Sq * Skv * D
+        ref = ops.attention(q, k, v, backend="ref")
+        t_sdpa = median_seconds(lambda: ops.attention(q, k, v, backend="ref"), device, **reps(device, 10))
+        for bm, bn, w, st in ATTN_TILINGS[:2] if quick else ATTN_TILINGS:
+            tiling = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            rec = {"op": "attention", "dtype": str(dtype), "heads": H, "head_dim": D, "Sq": Sq, "Skv": Skv, **tiling,
+                   "sdpa_us": t_sdpa * 1e6}
+            try:
+                out = attention(q, k, v, tiling=tiling)
+                t = median_seconds(lambda: attention(q, k, v, tiling=tiling), device, **reps(device, 10))
+                rate = flops / t / 1e12
+                rec.update(us=t * 1e6, TFLOPs=rate, matmul_fraction=rate / ceil["matmul_TFLOPs"], vs_sdpa=t_sdpa / t,
+                           rel_err=rel_err(out, ref), ok=rel_err(out, ref) <= TOL[dtype])
+            except Exception as e:
+                rec.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        key = (f"{r['op']} ROWS={r['ROWS']} warps={r['num_warps']}" if "ROWS" in r else
+               f"attention {r['heads']}x{r['head_dim']} {r['Sq']}x{r['Skv']} BM={r['BLOCK_M']} BN={r['BLOCK_N']} "
+               f"warps={r['num_warps']} stages={r['num_stages']}")
+        if "error" in r:
+            lines.append(f"{key}: {r['error'][:120]}")
+        elif "GBs" in r:
+            lines.append(f"{key}: {r['us']:.0f} us {r['GBs']:.0f} GB/s {r['copy_fraction']:.0%} of copy "
+                         f"err {r['rel_err']:.1e}{'' if r['ok'] else ' WRONG'}")
+        else:
+            lines.append(f"{key}: {r['us']:.0f} us {r['TFLOPs']:.0f} TFLOP/s {r['vs_sdpa']:.2f}x SDPA "
+                         f"err {r['rel_err']:.1e}{'' if r['ok'] else ' WRONG'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="sweep_triton.json", help="JSON file for every configuration's record")
+    ap.add_argument("--quick", action="store_true", help="a few configurations per op (a smoke run)")
+    ap.add_argument("--skip-attention", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    if torch.cuda.is_available():
+        device, ceil = torch.device("cuda"), ceilings.measured("cuda")
+    elif _common.interpreting():  # a smoke run of this script: small shapes, no ceilings
+        device, ceil = torch.device("cpu"), {"copy_GBps": float("nan"), "matmul_TFLOPs": float("nan")}
+    else:
+        print("sweep_triton: needs a CUDA device (or TRITON_INTERPRET=1 for a CPU smoke run)", file=sys.stderr)
+        return 2
+    rows = sweep_elementwise(ceil, torch.bfloat16, args.quick, device)
+    if not args.skip_attention:
+        rows += sweep_attention(ceil, torch.bfloat16, args.quick, device)
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "ceilings": ceil, "rows": rows,
+           "seconds": round(time.time() - t0, 1)}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(table(rows))
+    print(f"sweep: {len(rows)} configurations in {out['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
