@@ -47,14 +47,14 @@ def rel_err(out, ref) -> float:
                for a, b in zip(outs, refs))
 
 
-def sweep_elementwise(ceil: dict, dtype, quick: bool, device: torch.device) -> list[dict]:
+def sweep_elementwise(ceil: dict, dtype, quick: bool, device: torch.device, tilings=ROW_TILINGS) -> list[dict]:
     rows = []
     shape = WAN if device.type == "cuda" else (1, 128, 256)  # CPU: a smoke run under TRITON_INTERPRET=1
     for op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope"):
         args, nbytes = _elementwise_inputs(op, shape, dtype, device)
         ref = getattr(ops, op)(*args, backend="ref")
         fn = getattr(tri._module(op), op)  # the launcher itself: it takes `tiling`
-        for r, w in ROW_TILINGS[:3] if quick else ROW_TILINGS:
+        for r, w in tilings[:3] if quick else tilings:
             rec = {"op": op, "dtype": str(dtype), "shape": list(shape), "ROWS": r, "num_warps": w}
             try:
                 out = fn(*args, tiling={"ROWS": r, "num_warps": w})
@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="sweep_triton.json", help="JSON file for every configuration's record")
     ap.add_argument("--quick", action="store_true", help="a few configurations per op (a smoke run)")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--row-tilings", default=None, metavar="RxW,...",
+                    help="the row ops' (ROWS x num_warps) tilings, e.g. 1x2,1x4,2x4 (default: a built-in list)")
     args = ap.parse_args(argv)
     t0 = time.time()
     if torch.cuda.is_available():
@@ -129,7 +131,9 @@ def main(argv=None) -> int:
     else:
         print("sweep_triton: needs a CUDA device (or TRITON_INTERPRET=1 for a CPU smoke run)", file=sys.stderr)
         return 2
-    rows = sweep_elementwise(ceil, torch.bfloat16, args.quick, device)
+    tilings = ROW_TILINGS if args.row_tilings is None else [
+        tuple(int(v) for v in item.split("x")) for item in args.row_tilings.split(",")]
+    rows = sweep_elementwise(ceil, torch.bfloat16, args.quick, device, tilings)
     if not args.skip_attention:
         rows += sweep_attention(ceil, torch.bfloat16, args.quick, device)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "ceilings": ceil, "rows": rows,

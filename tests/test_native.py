@@ -477,7 +477,14 @@ def test_cuda_qk_norm_rope_matches_reference(dtype, B, S, heads, head_dim):
     args = _qk_inputs(B, S, heads, head_dim, dtype, device="cuda")
     _check_qk(args, heads, "cuda", f"cuda qk_norm_rope {dtype} {heads}x{head_dim}")
     torch.cuda.synchronize()
-    assert registry.pick("qk_norm_rope", args)[0] == "cuda"
+    # the automatic pick follows registry.CUDA_ORDER: Triton first where it can run, else this kernel
+    runnable = []
+    for cand in registry.CUDA_ORDER["qk_norm_rope"]:
+        try:
+            runnable.append(registry.pick("qk_norm_rope", args, cand)[0])
+        except registry.BackendUnavailable:
+            pass
+    assert runnable[0] in ("triton", "cuda") and registry.pick("qk_norm_rope", args)[0] == runnable[0]
 
 
 @pytest.mark.gpu

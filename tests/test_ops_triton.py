@@ -472,17 +472,19 @@ def compile_for_hopper() -> None:
     built = []
 
     bf16, f32 = "*bf16", "*fp32"
-    rows = dict(ROWS=2, BLOCK_D=2048, RTNE_BF16=False)  # Wan: D = 1536
+    r, w = _common.row_tiling(2048, 32760, interpret=False)  # the launchers' tiling at Wan's D = 1536
+    rows = dict(ROWS=r, BLOCK_D=2048, RTNE_BF16=False)
     for per_sample in (True, False):  # (B, D) modulation (Wan2.1) / (B, S, D) (Wan2.2 TI2V)
         build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
               dict(sxd=1, scd=1, shd=1, SCALE_PER_SAMPLE=per_sample, SHIFT_PER_SAMPLE=per_sample, **rows),
-              num_warps=8)
+              num_warps=w)
         build(G._gated_residual_adaln_kernel, dict(xo_ptr=bf16, h_ptr=bf16, x_ptr=bf16, y_ptr=bf16, gate_ptr=f32,
                                                    scale_ptr=f32, shift_ptr=f32),
               dict(sxd=1, syd=1, sgd=1, scd=1, shd=1, GATE_PER_SAMPLE=per_sample, SCALE_PER_SAMPLE=per_sample,
-                   SHIFT_PER_SAMPLE=per_sample, **rows), num_warps=8)
+                   SHIFT_PER_SAMPLE=per_sample, **rows), num_warps=w)
     build(Q._rms_norm_rope_kernel, dict(out_ptr=bf16, x_ptr=bf16, w_ptr=f32, cos_ptr=f32, sin_ptr=f32),
-          dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=4, BLOCK_P=1024, RTNE_BF16=False), num_warps=8)
+          dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=_common.row_tiling(1024, 32760, interpret=False)[0],
+               BLOCK_P=1024, RTNE_BF16=False), num_warps=_common.row_tiling(1024, 32760, interpret=False)[1])
     for D in (128, 72):  # 12 heads; 72: strides only divisible by 8, the STRIDE_ALIGN path
         cfg = T.config(D, torch.bfloat16, interpret=False)
         align = 16 if D % 16 == 0 else 8

@@ -69,13 +69,16 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-# The automatic order on CUDA tensors, per op where measurement says so (H100, bf16, Wan-1.3B
-# 480p shapes; bench/RESULTS.md 2026-11-27): Triton's adaln_modulate and gated_residual_adaln
-# ran 1.3x and 1.5x faster than the CUDA ones, the CUDA qk_norm_rope 1.3x faster than Triton's.
-# (Our attention kernels are explicit-only: torch SDPA was faster.)
+# The automatic order on CUDA, from H100 measurements of each backend (Wan-1.3B 480p, bf16;
+# bench/RESULTS.md): Triton's adaln_modulate and gated_residual_adaln ran 1.3x and 1.5x faster
+# than the CUDA ones (stop 12), and Triton's qk_norm_rope, once it read whole rows (stop 14),
+# 1.2-1.4x faster than the CUDA one (252-293 us vs 360 us). The CUDA kernels stay for
+# `backend="cuda"` and where Triton is missing. (Our attention kernels are explicit-only:
+# torch SDPA was faster.)
 CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "adaln_modulate": ("triton", "cuda", "ref"),
     "gated_residual_adaln": ("triton", "cuda", "ref"),
+    "qk_norm_rope": ("triton", "cuda", "ref"),
 }
 
 

@@ -121,9 +121,11 @@ def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = N
     """(rows per program, num_warps) for the row-wise ops, `block` = the padded row tile,
     `n_rows` = the rows one program column covers; `tiling` ({"ROWS", "num_warps"}) overrides.
 
-    On a GPU a program holds about 4096 elements of each input (a Wan row of 1536 -> 2 rows of
-    2048); the interpreter costs ~5 ms per program whatever its size, so there one program
-    takes as many rows as fit in ~32k elements."""
+    On a GPU a program holds about 2048 elements of each input with 4 warps (a Wan row of 1536
+    -> one row of 2048; qk_norm_rope's 768 pairs -> two rows of 1024): the fastest tiling in
+    `bench/sweep_triton.py` on an H100 for all three ops (bench/RESULTS.md, stop 14: 1.1-1.4x
+    over 4096 elements with 8 warps). The interpreter costs ~5 ms per program whatever its
+    size, so there one program takes as many rows as fit in ~32k elements."""
     if tiling is not None:
         rows, warps = int(tiling["ROWS"]), int(tiling["num_warps"])
         if rows < 1 or rows & (rows - 1) or warps < 1 or warps & (warps - 1):
@@ -131,7 +133,7 @@ def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = N
         return rows, warps
     if interpret:
         return min(next_pow2(n_rows), max(1, 32768 // block)), 4
-    rows = max(1, min(16, 4096 // block))
+    rows = max(1, min(16, 2048 // block))
     elems = rows * block
     return rows, 4 if elems <= 2048 else 8 if elems <= 8192 else 16
 
