@@ -34,6 +34,7 @@ import torch
 from flgengine.checkpoint import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
 from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
 from flgengine.model import TwoExpertDiT, main_expert
+from flgengine.sampling import build_sampler
 
 from . import stage2 as s2
 from . import stage3 as s3
@@ -292,6 +293,20 @@ class Run:
                                          {"kind": "stage2 network", "stages": [record]}))
         return net, record
 
+    def _teacher_sampler(self, num_steps: int):
+        """(noise, context) -> the teacher's sample in `num_steps` Euler steps with its own guidance
+        (Stage III's regression target: the "teacher at 4 steps" baseline, from the same noise)."""
+        pipe = self.pipe
+        sampler = build_sampler(dataclasses.replace(pipe.config.sampler, kind="euler", num_steps=num_steps),
+                                pipe.config.low_noise_boundary)
+        teacher = pipe.dit.to(self.cfg.stage3_config().device)
+        uncond = self.data.uncond.to(self.cfg.stage3_config().device)
+
+        def sample(noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return sampler.sample(teacher, noise, context, uncond.expand(len(context), -1, -1)).to(noise.dtype)
+
+        return sample
+
     def stage3(self, real=None) -> dict:
         cfg = self.cfg
         plan = self._need_plan()
@@ -309,7 +324,8 @@ class Run:
         evaluate = student_evaluator(self.pipe, student_cfg, cfg.evaluate) if cfg.evaluate is not None else None
         use_plan = plan if (stage3_cfg.prune or stage3_cfg.real_score == "well-guided") else None
         student, record = s3.train_stage3(real, use_plan, self.data, stage3_cfg, self.out / "stage3",
-                                          evaluate=evaluate, init=init, progress=self.progress)
+                                          evaluate=evaluate, init=init, progress=self.progress,
+                                          regression_target=self._teacher_sampler(stage3_cfg.num_steps))
         stages = [{"stage": "plan", "drop": plan.drop, "keep": plan.keep, "removed_fraction": plan.removed_fraction,
                    "importance": plan.importance}]
         if cfg.stage2 is not None:

@@ -69,6 +69,12 @@ class Stage3Config(_JsonMixin):
     # a two-expert real score: b1 for samples at t <= its boundary (the low-noise expert, which the
     # teacher samples with low_noise_guidance, usually 1 = no CFG); None: b1 from b1_range everywhere
     low_noise_b1: float | None = None
+    # EMA of the student's weights (Trainer's warm-up rule); evaluation, selection and the
+    # result use the EMA weights. None: the raw weights
+    ema_decay: float | None = None
+    # paired regression (DMD's regression loss): weight * mse(the student's first-step x0 from
+    # noise z, the teacher's own few-step sample from the same z), added to the DMD loss; 0: off
+    regression: float = 0.0
     t_min: float = 0.02
     t_max: float = 0.98
     t_shift: float = 2.0
@@ -96,6 +102,11 @@ class Stage3Config(_JsonMixin):
             need(isinstance(r, (list, tuple)) and len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] <= r[1],
                  key, "[low, high] with low <= high")
         need(0 < self.t_min < self.t_max < 1, "t_min", "in (0, t_max) with t_max < 1")
+        need(self.ema_decay is None or (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1),
+             "ema_decay", "null or in (0, 1)")
+        need(isinstance(self.regression, (int, float)) and math.isfinite(self.regression) and self.regression >= 0,
+             "regression", "a number >= 0")
+        need(not (self.fsdp and self.ema_decay is not None), "ema_decay", "null with fsdp (not supported yet)")
         need(self.low_noise_b1 is None or (isinstance(self.low_noise_b1, (int, float))
                                            and math.isfinite(self.low_noise_b1) and self.low_noise_b1 >= 0),
              "low_noise_b1", "null or a number >= 0")
@@ -161,14 +172,19 @@ def selection_key(metrics: dict) -> tuple:
 
 def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, out: str | Path,
                  evaluate: Callable[[DiT], dict] | None = None, init: DiT | None = None,
+                 regression_target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  progress: bool = True) -> tuple[DiT, dict]:
     """Runs (or resumes) Stage III in `out`; returns the best student (by `evaluate`'s metrics
     when given, else the last) and a provenance record.
 
     real: the real-score network (Stage II network, or the teacher for "cfg" baselines);
     plan: the blocks to remove (None or prune false: a full-size student);
-    init: the network the student and fake score start from (default `real`).
+    init: the network the student and fake score start from (default `real`);
+    regression_target: (noise, context) -> the teacher's sample from that noise (needed when
+    cfg.regression > 0).
     """
+    if cfg.regression > 0 and regression_target is None:
+        raise ValueError("stage3.regression > 0 needs a regression_target (the teacher's few-step sampler)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.real_score == "well-guided" and plan is None:
@@ -190,13 +206,17 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
     trainer = Trainer(out, {"student": student, "fake": fake}, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
                       runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="stage3",
-                      progress=progress)
+                      progress=progress, ema=None if cfg.ema_decay is None else {"student": cfg.ema_decay})
     g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
     sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
     uncond = data.uncond.to(cfg.device)
     best_path = Path(out) / BEST
 
     def plain_student() -> DiT:  # the student as an ordinary network (gathered: every rank calls)
+        if cfg.ema_decay is not None:  # its EMA weights (parameters; buffers are the student's)
+            net = copy.deepcopy(student)
+            net.load_state_dict(trainer.ema_state("student"), strict=False)
+            return net
         if not is_sharded(student):
             return student
         template.load_state_dict(full_state_dict(student))
@@ -247,8 +267,16 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             x0_fake = x_t - t * fake(x_t, T, context)
             x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score)
         g_loss = dmd_loss(x, x0_fake, x0_real)
+        extra = {}
+        if cfg.regression > 0:  # the student's first step from z towards the teacher's sample from z
+            with torch.no_grad():
+                target = regression_target(noise, context)
+            x_first = x if k == 0 else student_x0(g_net, noise, context, sigmas, 0, gen)
+            reg = F.mse_loss(x_first, target)
+            g_loss = g_loss + cfg.regression * reg
+            extra["regression"] = reg.item()
         grad_norm = trainer.update("student", g_loss)
-        trainer.log(g_loss=g_loss.item(), fake_loss=f_loss.item(), grad_norm=grad_norm, k=k)
+        trainer.log(g_loss=g_loss.item(), fake_loss=f_loss.item(), grad_norm=grad_norm, k=k, **extra)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             consider(step + 1)
     seconds = trainer.close()

@@ -1,6 +1,7 @@
 """Two-expert models (Wan2.2's high-/low-noise split): routing, the low-noise expert's training
 run, the bundle that holds both, and what refuses them."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 import flgengine
 from flgengine.checkpoint import LOW_NOISE_DIR, BundleError, load_bundle, to_diffusers
 from flgengine.model import DiT, TwoExpertDiT, main_expert
-from helpers import tiny_config
+from flgengine.sampling import build_sampler
+from helpers import assert_close, tiny_config
 
 TINY = dict(num_layers=4, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16, freq_dim=16, warmup=1, checkpoint_every=2)
 
@@ -142,9 +144,10 @@ def test_distilling_a_two_expert_teacher_prunes_the_high_noise_expert(two_expert
     seen = {}
     train = stage3.train_stage3
 
-    def spy(real, plan, data, cfg, out, evaluate=None, init=None, progress=True):
-        seen.update(real=real, init=init)
-        return train(real, plan, data, cfg, out, evaluate=evaluate, init=init, progress=progress)
+    def spy(real, plan, data, cfg, out, evaluate=None, init=None, progress=True, regression_target=None):
+        seen.update(real=real, init=init, target=regression_target, data=data)
+        return train(real, plan, data, cfg, out, evaluate=evaluate, init=init, progress=progress,
+                     regression_target=regression_target)
 
     monkeypatch.setattr(stage3, "train_stage3", spy)
     cfg = dict(teacher=str(path), out=str(tmp_path / "run"), importance={"samples": 2, "num_t": 2, "batch_size": 4},
@@ -160,3 +163,10 @@ def test_distilling_a_two_expert_teacher_prunes_the_high_noise_expert(two_expert
     assert isinstance(student.model, DiT) and student.pipeline.low_noise_boundary is None
     assert student.model.config.num_layers == 4 and len(student.model.blocks) < 4 and student.model.config.x0_prediction is None
     assert load_bundle(tmp_path / "run" / "stage2" / "bundle").pipeline.low_noise_boundary is None
+    # Stage III's regression target: the teacher's own sampler (both experts, its guidance) at 4 steps
+    x0, ctx = seen["data"].batch(0, 2)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    bundle = load_bundle(path)
+    sampler = build_sampler(dataclasses.replace(bundle.pipeline.sampler, num_steps=4), bundle.pipeline.low_noise_boundary)
+    expected = sampler.sample(bundle.model, noise, ctx, seen["data"].uncond.expand(2, -1, -1))
+    assert_close(seen["target"](noise, ctx), expected, 1e-5, "regression target")

@@ -200,3 +200,61 @@ def test_stage3_baseline_switches(tmp_path):
         train_stage3(teacher, None, FakeData(), Stage3Config(steps=1), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="stage3.real_score"):
         Stage3Config(real_score="best")
+
+
+def _captured_run(tmp_path, name, **over):
+    """Stage III on the tiny teacher with an evaluation after every step; returns the
+    evaluated weights (step 0, 1, 2) and the record."""
+    teacher = _teacher()
+    seen = []
+
+    def evaluate(student):
+        seen.append({k: v.clone() for k, v in student.state_dict().items()})
+        return {"adherence": 0.5, "frechet": 1.0, "motion_ratio": 1.0}
+
+    cfg = Stage3Config(steps=2, batch_size=2, fake_updates=1, eval_every=1, lr_student=1e-2, **over)
+    _, record = train_stage3(teacher, _plan(teacher), FakeData(), cfg, tmp_path / name, evaluate=evaluate,
+                             progress=False)
+    return seen, record
+
+
+def test_stage3_ema_weights_are_evaluated(tmp_path):
+    raw, _ = _captured_run(tmp_path, "raw")
+    ema, _ = _captured_run(tmp_path, "ema", ema_decay=0.5)
+    # EMA starts at the initial weights; the update after step 0 mixes in the weights after it
+    # with the warm-up weight d = min(0.5, 1/10) = 0.1; the evaluation at step 2 sees that EMA
+    for k, v in ema[2].items():  # (buffers are equal in both runs, so the mix holds for them too)
+        if v.is_floating_point():
+            assert_close(v, 0.1 * raw[0][k] + 0.9 * raw[1][k], 1e-6, k)
+    assert any(not torch.equal(ema[2][k], raw[2][k]) for k in raw[2])
+    with pytest.raises(ConfigError, match="stage3.ema_decay"):
+        Stage3Config(ema_decay=1.0)
+
+
+def test_stage3_regression_pulls_the_first_step_to_the_teacher_sample(tmp_path):
+    teacher = _teacher()
+    plan = _plan(teacher)
+    calls = []
+
+    def target(noise, context):  # a made-up "teacher sample": a fixed function of the same noise
+        calls.append((noise.clone(), context.shape))
+        return 0.5 * noise.flip(-1)
+
+    def first_step_error(student):
+        noise, _, context = _inputs(B=4, seed=3)
+        sigma0 = Stage3Config().sigmas()[0]
+        x0 = noise - sigma0 * student(noise, torch.full((4,), 1000 * sigma0), context)
+        return float(((x0 - 0.5 * noise.flip(-1)) ** 2).mean())
+
+    errors = {}
+    for weight in (0.0, 20.0):
+        cfg = Stage3Config(steps=8, batch_size=2, fake_updates=1, lr_student=3e-3, regression=weight)
+        student, _ = train_stage3(teacher, plan, FakeData(), cfg, tmp_path / f"reg{weight}", progress=False,
+                                  regression_target=target if weight else None)
+        errors[weight] = first_step_error(student)
+    assert len(calls) == 8 and calls[0][0].shape == (2, 4, 2, 4, 4) and calls[0][1] == (2, 3, 12)
+    assert errors[20.0] < 0.8 * errors[0.0], errors
+    log = (tmp_path / "reg20.0" / "metrics.jsonl").read_text()
+    assert '"regression"' in log
+    with pytest.raises(ValueError, match="regression_target"):
+        train_stage3(teacher, plan, FakeData(), Stage3Config(steps=1, regression=1.0), tmp_path / "x", progress=False)
