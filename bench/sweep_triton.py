@@ -28,7 +28,8 @@ from flgengine import ops  # noqa: E402
 from flgengine.ops import triton as tri  # noqa: E402
 from flgengine.ops.triton import _common  # noqa: E402
 
-ROW_TILINGS = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)]  # (ROWS, num_warps)
+# (ROWS, num_warps[, ITERS]): ITERS row tiles per program (adaln_modulate, gated_residual_adaln)
+ROW_TILINGS = [(1, 2), (1, 4), (2, 4), (2, 8), (4, 8), (1, 4, 4), (1, 4, 8), (1, 4, 16), (1, 2, 8), (2, 4, 8)]
 ATTN_TILINGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
     (128, 32, 8, 3), (64, 128, 4, 3),
@@ -54,11 +55,14 @@ def sweep_elementwise(ceil: dict, dtype, quick: bool, device: torch.device, tili
         args, nbytes = _elementwise_inputs(op, shape, dtype, device)
         ref = getattr(ops, op)(*args, backend="ref")
         fn = getattr(tri._module(op), op)  # the launcher itself: it takes `tiling`
-        for r, w in tilings[:3] if quick else tilings:
-            rec = {"op": op, "dtype": str(dtype), "shape": list(shape), "ROWS": r, "num_warps": w}
+        for tiling in tilings[:3] if quick else tilings:
+            tiling = dict(zip(("ROWS", "num_warps", "ITERS"), tiling))
+            if op == "qk_norm_rope" and tiling.get("ITERS", 1) != 1:
+                continue  # one row tile per program
+            rec = {"op": op, "dtype": str(dtype), "shape": list(shape), **tiling}
             try:
-                out = fn(*args, tiling={"ROWS": r, "num_warps": w})
-                t = median_seconds(lambda: fn(*args, tiling={"ROWS": r, "num_warps": w}), device, **reps(device))
+                out = fn(*args, tiling=tiling)
+                t = median_seconds(lambda: fn(*args, tiling=tiling), device, **reps(device))
                 rate = nbytes / t / 1e9
                 rec.update(us=t * 1e6, GBs=rate, copy_fraction=rate / ceil["copy_GBps"], rel_err=rel_err(out, ref),
                            ok=rel_err(out, ref) <= TOL[dtype])
@@ -101,7 +105,7 @@ def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device) -> lis
 def table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
-        key = (f"{r['op']} ROWS={r['ROWS']} warps={r['num_warps']}" if "ROWS" in r else
+        key = (f"{r['op']} ROWS={r['ROWS']} warps={r['num_warps']} iters={r.get('ITERS', 1)}" if "ROWS" in r else
                f"attention {r['heads']}x{r['head_dim']} {r['Sq']}x{r['Skv']} BM={r['BLOCK_M']} BN={r['BLOCK_N']} "
                f"warps={r['num_warps']} stages={r['num_stages']}")
         if "error" in r:
@@ -120,8 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="sweep_triton.json", help="JSON file for every configuration's record")
     ap.add_argument("--quick", action="store_true", help="a few configurations per op (a smoke run)")
     ap.add_argument("--skip-attention", action="store_true")
-    ap.add_argument("--row-tilings", default=None, metavar="RxW,...",
-                    help="the row ops' (ROWS x num_warps) tilings, e.g. 1x2,1x4,2x4 (default: a built-in list)")
+    ap.add_argument("--row-tilings", default=None, metavar="RxW[xI],...",
+                    help="the row ops' ROWS x num_warps [x ITERS] tilings, e.g. 1x2,1x4,1x4x8 (default: a built-in list)")
     args = ap.parse_args(argv)
     t0 = time.time()
     if torch.cuda.is_available():

@@ -252,6 +252,29 @@ def test_gated_residual_adaln_normalises_the_rounded_sum(interpreter):
 
 
 @needs_triton
+@pytest.mark.parametrize("mod_kind", ["sample", "token"])
+def test_row_tilings_give_the_same_result(interpreter, mod_kind):
+    """The tilings a sweep may choose (rows per tile, tiles per program) change the schedule,
+    not the math: 2 samples x 13 tokens (tails in every tiling) against the default launch."""
+    from flgengine.ops.triton import adaln_modulate as A
+    from flgengine.ops.triton import gated_residual_adaln as G
+
+    B, S, D = 2, 13, 40
+    x, y = _x(B, S, D, torch.float32, "cpu", "contiguous"), _x(B, S, D, torch.float32, "cpu", "transposed")
+    gate, scale, shift = (_mod(mod_kind, B, S, D, torch.float32, "cpu", i) for i in (2, 1, 0))
+    base_a, base_g = A.adaln_modulate(x, scale, shift), G.gated_residual_adaln(x, y, gate, scale, shift)
+    for tiling in ({"ROWS": 1, "num_warps": 4}, {"ROWS": 2, "num_warps": 4, "ITERS": 3},
+                   {"ROWS": 4, "num_warps": 8, "ITERS": 5}):
+        assert_close(A.adaln_modulate(x, scale, shift, tiling=tiling), base_a, 1e-6, f"adaln {tiling}")
+        for a, b in zip(G.gated_residual_adaln(x, y, gate, scale, shift, tiling=tiling), base_g):
+            assert_close(a, b, 1e-6, f"gated {tiling}")
+    with pytest.raises(ValueError, match="ITERS must be >= 1"):
+        A.adaln_modulate(x, scale, shift, tiling={"ROWS": 1, "num_warps": 4, "ITERS": 0})
+    with pytest.raises(ValueError, match="not tunable"):
+        A.adaln_modulate(x, scale, shift, tiling={"ROWS": 1, "num_warps": 4, "BLOCK_D": 64})
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_qk_norm_rope_matches_reference(interpreter, case, dtype):
@@ -446,7 +469,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.strip().endswith("compiled 7 kernels"), r.stdout[-2000:]
+    assert r.stdout.strip().endswith("compiled 9 kernels"), r.stdout[-2000:]
 
 
 def compile_for_hopper() -> None:
@@ -473,7 +496,11 @@ def compile_for_hopper() -> None:
 
     bf16, f32 = "*bf16", "*fp32"
     r, w = _common.row_tiling(2048, 32760, interpret=False)  # the launchers' tiling at Wan's D = 1536
-    rows = dict(ROWS=r, BLOCK_D=2048, RTNE_BF16=False)
+    rows = dict(ROWS=r, ITERS=1, BLOCK_D=2048, RTNE_BF16=False)
+    for iters in (1, 8):  # the launchers' one row tile per program, and a sweep's loop of 8 tiles
+        build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
+              dict(sxd=1, scd=1, shd=1, SCALE_PER_SAMPLE=True, SHIFT_PER_SAMPLE=True, **{**rows, "ITERS": iters}),
+              num_warps=w)
     for per_sample in (True, False):  # (B, D) modulation (Wan2.1) / (B, S, D) (Wan2.2 TI2V)
         build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
               dict(sxd=1, scd=1, shd=1, SCALE_PER_SAMPLE=per_sample, SHIFT_PER_SAMPLE=per_sample, **rows),

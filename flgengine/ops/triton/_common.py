@@ -127,6 +127,9 @@ def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = N
     over 4096 elements with 8 warps). The interpreter costs ~5 ms per program whatever its
     size, so there one program takes as many rows as fit in ~32k elements."""
     if tiling is not None:
+        unknown = set(tiling) - {"ROWS", "num_warps", "ITERS"}
+        if unknown:
+            raise ValueError(f"tiling keys {sorted(unknown)} are not tunable (ROWS, num_warps, ITERS)")
         rows, warps = int(tiling["ROWS"]), int(tiling["num_warps"])
         if rows < 1 or rows & (rows - 1) or warps < 1 or warps & (warps - 1):
             raise ValueError(f"tiling {tiling!r}: ROWS and num_warps must be powers of two")
@@ -136,6 +139,14 @@ def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = N
     rows = max(1, min(16, 2048 // block))
     elems = rows * block
     return rows, 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+
+
+def row_iters(tiling: dict | None) -> int:
+    """Row tiles per program (adaln_modulate, gated_residual_adaln): `tiling`'s "ITERS", else 1."""
+    iters = 1 if not tiling else int(tiling.get("ITERS", 1))
+    if iters < 1:
+        raise ValueError(f"tiling {tiling!r}: ITERS must be >= 1")
+    return iters
 
 
 _KERNELS: dict = {}

@@ -134,6 +134,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if n_rows == 0:
         return q_out, k_out
     block_p = _common.next_pow2(N // 2)
+    if tiling and "ITERS" in tiling:
+        raise ValueError("triton qk_norm_rope: tiling takes ROWS and num_warps (no ITERS)")
     rows, warps = _common.row_tiling(block_p, n_rows, _common.is_interpreted(q.device), tiling)
     grid = (triton.cdiv(n_rows, rows),)
     for out, x, w in ((q_out, q, q_weight), (k_out, k, k_weight)):
