@@ -145,6 +145,12 @@ def test_real_velocity_formulas():
     assert_close(got, p_u + 3.5 * (p_c - p_u) + 0.25 * (u_c - p_c), 1e-5, "well-guided")
     assert_close(real_velocity(real, [1, 2], x, T, c, unc, 3.5, 0.25, "cfg"), u_u + 3.5 * (u_c - u_u), 1e-5, "cfg")
     assert len(real.blocks) == 4
+    # per-sample b1 (stage3.low_noise_b1: the low-noise expert's samples take their own guidance)
+    b1 = torch.tensor([1.0, 3.5]).view(2, 1, 1, 1, 1)
+    got = real_velocity(real, [1, 2], x, T, c, unc, b1, 0.25, "well-guided")
+    assert_close(got, p_u + b1 * (p_c - p_u) + 0.25 * (u_c - p_c), 1e-5, "per-sample b1")
+    with pytest.raises(ConfigError, match="stage3.low_noise_b1"):
+        Stage3Config(low_noise_b1=-1.0)
 
 
 def test_dmd_gradient_is_the_normalised_score_difference():
