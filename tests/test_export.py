@@ -191,6 +191,24 @@ def test_aoti_engine_loads_back_and_matches_pytorch(aoti_dir, dit, student):
         assert rel_err(engine(x, t, c), dit(x, t, c)) <= 1e-5
 
 
+def test_aoti_probe_load_turns_a_crashing_or_hanging_loader_into_an_error(aoti_dir, monkeypatch):
+    from flgengine.export import aoti
+
+    aoti.probe_load(aoti_dir / "dit.pt2")  # a package that loads: no error
+    runner = aoti.AotiRunner(aoti_dir / "dit.pt2", "cpu", probe=True)
+    assert runner.metadata()["flgengine_dtype"] == "float32"
+    # the loader of a child process killed by SIGSEGV (what torch 2.11's CUDA loader did), or stuck
+    monkeypatch.setattr(aoti, "_PROBE_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(aoti.AotiLoadError, match="crashed \\(SIGSEGV\\)"):
+        aoti.AotiRunner(aoti_dir / "dit.pt2", "cpu", probe=True)
+    monkeypatch.setattr(aoti, "_PROBE_CODE", "import time; time.sleep(30)")
+    with pytest.raises(aoti.AotiLoadError, match="did not finish in 1 s"):
+        aoti.probe_load(aoti_dir / "dit.pt2", timeout=1.0)
+    monkeypatch.setattr(aoti, "_PROBE_CODE", "raise SystemExit(3)")
+    with pytest.raises(aoti.AotiLoadError, match="exit 3"):
+        aoti.probe_load(aoti_dir / "dit.pt2")
+
+
 def test_aoti_engine_refuses_other_shapes_with_an_error_not_a_crash(aoti_dir):
     """The package itself would read out of bounds; the engine checks first."""
     engine = load_engine(aoti_dir)

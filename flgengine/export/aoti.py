@@ -8,13 +8,40 @@ checks every call against the manifest first (`Engine.check_inputs`).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["export_aoti", "AotiRunner", "AOTI_FILE"]
+__all__ = ["export_aoti", "AotiRunner", "AOTI_FILE", "probe_load", "AotiLoadError"]
 
 AOTI_FILE = "dit.pt2"
+PROBE_TIMEOUT_S = 120.0
+_PROBE_CODE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"  # what the child runs
+
+
+class AotiLoadError(RuntimeError):
+    """An AOTInductor package that does not load back here (the loader crashed or hung)."""
+
+
+def probe_load(path: Path, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Loads `path` in a child process first, so a loader that crashes (torch 2.11's CUDA
+    loader segfaulted on our exports, bench/RESULTS.md) or hangs takes the child down, not
+    this process: AotiLoadError says which. The child only loads the package."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE_CODE, str(path)], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    except subprocess.TimeoutExpired:
+        raise AotiLoadError(f"{path}: loading the AOTInductor package did not finish in {timeout:.0f} s "
+                            f"(torch {torch.__version__}); the package is left for inspection") from None
+    if r.returncode != 0:
+        what = (f"the loader crashed ({signal.Signals(-r.returncode).name})" if r.returncode < 0
+                else f"the loader failed (exit {r.returncode})")
+        raise AotiLoadError(f"{path}: {what} loading the AOTInductor package (torch {torch.__version__}):\n"
+                            f"{r.stderr.strip()[-1500:]}")
 
 
 def _inductor():
@@ -42,12 +69,15 @@ def export_aoti(program: torch.export.ExportedProgram, out_dir: Path, metadata: 
 
 
 class AotiRunner:
-    """Loads `dit.pt2` back; call it with torch tensors on the package's device."""
+    """Loads `dit.pt2` back; call it with torch tensors on the package's device. `probe`
+    (default: on for CUDA packages) loads it in a child process first (`probe_load`)."""
 
-    def __init__(self, path: Path, device: str = "cpu"):
+    def __init__(self, path: Path, device: str = "cpu", probe: bool | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{path} is a CUDA AOTInductor package but CUDA is not available here")
+        if self.device.type == "cuda" if probe is None else probe:
+            probe_load(path)
         self.model = _inductor().aoti_load_package(str(path))
 
     def metadata(self) -> dict[str, str]:
