@@ -299,8 +299,8 @@ class Run:
         pipe = self.pipe
         sampler = build_sampler(dataclasses.replace(pipe.config.sampler, kind="euler", num_steps=num_steps),
                                 pipe.config.low_noise_boundary)
-        teacher = pipe.dit.to(self.cfg.stage3_config().device)
-        uncond = self.data.uncond.to(self.cfg.stage3_config().device)
+        device = self.cfg.stage3_config().device
+        teacher, uncond = pipe.dit.to(device), self.data.uncond.to(device)
 
         def sample(noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return sampler.sample(teacher, noise, context, uncond.expand(len(context), -1, -1)).to(noise.dtype)
@@ -325,7 +325,8 @@ class Run:
         use_plan = plan if (stage3_cfg.prune or stage3_cfg.real_score == "well-guided") else None
         student, record = s3.train_stage3(real, use_plan, self.data, stage3_cfg, self.out / "stage3",
                                           evaluate=evaluate, init=init, progress=self.progress,
-                                          regression_target=self._teacher_sampler(stage3_cfg.num_steps))
+                                          regression_target=(self._teacher_sampler(stage3_cfg.num_steps)
+                                                             if stage3_cfg.regression > 0 else None))
         stages = [{"stage": "plan", "drop": plan.drop, "keep": plan.keep, "removed_fraction": plan.removed_fraction,
                    "importance": plan.importance}]
         if cfg.stage2 is not None:

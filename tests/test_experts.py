@@ -152,7 +152,8 @@ def test_distilling_a_two_expert_teacher_prunes_the_high_noise_expert(two_expert
     monkeypatch.setattr(stage3, "train_stage3", spy)
     cfg = dict(teacher=str(path), out=str(tmp_path / "run"), importance={"samples": 2, "num_t": 2, "batch_size": 4},
                plan={"budget": 0.3}, stage2={"steps": 1, "batch_size": 2, "eval_every": 1, "eval_batch": 2},
-               stage3={"steps": 1, "batch_size": 2, "fake_updates": 1, "checkpoint_every": 1, "low_noise_b1": 1.0},
+               stage3={"steps": 1, "batch_size": 2, "fake_updates": 1, "checkpoint_every": 1, "low_noise_b1": 1.0,
+                       "regression": 0.1},
                evaluate=None)
     result = run(RunConfig(**cfg), progress=False)
     teacher = load_bundle(path).model

@@ -496,6 +496,7 @@ def compile_for_hopper() -> None:
 
     bf16, f32 = "*bf16", "*fp32"
     r, w = _common.row_tiling(2048, 32760, interpret=False)  # the launchers' tiling at Wan's D = 1536
+    qk_rows, qk_warps = _common.row_tiling(1024, 32760, interpret=False)  # qk_norm_rope: 768 pairs
     rows = dict(ROWS=r, ITERS=1, BLOCK_D=2048, RTNE_BF16=False)
     for iters in (1, 8):  # the launchers' one row tile per program, and a sweep's loop of 8 tiles
         build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
@@ -510,8 +511,7 @@ def compile_for_hopper() -> None:
               dict(sxd=1, syd=1, sgd=1, scd=1, shd=1, GATE_PER_SAMPLE=per_sample, SCALE_PER_SAMPLE=per_sample,
                    SHIFT_PER_SAMPLE=per_sample, **rows), num_warps=w)
     build(Q._rms_norm_rope_kernel, dict(out_ptr=bf16, x_ptr=bf16, w_ptr=f32, cos_ptr=f32, sin_ptr=f32),
-          dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=_common.row_tiling(1024, 32760, interpret=False)[0],
-               BLOCK_P=1024, RTNE_BF16=False), num_warps=_common.row_tiling(1024, 32760, interpret=False)[1])
+          dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=qk_rows, BLOCK_P=1024, RTNE_BF16=False), num_warps=qk_warps)
     for D in (128, 72):  # 12 heads; 72: strides only divisible by 8, the STRIDE_ALIGN path
         cfg = T.config(D, torch.bfloat16, interpret=False)
         align = 16 if D % 16 == 0 else 8

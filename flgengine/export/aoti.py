@@ -76,7 +76,9 @@ class AotiRunner:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{path} is a CUDA AOTInductor package but CUDA is not available here")
-        if self.device.type == "cuda" if probe is None else probe:
+        if probe is None:
+            probe = self.device.type == "cuda"
+        if probe:
             probe_load(path)
         self.model = _inductor().aoti_load_package(str(path))
 
