@@ -369,9 +369,9 @@ def test_kernels_pick_compiled_or_interpreted_per_call(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from flgengine.ops.triton import adaln_modulate as tri_adaln
+    from flgengine.ops.triton import modulate
 
-    kernel = tri_adaln._adaln_modulate_kernel
+    kernel = modulate.modulate_kernel
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert isinstance(_common.kernel_for(kernel, torch.device("cuda")), JITFunction)
     assert isinstance(_common.kernel_for(kernel, torch.device("cpu")), InterpretedFunction)
@@ -477,9 +477,8 @@ def compile_for_hopper() -> None:
     from triton.compiler import ASTSource, compile as triton_compile
     from triton.runtime.jit import JITFunction
 
-    from flgengine.ops.triton import adaln_modulate as A
     from flgengine.ops.triton import attention as T
-    from flgengine.ops.triton import gated_residual_adaln as G
+    from flgengine.ops.triton import modulate as M
     from flgengine.ops.triton import qk_norm_rope as Q
 
     def build(jitted, pointers, consts, div16=(), num_warps=4, num_stages=3):
@@ -498,18 +497,16 @@ def compile_for_hopper() -> None:
     r, w = _common.row_tiling(2048, 32760, interpret=False)  # the launchers' tiling at Wan's D = 1536
     qk_rows, qk_warps = _common.row_tiling(1024, 32760, interpret=False)  # qk_norm_rope: 768 pairs
     rows = dict(ROWS=r, ITERS=1, BLOCK_D=2048, RTNE_BF16=False)
+    pointers = dict(xo_ptr=bf16, h_ptr=bf16, x_ptr=bf16, y_ptr=bf16, gate_ptr=f32, scale_ptr=f32, shift_ptr=f32)
+    unit = dict(sxd=1, syd=1, sgd=1, scd=1, shd=1)
     for iters in (1, 8):  # the launchers' one row tile per program, and a sweep's loop of 8 tiles
-        build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
-              dict(sxd=1, scd=1, shd=1, SCALE_PER_SAMPLE=True, SHIFT_PER_SAMPLE=True, **{**rows, "ITERS": iters}),
-              num_warps=w)
+        build(M.modulate_kernel, pointers, dict(**unit, RESIDUAL=False, GATE_PER_SAMPLE=True, SCALE_PER_SAMPLE=True,
+                                                SHIFT_PER_SAMPLE=True, **{**rows, "ITERS": iters}), num_warps=w)
     for per_sample in (True, False):  # (B, D) modulation (Wan2.1) / (B, S, D) (Wan2.2 TI2V)
-        build(A._adaln_modulate_kernel, dict(out_ptr=bf16, x_ptr=bf16, scale_ptr=f32, shift_ptr=f32),
-              dict(sxd=1, scd=1, shd=1, SCALE_PER_SAMPLE=per_sample, SHIFT_PER_SAMPLE=per_sample, **rows),
-              num_warps=w)
-        build(G._gated_residual_adaln_kernel, dict(xo_ptr=bf16, h_ptr=bf16, x_ptr=bf16, y_ptr=bf16, gate_ptr=f32,
-                                                   scale_ptr=f32, shift_ptr=f32),
-              dict(sxd=1, syd=1, sgd=1, scd=1, shd=1, GATE_PER_SAMPLE=per_sample, SCALE_PER_SAMPLE=per_sample,
-                   SHIFT_PER_SAMPLE=per_sample, **rows), num_warps=w)
+        for residual in (False, True):  # adaln_modulate / gated_residual_adaln
+            build(M.modulate_kernel, pointers, dict(**unit, RESIDUAL=residual, GATE_PER_SAMPLE=per_sample,
+                                                    SCALE_PER_SAMPLE=per_sample, SHIFT_PER_SAMPLE=per_sample, **rows),
+                  num_warps=w)
     build(Q._rms_norm_rope_kernel, dict(out_ptr=bf16, x_ptr=bf16, w_ptr=f32, cos_ptr=f32, sin_ptr=f32),
           dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=qk_rows, BLOCK_P=1024, RTNE_BF16=False), num_warps=qk_warps)
     for D in (128, 72):  # 12 heads; 72: strides only divisible by 8, the STRIDE_ALIGN path
