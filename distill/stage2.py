@@ -9,6 +9,13 @@ skipped, so the final architecture is trained directly):
     L = alpha * || f_pruned(x_t) - stopgrad(f_full(x_t)) ||^2 + (1 - alpha) * || f_pruned(x_t) - (eps - x0) ||^2
         + anchor * || f_full(x_t) - stopgrad(f_teacher(x_t)) ||^2          (anchor: ours, default 0)
 
+With `guidance` g > 1 (ours, default off) every sample also runs unconditionally, and the
+self-distillation matches both branches and the guided velocity the pruned mode is used with
+(Stage III's real score, CFG sampling), f^g = f(uncond) + g (f(c) - f(uncond)):
+    self_distill = mean over both branches || f_pruned - f_full ||^2 + || f_pruned^g - f_full^g ||^2 / g^2
+(with condition dropout 0.1 alone the unconditional branch sees a tenth of the samples, and
+CFG multiplies the branches' disagreement by g).
+
 Every `eval_every` steps the flow loss of both modes (full, all candidates off) on a fixed
 held-out batch is logged (`eval_full`, `eval_pruned`): pruned-mode quality should fall
 towards full-mode quality while full mode holds.
@@ -54,6 +61,7 @@ class Stage2Config(_JsonMixin):
     anchor: float = 0.0
     t_shift: float = 2.0
     cond_dropout: float = 0.1
+    guidance: float = 0.0  # > 1: self-distil the unconditional branch and the guided velocity at this CFG scale too
     seed: int = 0
     checkpoint_every: int = 50
     eval_every: int = 50
@@ -74,6 +82,8 @@ class Stage2Config(_JsonMixin):
         for key in ("alpha", "skip_prob", "all_off_share", "cond_dropout"):
             need(0 <= getattr(self, key) <= 1, key, "in [0, 1]")
         need(math.isfinite(self.anchor) and self.anchor >= 0, "anchor", ">= 0")
+        need(math.isfinite(self.guidance) and (self.guidance == 0 or self.guidance > 1), "guidance",
+             "0 (off) or a CFG scale > 1")
         need(isinstance(self.fsdp, bool), "fsdp", "true or false")
         need(math.isfinite(self.t_shift) and self.t_shift > 0, "t_shift", "> 0")
 
@@ -109,11 +119,18 @@ def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, g
 
 
 def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: list[int], cfg: Stage2Config,
-                net=None) -> dict:
+                net=None, uncond: torch.Tensor | None = None) -> dict:
     """The Stage II objective on one batch; returns the loss and its parts. `net` is the
-    module to run forward passes with gradients through (`model` or its DDP wrapper)."""
+    module to run forward passes with gradients through (`model` or its DDP wrapper);
+    `uncond` (1, L, text_dim) is needed when cfg.guidance > 1."""
     net = model if net is None else net
-    T = 1000 * t
+    B, T = x_t.shape[0], 1000 * t
+    guided = cfg.guidance > 1
+    if guided:  # [cond; uncond] in one batch: (2B, ...)
+        if uncond is None:
+            raise ValueError("stage2.guidance > 1 needs the unconditional context")
+        x_t, T = torch.cat([x_t, x_t]), torch.cat([T, T])
+        context = torch.cat([context, uncond.to(context).expand(B, -1, -1)])
     if cfg.anchor > 0:
         v_full = net(x_t, T, context)
         with torch.no_grad():
@@ -127,19 +144,32 @@ def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: 
     with skip_blocks(model, skip):
         v_pruned = net(x_t, T, context)
     self_distill = F.mse_loss(v_pruned, v_full)
-    flow = F.mse_loss(v_pruned, target)
+    if guided:
+        g = cfg.guidance
+        cfg_of = lambda v: v[B:] + g * (v[:B] - v[B:])  # noqa: E731 (v_u + g (v_c - v_u))
+        self_distill = self_distill + F.mse_loss(cfg_of(v_pruned), cfg_of(v_full)) / g**2
+    flow = F.mse_loss(v_pruned[:B], target)
     loss = cfg.alpha * self_distill + (1 - cfg.alpha) * flow + cfg.anchor * anchor
     return {"loss": loss, "self_distill": self_distill.detach(), "flow_pruned": flow.detach(), "anchor": anchor.detach()}
 
 
 @torch.no_grad()
-def mode_losses(model: DiT, plan: PruningPlan, heldout) -> dict[str, float]:
-    """Flow loss of full mode and of the final architecture (all candidates off) on a fixed batch."""
+def mode_losses(model: DiT, plan: PruningPlan, heldout, uncond: torch.Tensor | None = None) -> dict[str, float]:
+    """Flow loss of full mode and of the final architecture (all candidates off) on a fixed batch;
+    with `uncond`, also how far the final architecture's conditional and unconditional velocities
+    are from the full mode's (mean squared gap; CFG scales their difference)."""
     x_t, t, context, target = heldout
-    full = F.mse_loss(model(x_t, 1000 * t, context), target).item()
+    full = model(x_t, 1000 * t, context)
     with skip_blocks(model, plan.drop):
-        pruned = F.mse_loss(model(x_t, 1000 * t, context), target).item()
-    return {"eval_full": full, "eval_pruned": pruned}
+        pruned = model(x_t, 1000 * t, context)
+    out = {"eval_full": F.mse_loss(full, target).item(), "eval_pruned": F.mse_loss(pruned, target).item()}
+    if uncond is not None:
+        unc = uncond.to(context).expand(len(context), -1, -1)
+        full_u = model(x_t, 1000 * t, unc)
+        with skip_blocks(model, plan.drop):
+            pruned_u = model(x_t, 1000 * t, unc)
+        out.update(gap_cond=F.mse_loss(pruned, full).item(), gap_uncond=F.mse_loss(pruned_u, full_u).item())
+    return out
 
 
 def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: str | Path,
@@ -169,22 +199,22 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     heldout = noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
                           cfg.t_shift, 0.0)
     if trainer.step == 0:
-        trainer.extra["start"] = mode_losses(model, plan, heldout)
+        trainer.extra["start"] = mode_losses(model, plan, heldout, uncond)
     for step in trainer:
         x0, context = data.batch(step, cfg.batch_size)
         # every rank draws the global batch's randomness, then keeps its slice (= one process)
         x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
             x0.to(cfg.device), context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout))
         skip = draw_skips(plan.drop, cfg, trainer.gen)
-        parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net)
+        parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond)
         trainer.log(grad_norm=trainer.update("main", parts["loss"]), **{k: v.item() for k, v in parts.items()},
                     skipped=len(skip))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            trainer.log(**mode_losses(model, plan, heldout))
+            trainer.log(**mode_losses(model, plan, heldout, uncond))
             model.train()
     seconds = trainer.close()
-    end = mode_losses(model.eval(), plan, heldout)
+    end = mode_losses(model.eval(), plan, heldout, uncond)
     if is_sharded(model):  # hand back an ordinary network with the full weights, on every rank
         weights, model = full_state_dict(model), copy.deepcopy(teacher).to(cfg.device)
         model.load_state_dict(weights)

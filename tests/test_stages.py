@@ -86,6 +86,27 @@ def test_stage2_loss_is_self_distillation_towards_the_full_mode():
     assert model.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
 
 
+def test_stage2_guided_self_distillation_matches_both_branches_and_the_cfg_velocity():
+    model = _teacher()
+    x, T, c = _inputs()
+    t, target, uncond = T / 1000, torch.randn_like(x), torch.randn(1, 3, 12)
+    g = 3.5
+    parts = stage2_loss(model, None, x, t, c, target, [1, 2], Stage2Config(guidance=g), uncond=uncond)
+    u = uncond.expand(2, -1, -1)
+    with torch.no_grad():
+        full_c, full_u = model(x, T, c), model(x, T, u)
+        with skip_blocks(model, [1, 2]):
+            pruned_c, pruned_u = model(x, T, c), model(x, T, u)
+    both = (((pruned_c - full_c) ** 2).mean() + ((pruned_u - full_u) ** 2).mean()) / 2
+    guided = (((pruned_u + g * (pruned_c - pruned_u)) - (full_u + g * (full_c - full_u))) ** 2).mean() / g**2
+    assert_close(parts["loss"].detach(), both + guided, 1e-5, "guided self-distillation")
+    assert_close(parts["flow_pruned"], ((pruned_c - target) ** 2).mean(), 1e-5, "flow term on the conditional branch")
+    with pytest.raises(ValueError, match="unconditional context"):
+        stage2_loss(model, None, x, t, c, target, [1, 2], Stage2Config(guidance=g))
+    with pytest.raises(ConfigError, match="stage2.guidance"):
+        Stage2Config(guidance=0.5)
+
+
 def test_stage2_closes_the_gap_between_modes(tmp_path):
     teacher = _teacher()
     plan = _plan(teacher)
@@ -103,7 +124,8 @@ def test_stage2_closes_the_gap_between_modes(tmp_path):
                 return ((m(x_t, 1000 * t, c) - full) ** 2).mean().item()
 
     assert gap(model) < 0.5 * gap(teacher)
-    assert record["steps"] == 30 and set(record["heldout_flow_loss"]["end"]) == {"eval_full", "eval_pruned"}
+    assert record["steps"] == 30
+    assert set(record["heldout_flow_loss"]["end"]) == {"eval_full", "eval_pruned", "gap_cond", "gap_uncond"}
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), _teacher().parameters()))  # teacher untouched
 
 
