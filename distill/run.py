@@ -200,7 +200,8 @@ def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict)
                             batch_size=evaluate_cfg["batch_size"], progress=False, evaluator=evaluator)
         return {"adherence": r["prompt_adherence"]["adherence"], **{k: v for k, v in r["prompt_adherence"].items()
                                                                     if k != "adherence"},
-                "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"]}
+                "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"],
+                "videos": r["videos"]}
 
     return evaluate
 

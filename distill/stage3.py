@@ -19,8 +19,11 @@ random one of its steps, then that step with gradients, giving x = G(z)):
     L_G = 0.5 || x - stopgrad(x - g) ||^2
 
 Every `eval_every` steps `evaluate(student)` (the shapes world's evaluator metrics) scores
-the student; the best checkpoint by `selection_key` is kept and becomes the result, not
-the last step (a long Stage III over-saturates colour and exaggerates motion).
+the student and its weights are kept (OUT/evals/); at the end `select` picks the result, not
+the last step (a long Stage III over-saturates colour and exaggerates motion): among the
+evaluations with motion within 15% of the true speed, those whose adherence is within one
+standard error of the best, and of those the lowest Frechet distance. (Adherence alone would
+trade a 2-video edge on 180 videos for twice the Frechet distance.)
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_dec
 
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 REAL_SCORES = ("well-guided", "cfg")
-BEST = "best.safetensors"
 
 
 @dataclass
@@ -162,10 +164,25 @@ def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> t
 
 
 def selection_key(metrics: dict) -> tuple:
-    """Order of checkpoints (higher is better): prompt adherence first, then motion within
-    15% of the true speed, then lower Frechet distance."""
+    """Order of checkpoints by their numbers alone (higher is better): prompt adherence first,
+    then motion within 15% of the true speed, then lower Frechet distance."""
     motion_err = abs(metrics.get("motion_ratio", 1.0) - 1.0)
     return (round(metrics["adherence"], 3), -max(0.0, motion_err - 0.15), -metrics.get("frechet", 0.0))
+
+
+def select(evals: list[dict]) -> dict:
+    """The checkpoint to keep from `evals` ([{"step", "metrics"}], metrics with adherence,
+    frechet, motion_ratio and videos, the number of videos scored): among those with motion within 15% of the true speed (all,
+    if none is), the ones whose adherence is within one standard error sqrt(a (1 - a) / videos)
+    of the best adherence a; of those the lowest Frechet distance (then `selection_key`)."""
+    if not evals:
+        raise ValueError("select: no evaluations")
+    pool = [e for e in evals if abs(e["metrics"].get("motion_ratio", 1.0) - 1.0) <= 0.15] or list(evals)
+    best = max(e["metrics"]["adherence"] for e in pool)
+    videos = pool[0]["metrics"].get("videos")  # unknown: adherence alone decides
+    se = math.sqrt(best * (1 - best) / videos) if videos else 0.0
+    close = [e for e in pool if e["metrics"]["adherence"] >= best - se - 1e-12]
+    return min(close, key=lambda e: (e["metrics"].get("frechet", 0.0), tuple(-k for k in selection_key(e["metrics"]))))
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -210,7 +227,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
     sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
     uncond = data.uncond.to(cfg.device)
-    best_path = Path(out) / BEST
+    evals_dir = Path(out) / "evals"  # step-NNNNNN.safetensors: the weights of every evaluation
 
     def plain_student() -> DiT:  # the student as an ordinary network (gathered: every rank calls)
         if cfg.ema_decay is not None:  # its EMA weights (parameters; buffers are the student's)
@@ -222,7 +239,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         template.load_state_dict(full_state_dict(student))
         return template
 
-    def consider(step: int) -> None:  # evaluate on rank 0, keep the best weights
+    def consider(step: int) -> None:  # evaluate on rank 0, keep the weights beside the numbers
         if evaluate is None:
             return
         net = plain_student()
@@ -232,10 +249,11 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         metrics = evaluate(net)
         net.train()
         trainer.log(**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        best = trainer.extra.get("best")
-        if best is None or selection_key(metrics) > selection_key(best["metrics"]):
-            atomic_save_safetensors(best_path, {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
-            trainer.extra["best"] = {"step": step, "metrics": metrics}
+        atomic_save_safetensors(evals_dir / f"step-{step:06d}.safetensors",
+                                {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+        evals = [e for e in trainer.extra.get("evals", []) if e["step"] != step] + [{"step": step, "metrics": metrics}]
+        trainer.extra["evals"] = evals
+        trainer.extra["best"] = select(evals)
 
     if trainer.step == 0 and "best" not in trainer.extra:
         consider(0)
@@ -284,9 +302,11 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     # rank 0 chose (and wrote) the best checkpoint: every rank returns it
     best = rank0_decides(trainer.extra.get("best"))
     if best is not None:
-        student.load_state_dict(_load_safetensors(best_path, str(best_path)))
+        chosen = evals_dir / f"step-{best['step']:06d}.safetensors"
+        student.load_state_dict(_load_safetensors(chosen, str(chosen)))
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
-              "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None}}
+              "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
+              "evaluations": trainer.extra.get("evals", [])}
     return student.eval().requires_grad_(False), record
 
 

@@ -33,7 +33,7 @@ def test_run_end_to_end_makes_a_4_step_student(tiny_teacher, tmp_path):
     result = run(RunConfig(**_config(tiny_teacher, tmp_path / "run")), progress=False)
     out = tmp_path / "run"
     for f in ("config.json", "importance.json", "importance.png", "plan.json", "stage2/bundle/model.safetensors",
-              "stage3/best.safetensors", "bundle/model.safetensors", "bundle/text_encoder/model.safetensors"):
+              "stage3/evals/step-000000.safetensors", "bundle/model.safetensors", "bundle/text_encoder/model.safetensors"):
         assert (out / f).is_file(), f
     plan = json.loads((out / "plan.json").read_text())
     assert plan["drop"] and 0 not in plan["drop"] and 3 not in plan["drop"] and plan["removed_fraction"] >= 0.3

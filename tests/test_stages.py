@@ -8,7 +8,7 @@ import torch
 from distill.importance import skip_blocks
 from distill.plan import apply_plan, plan_from_drop
 from distill.stage2 import Stage2Config, draw_skips, noisy_batch, stage2_loss, train_stage2
-from distill.stage3 import Stage3Config, dmd_loss, real_velocity, student_x0, train_stage3
+from distill.stage3 import Stage3Config, dmd_loss, real_velocity, select, student_x0, train_stage3
 from flgengine.config import ConfigError
 from flgengine.model import DiT
 from helpers import assert_close, tiny_config
@@ -208,7 +208,7 @@ def test_stage3_keeps_the_best_checkpoint_not_the_last(tmp_path):
 
     def evaluate(student):  # a made-up score that peaks at the second evaluation
         seen.append(copy.deepcopy(student.state_dict()))
-        return {"adherence": [0.2, 0.9, 0.5, 0.4][len(seen) - 1], "frechet": 1.0, "motion_ratio": 1.0}
+        return {"adherence": [0.2, 0.9, 0.5, 0.4][len(seen) - 1], "frechet": 1.0, "motion_ratio": 1.0, "videos": 100}
 
     cfg = Stage3Config(steps=6, batch_size=2, fake_updates=2, eval_every=2, checkpoint_every=3, lr_student=1e-3)
     student, record = train_stage3(teacher, plan, FakeData(), cfg, tmp_path / "s3", evaluate=evaluate, progress=False)
@@ -217,6 +217,23 @@ def test_stage3_keeps_the_best_checkpoint_not_the_last(tmp_path):
     assert all(torch.equal(v, seen[1][k]) for k, v in student.state_dict().items())
     assert not all(torch.equal(v, seen[3][k]) for k, v in student.state_dict().items())  # training moved on
     assert student.config.block_ids == plan.keep and len(student.blocks) == 2
+    assert [e["step"] for e in record["evaluations"]] == [0, 2, 4, 6]
+
+
+def test_selection_prefers_lower_frechet_within_the_adherence_noise():
+    def ev(step, adherence, frechet, motion=1.0):
+        return {"step": step, "metrics": {"adherence": adherence, "frechet": frechet, "motion_ratio": motion,
+                                          "videos": 180}}
+
+    # best 0.839 on 180 videos: one standard error is 0.0274, so 0.828 is as good, at less than half the distance
+    assert select([ev(200, 0.778, 391), ev(250, 0.828, 316), ev(300, 0.839, 718)])["step"] == 250
+    # beyond one standard error adherence decides
+    assert select([ev(250, 0.80, 316), ev(300, 0.839, 718)])["step"] == 300
+    # motion beyond 15% of the true speed is out while another checkpoint is in
+    assert select([ev(250, 0.83, 100, motion=1.3), ev(300, 0.82, 500)])["step"] == 300
+    assert select([ev(250, 0.83, 100, motion=1.3)])["step"] == 250
+    with pytest.raises(ValueError, match="no evaluations"):
+        select([])
 
 
 def test_stage3_baseline_switches(tmp_path):
