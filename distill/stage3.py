@@ -163,18 +163,11 @@ def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> t
     return 0.5 * F.mse_loss(x, (x.detach() - g).detach())
 
 
-def selection_key(metrics: dict) -> tuple:
-    """Order of checkpoints by their numbers alone (higher is better): prompt adherence first,
-    then motion within 15% of the true speed, then lower Frechet distance."""
-    motion_err = abs(metrics.get("motion_ratio", 1.0) - 1.0)
-    return (round(metrics["adherence"], 3), -max(0.0, motion_err - 0.15), -metrics.get("frechet", 0.0))
-
-
 def select(evals: list[dict]) -> dict:
     """The checkpoint to keep from `evals` ([{"step", "metrics"}], metrics with adherence,
-    frechet, motion_ratio and videos, the number of videos scored): among those with motion within 15% of the true speed (all,
-    if none is), the ones whose adherence is within one standard error sqrt(a (1 - a) / videos)
-    of the best adherence a; of those the lowest Frechet distance (then `selection_key`)."""
+    frechet, motion_ratio and videos, the number of videos scored): among those with motion
+    within 15% of the true speed (all, if none is), the ones whose adherence is within one standard error sqrt(a (1 - a) / videos)
+    of the best adherence a; of those the lowest Frechet distance (ties: the higher adherence)."""
     if not evals:
         raise ValueError("select: no evaluations")
     pool = [e for e in evals if abs(e["metrics"].get("motion_ratio", 1.0) - 1.0) <= 0.15] or list(evals)
@@ -182,7 +175,7 @@ def select(evals: list[dict]) -> dict:
     videos = pool[0]["metrics"].get("videos")  # unknown: adherence alone decides
     se = math.sqrt(best * (1 - best) / videos) if videos else 0.0
     close = [e for e in pool if e["metrics"]["adherence"] >= best - se - 1e-12]
-    return min(close, key=lambda e: (e["metrics"].get("frechet", 0.0), tuple(-k for k in selection_key(e["metrics"]))))
+    return min(close, key=lambda e: (e["metrics"].get("frechet", 0.0), -e["metrics"]["adherence"]))
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -249,13 +242,12 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         metrics = evaluate(net)
         net.train()
         trainer.log(**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        atomic_save_safetensors(evals_dir / f"step-{step:06d}.safetensors",
-                                {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
-        evals = [e for e in trainer.extra.get("evals", []) if e["step"] != step] + [{"step": step, "metrics": metrics}]
-        trainer.extra["evals"] = evals
-        trainer.extra["best"] = select(evals)
+        atomic_save_safetensors(evals_dir / f"step-{step:06d}.safetensors", net.state_dict())
+        # a resumed run may re-evaluate the step it was killed at
+        trainer.extra["evals"] = [e for e in trainer.extra.get("evals", []) if e["step"] != step] + [
+            {"step": step, "metrics": metrics}]
 
-    if trainer.step == 0 and "best" not in trainer.extra:
+    if trainer.step == 0 and "evals" not in trainer.extra:
         consider(0)
     for step in trainer:
         _, context = data.batch(step, cfg.batch_size)
@@ -299,14 +291,15 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             consider(step + 1)
     seconds = trainer.close()
     student = plain_student()
-    # rank 0 chose (and wrote) the best checkpoint: every rank returns it
-    best = rank0_decides(trainer.extra.get("best"))
+    # rank 0 evaluated (and wrote) the checkpoints: it chooses, every rank returns the choice
+    evals = trainer.extra.get("evals", [])
+    best = rank0_decides(select(evals) if evals else None)
     if best is not None:
         chosen = evals_dir / f"step-{best['step']:06d}.safetensors"
         student.load_state_dict(_load_safetensors(chosen, str(chosen)))
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
-              "evaluations": trainer.extra.get("evals", [])}
+              "evaluations": evals}
     return student.eval().requires_grad_(False), record
 
 
