@@ -47,7 +47,10 @@ from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
 
-RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
+# how a run runs, not what it computes: `steps` too, since Stage III's learning rates are
+# constant (no schedule over the run), so a run resumed with more steps trains on exactly as an
+# uninterrupted longer run would ("train longer": the same out, a larger steps)
+RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp", "steps")
 REAL_SCORES = ("well-guided", "cfg")
 
 

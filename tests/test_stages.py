@@ -236,6 +236,27 @@ def test_selection_prefers_lower_frechet_within_the_adherence_noise():
         select([])
 
 
+def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path):
+    teacher = _teacher()
+    plan = _plan(teacher)
+
+    def evaluate(student):
+        return {"adherence": 0.5, "frechet": float(sum(p.detach().sum() for p in student.parameters())), "motion_ratio": 1.0}
+
+    def run(out, steps):
+        cfg = Stage3Config(steps=steps, batch_size=2, fake_updates=1, eval_every=2, checkpoint_every=2, lr_student=1e-2)
+        return train_stage3(teacher, plan, FakeData(), cfg, tmp_path / out, evaluate=evaluate, progress=False)
+
+    run("short", 2)                      # a finished 2-step run ...
+    _, extended = run("short", 4)        # ... resumed with steps 4
+    _, whole = run("whole", 4)
+    assert extended["steps"] == 4 and [e["step"] for e in extended["evaluations"]] == [0, 2, 4]
+    assert extended["evaluations"] == whole["evaluations"]  # the same weights at every evaluation
+    with pytest.raises(ValueError, match="another recipe"):  # what a run computes still must match
+        train_stage3(teacher, plan, FakeData(), Stage3Config(steps=6, batch_size=2, fake_updates=1, lr_student=1e-3),
+                     tmp_path / "short", progress=False)
+
+
 def test_stage3_baseline_switches(tmp_path):
     teacher = _teacher()
     cfg = Stage3Config(steps=1, batch_size=2, fake_updates=1, real_score="cfg", prune=False)
