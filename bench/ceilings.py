@@ -1,4 +1,4 @@
-"""The card's two measured ceilings, against which GPU figures are reported as fractions:
+"""The machine's measured ceilings. On CUDA, the card's two, against which GPU figures are reported as fractions:
 copy bandwidth (a large device-to-device copy: bytes read + written per second) and
 bf16 matmul throughput (a large square GEMM). Measured once per session.
 """
@@ -28,3 +28,11 @@ def measured(device_type: str = "cuda") -> dict:
     torch.cuda.empty_cache()
     return {"copy_GBps": 2 * n * 2 / t_copy / 1e9, "matmul_TFLOPs": 2 * m**3 / t_mm / 1e12,
             "card": torch.cuda.get_device_name(dev)}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_GFLOPs(n: int = 1024) -> float:
+    """fp32 GEMM throughput of this CPU at torch's current thread count (an n x n x n GEMM,
+    the size where it peaked here: ~95 GFLOP/s at 512, ~195 at 1024, ~185 at 2048 on 2 threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_seconds(lambda: a @ b, torch.device("cpu"), repeat=15, warmup=3) / 1e9

@@ -25,6 +25,7 @@ from flgengine.config import ModelConfig
 from flgengine.model import DiT
 from flgengine.pipeline import resolve_model, shipped_models
 from flgengine.sampling import FewStepSampler, randn
+from ceilings import cpu_matmul_GFLOPs
 from timing import median_seconds
 from wan_onnx_export import WAN_1_3B_STUDENT
 
@@ -55,6 +56,37 @@ def _student_inputs(pipe, g):
     L = c.text_encoder.max_length
     return torch.randn(1, *latent, generator=g), torch.tensor([900.0]), torch.randn(1, L, pipe.dit.config.text_dim,
                                                                                     generator=g)
+
+
+def _products(dit, tokens: int, text_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The DiT step's matrix products as (a, b) pairs of their shapes (batch 1): every block's
+    projections (the cross-attention's k, v over the text tokens, the rest over the video
+    tokens) and the attention products q k^T and p v per head."""
+    D, H, Dh = dit.config.dim, dit.config.num_heads, dit.config.head_dim
+    pairs = []
+    for block in dit.blocks:
+        for name, w in block.named_parameters():
+            if w.dim() == 2 and name.endswith(".weight"):  # (out, in): rows @ w.T
+                rows = text_tokens if name.startswith(("cross_attn.k.", "cross_attn.v.")) else tokens
+                pairs.append((torch.randn(rows, w.shape[1]), torch.randn(w.shape[1], w.shape[0])))
+        for kv in (tokens, text_tokens):  # self-, then cross-attention
+            pairs += [(torch.randn(H, tokens, Dh), torch.randn(H, Dh, kv)), (torch.randn(H, tokens, kv), torch.randn(H, kv, Dh))]
+    return pairs
+
+
+def gemm_floor(dit, tokens: int, text_tokens: int) -> dict:
+    """What the step's arithmetic alone costs here: its FLOPs, the time of its matrix products
+    run back to back at their own shapes (no norms, no elementwise ops, no dispatch between
+    layers), and its time at this CPU's square-GEMM rate (the roofline)."""
+    pairs = _products(dit, tokens, text_tokens)
+    flops = sum(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1) for a, b in pairs)
+
+    def run():
+        for a, b in pairs:
+            torch.matmul(a, b)
+
+    gemm = median_seconds(run, torch.device("cpu"), repeat=15, warmup=3)
+    return {"gflop": flops / 1e9, "gemm_seconds": gemm, "roofline_seconds": flops / (cpu_matmul_GFLOPs() * 1e9)}
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +124,18 @@ def test_dit_step_eager_vs_engines(benchmark, engines):
             seconds[name] = median_seconds(lambda run=run: run(x, t, ctx), cpu, repeat=15, warmup=3)
         benchmark.pedantic(lambda: runs["aoti"](x, t, ctx), rounds=5, iterations=1, warmup_rounds=1)
     ratios = {k: seconds["eager"] / v for k, v in seconds.items()}
+    # how far each is from the arithmetic: x (1, C, F, H, W) -> F*H*W / patch tokens
+    patch = pipe.dit.config.patch_size
+    tokens = x.shape[2] // patch[0] * (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
+    floor = gemm_floor(pipe.dit, tokens, ctx.shape[1])
     benchmark.extra_info.update({"seconds": seconds, "speedup_vs_eager": ratios, "rel_error": errors,
-                                 "threads": torch.get_num_threads()})
+                                 "threads": torch.get_num_threads(), **floor})
     print(f"\nDiT step, shapes student ({len(pipe.dit.blocks)} blocks), {torch.get_num_threads()} thread(s): "
           + ", ".join(f"{k} {v * 1e3:.2f} ms ({ratios[k]:.2f}x)" for k, v in seconds.items())
-          + f"; rel. error vs PyTorch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+          + f"; rel. error vs PyTorch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+          + f"\n  its arithmetic: {floor['gflop']:.3f} GFLOP; its matrix products alone {floor['gemm_seconds'] * 1e3:.2f} ms "
+          + f"(eager {seconds['eager'] / floor['gemm_seconds']:.2f}x, aoti {seconds['aoti'] / floor['gemm_seconds']:.2f}x of "
+          + f"that); at the square-GEMM rate ({cpu_matmul_GFLOPs():.0f} GFLOP/s) {floor['roofline_seconds'] * 1e3:.2f} ms")
 
 
 def test_generate_eager_vs_engines(benchmark, engines):
