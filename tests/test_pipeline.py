@@ -148,7 +148,10 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
     assert cli(["info", "shapes-4step"]) == 0
     text = capsys.readouterr().out
     assert "FastLightGen student" in text and "- plan: dropped blocks [2, 3, 4]" in text
-    assert "- stage3: 300 steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
+    from flgengine.pipeline import resolve_model
+
+    stage3 = json.loads((resolve_model("shapes-4step") / "provenance.json").read_text())["stages"][-1]
+    assert f"- stage3: {stage3['steps']} steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
 
     assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
     assert "4k+1" in capsys.readouterr().err
