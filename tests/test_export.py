@@ -80,6 +80,25 @@ def test_real_arithmetic_rope_equals_the_complex_rotation(shape):
     assert_close(ref.apply_rope(strided, ang.cos(), ang.sin()), want, 1e-6, "non-contiguous input")
 
 
+@pytest.mark.parametrize("dynamic", [("batch",), ("batch", "text_len")])
+def test_exported_program_keeps_every_tensor_on_the_inputs_device(dynamic):
+    """A CPU tensor inside the graph of a CUDA export would make the engine copy from the
+    host on every call (and keep a CUDA graph from capturing it). Traced on the meta device,
+    which stands in for any accelerator here: every value and constant must stay there."""
+    from flgengine.export.tracing import export_program
+
+    with torch.device("meta"):
+        model = DiT(tiny_config(in_channels=3, out_channels=3, block_ids=[0, 1, 3])).eval()
+    spec = EngineSpec.from_options(model.config, (8, 16, 16), batch=1, max_batch=2, text_len=6, dynamic=dynamic,
+                                   dtype="float32")
+    program = export_program(model, spec, torch.device("meta"))
+    elsewhere = [(node.name, str(node.target)) for node in program.graph.nodes
+                 for v in (node.meta.get("val") if isinstance(node.meta.get("val"), (list, tuple)) else [node.meta.get("val")])
+                 if isinstance(v, torch.Tensor) and v.device.type != "meta"]
+    assert elsewhere == []
+    assert program.constants and all(c.device.type == "meta" for c in program.constants.values())  # the RoPE tables
+
+
 def test_export_leaves_the_model_usable(onnx_dir, dit):
     """Tracing must not leave fake tensors in the RoPE cache, nor change the model's backend."""
     from flgengine.model.embed import clear_rope_cache
