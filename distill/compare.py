@@ -17,8 +17,9 @@ import argparse
 import json
 
 import numpy as np
+import torch
 
-from .evaluate import evaluate_bundle, load_evaluator
+from .evaluate import evaluate_bundle, load_evaluator, set_threads
 
 
 GRID_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right",
@@ -116,6 +117,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=60, help="videos per seed, cycling the 60 prompts (default 60)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="base seeds (default 0)")
     p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all); the speeds depend on it")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--grid", default=None, metavar="FILE",
                    help="also write a video (.gif or .mp4) of every model on five prompts, side by side")
@@ -123,6 +125,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    set_threads(args.threads)
     students = []
     for s in args.student:
         name, sep, path = s.partition("=")
@@ -132,6 +135,7 @@ def run(args) -> int:
     rows = compare(args.teacher, students, args.samples, args.seeds, args.batch_size, progress=not args.quiet,
                    grid=args.grid)
     print(markdown(rows))
+    print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
     if args.json:
         from pathlib import Path
 

@@ -507,15 +507,26 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluator", default=None, help="evaluator directory (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-provenance", action="store_true",
                    help="store the result in the bundle's provenance.json under 'evaluation'")
 
 
+def set_threads(threads: int | None) -> None:
+    """`--threads`: torch's CPU thread count (checked before any work)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def run_evaluate(args) -> int:
     from flgengine.pipeline import resolve_model
 
+    set_threads(args.threads)
     path = resolve_model(args.bundle)
     result = evaluate_bundle(path, samples=args.samples, seeds=args.seeds, batch_size=args.batch_size,
                              steps=args.steps, progress=not args.quiet, evaluator=load_evaluator(args.evaluator),
@@ -538,8 +549,7 @@ def add_train_evaluator_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train_evaluator(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, report = train_evaluator(steps=args.steps, batch_size=args.batch_size, progress=not args.quiet)
     save_evaluator(model, report, args.out)
     print(json.dumps(report, indent=2))

@@ -232,3 +232,11 @@ def test_run_evaluate_writes_provenance(evaluator, tmp_path, monkeypatch, capsys
     assert "adherence" in capsys.readouterr().out
     prov = json.loads((bundle / "provenance.json").read_text())
     assert prov["kind"] == "student" and prov["evaluation"]["videos"] == 12
+    threads = torch.get_num_threads()
+    try:
+        assert ev.run_evaluate(parser.parse_args([str(bundle), "--samples", "6", "--threads", "1"])) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="--threads must be at least 1, got 0"):
+        ev.run_evaluate(parser.parse_args([str(bundle), "--threads", "0"]))
