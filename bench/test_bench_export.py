@@ -62,7 +62,7 @@ def _products(dit, tokens: int, text_tokens: int) -> list[tuple[torch.Tensor, to
     """The DiT step's matrix products as (a, b) pairs of their shapes (batch 1): every block's
     projections (the cross-attention's k, v over the text tokens, the rest over the video
     tokens) and the attention products q k^T and p v per head."""
-    D, H, Dh = dit.config.dim, dit.config.num_heads, dit.config.head_dim
+    H, Dh = dit.config.num_heads, dit.config.head_dim
     pairs = []
     for block in dit.blocks:
         for name, w in block.named_parameters():

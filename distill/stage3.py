@@ -220,6 +220,9 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     trainer = Trainer(out, {"student": student, "fake": fake}, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
                       runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="stage3",
                       progress=progress, ema=None if cfg.ema_decay is None else {"student": cfg.ema_decay})
+    if trainer.step > cfg.steps:  # a longer run's checkpoints would be chosen from: not this recipe
+        raise ValueError(f"{out} holds a Stage III run at step {trainer.step}, past stage3.steps={cfg.steps}; "
+                         f"use a new output directory or steps >= {trainer.step}")
     g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
     sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
     uncond = data.uncond.to(cfg.device)

@@ -252,6 +252,8 @@ def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path):
     _, whole = run("whole", 4)
     assert extended["steps"] == 4 and [e["step"] for e in extended["evaluations"]] == [0, 2, 4]
     assert extended["evaluations"] == whole["evaluations"]  # the same weights at every evaluation
+    with pytest.raises(ValueError, match="at step 4, past stage3.steps=2"):  # never chosen from a longer run
+        run("short", 2)
     with pytest.raises(ValueError, match="another recipe"):  # what a run computes still must match
         train_stage3(teacher, plan, FakeData(), Stage3Config(steps=6, batch_size=2, fake_updates=1, lr_student=1e-3),
                      tmp_path / "short", progress=False)
