@@ -84,8 +84,11 @@ class TeacherConfig:
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
     # sampling defaults written to pipeline.json
     sample_steps: int = 50
-    guidance: float = 4.0
+    guidance: float = 3.0  # measured best of 2.5-4 for the shapes teacher (bench/RESULTS.md, stop 13)
     shift: float = 2.0
+    # CFG scale of the steps at t <= boundary (Wan2.2's guidance_scale_2), written to pipeline.json by
+    # the low-noise expert run: its job is cleaning, and CFG there cost FD (350 at 1 vs 523 at 3); None = guidance
+    low_noise_guidance: float | None = 1.0
     threads: int | None = None
     compile: bool = False  # torch.compile the DiT for training (no gain measured at 144 tokens on 2 cores)
     device: str = "cpu"
@@ -292,8 +295,9 @@ def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: P
 
 def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
     """The two-expert bundle: the teacher `cfg.expert_of` (its DiT runs t > boundary) and `low`
-    in path/low_noise (t <= boundary), both stored in `cfg.storage_dtype`, the boundary in
-    pipeline.json, the teacher's text encoder and provenance with this run's stage added."""
+    in path/low_noise (t <= boundary), both stored in `cfg.storage_dtype`, the boundary and this
+    run's `guidance` / `low_noise_guidance` in pipeline.json, the teacher's text encoder and
+    provenance with this run's stage added."""
     high = Path(cfg.expert_of)
     storage = storage_dtype_of(cfg.storage_dtype)
     save_bundle(path / LOW_NOISE_DIR, low.eval(), None,
@@ -310,7 +314,9 @@ def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) 
                             {"stage": "train-low-noise-expert", "boundary": cfg.boundary, **recipe}]
     provenance["train_seconds_total"] = round(sum(s.get("train_seconds", 0) for s in provenance["stages"]), 1)
     provenance["num_params_low_noise"] = low.num_params()
-    pipeline = dataclasses.replace(PipelineConfig.from_json(high / "pipeline.json"), low_noise_boundary=cfg.boundary)
+    pipeline = PipelineConfig.from_json(high / "pipeline.json")
+    sampler = dataclasses.replace(pipeline.sampler, guidance=cfg.guidance, low_noise_guidance=cfg.low_noise_guidance)
+    pipeline = dataclasses.replace(pipeline, sampler=sampler, low_noise_boundary=cfg.boundary)
     return save_bundle(path, load_bundle(high, dtype=torch.float32).model, pipeline, provenance, storage_dtype=storage)
 
 

@@ -90,18 +90,20 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
     import shutil
 
     _, path = two_expert_teacher
+    pipe = flgengine.load(path)  # the expert run writes its recipe's guidance 3 and low_noise_guidance 1
+    s = pipe.sampler
+    assert s.boundary == 0.25 and s.guidance_at(900.0) == 3.0 and s.guidance_at(250.0) == 1.0
+    assert pipe._sampler_for(steps=10, guidance=None, force=False).guidance_at(100.0) == 1.0
+    assert pipe._sampler_for(steps=None, guidance=2.0, force=False).guidance_at(100.0) == 2.0  # guidance= sets all
     edited = tmp_path / "g2"
     shutil.copytree(path, edited)
     cfg = json.loads((edited / "pipeline.json").read_text())
-    cfg["sampler"]["low_noise_guidance"] = 1.0
+    cfg["sampler"]["low_noise_guidance"] = None  # every step at the bundle's guidance
     (edited / "pipeline.json").write_text(json.dumps(cfg))
-    pipe = flgengine.load(edited)
-    s = pipe.sampler
-    assert s.boundary == 0.25 and s.guidance_at(900.0) == cfg["sampler"]["guidance"] and s.guidance_at(250.0) == 1.0
-    assert pipe._sampler_for(steps=10, guidance=None, force=False).guidance_at(100.0) == 1.0
-    assert pipe._sampler_for(steps=None, guidance=2.0, force=False).guidance_at(100.0) == 2.0  # guidance= sets all
+    every = flgengine.load(edited)
+    assert every.sampler.guidance_at(250.0) == 3.0
     a = pipe("a red circle moving left", seed=0, steps=12, progress=False)
-    b = flgengine.load(path)("a red circle moving left", seed=0, steps=12, progress=False)
+    b = every("a red circle moving left", seed=0, steps=12, progress=False)
     assert not torch.equal(a, b)
     from distill.evaluate import evaluate_bundle
 
@@ -110,7 +112,7 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
     from distill.compare import dit_calls
 
     # 12 steps at shift 2: one sigma (1/12 -> 0.154) is <= 0.25, run without CFG: 11 x 2 + 1 DiT calls
-    assert dit_calls(pipe, 12, r["guidance"]) == 23 and dit_calls(flgengine.load(path), 12, r["guidance"]) == 24
+    assert dit_calls(pipe, 12, r["guidance"]) == 23 and dit_calls(every, 12, r["guidance"]) == 24
 
 
 def test_two_expert_bundles_are_refused_where_one_dit_is_needed(two_expert_teacher, tmp_path):
