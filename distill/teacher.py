@@ -84,7 +84,9 @@ class TeacherConfig:
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
     # sampling defaults written to pipeline.json
     sample_steps: int = 50
-    guidance: float = 3.0  # measured best of 2.5-4 for the shapes teacher (bench/RESULTS.md, stop 13)
+    # high-noise CFG scale written to pipeline.json. Shapes teacher v11 (bench/RESULTS.md, stop 18): 3 read
+    # adherence 0.950 but motion 1.16x; 2.5 read 0.933 / 1.13x and FD 324 (494 at 3)
+    guidance: float = 2.5
     shift: float = 2.0
     # CFG scale of the steps at t <= boundary (Wan2.2's guidance_scale_2), written to pipeline.json by
     # the low-noise expert run: its job is cleaning, and CFG there cost FD (350 at 1 vs 523 at 3); None = guidance

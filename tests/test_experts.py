@@ -90,9 +90,9 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
     import shutil
 
     _, path = two_expert_teacher
-    pipe = flgengine.load(path)  # the expert run writes its recipe's guidance 3 and low_noise_guidance 1
+    pipe = flgengine.load(path)  # the expert run writes its recipe's guidance 2.5 and low_noise_guidance 1
     s = pipe.sampler
-    assert s.boundary == 0.25 and s.guidance_at(900.0) == 3.0 and s.guidance_at(250.0) == 1.0
+    assert s.boundary == 0.25 and s.guidance_at(900.0) == 2.5 and s.guidance_at(250.0) == 1.0
     assert pipe._sampler_for(steps=10, guidance=None, force=False).guidance_at(100.0) == 1.0
     assert pipe._sampler_for(steps=None, guidance=2.0, force=False).guidance_at(100.0) == 2.0  # guidance= sets all
     edited = tmp_path / "g2"
@@ -101,7 +101,7 @@ def test_the_low_noise_steps_take_the_bundles_low_noise_guidance(two_expert_teac
     cfg["sampler"]["low_noise_guidance"] = None  # every step at the bundle's guidance
     (edited / "pipeline.json").write_text(json.dumps(cfg))
     every = flgengine.load(edited)
-    assert every.sampler.guidance_at(250.0) == 3.0
+    assert every.sampler.guidance_at(250.0) == 2.5
     a = pipe("a red circle moving left", seed=0, steps=12, progress=False)
     b = every("a red circle moving left", seed=0, steps=12, progress=False)
     assert not torch.equal(a, b)
