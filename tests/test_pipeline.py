@@ -147,10 +147,11 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
     # the shipped student, in words: its stages one line each, its evaluation
     assert cli(["info", "shapes-4step"]) == 0
     text = capsys.readouterr().out
-    assert "FastLightGen student" in text and "- plan: dropped blocks [2, 3, 4]" in text
     from flgengine.pipeline import resolve_model
 
-    stage3 = json.loads((resolve_model("shapes-4step") / "provenance.json").read_text())["stages"][-1]
+    stages = json.loads((resolve_model("shapes-4step") / "provenance.json").read_text())["stages"]
+    plan, stage3 = stages[0], stages[-1]
+    assert "FastLightGen student" in text and f"- plan: dropped blocks {plan['drop']}" in text
     assert f"- stage3: {stage3['steps']} steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
 
     assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
