@@ -85,8 +85,11 @@ def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device) -> lis
         flops = 4 * H * Sq * Skv * D
         ref = ops.attention(q, k, v, backend="ref")
         t_sdpa = median_seconds(lambda: ops.attention(q, k, v, backend="ref"), device, **reps(device, 10))
-        for bm, bn, w, st in ATTN_TILINGS[:2] if quick else ATTN_TILINGS:
-            tiling = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        tilings = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                   for bm, bn, w, st in (ATTN_TILINGS[:2] if quick else ATTN_TILINGS)]
+        if tri._module("attention").split_head_dim(D)[1]:  # a pruned head dim: the one-tile kernel beside the split
+            tilings += [{**t, "SPLIT_D": False} for t in tilings[:2]]
+        for tiling in tilings:
             rec = {"op": "attention", "dtype": str(dtype), "heads": H, "head_dim": D, "Sq": Sq, "Skv": Skv, **tiling,
                    "sdpa_us": t_sdpa * 1e6}
             try:
@@ -107,7 +110,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         key = (f"{r['op']} ROWS={r['ROWS']} warps={r['num_warps']} iters={r.get('ITERS', 1)}" if "ROWS" in r else
                f"attention {r['heads']}x{r['head_dim']} {r['Sq']}x{r['Skv']} BM={r['BLOCK_M']} BN={r['BLOCK_N']} "
-               f"warps={r['num_warps']} stages={r['num_stages']}")
+               f"warps={r['num_warps']} stages={r['num_stages']}{' one-tile' if r.get('SPLIT_D') is False else ''}")
         if "error" in r:
             lines.append(f"{key}: {r['error'][:120]}")
         elif "GBs" in r:

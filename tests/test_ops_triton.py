@@ -17,8 +17,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -296,6 +298,33 @@ def test_attention_head_dim_extremes(interpreter, D, Skv):
     check_attention(1, 17, Skv, 1, D, torch.float32, "contiguous", device="cpu")
 
 
+def test_split_head_dim_covers_the_head_dim_with_fewer_channels():
+    from flgengine.ops.triton.attention import split_head_dim
+
+    expect = {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16),
+              96: (64, 32), 112: (128, 0), 128: (128, 0), 144: (128, 16), 160: (128, 32), 200: (256, 0), 256: (256, 0)}
+    assert {d: split_head_dim(d) for d in expect} == expect
+    for d in range(8, 257, 8):  # every served head dim: covered, each tile a power of two >= 16, never wider
+        da, db = split_head_dim(d)
+        assert da + db >= d and da >= 16 and da & (da - 1) == 0 and (db == 0 or (db >= 16 and db & (db - 1) == 0))
+        assert da + db <= max(16, 1 << (d - 1).bit_length())
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [40, 72, 96])
+def test_attention_split_and_whole_head_dim_tiles_agree(interpreter, D):
+    # the same math on 32 + 16 / 64 + 16 / 64 + 32 channels as on one 64 / 128 / 128 tile;
+    # cross-attention with a K/V tail, bf16 (P rounded before the second product in both)
+    from flgengine.ops.triton import attention as T
+
+    q, k, v = _qkv(2, 19, 21, 2, D, torch.bfloat16, "cpu", "strided")
+    assert T.config(D, q.dtype, interpret=True)["BLOCK_DB"] > 0
+    split, whole = T.attention(q, k, v), T.attention(q, k, v, tiling={"SPLIT_D": False})
+    expect = ref.attention(*_f64(q, k, v))
+    assert_close(split, whole, 1e-3, f"split vs whole D={D}")
+    assert_close(split, expect, _tol(q.dtype, ref.attention(q, k, v), expect), f"split vs reference D={D}")
+
+
 @needs_triton
 def test_env_backend_picks_triton_under_the_interpreter(interpreter, monkeypatch):
     x, s, h = _nonzero(1, 3, 16), _nonzero(1, 16), _nonzero(1, 16)
@@ -469,7 +498,25 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.strip().endswith("compiled 9 kernels"), r.stdout[-2000:]
+    assert r.stdout.strip().endswith("compiled 10 kernels"), r.stdout[-2000:]
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers and spills of a kernel for sm_90a, from Triton's bundled ptxas (-v), and its wgmma count."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(90)  # triton 3.7
+    except TypeError:
+        ptxas = get_ptxas()  # triton 3.6
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([ptxas.path, "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True)
+    found = re.findall(r"Used (\d+) registers|(\d+) bytes spill stores", r.stderr)
+    regs, spills = (next((m[i] for m in found if m[i]), "?") for i in (0, 1))
+    return f"registers {regs} spill stores {spills} wgmma {ptx.count('wgmma.mma_async')}"
 
 
 def compile_for_hopper() -> None:
@@ -490,6 +537,8 @@ def compile_for_hopper() -> None:
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024, (fn.fn.__name__, consts, kernel.metadata.shared)
         built.append(fn.fn.__name__)
+        print(fn.fn.__name__, {k: v for k, v in consts.items() if k.isupper()}, ptxas_usage(kernel.asm["ptx"]),
+              f"shared {kernel.metadata.shared}", flush=True)
 
     built = []
 
@@ -509,14 +558,14 @@ def compile_for_hopper() -> None:
                   num_warps=w)
     build(Q._rms_norm_rope_kernel, dict(out_ptr=bf16, x_ptr=bf16, w_ptr=f32, cos_ptr=f32, sin_ptr=f32),
           dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=qk_rows, BLOCK_P=1024, RTNE_BF16=False), num_warps=qk_warps)
-    for D in (128, 72):  # 12 heads; 72: strides only divisible by 8, the STRIDE_ALIGN path
-        cfg = T.config(D, torch.bfloat16, interpret=False)
+    for D, split in ((128, True), (72, True), (72, False)):  # 72: strides only divisible by 8 (STRIDE_ALIGN);
+        cfg = T.config(D, torch.bfloat16, interpret=False, split=split)  # split on 64 + 16 channels, or one 128 tile
         align = 16 if D % 16 == 0 else 8
         strides = [f"s{t}{d}" for t in "qkv" for d in "bsh"]
         build(T._attention_kernel, dict(out_ptr=bf16, q_ptr=bf16, k_ptr=bf16, v_ptr=bf16),
               dict(sqd=1, skd=1, svd=1, HEAD_DIM=D, STRIDE_ALIGN=align, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                   BLOCK_D=cfg["BLOCK_D"], EVEN_D=cfg["BLOCK_D"] == D, UPCAST=False, DOT_PRECISION="tf32",
-                   RTNE_BF16=False),
+                   BLOCK_DA=cfg["BLOCK_DA"], BLOCK_DB=cfg["BLOCK_DB"], MASK_A=cfg["BLOCK_DA"] > D,
+                   MASK_B=cfg["BLOCK_DA"] + cfg["BLOCK_DB"] > D, UPCAST=False, DOT_PRECISION="tf32", RTNE_BF16=False),
               div16=strides if align == 16 else (), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     print(f"compiled {len(built)} kernels")
 

@@ -7,7 +7,9 @@ contiguous in q's dtype. Softmax scale 1/sqrt(D), fp32 accumulation, online soft
 Program (pid_m, b*H + h) owns BLOCK_M query rows of one head and streams K/V in BLOCK_N
 blocks: the full blocks without sequence masks, then one masked tail block, so any Sq / Skv
 works without padding. Head dims that are not powers of two (40, 72, 96, 112, pruned
-widths) run on a BLOCK_D = next power of two tile with channel masks (EVEN_D skips them).
+widths) run on two power-of-two channel tiles where that computes fewer channels (72 on
+64 + 16 instead of 128: `split_head_dim`), otherwise on the next power of two, with channel
+masks only on a tile that crosses D (MASK_A / MASK_B).
 
 fp16 / bf16 go to tl.dot as they are (tensor cores, fp32 accumulate; P is rounded to v's
 dtype for the second product, as in FlashAttention). fp32 uses input_precision="tf32x3"
@@ -31,6 +33,56 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32: the interpreter's own
+    fp32 -> bf16 cast truncates, so its bf16 results would differ from a GPU's."""
+    u = x.to(tl.uint32, bitcast=True)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store(ptrs, o, mask, RTNE_BF16: tl.constexpr):
+    if RTNE_BF16:
+        o = _round_bf16(o)
+    tl.store(ptrs, o.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile(ptrs, mask, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One K^T or V tile; masked loads only where the tile crosses the sequence or head-dim end."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _online_softmax(qk, m_i, l_i, RTNE_BF16: tl.constexpr):
+    """qk [BLOCK_M, BLOCK_N] (already scaled by log2(e)/sqrt(D)) -> p, the rescale factor of
+    the old rows, and the new running max / sum (base 2)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if RTNE_BF16:
+        p = _round_bf16(p)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _pv(p, v, acc, alpha, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc * alpha + P V for one head-dim chunk, P rounded to v's dtype (as FlashAttention)."""
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    return tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr,
     H, Sq, Skv,
@@ -39,9 +91,14 @@ def _attention_kernel(
     svb, svs, svh, svd,
     qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    MASK_A: tl.constexpr, MASK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
+    # The head dim runs on one tile of BLOCK_DA channels, or (BLOCK_DB > 0) on two: channels
+    # [0, BLOCK_DA) and [BLOCK_DA, BLOCK_DA + BLOCK_DB), each a power of two, so a pruned head
+    # dim computes on 64 + 16 = 80 channels for D = 72 instead of 128 (`split_head_dim`).
+    # S = Q_a K_a^T + Q_b K_b^T; O_a = P V_a and O_b = P V_b share the softmax.
     # The batch / token / head strides arrive divided by STRIDE_ALIGN (a power of two that
     # divides them all): multiplying back by the constant tells the compiler the row
     # alignment, which Triton's own specialisation only sees for multiples of 16 (head dims
@@ -61,97 +118,94 @@ def _attention_kernel(
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_a = tl.arange(0, BLOCK_DA)
     m_ok = offs_m < Sq
-    d_ok = offs_d < HEAD_DIM
+    a_ok = offs_a < HEAD_DIM
+    q_rows = q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    o_rows = out_ptr + ((b * Sq + offs_m[:, None]) * H + h) * HEAD_DIM
 
-    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    kt_ptrs = k_ptr + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None] * skd  # K^T tile [BLOCK_D, BLOCK_N]
-    v_ptrs = v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd  # [BLOCK_N, BLOCK_D]
-
+    q_a = _tile(q_rows + offs_a[None, :] * sqd, m_ok[:, None] & a_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DA]
+    kt_a_ptrs = k_base + offs_n[None, :] * sks + offs_a[:, None] * skd  # K^T tile [BLOCK_DA, BLOCK_N]
+    v_a_ptrs = v_base + offs_n[:, None] * svs + offs_a[None, :] * svd  # [BLOCK_N, BLOCK_DA]
+    acc_a = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
+    if BLOCK_DB > 0:
+        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+        b_ok = offs_b < HEAD_DIM
+        q_b = _tile(q_rows + offs_b[None, :] * sqd, m_ok[:, None] & b_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DB]
+        kt_b_ptrs = k_base + offs_n[None, :] * sks + offs_b[:, None] * skd  # [BLOCK_DB, BLOCK_N]
+        v_b_ptrs = v_base + offs_n[:, None] * svs + offs_b[None, :] * svd  # [BLOCK_N, BLOCK_DB]
+        acc_b = tl.zeros([BLOCK_M, BLOCK_DB], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     n_full = Skv - Skv % BLOCK_N
     for _start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
-        if EVEN_D:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
-            u = p.to(tl.uint32, bitcast=True)
-            p = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-        kt_ptrs += BLOCK_N * sks
-        v_ptrs += BLOCK_N * svs
+        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None], MASK_A, UPCAST), input_precision=DOT_PRECISION)
+        if BLOCK_DB > 0:
+            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None], MASK_B, UPCAST), qk, input_precision=DOT_PRECISION)
+        p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, m_i, l_i, RTNE_BF16)
+        acc_a = _pv(p, _tile(v_a_ptrs, a_ok[None, :], MASK_A, False), acc_a, alpha, UPCAST, DOT_PRECISION)
+        kt_a_ptrs += BLOCK_N * sks
+        v_a_ptrs += BLOCK_N * svs
+        if BLOCK_DB > 0:
+            acc_b = _pv(p, _tile(v_b_ptrs, b_ok[None, :], MASK_B, False), acc_b, alpha, UPCAST, DOT_PRECISION)
+            kt_b_ptrs += BLOCK_N * sks
+            v_b_ptrs += BLOCK_N * svs
 
     if n_full < Skv:  # the tail block: 1..BLOCK_N-1 keys, masked
         n_ok = offs_n < Skv - n_full
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
-            u = p.to(tl.uint32, bitcast=True)
-            p = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None] & n_ok[None, :], True, UPCAST), input_precision=DOT_PRECISION)
+        if BLOCK_DB > 0:
+            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None] & n_ok[None, :], True, UPCAST), qk,
+                        input_precision=DOT_PRECISION)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, RTNE_BF16)
+        acc_a = _pv(p, _tile(v_a_ptrs, n_ok[:, None] & a_ok[None, :], True, False), acc_a, alpha, UPCAST, DOT_PRECISION)
+        if BLOCK_DB > 0:
+            acc_b = _pv(p, _tile(v_b_ptrs, n_ok[:, None] & b_ok[None, :], True, False), acc_b, alpha, UPCAST,
+                        DOT_PRECISION)
 
-    acc = acc / l_i[:, None]
-    if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
-        u = acc.to(tl.uint32, bitcast=True)
-        acc = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    o_ptrs = out_ptr + ((b * Sq + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store(o_rows + offs_a[None, :], acc_a / l_i[:, None], m_ok[:, None] & a_ok[None, :], RTNE_BF16)
+    if BLOCK_DB > 0:
+        _store(o_rows + offs_b[None, :], acc_b / l_i[:, None], m_ok[:, None] & b_ok[None, :], RTNE_BF16)
 
 
-def config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_DA, BLOCK_DB): the head dim's one power-of-two tile (BLOCK_DB = 0), or two
+    power-of-two tiles when they cover it with fewer channels: 72 -> 64 + 16 (80 channels
+    of work instead of 128), 40 -> 32 + 16, 96 -> 64 + 32, 160 -> 128 + 32; 112 stays 128
+    (64 + 64 saves nothing). Both tiles are >= 16 (the dot's minimum)."""
+    whole = max(16, _common.next_pow2(head_dim))
+    if head_dim == whole or head_dim <= 16:
+        return whole, 0
+    da = whole // 2
+    db = max(16, _common.next_pow2(head_dim - da))
+    return (da, db) if da + db < whole else (whole, 0)
+
+
+def config(head_dim: int, dtype: torch.dtype, interpret: bool, split: bool = True) -> dict:
     """Tile sizes and launch options. GPU numbers aim at an H100 (228 KB shared memory per SM):
     BLOCK_M 128 x BLOCK_N 64 for fp16/bf16 up to D=128 (sm_90 build, offline: 185-246
     registers, no spills, 64-128 KB shared), 64 x 32 with 8 warps for D=256 (182 registers).
     fp32 (3xTF32 dots) gets small tiles and still spills some (~1 KB stack): it is the
     verification path, not the fast one. The interpreter gets small tiles so CPU tests cover
-    several K/V blocks plus a tail."""
-    block_d = max(16, _common.next_pow2(head_dim))
+    several K/V blocks plus a tail. `split`: the head dim on two tiles where that computes
+    fewer channels (`split_head_dim`); off: one next-power-of-two tile."""
+    da, db = split_head_dim(head_dim) if split else (max(16, _common.next_pow2(head_dim)), 0)
+    width = da + db
     if interpret:
         bm, bn, warps, stages = 32, 16, 4, 1
     elif dtype == torch.float32:
-        bm, bn, warps, stages = (64, 32, 4, 2) if block_d <= 128 else (32, 16, 4, 2)
-    elif block_d <= 64:
+        bm, bn, warps, stages = (64, 32, 4, 2) if width <= 128 else (32, 16, 4, 2)
+    elif width <= 64:
         bm, bn, warps, stages = 128, 64, 4, 3
-    elif block_d <= 128:
+    elif width <= 128:
         bm, bn, warps, stages = 128, 64, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 8, 2
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, num_warps=warps, num_stages=stages)
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -184,7 +238,7 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | None = None) -> torch.Tensor:
     """Launches the kernel; ValueError if the inputs are outside what it serves.
-    tiling: some of BLOCK_M, BLOCK_N, num_warps, num_stages over `config`'s (benchmark sweeps)."""
+    tiling: some of BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_D over `config`'s (benchmark sweeps)."""
     reason = _common.device_reason((q, k, v)) or check(q, k, v)
     if reason:
         raise ValueError(f"triton attention: {reason}")
@@ -194,12 +248,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     if out.numel() == 0:
         return out
     interpret = _common.is_interpreted(q.device)
-    cfg = config(D, q.dtype, interpret)
-    if tiling:
-        unknown = set(tiling) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if unknown:
-            raise ValueError(f"tiling keys {sorted(unknown)} are not tunable (BLOCK_M, BLOCK_N, num_warps, num_stages)")
-        cfg.update(tiling)
+    tiling = dict(tiling or {})
+    unknown = set(tiling) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_D"}
+    if unknown:
+        raise ValueError(f"tiling keys {sorted(unknown)} are not tunable "
+                         f"(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_D)")
+    cfg = config(D, q.dtype, interpret, split=tiling.pop("SPLIT_D", True))
+    cfg.update(tiling)
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
     outer = [t.stride(i) for t in (q, k, v) for i in range(3)]  # batch, token, head strides
     align = 16
@@ -208,6 +263,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     strides = [s // align if i < 3 else s for t in (q, k, v) for i, s in enumerate(t.stride())]
     _common.launch(_attention_kernel, grid, q.device,
                    out, q, k, v, H, Sq, Skv, *strides, _LOG2E / math.sqrt(D), HEAD_DIM=D, STRIDE_ALIGN=align,
-                   EVEN_D=cfg["BLOCK_D"] == D, UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device),
+                   MASK_A=cfg["BLOCK_DA"] > D, MASK_B=cfg["BLOCK_DA"] + cfg["BLOCK_DB"] > D, UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device),
                    DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", **cfg)
     return out
