@@ -9,7 +9,8 @@
 #
 # PARTS (default: all) picks the sections after the build and the ceilings: sweep (tile sweep of
 # the Triton ops, bench/sweep_triton.py), tests (`gpu` tests; TESTS= narrows the files), ops, dit,
-# loop, aoti (the benchmark files, each in its own process), export (the AOTInductor CLI).
+# loop, aoti (the benchmark files, each in its own process), export (the AOTInductor CLI), and, only when
+# named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, ~4 min).
 #
 # Each section has its own time limit so one slow part cannot eat the lease; files under
 # $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
@@ -91,6 +92,11 @@ PYTHONFAULTHANDLER=1 timeout 150 $PY -m flgengine.export "$ENG/bundle" --format 
 rc_export=$?
 echo "export rc=$rc_export in $(( $(date +%s) - t0 )) s"; tail -25 "$ENG/export.log"; head -c 1500 "$ENG/export.json"
 $PY -c "import tensorrt" 2>/dev/null && echo "tensorrt present" || echo "tensorrt absent (TensorRT build not checked)"
+fi
+
+if want aoti_probe; then
+  log "AOTInductor CUDA packages: which export variants load back (bench/aoti_cuda_probe.py)"
+  timeout 330 $PY bench/aoti_cuda_probe.py --out "$OUT/aoti_cuda_probe.json" --timeout 240 2>&1 | tail -8 || rc_export=1
 fi
 
 log "done: sweep rc=$rc_sweep tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"

@@ -60,11 +60,13 @@ def _tile(ptrs, mask, MASKED: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(qk, m_i, l_i, RTNE_BF16: tl.constexpr):
-    """qk [BLOCK_M, BLOCK_N] (already scaled by log2(e)/sqrt(D)) -> p, the rescale factor of
-    the old rows, and the new running max / sum (base 2)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
+def _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16: tl.constexpr):
+    """Raw scores qk [BLOCK_M, BLOCK_N] -> p = exp2(qk * scale - m), the rescale factor of the
+    old rows, and the new running max / sum (base 2; scale = log2(e)/sqrt(D)). The scale is
+    applied inside the exponent's argument (one FMA per score, as in FlashAttention-2):
+    max(qk) * scale = max(qk * scale) for scale > 0, and masked -inf scores stay -inf."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if RTNE_BF16:
@@ -145,7 +147,7 @@ def _attention_kernel(
         qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None], MASK_A, UPCAST), input_precision=DOT_PRECISION)
         if BLOCK_DB > 0:
             qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None], MASK_B, UPCAST), qk, input_precision=DOT_PRECISION)
-        p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, m_i, l_i, RTNE_BF16)
+        p, alpha, m_i, l_i = _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16)
         acc_a = _pv(p, _tile(v_a_ptrs, a_ok[None, :], MASK_A, False), acc_a, alpha, UPCAST, DOT_PRECISION)
         kt_a_ptrs += BLOCK_N * sks
         v_a_ptrs += BLOCK_N * svs
@@ -160,8 +162,8 @@ def _attention_kernel(
         if BLOCK_DB > 0:
             qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None] & n_ok[None, :], True, UPCAST), qk,
                         input_precision=DOT_PRECISION)
-        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, RTNE_BF16)
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16)
         acc_a = _pv(p, _tile(v_a_ptrs, n_ok[:, None] & a_ok[None, :], True, False), acc_a, alpha, UPCAST, DOT_PRECISION)
         if BLOCK_DB > 0:
             acc_b = _pv(p, _tile(v_b_ptrs, n_ok[:, None] & b_ok[None, :], True, False), acc_b, alpha, UPCAST,
