@@ -5,11 +5,11 @@
 `python -m flgengine.export --format aoti --device cuda` crashed loading its package (torch 2.11,
 bench/RESULTS.md stops 12 and 14) while `tests/test_cudagraph.py::test_aoti_engine_on_cuda` (the
 same exporter on a pipeline bundle) passed. Each variant below changes one thing against the
-CLI's call; each is compiled in its own process (all at once: the compiles are CPU-bound and a
-GPU machine has the cores), then loaded in a fresh process (`aoti.probe_load`: a crash or hang
-there becomes a record, not the end of this script), then loaded here and run once against
-eager. Prints one JSON record per variant and a table; runs in `bench/device_check.sh`
-(PARTS=aoti_probe).
+CLI's call. All compile at once, each in its own process (the compiles are CPU-bound and a GPU
+machine has the cores); then all load at once in fresh processes that only load (as
+`aoti.probe_load` does: a crash or hang there is a record, not the end of this script); then the
+ones that loaded are loaded here and run once against eager. Prints one JSON record per variant
+and a table; runs in `bench/device_check.sh` (PARTS=aoti_probe).
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from flgengine.export.aoti import _PROBE_CODE  # what aoti.probe_load's child runs
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (dtype, dynamic dims, package metadata?, latent grid): one change each against "cli"
@@ -64,19 +67,12 @@ def compile_variant(name: str, out_dir: Path, device: str) -> dict:
     return {"compile_s": round(time.time() - t0, 1)}
 
 
-def check_variant(name: str, out_dir: Path, device: str, timeout: float) -> dict:
-    """Here: load in a fresh process, then in this one, and run one call against eager."""
+def run_variant(name: str, out_dir: Path, device: str) -> dict:
+    """Here, after a fresh process loaded it: load the package and run one call against eager."""
     import torch
 
-    from flgengine.export.aoti import AotiLoadError, AotiRunner, probe_load
+    from flgengine.export.aoti import AotiRunner
 
-    rec: dict = {"files": sorted(p.name for p in (out_dir / "unpacked").rglob("*") if p.is_file())[:40]}
-    t0 = time.time()
-    try:
-        probe_load(out_dir / "dit.pt2", timeout=timeout)
-    except AotiLoadError as e:
-        return {**rec, "fresh_load": "failed", "error": str(e)[-800:], "fresh_load_s": round(time.time() - t0, 1)}
-    rec.update(fresh_load="ok", fresh_load_s=round(time.time() - t0, 1))
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import tiny_config
 
@@ -92,8 +88,30 @@ def check_variant(name: str, out_dir: Path, device: str, timeout: float) -> dict
     ctx = torch.randn(1, 16, 12, generator=g).to(device, getattr(torch, dtype))
     with torch.no_grad():
         want, got = model(x, t, ctx).double(), runner(x, t, ctx).double()
-    rec["rel_err"] = float((got - want).norm() / want.norm())
-    return rec
+    return {"rel_err": float((got - want).norm() / want.norm())}
+
+
+def in_parallel(commands: dict[str, list[str]], timeout: float) -> dict[str, tuple[int | None, str, str, float]]:
+    """Runs every command at once; name -> (exit status or None on timeout, stdout, stderr, seconds)."""
+    t0 = time.time()
+    procs = {n: subprocess.Popen(c, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"}) for n, c in commands.items()}
+    results = {}
+    for n, p in procs.items():
+        try:
+            out, err = p.communicate(timeout=max(1.0, t0 + timeout - time.time()))
+            results[n] = (p.returncode, out, err, round(time.time() - t0, 1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            results[n] = (None, out, err, round(time.time() - t0, 1))
+    return results
+
+
+def _failure(rc: int | None, err: str) -> str:
+    if rc is None:
+        return "timeout"
+    return f"crashed ({signal.Signals(-rc).name})" if rc < 0 else f"failed (exit {rc})"
 
 
 def main(argv=None) -> int:
@@ -101,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="aoti_cuda_probe.json")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for all the compiles together")
-    ap.add_argument("--load-timeout", type=float, default=60.0, help="seconds for each fresh-process load")
+    ap.add_argument("--load-timeout", type=float, default=150.0, help="seconds for all the fresh-process loads together")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -118,35 +136,36 @@ def main(argv=None) -> int:
         print("aoti_cuda_probe: needs a CUDA device", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="aoti-probe-"))
-    procs = {}
+    records = {n: {"variant": n, "dtype": VARIANTS[n][0], "dynamic": list(VARIANTS[n][1]), "metadata": VARIANTS[n][2],
+                   "latent": list(VARIANTS[n][3])} for n in names}
     for n in names:
         (root / n).mkdir()
-        procs[n] = subprocess.Popen([sys.executable, __file__, "--device", args.device, "--worker", n, str(root / n)], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-    deadline = time.time() + args.timeout
-    records = []
-    for n, p in procs.items():
-        rec = {"variant": n, "dtype": VARIANTS[n][0], "dynamic": list(VARIANTS[n][1]), "metadata": VARIANTS[n][2],
-               "latent": list(VARIANTS[n][3])}
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            records.append({**rec, "compile": "timeout"})
-            continue
-        if p.returncode != 0:
-            records.append({**rec, "compile": f"failed (exit {p.returncode})", "error": err.strip()[-800:]})
-            continue
-        rec.update(compile="ok", **json.loads(out.strip().splitlines()[-1]))
-        with zipfile.ZipFile(root / n / "dit.pt2") as z:
-            z.extractall(root / n / "unpacked")
-        try:
-            rec.update(check_variant(n, root / n, args.device, args.load_timeout))
-        except Exception as e:  # a load or run that raises (a crash takes this process; probe_load runs first)
-            rec.update(error=f"{type(e).__name__}: {str(e)[-800:]}")
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
+    # 1. every compile at once (CPU-bound: the machine's cores)
+    compiled = in_parallel({n: [sys.executable, __file__, "--device", args.device, "--worker", n, str(root / n)]
+                            for n in names}, args.timeout)
+    for n, (rc, out, err, _) in compiled.items():
+        if rc == 0:
+            records[n].update(compile="ok", **json.loads(out.strip().splitlines()[-1]))
+            with zipfile.ZipFile(root / n / "dit.pt2") as z:
+                records[n]["files"] = sorted(Path(f).name for f in z.namelist() if not f.endswith("/"))[:40]
+        else:
+            records[n].update(compile=_failure(rc, err), error=err.strip()[-800:])
+    # 2. every fresh-process load at once: only `aoti_load_package`, as `aoti.probe_load` does
+    ok = [n for n in names if records[n].get("compile") == "ok"]
+    loads = in_parallel({n: [sys.executable, "-c", _PROBE_CODE, str(root / n / "dit.pt2")] for n in ok}, args.load_timeout)
+    for n, (rc, _, err, seconds) in loads.items():
+        records[n].update(fresh_load="ok" if rc == 0 else _failure(rc, err), fresh_load_s=seconds)
+        if rc != 0:
+            records[n]["error"] = err.strip()[-800:]
+    # 3. here: load and run the ones that loaded (a crash here would end the script: they did not crash above)
+    for n in ok:
+        if records[n].get("fresh_load") == "ok":
+            try:
+                records[n].update(run_variant(n, root / n, args.device))
+            except Exception as e:
+                records[n].update(error=f"{type(e).__name__}: {str(e)[-800:]}")
+        print(json.dumps(records[n]), flush=True)
+    records = list(records.values())
     Path(args.out).write_text(json.dumps(records, indent=1))
     for r in records:
         print(f"{r['variant']:>14}: compile {r['compile']}{' %.0f s' % r['compile_s'] if 'compile_s' in r else ''}, "

@@ -96,7 +96,7 @@ fi
 
 if want aoti_probe; then
   log "AOTInductor CUDA packages: which export variants load back (bench/aoti_cuda_probe.py)"
-  timeout 330 $PY bench/aoti_cuda_probe.py --out "$OUT/aoti_cuda_probe.json" --timeout 240 2>&1 | tail -8 || rc_export=1
+  timeout 420 $PY bench/aoti_cuda_probe.py --out "$OUT/aoti_cuda_probe.json" --timeout 240 --load-timeout 150 2>&1 | tail -8 || rc_export=1
 fi
 
 log "done: sweep rc=$rc_sweep tests rc=$rc_tests bench rc=$rc_bench export rc=$rc_export"
