@@ -10,7 +10,7 @@
 # PARTS (default: all) picks the sections after the build and the ceilings: sweep (tile sweep of
 # the Triton ops, bench/sweep_triton.py), tests (`gpu` tests; TESTS= narrows the files), ops, dit,
 # loop, aoti (the benchmark files, each in its own process), export (the AOTInductor CLI), and, only when
-# named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, ~4 min).
+# named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, 4-7 min).
 #
 # Each section has its own time limit so one slow part cannot eat the lease; files under
 # $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
