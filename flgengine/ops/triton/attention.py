@@ -49,7 +49,7 @@ def _store(ptrs, o, mask, RTNE_BF16: tl.constexpr):
 
 @triton.jit
 def _tile(ptrs, mask, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """One K^T or V tile; masked loads only where the tile crosses the sequence or head-dim end."""
+    """A Q, K^T or V tile; a masked load only where the tile crosses the sequence or head-dim end."""
     if MASKED:
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
