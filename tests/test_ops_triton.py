@@ -490,7 +490,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs the kernels as numpy code, so it misses what only the compiler
     checks (power-of-two aranges, dot minimum sizes, loop-carried types, shared memory).
     Triton compiles for sm_90 here with its bundled ptxas: the Wan bf16 configurations must
-    build and fit an H100's 227 KB of shared memory per block. In a fresh process without
+    build and fit an H100's 227 KB of shared memory per block, and the bf16 attention kernels
+    (split and one-tile head dims) must use wgmma and spill no registers (ptxas -v). In a fresh process without
     TRITON_INTERPRET: this one imported triton under the interpreter, whose library functions
     (tl.sum, ...) the compiler cannot call (a compile cache from another run would hide that)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -501,8 +502,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert r.stdout.strip().endswith("compiled 10 kernels"), r.stdout[-2000:]
 
 
-def ptxas_usage(ptx: str) -> str:
-    """Registers and spills of a kernel for sm_90a, from Triton's bundled ptxas (-v), and its wgmma count."""
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers and spill stores of a kernel for sm_90a, from Triton's bundled ptxas (-v), and its wgmma count."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
@@ -514,9 +515,10 @@ def ptxas_usage(ptx: str) -> str:
         src.write_text(ptx)
         r = subprocess.run([ptxas.path, "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
                            capture_output=True, text=True)
-    found = re.findall(r"Used (\d+) registers|(\d+) bytes spill stores", r.stderr)
-    regs, spills = (next((m[i] for m in found if m[i]), "?") for i in (0, 1))
-    return f"registers {regs} spill stores {spills} wgmma {ptx.count('wgmma.mma_async')}"
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+    assert r.returncode == 0 and regs and spills, r.stderr[-2000:]
+    return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "wgmma": ptx.count("wgmma.mma_async")}
 
 
 def compile_for_hopper() -> None:
@@ -537,8 +539,11 @@ def compile_for_hopper() -> None:
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024, (fn.fn.__name__, consts, kernel.metadata.shared)
         built.append(fn.fn.__name__)
-        print(fn.fn.__name__, {k: v for k, v in consts.items() if k.isupper()}, ptxas_usage(kernel.asm["ptx"]),
-              f"shared {kernel.metadata.shared}", flush=True)
+        usage = ptxas_usage(kernel.asm["ptx"])
+        print(fn.fn.__name__, {k: v for k, v in consts.items() if k.isupper()}, usage, f"shared {kernel.metadata.shared}",
+              flush=True)
+        if fn.fn.__name__ == "_attention_kernel":  # bf16 attention: tensor-core (wgmma) products and no spills
+            assert usage["wgmma"] > 0 and usage["spill_stores"] == 0, (consts, usage)
 
     built = []
 
