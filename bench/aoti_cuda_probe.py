@@ -78,7 +78,7 @@ def run_variant(name: str, out_dir: Path, device: str) -> dict:
 
     from flgengine.model import DiT
 
-    dtype, dynamic, _, latent = VARIANTS[name]
+    dtype, _, _, latent = VARIANTS[name]
     torch.manual_seed(0)  # the worker's weights
     model = DiT(tiny_config()).to(device, getattr(torch, dtype)).eval()
     runner = AotiRunner(out_dir / "dit.pt2", device, probe=False)

@@ -569,8 +569,8 @@ def compile_for_hopper() -> None:
         strides = [f"s{t}{d}" for t in "qkv" for d in "bsh"]
         build(T._attention_kernel, dict(out_ptr=bf16, q_ptr=bf16, k_ptr=bf16, v_ptr=bf16),
               dict(sqd=1, skd=1, svd=1, HEAD_DIM=D, STRIDE_ALIGN=align, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                   BLOCK_DA=cfg["BLOCK_DA"], BLOCK_DB=cfg["BLOCK_DB"], MASK_A=cfg["BLOCK_DA"] > D,
-                   MASK_B=cfg["BLOCK_DA"] + cfg["BLOCK_DB"] > D, UPCAST=False, DOT_PRECISION="tf32", RTNE_BF16=False),
+                   BLOCK_DA=cfg["BLOCK_DA"], BLOCK_DB=cfg["BLOCK_DB"], UPCAST=False, DOT_PRECISION="tf32",
+                   RTNE_BF16=False),
               div16=strides if align == 16 else (), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     print(f"compiled {len(built)} kernels")
 

@@ -9,7 +9,7 @@ blocks: the full blocks without sequence masks, then one masked tail block, so a
 works without padding. Head dims that are not powers of two (40, 72, 96, 112, pruned
 widths) run on two power-of-two channel tiles where that computes fewer channels (72 on
 64 + 16 instead of 128: `split_head_dim`), otherwise on the next power of two, with channel
-masks only on a tile that crosses D (MASK_A / MASK_B).
+masks only on a tile that crosses D.
 
 fp16 / bf16 go to tl.dot as they are (tensor cores, fp32 accumulate; P is rounded to v's
 dtype for the second product, as in FlashAttention). fp32 uses input_precision="tf32x3"
@@ -94,7 +94,7 @@ def _attention_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    MASK_A: tl.constexpr, MASK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RTNE_BF16: tl.constexpr,
 ):
     # The head dim runs on one tile of BLOCK_DA channels, or (BLOCK_DB > 0) on two: channels
@@ -144,15 +144,15 @@ def _attention_kernel(
 
     n_full = Skv - Skv % BLOCK_N
     for _start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
-        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None], MASK_A, UPCAST), input_precision=DOT_PRECISION)
+        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None], BLOCK_DA > HEAD_DIM, UPCAST), input_precision=DOT_PRECISION)
         if BLOCK_DB > 0:
-            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None], MASK_B, UPCAST), qk, input_precision=DOT_PRECISION)
+            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None], BLOCK_DA + BLOCK_DB > HEAD_DIM, UPCAST), qk, input_precision=DOT_PRECISION)
         p, alpha, m_i, l_i = _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16)
-        acc_a = _pv(p, _tile(v_a_ptrs, a_ok[None, :], MASK_A, False), acc_a, alpha, UPCAST, DOT_PRECISION)
+        acc_a = _pv(p, _tile(v_a_ptrs, a_ok[None, :], BLOCK_DA > HEAD_DIM, False), acc_a, alpha, UPCAST, DOT_PRECISION)
         kt_a_ptrs += BLOCK_N * sks
         v_a_ptrs += BLOCK_N * svs
         if BLOCK_DB > 0:
-            acc_b = _pv(p, _tile(v_b_ptrs, b_ok[None, :], MASK_B, False), acc_b, alpha, UPCAST, DOT_PRECISION)
+            acc_b = _pv(p, _tile(v_b_ptrs, b_ok[None, :], BLOCK_DA + BLOCK_DB > HEAD_DIM, False), acc_b, alpha, UPCAST, DOT_PRECISION)
             kt_b_ptrs += BLOCK_N * sks
             v_b_ptrs += BLOCK_N * svs
 
@@ -265,6 +265,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     strides = [s // align if i < 3 else s for t in (q, k, v) for i, s in enumerate(t.stride())]
     _common.launch(_attention_kernel, grid, q.device,
                    out, q, k, v, H, Sq, Skv, *strides, _LOG2E / math.sqrt(D), HEAD_DIM=D, STRIDE_ALIGN=align,
-                   MASK_A=cfg["BLOCK_DA"] > D, MASK_B=cfg["BLOCK_DA"] + cfg["BLOCK_DB"] > D, UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device),
+                   UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device),
                    DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", **cfg)
     return out
