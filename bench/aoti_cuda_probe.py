@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from flgengine.export.aoti import _PROBE_CODE  # what aoti.probe_load's child runs
+from flgengine.export.aoti import _PROBE_CODE, exit_reason  # what aoti.probe_load's child runs, and its verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (dtype, dynamic dims, package metadata?, latent grid): one change each against "cli"
@@ -39,20 +38,18 @@ VARIANTS = {
 }
 
 
-def compile_variant(name: str, out_dir: Path, device: str) -> dict:
-    """In a worker process: export and compile one variant into out_dir/dit.pt2."""
+def _model_and_spec(name: str, device: str):
+    """The variant's tiny DiT (seed 0: the same weights in every process) and engine spec."""
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import tiny_config
 
-    from flgengine.export.aoti import export_aoti
     from flgengine.export.manifest import DimRange
     from flgengine.export.spec import EngineSpec
-    from flgengine.export.tracing import export_program
     from flgengine.model import DiT
 
-    dtype, dynamic, metadata, latent = VARIANTS[name]
+    dtype, dynamic, _, latent = VARIANTS[name]
     torch.manual_seed(0)
     cfg = tiny_config()
     model = DiT(cfg).to(device, getattr(torch, dtype)).eval()
@@ -60,6 +57,18 @@ def compile_variant(name: str, out_dir: Path, device: str) -> dict:
                       batch=DimRange(1, 1, 4) if "batch" in dynamic else DimRange(1, 1, 1),
                       text_len=DimRange(1, 16, 16) if "text_len" in dynamic else DimRange(16, 16, 16),
                       dynamic=dynamic, dtype=dtype)
+    return model, spec
+
+
+def compile_variant(name: str, out_dir: Path, device: str) -> dict:
+    """In a worker process: export and compile one variant into out_dir/dit.pt2."""
+    import torch
+
+    from flgengine.export.aoti import export_aoti
+    from flgengine.export.tracing import export_program
+
+    model, spec = _model_and_spec(name, device)
+    dtype, _, metadata, _ = VARIANTS[name]
     t0 = time.time()
     program = export_program(model, spec, torch.device(device))
     export_aoti(program, out_dir, metadata={"weights_sha256": "0" * 64, "flgengine_dtype": dtype} if metadata else None,
@@ -73,19 +82,9 @@ def run_variant(name: str, out_dir: Path, device: str) -> dict:
 
     from flgengine.export.aoti import AotiRunner
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import tiny_config
-
-    from flgengine.model import DiT
-
-    dtype, _, _, latent = VARIANTS[name]
-    torch.manual_seed(0)  # the worker's weights
-    model = DiT(tiny_config()).to(device, getattr(torch, dtype)).eval()
+    model, spec = _model_and_spec(name, device)
     runner = AotiRunner(out_dir / "dit.pt2", device, probe=False)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, *latent, generator=g).to(device, getattr(torch, dtype))
-    t = (torch.rand(1, generator=g) * 1000).to(device)
-    ctx = torch.randn(1, 16, 12, generator=g).to(device, getattr(torch, dtype))
+    x, t, ctx = spec.random_inputs(torch.Generator().manual_seed(1), device)
     with torch.no_grad():
         want, got = model(x, t, ctx).double(), runner(x, t, ctx).double()
     return {"rel_err": float((got - want).norm() / want.norm())}
@@ -106,12 +105,6 @@ def in_parallel(commands: dict[str, list[str]], timeout: float) -> dict[str, tup
             out, err = p.communicate()
             results[n] = (None, out, err, round(time.time() - t0, 1))
     return results
-
-
-def _failure(rc: int | None, err: str) -> str:
-    if rc is None:
-        return "timeout"
-    return f"crashed ({signal.Signals(-rc).name})" if rc < 0 else f"failed (exit {rc})"
 
 
 def main(argv=None) -> int:
@@ -149,12 +142,13 @@ def main(argv=None) -> int:
             with zipfile.ZipFile(root / n / "dit.pt2") as z:
                 records[n]["files"] = sorted(Path(f).name for f in z.namelist() if not f.endswith("/"))[:40]
         else:
-            records[n].update(compile=_failure(rc, err), error=err.strip()[-800:])
+            records[n].update(compile=("timeout" if rc is None else exit_reason(rc)), error=err.strip()[-800:])
     # 2. every fresh-process load at once: only `aoti_load_package`, as `aoti.probe_load` does
     ok = [n for n in names if records[n].get("compile") == "ok"]
     loads = in_parallel({n: [sys.executable, "-c", _PROBE_CODE, str(root / n / "dit.pt2")] for n in ok}, args.load_timeout)
     for n, (rc, _, err, seconds) in loads.items():
-        records[n].update(fresh_load="ok" if rc == 0 else _failure(rc, err), fresh_load_s=seconds)
+        records[n].update(fresh_load="ok" if rc == 0 else ("timeout" if rc is None else exit_reason(rc)),
+                          fresh_load_s=seconds)
         if rc != 0:
             records[n]["error"] = err.strip()[-800:]
     # 3. here: load and run the ones that loaded (a crash here would end the script: they did not crash above)

@@ -27,6 +27,11 @@ class AotiLoadError(RuntimeError):
     """An AOTInductor package that does not load back here (the loader crashed or hung)."""
 
 
+def exit_reason(returncode: int) -> str:
+    """A child's non-zero exit status in words: 'crashed (SIGSEGV)' or 'failed (exit 1)'."""
+    return f"crashed ({signal.Signals(-returncode).name})" if returncode < 0 else f"failed (exit {returncode})"
+
+
 def probe_load(path: Path, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Loads `path` in a child process first, so a loader that crashes (torch 2.11's CUDA
     loader segfaulted on our exports, bench/RESULTS.md) or hangs takes the child down, not
@@ -38,9 +43,8 @@ def probe_load(path: Path, timeout: float = PROBE_TIMEOUT_S) -> None:
         raise AotiLoadError(f"{path}: loading the AOTInductor package did not finish in {timeout:.0f} s "
                             f"(torch {torch.__version__}); the package is left for inspection") from None
     if r.returncode != 0:
-        what = (f"the loader crashed ({signal.Signals(-r.returncode).name})" if r.returncode < 0
-                else f"the loader failed (exit {r.returncode})")
-        raise AotiLoadError(f"{path}: {what} loading the AOTInductor package (torch {torch.__version__}):\n"
+        raise AotiLoadError(f"{path}: the loader {exit_reason(r.returncode)} loading the AOTInductor package "
+                            f"(torch {torch.__version__}):\n"
                             f"{r.stderr.strip()[-1500:]}")
 
 
