@@ -3,7 +3,7 @@
     python bench/aoti_cuda_probe.py [--out probe.json] [--variants cli,static,...] [--timeout 240]
 
 `python -m flgengine.export --format aoti --device cuda` crashed loading its package (torch 2.11,
-bench/RESULTS.md stops 12 and 14) while `tests/test_cudagraph.py::test_aoti_engine_on_cuda` (the
+NVIDIA H100 80GB HBM3, bench/RESULTS.md 2026-11-27) while `tests/test_cudagraph.py::test_aoti_engine_on_cuda` (the
 same exporter on a pipeline bundle) passed. Each variant below changes one thing against the
 CLI's call. All compile at once, each in its own process (the compiles are CPU-bound and a GPU
 machine has the cores); then all load at once in fresh processes that only load (as
@@ -29,7 +29,7 @@ from flgengine.export.aoti import _PROBE_CODE, exit_reason  # what aoti.probe_lo
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (dtype, dynamic dims, package metadata?, latent grid): one change each against "cli"
 VARIANTS = {
-    "cli": ("bfloat16", ("batch", "text_len"), True, (3, 8, 8)),  # stop 14's crashing export
+    "cli": ("bfloat16", ("batch", "text_len"), True, (3, 8, 8)),  # the export that crashed on load
     "static": ("bfloat16", (), True, (3, 8, 8)),
     "batch_only": ("bfloat16", ("batch",), True, (3, 8, 8)),
     "no_metadata": ("bfloat16", ("batch", "text_len"), False, (3, 8, 8)),

@@ -72,20 +72,21 @@ class TeacherConfig:
     # network cannot tell where a token is and cannot draw anything position-dependent there. The
     # direction of motion is exactly that (the mean clip of "moving left" differs from "moving
     # right" by frame x column): at 0.02 the teacher never learned the direction word (its loss
-    # with the direction swapped was the same to 5 digits); at 1.0 it does (see README).
+    # with the direction swapped was the same to 5 digits); at 1.0 it does (docs/distillation.md).
     pos_init_std: float = 1.0
     velocity_skip: float | None = 0.5  # sigma_data of the c_skip(t) * x_t output skip (ModelConfig.velocity_skip)
     # the network predicts x0 (ModelConfig.x0_prediction, the floor on t; needs velocity_skip None).
-    # Measured as v9 (README, bench/RESULTS.md): clean backgrounds where v8 keeps the noise of t ~ 0.3,
-    # but the shape jitters from frame to frame (motion 1.47x) and adherence fell to 0.62; off by default.
+    # Measured on its own (bench/RESULTS.md, 2026-11-27): clean backgrounds where the velocity output keeps
+    # the noise of t ~ 0.3, but the shape jitters from frame to frame (motion 1.47x) and adherence fell to
+    # 0.62; off by default. The shipped teacher uses it for its low-noise expert only.
     x0_prediction: float | None = None
     pooled_text: bool = True  # pooled prompt into the timestep embedding (see ModelConfig.pooled_text)
     patch: int = 8  # pixels patchified (1, patch, patch): 9 x 4 x 4 = 144 tokens at 32 px
     zero_init: bool = True  # adaLN-Zero start (see zero_init)
     # sampling defaults written to pipeline.json
     sample_steps: int = 50
-    # high-noise CFG scale written to pipeline.json. Shapes teacher v11 (bench/RESULTS.md, stop 18): 3 read
-    # adherence 0.950 but motion 1.16x; 2.5 read 0.933 / 1.13x and FD 324 (494 at 3)
+    # high-noise CFG scale written to pipeline.json. The shipped shapes teacher (bench/RESULTS.md, 2026-11-28):
+    # 3 read adherence 0.950 but motion 1.16x; 2.5 read 0.933 / 1.13x and FD 324 (495 at 3)
     guidance: float = 2.5
     shift: float = 2.0
     # CFG scale of the steps at t <= boundary (Wan2.2's guidance_scale_2), written to pipeline.json by

@@ -178,7 +178,7 @@ def test_shipped_run_configs_are_valid():
     assert len(configs) == 3
     kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
-    # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network (stop 14)
+    # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network
     assert kinds == {"runs/shapes-4step": (False, "cfg", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
                      "runs/shapes-dmd2": (True, "cfg", False)}
 
