@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (device tool): builds flgengine._C with its CUDA
-# ops, runs the `gpu` tests and the GPU benchmarks, writes everything under $OUT.
+# One prepared run on a GPU machine: builds flgengine._C with its CUDA ops, runs the `gpu`
+# tests and the GPU benchmarks, writes everything under $OUT (default /tmp/flg-device-out).
 # The machine has no network: torch, triton, scikit-build-core, pybind11, cmake and
 # ninja are already there; nothing is installed from an index.
 #
 #   device run: bash bench/device_check.sh 2>&1 | tee $OUT/log.txt
-#   a shorter lease: PARTS="sweep tests loop dit" bash bench/device_check.sh ...
+#   a shorter run: PARTS="sweep tests loop dit" bash bench/device_check.sh ...
+#   the sparse / FP8 figures alone, without building _C (the Triton paths need none):
+#     PARTS="tests sparse_fp8 ops" TESTS=tests/test_ops_triton.py TESTS_K="sparse or fp8 or attention" \
+#       OPS_K="attention and triton" bash bench/device_check.sh
 #
-# PARTS (default: all) picks the sections after the build and the ceilings: sweep (tile sweep of
+# PARTS (default: all) picks the sections: build (flgengine._C; without it the repo runs from
+# PYTHONPATH with the Triton and PyTorch backends only), then after the ceilings: sweep (tile sweep of
 # the Triton ops, bench/sweep_triton.py), tests (`gpu` tests; TESTS= narrows the files), ops, dit,
-# loop, aoti (the benchmark files, each in its own process), export (the AOTInductor CLI), and, only when
+# loop, aoti, sparse_fp8 (the benchmark files, each in its own process; OPS_K narrows ops), export
+# (the AOTInductor CLI), and, only when
 # named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, 4-7 min).
 #
-# Each section has its own time limit so one slow part cannot eat the lease; files under
+# Each section has its own time limit so one slow part cannot eat the run; files under
 # $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
 # (tests 225 s, with the AOTInductor compiles the slowest part).
 set -uo pipefail
@@ -20,8 +25,10 @@ OUT=${OUT:-/tmp/flg-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PY:-python3}
-PARTS=${PARTS:-"sweep tests ops dit loop aoti export"}
+PARTS=${PARTS:-"build sweep tests ops dit loop aoti sparse_fp8 export"}
 TESTS=${TESTS:-tests}
+TESTS_K=${TESTS_K:-}
+OPS_K=${OPS_K:-}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 log() { echo "== $* ($(( $(date +%s) - T_START )) s)"; }
 T_START=$(date +%s)
@@ -31,6 +38,7 @@ log "card"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
+if want build; then
 log "build _C (CUDA archs 80;90a)"
 t0=$(date +%s)
 BUILD_LOG=$(mktemp)
@@ -39,6 +47,10 @@ if ! CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-isolation --no-
 fi
 echo "built in $(( $(date +%s) - t0 )) s"
 $PY -c "import flgengine.ops.native as n, json; print(json.dumps(n.build_info()))"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "no build: flgengine from $PWD (Triton and PyTorch backends)"
+fi
 
 log "ceilings: copy bandwidth and bf16 matmul (every GPU figure below is a fraction of these)"
 (cd bench && $PY -c "import ceilings, json; print(json.dumps(ceilings.measured('cuda')))") | tee "$OUT/ceilings.json"
@@ -52,7 +64,8 @@ fi
 
 if want tests; then
   log "gpu tests ($TESTS)"
-  timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -m gpu $TESTS -p no:cacheprovider -rfE --tb=short --durations=8 >"$OUT/gpu_tests.txt" 2>&1
+  timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -m gpu $TESTS ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -rfE \
+    --tb=short --durations=8 >"$OUT/gpu_tests.txt" 2>&1
   rc_tests=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30
 fi
@@ -67,9 +80,10 @@ bench_part() {  # NAME FILE [pytest args...]: one benchmark process, JSON to $OU
 }
 want loop && bench_part loop test_bench_export.py -k "not aoti"
 want dit && bench_part dit test_bench_dit.py
-want ops && bench_part ops test_bench_ops.py
+want ops && bench_part ops test_bench_ops.py ${OPS_K:+-k "$OPS_K"}
+want sparse_fp8 && BENCH_TIMEOUT=${SPARSE_TIMEOUT:-330} bench_part sparse_fp8 test_bench_sparse_fp8.py
 want aoti && bench_part aoti test_bench_export.py -k aoti_engine
-grep -E "^(adaln|gated|qk_norm|attention|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
+grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
 if want export; then
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny DiT, verified by loading it back"
@@ -86,7 +100,7 @@ from flgengine.model import DiT
 save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
 PYEOF
 t0=$(date +%s)
-# PYTHONFAULTHANDLER: a crash (the load segfaulted in stop 12) prints the Python stack that reached it
+# PYTHONFAULTHANDLER: a crash (an earlier AOTInductor CUDA load segfaulted) prints the Python stack that reached it
 PYTHONFAULTHANDLER=1 timeout 150 $PY -m flgengine.export "$ENG/bundle" --format aoti --device cuda --dtype bf16 --latent 3,8,8 --text-len 16 \
   -o "$ENG/aoti" --json >"$ENG/export.json" 2>"$ENG/export.log"
 rc_export=$?

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from . import native, ref, registry
+from . import flex, native, ref, registry
 from . import triton as triton_ops
+from .block_mask import BlockMask
 from .registry import BACKENDS, BackendUnavailable
 
-__all__ = ["adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention", "BACKENDS", "BackendUnavailable", "backends_for"]
+__all__ = ["BlockMask", "adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention", "BACKENDS", "BackendUnavailable", "backends_for"]
 
 _ALWAYS = lambda *tensors: None  # noqa: E731  (the reference serves every input)
 
 for _op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention"):
     registry.register(_op, "ref", getattr(ref, _op), _ALWAYS)
+registry.register("attention_ext", "ref", ref.attention, _ALWAYS)  # block-sparse / FP8 attention
+registry.register("attention_ext", "flex", flex.attention, flex.why_not)  # torch's FlexAttention (masks only)
 native.register(registry)  # "cpu" and "cuda": the C++ / CUDA ops in _C
 triton_ops.register(registry)  # "triton": Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 
@@ -56,9 +59,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
     return _impl("apply_rope", (x, cos, sin), backend)(x, cos, sin)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Non-causal attention. q: (B, Sq, H, Dh); k, v: (B, Skv, H, Dh) -> (B, Sq, H, Dh)."""
-    return _impl("attention", (q, k, v), backend)(q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask | None = None,
+              precision: str | None = None, backend: str | None = None) -> torch.Tensor:
+    """Non-causal attention. q: (B, Sq, H, Dh); k, v: (B, Skv, H, Dh) -> (B, Sq, H, Dh).
+
+    block_mask: a `BlockMask` of (query block, key block) tiles to compute; the others are
+    skipped (block-sparse attention). precision="fp8": Q, K, V (and P) in e4m3 with fp32
+    scales (`ops/fp8.py`); on the CPU (`ref`) the same numerics emulated in fp32. Either
+    option is served by `ref` and `triton` (and FlexAttention, `backend="flex"`, for masks)."""
+    if block_mask is None and precision is None:
+        return _impl("attention", (q, k, v), backend)(q, k, v)
+    if precision not in (None, "fp8"):
+        raise ValueError(f"precision={precision!r} is not one of None, 'fp8'")
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        raise ValueError(f"block_mask must be a flgengine.ops.BlockMask, got {type(block_mask).__name__}")
+    if block_mask is not None:
+        reason = block_mask.check(q, k)  # before any backend is picked or launched
+        if reason:
+            raise ValueError(f"attention: {reason}")
+    impls = registry.available("attention_ext")
+    name = registry.requested_backend(backend)
+    if name is None:
+        cuda = q.device.type == "cuda"
+        name = "triton" if cuda and registry.why_not("attention_ext", "triton", q, k, v, block_mask, precision) is None else "ref"
+    if name not in impls:
+        raise BackendUnavailable(f"attention with block_mask / precision has no {name!r} backend "
+                                 f"(available: {', '.join(sorted(impls))})")
+    reason = registry.why_not("attention_ext", name, q, k, v, block_mask, precision)
+    if reason is not None:
+        raise BackendUnavailable(f"attention cannot run on backend {name!r}: {reason}")
+    return impls[name](q, k, v, block_mask=block_mask, precision=precision)
 
 
 def backends_for(op: str) -> list[str]:

@@ -69,7 +69,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention. q: (B, Sq, H, Dh); k, v: (B, Skv, H, Dh) -> (B, Sq, H, Dh)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None, precision: str | None = None) -> torch.Tensor:
+    """Non-causal softmax attention. q: (B, Sq, H, Dh); k, v: (B, Skv, H, Dh) -> (B, Sq, H, Dh).
+
+    block_mask: a `BlockMask` (tiles of query x key blocks that are computed); a query whose
+    tiles are all masked gets zeros. precision="fp8": the kernel's FP8 numerics emulated
+    (`fp8.attention_reference`)."""
+    token_mask = None if block_mask is None else block_mask.token_mask()  # (Hm, Sq, Skv)
+    if precision == "fp8":
+        from . import fp8
+
+        return fp8.attention_reference(q, k, v, token_mask=token_mask)
+    if token_mask is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=token_mask.unsqueeze(0))
+    return torch.nan_to_num(out.transpose(1, 2), nan=0.0)

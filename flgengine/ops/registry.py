@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger("flgengine.ops")
 
-BACKENDS = ("ref", "cpu", "cuda", "triton")
+BACKENDS = ("ref", "cpu", "cuda", "triton", "flex")
 
 
 class BackendUnavailable(RuntimeError):
@@ -121,6 +121,12 @@ def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
             _LOGGED.add(key)
             log.info("flgengine: %s falls back from %s backend: %s", op, cand, reason)
     raise BackendUnavailable(f"no backend can run op {op!r} on these inputs")
+
+
+def why_not(op: str, backend: str, *args, **kwargs) -> str | None:
+    """Why `backend` cannot run `op` on these arguments (None: it can; a reason if it has no such backend)."""
+    entry = _IMPLS.get(op, {}).get(backend)
+    return f"op {op!r} has no {backend!r} backend" if entry is None else entry[1](*args, **kwargs)
 
 
 def available(op: str) -> dict[str, Callable]:

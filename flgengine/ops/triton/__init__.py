@@ -95,9 +95,20 @@ def _(q, k, v):
     return q.new_empty(q.shape)
 
 
+def attention_ext(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None, precision=None) -> torch.Tensor:
+    """Block-sparse and / or FP8 attention (eager only: a BlockMask is no custom-op argument)."""
+    return _module("attention").attention(q, k, v, block_mask=block_mask, precision=precision)
+
+
+def _attention_ext_why_not(q, k, v, block_mask=None, precision=None) -> str | None:
+    reason = _common.runtime_reason((q, k, v))
+    return reason if reason is not None else _module("attention").why_not(q, k, v, block_mask, precision)
+
+
 def register(registry) -> None:
     """Registers the four ops as backend "triton" (their why_not decides per call). Attention
     serves explicit requests only: on an H100 it ran at 0.52-0.83x torch SDPA (bench/RESULTS.md
     2026-11-27), so the automatic pick keeps SDPA."""
     for op in OPS:
         registry.register(op, "triton", globals()[f"{op}_triton"], _why_not(op), auto=op != "attention")
+    registry.register("attention_ext", "triton", attention_ext, _attention_ext_why_not)

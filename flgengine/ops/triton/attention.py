@@ -41,6 +41,18 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _round_e4m3(x):
+    """fp32 >= 0 -> the nearest e4m3 value (ties to even), kept in fp32: the interpreter's own
+    fp32 -> fp8 cast does not round to nearest. Normal range: 3 mantissa bits kept by the bit
+    trick; below e4m3's smallest normal (2^-6) the step is 2^-9, rounded by adding and
+    subtracting 1.5 * 2^14 in fp32 (whose own rounding is to nearest even)."""
+    u = x.to(tl.uint32, bitcast=True)
+    normal = (((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(x < 0.015625, sub, normal)
+
+
+@triton.jit
 def _store(ptrs, o, mask, RTNE_BF16: tl.constexpr):
     if RTNE_BF16:
         o = _round_bf16(o)
@@ -60,28 +72,68 @@ def _tile(ptrs, mask, MASKED: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16: tl.constexpr):
+def _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16: tl.constexpr, FP8: tl.constexpr, RTNE_E4M3: tl.constexpr):
     """Raw scores qk [BLOCK_M, BLOCK_N] -> p = exp2(qk * scale - m), the rescale factor of the
-    old rows, and the new running max / sum (base 2; scale = log2(e)/sqrt(D)). The scale is
-    applied inside the exponent's argument (one FMA per score, as in FlashAttention-2):
-    max(qk) * scale = max(qk * scale) for scale > 0, and masked -inf scores stay -inf."""
+    old rows, and the new running max / sum (base 2; scale = log2(e)/sqrt(D), times the Q and K
+    block scales in FP8). The scale is applied inside the exponent's argument (one FMA per
+    score, as in FlashAttention-2): max(qk) * scale = max(qk * scale) for scale > 0, and masked
+    -inf scores stay -inf. FP8: p is returned as p * 448 (e4m3's largest value, so the row's
+    max maps to it), rounded to e4m3 by the caller's product; l_i stays unscaled."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if RTNE_BF16:
         p = _round_bf16(p)
+    if FP8:
+        p = p * 448.0
+        if RTNE_E4M3:
+            p = _round_e4m3(p)
     return p, alpha, m_new, l_i
 
 
 @triton.jit
 def _pv(p, v, acc, alpha, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc * alpha + P V for one head-dim chunk, P rounded to v's dtype (as FlashAttention)."""
+    """acc * alpha + P V for one head-dim chunk, P rounded to v's dtype (as FlashAttention;
+    in FP8 that is e4m3, round to nearest even)."""
     p = p.to(v.dtype)
     if UPCAST:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
     return tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _kv_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
+              sks, skd, svs, svd, qk_scale, k_scale_row,
+              MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr,
+              BLOCK_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr,
+              FP8: tl.constexpr):
+    """One K/V block of BLOCK_N keys starting at key start_n: scores, online softmax, P V.
+    MASK_N: the block may cross Skv (sequence-masked loads, -inf scores past the end)."""
+    kn = start_n + offs_n
+    n_ok = kn < Skv
+    kt_a = _tile(k_base + kn[None, :] * sks + offs_a[:, None] * skd, a_ok[:, None] & n_ok[None, :],
+                 MASK_N or BLOCK_DA > HEAD_DIM, UPCAST)  # K^T tile [BLOCK_DA, BLOCK_N]
+    qk = tl.dot(q_a, kt_a, input_precision=DOT_PRECISION)
+    if BLOCK_DB > 0:
+        kt_b = _tile(k_base + kn[None, :] * sks + offs_b[:, None] * skd, b_ok[:, None] & n_ok[None, :],
+                     MASK_N or BLOCK_DA + BLOCK_DB > HEAD_DIM, UPCAST)  # [BLOCK_DB, BLOCK_N]
+        qk = tl.dot(q_b, kt_b, qk, input_precision=DOT_PRECISION)
+    if MASK_N:
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+    scale = qk_scale
+    if FP8:  # the Q block's scale is in qk_scale; this K block's scale
+        scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+    p, alpha, m_i, l_i = _online_softmax(qk, scale, m_i, l_i, RTNE_BF16, FP8, UPCAST)
+    v_a = _tile(v_base + kn[:, None] * svs + offs_a[None, :] * svd, n_ok[:, None] & a_ok[None, :],
+                MASK_N or BLOCK_DA > HEAD_DIM, False)  # [BLOCK_N, BLOCK_DA]
+    acc_a = _pv(p, v_a, acc_a, alpha, UPCAST, DOT_PRECISION)
+    if BLOCK_DB > 0:
+        v_b = _tile(v_base + kn[:, None] * svs + offs_b[None, :] * svd, n_ok[:, None] & b_ok[None, :],
+                    MASK_N or BLOCK_DA + BLOCK_DB > HEAD_DIM, False)
+        acc_b = _pv(p, v_b, acc_b, alpha, UPCAST, DOT_PRECISION)
+    return acc_a, acc_b, m_i, l_i
 
 
 @triton.jit
@@ -92,10 +144,14 @@ def _attention_kernel(
     skb, sks, skh, skd,
     svb, svs, svh, svd,
     qk_scale,
+    kv_index_ptr, kv_count_ptr, kv_full_ptr, s_ih, s_iq, s_ch,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,
     HEAD_DIM: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RTNE_BF16: tl.constexpr,
+    SPARSE: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr, MASK_HEADS: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # The head dim runs on one tile of BLOCK_DA channels, or (BLOCK_DB > 0) on two: channels
     # [0, BLOCK_DA) and [BLOCK_DA, BLOCK_DA + BLOCK_DB), each a power of two, so a pruned head
@@ -105,6 +161,10 @@ def _attention_kernel(
     # divides them all): multiplying back by the constant tells the compiler the row
     # alignment, which Triton's own specialisation only sees for multiples of 16 (head dims
     # 40, 72 would otherwise lose vectorised loads and spill).
+    # SPARSE: the K/V blocks of this query block are the mask's list (kv_index[h, row, :
+    # kv_count]), each MASK_BK keys walked in BLOCK_N steps; key blocks not listed cost nothing.
+    # FP8: q, k, v are e4m3 with fp32 scales (per Q block, per K block, per V channel: see
+    # flgengine/ops/fp8.py); scores and P V accumulate in fp32.
     sqb = sqb * STRIDE_ALIGN
     sqs = sqs * STRIDE_ALIGN
     sqh = sqh * STRIDE_ALIGN
@@ -112,8 +172,11 @@ def _attention_kernel(
     sks = sks * STRIDE_ALIGN
     skh = skh * STRIDE_ALIGN
     svb = svb * STRIDE_ALIGN
-    svs = svs * STRIDE_ALIGN
     svh = svh * STRIDE_ALIGN
+    if FP8:  # v is (B, H, D, Skv'): tokens contiguous, the channel stride is the aligned one
+        svd = svd * STRIDE_ALIGN
+    else:
+        svs = svs * STRIDE_ALIGN
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -121,84 +184,103 @@ def _attention_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_a = tl.arange(0, BLOCK_DA)
+    offs_b = BLOCK_DA + tl.arange(0, max(BLOCK_DB, 16))
     m_ok = offs_m < Sq
     a_ok = offs_a < HEAD_DIM
+    b_ok = offs_b < HEAD_DIM
     q_rows = q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     o_rows = out_ptr + ((b * Sq + offs_m[:, None]) * H + h) * HEAD_DIM
 
     q_a = _tile(q_rows + offs_a[None, :] * sqd, m_ok[:, None] & a_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DA]
-    kt_a_ptrs = k_base + offs_n[None, :] * sks + offs_a[:, None] * skd  # K^T tile [BLOCK_DA, BLOCK_N]
-    v_a_ptrs = v_base + offs_n[:, None] * svs + offs_a[None, :] * svd  # [BLOCK_N, BLOCK_DA]
+    q_b = q_a
     acc_a = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, max(BLOCK_DB, 16)], tl.float32)
     if BLOCK_DB > 0:
-        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
-        b_ok = offs_b < HEAD_DIM
         q_b = _tile(q_rows + offs_b[None, :] * sqd, m_ok[:, None] & b_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DB]
-        kt_b_ptrs = k_base + offs_n[None, :] * sks + offs_b[:, None] * skd  # [BLOCK_DB, BLOCK_N]
-        v_b_ptrs = v_base + offs_n[:, None] * svs + offs_b[None, :] * svd  # [BLOCK_N, BLOCK_DB]
-        acc_b = tl.zeros([BLOCK_M, BLOCK_DB], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    k_scale_row = k_scale_ptr
+    if FP8:
+        qk_scale = qk_scale * tl.load(q_scale_ptr + bh * tl.cdiv(Sq, BLOCK_M) + pid_m)
+        k_scale_row = k_scale_ptr + bh * tl.cdiv(Skv, BLOCK_N)
 
-    n_full = Skv - Skv % BLOCK_N
-    for _start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
-        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None], BLOCK_DA > HEAD_DIM, UPCAST), input_precision=DOT_PRECISION)
-        if BLOCK_DB > 0:
-            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None], BLOCK_DA + BLOCK_DB > HEAD_DIM, UPCAST), qk, input_precision=DOT_PRECISION)
-        p, alpha, m_i, l_i = _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16)
-        acc_a = _pv(p, _tile(v_a_ptrs, a_ok[None, :], BLOCK_DA > HEAD_DIM, False), acc_a, alpha, UPCAST, DOT_PRECISION)
-        kt_a_ptrs += BLOCK_N * sks
-        v_a_ptrs += BLOCK_N * svs
-        if BLOCK_DB > 0:
-            acc_b = _pv(p, _tile(v_b_ptrs, b_ok[None, :], BLOCK_DA + BLOCK_DB > HEAD_DIM, False), acc_b, alpha, UPCAST, DOT_PRECISION)
-            kt_b_ptrs += BLOCK_N * sks
-            v_b_ptrs += BLOCK_N * svs
+    if SPARSE:
+        row = (pid_m * BLOCK_M) // MASK_BQ
+        hm = h if MASK_HEADS else 0
+        n_listed = tl.load(kv_count_ptr + hm * s_ch + row)
+        n_whole = tl.load(kv_full_ptr + hm * s_ch + row)  # listed blocks inside Skv (all but a partial last)
+        index_row = kv_index_ptr + hm * s_ih + row * s_iq
+        for i in range(0, n_whole):
+            kb = tl.load(index_row + i)
+            for j in tl.static_range(MASK_BK // BLOCK_N):
+                acc_a, acc_b, m_i, l_i = _kv_block(
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n, offs_a,
+                    offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N,
+                    BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+        if n_listed > n_whole:  # the partial last key block: its first sub-block holds >= 1 key
+            kb = tl.load(index_row + n_whole)
+            for j in tl.static_range(MASK_BK // BLOCK_N):
+                if kb * MASK_BK + j * BLOCK_N < Skv:
+                    acc_a, acc_b, m_i, l_i = _kv_block(
+                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n,
+                        offs_a, offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, True, HEAD_DIM,
+                        BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # a query row with no allowed key: zeros out
+    else:
+        n_full = Skv - Skv % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
+            acc_a, acc_b, m_i, l_i = _kv_block(
+                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
+                sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST,
+                DOT_PRECISION, RTNE_BF16, FP8)
+        if n_full < Skv:  # the tail block: 1..BLOCK_N-1 keys, masked
+            acc_a, acc_b, m_i, l_i = _kv_block(
+                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, n_full, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
+                sks, skd, svs, svd, qk_scale, k_scale_row, True, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST,
+                DOT_PRECISION, RTNE_BF16, FP8)
 
-    if n_full < Skv:  # the tail block: 1..BLOCK_N-1 keys, masked
-        n_ok = offs_n < Skv - n_full
-        qk = tl.dot(q_a, _tile(kt_a_ptrs, a_ok[:, None] & n_ok[None, :], True, UPCAST), input_precision=DOT_PRECISION)
+    if FP8:  # P was scaled by 448; V's per-channel scales
+        l_i = l_i * 448.0
+        acc_a = acc_a * tl.load(v_scale_ptr + bh * HEAD_DIM + offs_a, mask=a_ok, other=0.0)[None, :]
         if BLOCK_DB > 0:
-            qk = tl.dot(q_b, _tile(kt_b_ptrs, b_ok[:, None] & n_ok[None, :], True, UPCAST), qk,
-                        input_precision=DOT_PRECISION)
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16)
-        acc_a = _pv(p, _tile(v_a_ptrs, n_ok[:, None] & a_ok[None, :], True, False), acc_a, alpha, UPCAST, DOT_PRECISION)
-        if BLOCK_DB > 0:
-            acc_b = _pv(p, _tile(v_b_ptrs, n_ok[:, None] & b_ok[None, :], True, False), acc_b, alpha, UPCAST,
-                        DOT_PRECISION)
-
+            acc_b = acc_b * tl.load(v_scale_ptr + bh * HEAD_DIM + offs_b, mask=b_ok, other=0.0)[None, :]
     _store(o_rows + offs_a[None, :], acc_a / l_i[:, None], m_ok[:, None] & a_ok[None, :], RTNE_BF16)
     if BLOCK_DB > 0:
         _store(o_rows + offs_b[None, :], acc_b / l_i[:, None], m_ok[:, None] & b_ok[None, :], RTNE_BF16)
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
+def split_head_dim(head_dim: int, min_tile: int = 16) -> tuple[int, int]:
     """(BLOCK_DA, BLOCK_DB): the head dim's one power-of-two tile (BLOCK_DB = 0), or two
     power-of-two tiles when they cover it with fewer channels: 72 -> 64 + 16 (80 channels
     of work instead of 128), 40 -> 32 + 16, 96 -> 64 + 32, 160 -> 128 + 32; 112 stays 128
-    (64 + 64 saves nothing). Both tiles are >= 16 (the dot's minimum)."""
-    whole = max(16, _common.next_pow2(head_dim))
-    if head_dim == whole or head_dim <= 16:
+    (64 + 64 saves nothing). Both tiles are >= min_tile: 16, the bf16 dot's minimum depth;
+    32 for FP8, whose tensor-core products are 32 deep (72 -> 64 + 32)."""
+    whole = max(min_tile, _common.next_pow2(head_dim))
+    if head_dim == whole or head_dim <= min_tile:
         return whole, 0
     da = whole // 2
-    db = max(16, _common.next_pow2(head_dim - da))
+    db = max(min_tile, _common.next_pow2(head_dim - da))
     return (da, db) if da + db < whole else (whole, 0)
 
 
-def config(head_dim: int, dtype: torch.dtype, interpret: bool, split: bool = True) -> dict:
+def config(head_dim: int, dtype: torch.dtype, interpret: bool, split: bool = True, fp8: bool = False) -> dict:
     """Tile sizes and launch options. GPU numbers aim at an H100 (228 KB shared memory per SM):
     BLOCK_M 128 x BLOCK_N 64 for fp16/bf16 up to D=128 (sm_90 build, offline: 185-246
     registers, no spills, 64-128 KB shared), 64 x 32 with 8 warps for D=256 (182 registers).
+    FP8: 128 x 128 tiles up to D=128 (a K/V tile of e4m3 is half a bf16 one).
     fp32 (3xTF32 dots) gets small tiles and still spills some (~1 KB stack): it is the
     verification path, not the fast one. The interpreter gets small tiles so CPU tests cover
     several K/V blocks plus a tail. `split`: the head dim on two tiles where that computes
     fewer channels (`split_head_dim`); off: one next-power-of-two tile."""
-    da, db = split_head_dim(head_dim) if split else (max(16, _common.next_pow2(head_dim)), 0)
+    min_tile = 32 if fp8 else 16
+    da, db = split_head_dim(head_dim, min_tile) if split else (max(min_tile, _common.next_pow2(head_dim)), 0)
     width = da + db
     if interpret:
         bm, bn, warps, stages = 32, 16, 4, 1
+    elif fp8:
+        bm, bn, warps, stages = (128, 128, 8, 3) if width <= 128 else (64, 64, 8, 2)
     elif dtype == torch.float32:
         bm, bn, warps, stages = (64, 32, 4, 2) if width <= 128 else (32, 16, 4, 2)
     elif width <= 64:
@@ -210,7 +292,10 @@ def config(head_dim: int, dtype: torch.dtype, interpret: bool, split: bool = Tru
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, num_warps=warps, num_stages=stages)
 
 
-def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+PRECISIONS = (None, "fp8")
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None, precision: str | None = None) -> str | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             return f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}"
@@ -231,17 +316,39 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return "k/v have no tokens (Skv=0): softmax over an empty set"
     if B * H > 65535:
         return f"B*H={B * H} exceeds the grid's 65535 limit"
+    if precision not in PRECISIONS:
+        return f"precision={precision!r} is not served (None: the inputs' dtype, or 'fp8')"
+    if precision == "fp8" and q.device.type == "cuda" and not _common.interpreting():
+        if torch.cuda.get_device_capability(q.device) < (8, 9):
+            cap = torch.cuda.get_device_capability(q.device)
+            return f"precision='fp8' needs a GPU of compute capability >= 8.9 (FP8 tensor cores); this one has {cap}"
+    if block_mask is not None:
+        return block_mask.check(q, k)
     return None
 
 
-def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    return _common.runtime_reason((q, k, v)) or check(q, k, v)
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None, precision: str | None = None) -> str | None:
+    return _common.runtime_reason((q, k, v)) or check(q, k, v, block_mask, precision)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | None = None) -> torch.Tensor:
+def _stride_align(strides) -> int:
+    """The largest power of two (<= 16) dividing every stride in `strides`."""
+    align = 16
+    while any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+TUNABLE = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_D")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | None = None, block_mask=None,
+              precision: str | None = None) -> torch.Tensor:
     """Launches the kernel; ValueError if the inputs are outside what it serves.
+    block_mask: a `flgengine.ops.block_mask.BlockMask` (block-sparse attention).
+    precision="fp8": q, k, v quantised to e4m3 first (`flgengine.ops.fp8.quantize_attention`).
     tiling: some of BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_D over `config`'s (benchmark sweeps)."""
-    reason = _common.device_reason((q, k, v)) or check(q, k, v)
+    reason = _common.device_reason((q, k, v)) or check(q, k, v, block_mask, precision)
     if reason:
         raise ValueError(f"triton attention: {reason}")
     B, Sq, H, D = q.shape
@@ -250,21 +357,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     if out.numel() == 0:
         return out
     interpret = _common.is_interpreted(q.device)
+    fp8 = precision == "fp8"
     tiling = dict(tiling or {})
-    unknown = set(tiling) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_D"}
+    unknown = set(tiling) - set(TUNABLE)
     if unknown:
-        raise ValueError(f"tiling keys {sorted(unknown)} are not tunable "
-                         f"(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_D)")
-    cfg = config(D, q.dtype, interpret, split=tiling.pop("SPLIT_D", True))
+        raise ValueError(f"tiling keys {sorted(unknown)} are not tunable ({', '.join(TUNABLE)})")
+    cfg = config(D, q.dtype, interpret, split=tiling.pop("SPLIT_D", True), fp8=fp8)
     cfg.update(tiling)
+    sparse = dict(SPARSE=False, MASK_BQ=16, MASK_BK=16, MASK_HEADS=False)
+    index = count = full = q  # unused pointers when dense
+    s_ih = s_iq = s_ch = 0
+    if block_mask is not None:  # the kernel's tiles divide the mask's blocks
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_mask.block_q)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_mask.block_k)
+        sparse = dict(SPARSE=True, MASK_BQ=block_mask.block_q, MASK_BK=block_mask.block_k,
+                      MASK_HEADS=block_mask.heads > 1)
+        index, count, full = block_mask.kv_index, block_mask.kv_count, block_mask.kv_full
+        s_ih, s_iq, s_ch = index.stride(0), index.stride(1), count.stride(0)
+    q_scale = k_scale = v_scale = q  # unused pointers unless FP8
+    if fp8:
+        from .. import fp8 as F8
+
+        q, q_scale, k, k_scale, v, v_scale = F8.quantize_attention(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], pad_kv=16)
+        v = v.permute(0, 3, 1, 2)  # a (B, Skv, H, D) view of the token-contiguous (B, H, D, Skv) storage
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
-    outer = [t.stride(i) for t in (q, k, v) for i in range(3)]  # batch, token, head strides
-    align = 16
-    while any(s % align for s in outer):
-        align //= 2
-    strides = [s // align if i < 3 else s for t in (q, k, v) for i, s in enumerate(t.stride())]
+    # the strides the kernel takes divided by STRIDE_ALIGN: batch, token and head of q and k; of
+    # v batch, token and head, or in FP8 batch, head and channel (its row stride there)
+    aligned = ((q, (0, 1, 2)), (k, (0, 1, 2)), (v, (0, 2, 3) if fp8 else (0, 1, 2)))
+    align = _stride_align([t.stride(i) for t, idx in aligned for i in idx])
+    strides = [s // align if i in idx else s for t, idx in aligned for i, s in enumerate(t.stride())]
     _common.launch(_attention_kernel, grid, q.device,
-                   out, q, k, v, H, Sq, Skv, *strides, _LOG2E / math.sqrt(D), HEAD_DIM=D, STRIDE_ALIGN=align,
-                   UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device),
-                   DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", **cfg)
+                   out, q, k, v, H, Sq, Skv, *strides, _LOG2E / math.sqrt(D),
+                   index, count, full, s_ih, s_iq, s_ch, q_scale, k_scale, v_scale,
+                   HEAD_DIM=D, STRIDE_ALIGN=align,
+                   UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device) and not fp8,
+                   DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=fp8, **sparse, **cfg)
     return out
