@@ -78,10 +78,10 @@ bench_part() {  # NAME FILE [pytest args...]: one benchmark process, JSON to $OU
   timeout ${BENCH_TIMEOUT:-240} $PY -m pytest -q "bench/$file" "$@" -m gpu -s -p no:cacheprovider -rfE --tb=short \
     --benchmark-json="$OUT/bench_$name.json" >>"$OUT/bench_log.txt" 2>&1 || { rc_bench=1; echo "bench $name failed"; }
 }
+want sparse_fp8 && BENCH_TIMEOUT=${SPARSE_TIMEOUT:-330} bench_part sparse_fp8 test_bench_sparse_fp8.py
 want loop && bench_part loop test_bench_export.py -k "not aoti"
 want dit && bench_part dit test_bench_dit.py
 want ops && bench_part ops test_bench_ops.py ${OPS_K:+-k "$OPS_K"}
-want sparse_fp8 && BENCH_TIMEOUT=${SPARSE_TIMEOUT:-330} bench_part sparse_fp8 test_bench_sparse_fp8.py
 want aoti && bench_part aoti test_bench_export.py -k aoti_engine
 grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
