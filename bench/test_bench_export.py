@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import flgengine
-from flgengine.checkpoint import save_bundle
+from flgengine.bundle import save_bundle
 from flgengine.config import ModelConfig
 from flgengine.model import DiT
 from flgengine.pipeline import resolve_model, shipped_models

@@ -35,7 +35,7 @@ LATENT = "21,60,104"
 
 
 def main() -> int:
-    from flgengine.checkpoint import save_bundle
+    from flgengine.bundle import save_bundle
     from flgengine.config import ModelConfig
     from flgengine.model import DiT
 

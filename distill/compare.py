@@ -139,7 +139,7 @@ def run(args) -> int:
     if args.json:
         from pathlib import Path
 
-        from flgengine.checkpoint import atomic_write_text
+        from flgengine.bundle import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     return 0

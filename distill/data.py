@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flgengine.checkpoint import BundleError, _load_safetensors
+from flgengine.bundle import BundleError, load_safetensors
 from flgengine.codec import uint8_to_video
 from flgengine.worlds import shapes
 
@@ -55,7 +55,7 @@ class ShardData:
             raise BundleError(f"{self.directory}: no *.safetensors shards")
         latents, context, uncond = [], [], None
         for f in files:
-            sd = _load_safetensors(f, str(f))
+            sd = load_safetensors(f, str(f))
             for key in ("latents", "context"):
                 if key not in sd:
                     raise BundleError(f"{f}: missing tensor {key!r} (a shard holds latents and context)")

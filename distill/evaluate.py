@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flgengine
-from flgengine.checkpoint import (BundleError, _check_state_dict, _load_safetensors, atomic_save_safetensors,
-                                  atomic_write_text, read_json_object)
+from flgengine.bundle import (BundleError, atomic_save_safetensors, atomic_write_text, check_state_dict,
+                              load_safetensors, read_json_object)
 from flgengine.codec import uint8_to_video
-from flgengine.config import ConfigError, _JsonMixin
+from flgengine.config import ConfigError, JsonConfig
 from flgengine.worlds import shapes as world
 
 from .trainer import cosine_lr
@@ -74,7 +74,7 @@ BATCH_SEED_STRIDE = 10_000  # evaluate_bundle: batch k of base seed s runs with 
 # ---- the evaluator ---------------------------------------------------------------------
 
 @dataclass
-class EvaluatorConfig(_JsonMixin):
+class EvaluatorConfig(JsonConfig):
     """`config.json` of an evaluator: the clips it reads, its widths and its label names."""
 
     num_frames: int = world.NUM_FRAMES
@@ -289,9 +289,9 @@ def load_evaluator(dir: str | Path | None = None) -> Evaluator:
                               f"{list(expected.labels(a))}; retrain it (python -m distill train-evaluator)")
     report = read_json_object(dir / "report.json")
     where = f"{dir}/model.safetensors"
-    state = _load_safetensors(dir / "model.safetensors", where)
+    state = load_safetensors(dir / "model.safetensors", where)
     model = Evaluator(config)
-    _check_state_dict(state, {k: v.shape for k, v in model.state_dict().items()}, where, "config.json")
+    check_state_dict(state, {k: v.shape for k, v in model.state_dict().items()}, where, "config.json")
     model.load_state_dict(state)
     model.report = report
     return model.eval().requires_grad_(False)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from flgengine.checkpoint import _atomic_replace, atomic_write_text
+from flgengine.bundle import atomic_replace, atomic_write_text
 from flgengine.codec import uint8_to_video
 from flgengine.model import DiT
 from flgengine.worlds import shapes
@@ -204,7 +204,7 @@ def save_importance_png(result: dict, path: str | Path, drop: list[int] | None =
     import imageio.v3 as iio
 
     png = iio.imwrite("<bytes>", render_importance(result, drop), extension=".png")
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(png))
+    atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(png))
 
 
 def load_importance(path: str | Path) -> dict:

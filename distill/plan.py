@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flgengine.config import ConfigError, _JsonMixin
+from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT
 
 __all__ = ["DEFAULT_BUDGET", "PruningPlan", "block_params", "plan_from_drop", "make_plan", "apply_plan"]
@@ -40,7 +40,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 @dataclass
-class PruningPlan(_JsonMixin):
+class PruningPlan(JsonConfig):
     """`plan.json`: the teacher blocks a student keeps and drops.
 
     Indices are teacher block indices. `keep` and `drop` are stored sorted; together they

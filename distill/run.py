@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from flgengine.checkpoint import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
-from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, _JsonMixin, check_known_keys
+from flgengine.bundle import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
+from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, JsonConfig, check_known_keys
 from flgengine.model import TwoExpertDiT, main_expert
 from flgengine.sampling import build_sampler
 
@@ -44,7 +44,7 @@ from .trainer import init_distributed, rank0_decides, rank0_writes
 
 
 @dataclass
-class RunConfig(_JsonMixin):
+class RunConfig(JsonConfig):
     teacher: str
     out: str
     bundle: str | None = None
@@ -157,10 +157,10 @@ def apply_override(data: dict, item: str) -> None:
 
 def load_teacher(cfg: RunConfig):
     """The teacher as a CPU fp32 `flgengine.Pipeline` (DiT, text encoder, codec). A diffusers
-    Wan directory is converted once into OUT/teacher (see `distill.wan`)."""
+    Wan directory is converted once into OUT/teacher (see `flgengine.convert`)."""
     import flgengine
 
-    from .wan import bundle_from_diffusers, is_diffusers_pipeline
+    from flgengine.convert import bundle_from_diffusers, is_diffusers_pipeline
 
     path = cfg.teacher
     if is_diffusers_pipeline(path):
@@ -280,7 +280,7 @@ class Run:
 
     def stage2(self) -> tuple[object, dict | None]:
         """The Stage II network (the teacher when stage2 is null) and its provenance record."""
-        from flgengine.checkpoint import load_bundle
+        from flgengine.bundle import load_bundle
 
         stage2_cfg = self.cfg.stage2_config()
         if stage2_cfg is None:

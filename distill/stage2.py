@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flgengine.config import ConfigError, _JsonMixin
+from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 
@@ -48,7 +48,7 @@ RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp")
 
 
 @dataclass
-class Stage2Config(_JsonMixin):
+class Stage2Config(JsonConfig):
     """Stage II recipe (strict: unknown keys are errors)."""
 
     steps: int = 300

@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flgengine.checkpoint import atomic_save_safetensors, _load_safetensors
-from flgengine.config import ConfigError, _JsonMixin
+from flgengine.bundle import atomic_save_safetensors, load_safetensors
+from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
@@ -55,7 +55,7 @@ REAL_SCORES = ("well-guided", "cfg")
 
 
 @dataclass
-class Stage3Config(_JsonMixin):
+class Stage3Config(JsonConfig):
     """Stage III recipe (strict: unknown keys are errors). The baselines are switches:
     DMD2 at full size = prune false + real_score "cfg"; prune-then-DMD2 = prune true +
     real_score "cfg" on the teacher; FastLightGen = prune true + "well-guided" on Stage II."""
@@ -302,7 +302,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     best = rank0_decides(select(evals) if evals else None)
     if best is not None:
         chosen = evals_dir / f"step-{best['step']:06d}.safetensors"
-        student.load_state_dict(_load_safetensors(chosen, str(chosen)))
+        student.load_state_dict(load_safetensors(chosen, str(chosen)))
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
               "evaluations": evals}

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flgengine.checkpoint import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_json_object, read_model_config,
-                                  save_bundle, storage_dtype_of)
+from flgengine.bundle import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_json_object, read_model_config,
+                              save_bundle, storage_dtype_of)
 from flgengine.codec import uint8_to_video
 from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from flgengine.model import DiT
@@ -96,7 +96,7 @@ class TeacherConfig:
     compile: bool = False  # torch.compile the DiT for training (no gain measured at 144 tokens on 2 cores)
     device: str = "cpu"
     # the bundle's weights are stored in this dtype (float16 halves the file, int8 quarters it:
-    # int8 rows with per-row scales, see checkpoint.quantize_int8); they load in fp32 as always
+    # int8 rows with per-row scales, see bundle.quantize_int8); they load in fp32 as always
     storage_dtype: str = "float16"
     workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
     # -- two-expert teacher (Wan2.2's high-/low-noise split by a timestep boundary) --

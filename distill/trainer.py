@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flgengine.checkpoint import BundleError, _check_safetensors_file, atomic_save_safetensors
+from flgengine.bundle import BundleError, atomic_save_safetensors, check_safetensors_file
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    header = _check_safetensors_file(path, str(path))
+    header = check_safetensors_file(path, str(path))
     meta = header.get("__metadata__", {})
     if meta.get("format") != "flgengine-ckpt" or "skeleton" not in meta:
         raise BundleError(f"{path}: not an flgengine training checkpoint (no skeleton metadata)")

@@ -1,13 +1,13 @@
-"""The Wan path: a diffusers Wan teacher and its training data.
+"""The Wan path's training data, and the command line of Wan conversion.
 
     python -m distill convert WAN_DIR -o wan-teacher --frames 81 --height 480 --width 832
     python -m distill precompute wan-teacher VIDEOS_DIR -o shards/      # latents + umT5 states
     # then a run config with  teacher: wan-teacher  and  data: {kind: shards, path: shards/}
 
-`bundle_from_diffusers` turns a diffusers Wan pipeline directory (`model_index.json`,
-`transformer/`, `text_encoder/`, `tokenizer/`, `vae/`) into a bundle: our DiT converted
-from the transformer, the umT5 and VAE folders copied as they are. `python -m distill run`
-does this once (into OUT/teacher) when its `teacher` is such a directory.
+`convert` is `flgengine.convert.bundle_from_diffusers`: a diffusers Wan pipeline directory
+(`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`) as a bundle.
+`python -m distill run` does this once (into OUT/teacher) when its `teacher` is such a
+directory.
 
 `precompute` reads every video in a folder (`.mp4`, `.gif`, `.webm`, `.mov`) with its
 caption in a text file of the same stem (`clip.mp4` + `clip.txt`), takes the first
@@ -18,56 +18,18 @@ VAE, `context` (N, L, text_dim) from umT5, `uncond` (1, L, text_dim) for the emp
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flgengine.checkpoint import BundleError, atomic_save_safetensors, from_diffusers, save_bundle
-from flgengine.config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from flgengine.bundle import atomic_save_safetensors
+from flgengine.convert import bundle_from_diffusers, is_diffusers_pipeline
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
 
 
-def is_diffusers_pipeline(path: str | Path) -> bool:
-    return (Path(path) / "model_index.json").is_file()
-
-
-def bundle_from_diffusers(src: str | Path, out: str | Path, *, num_frames: int = 81, height: int = 480,
-                          width: int = 832, steps: int = 50, guidance: float = 5.0, max_length: int = 512) -> Path:
-    """A bundle of the Wan pipeline in `src` (the sampler's shift from its scheduler config,
-    else 5.0). Video size and sampling defaults are the Wan2.1 T2V ones unless given."""
-    from flgengine.model import DiT
-
-    src, out = Path(src), Path(out)
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
-        if not (src / sub).is_dir():
-            raise BundleError(f"{src}/{sub}: missing (a diffusers Wan pipeline holds transformer, text_encoder, "
-                              "tokenizer and vae)")
-    config, state = from_diffusers(src)
-    with torch.device("meta"):
-        model = DiT(config)
-    model.load_state_dict(state, assign=True)
-    shift = 5.0
-    sched = src / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        shift = float(json.loads(sched.read_text()).get("flow_shift", shift) or shift)
-    pipeline = PipelineConfig(
-        text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer", max_length=max_length),
-        codec=CodecConfig(kind="wan_vae", path="vae"),
-        sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=guidance),
-        num_frames=num_frames, height=height, width=width, fps=16,
-    )
-    for sub in ("text_encoder", "tokenizer", "vae"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
-        shutil.copytree(src / sub, out / sub)
-    return save_bundle(out, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
-
-
-def _read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
+def read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
     """(3, num_frames, height, width) float32 in [-1, 1]: the first frames, resized."""
     import imageio.v3 as iio
 
@@ -124,7 +86,7 @@ def precompute(model: str | Path, videos: str | Path, out: str | Path, shard_siz
     bar = tqdm(total=len(clips), desc="precompute", unit="clip", disable=not progress)
     for i in range(0, len(clips), batch_size):
         chunk = clips[i:i + batch_size]
-        video = torch.stack([_read_video(v, c.num_frames, c.height, c.width) for v, _ in chunk])  # (B, 3, T, H, W)
+        video = torch.stack([read_video(v, c.num_frames, c.height, c.width) for v, _ in chunk])  # (B, 3, T, H, W)
         latents.append(pipe.codec.encode(video).float())
         context.append(pipe.text_encoder.encode([cap for _, cap in chunk], dtype=torch.float32))
         bar.update(len(chunk))

@@ -29,7 +29,7 @@ def _generate(args) -> int:
 
 
 def _describe_bundle(path: str) -> dict:
-    from .checkpoint import load_bundle
+    from .bundle import load_bundle
     from .pipeline import resolve_model
 
     b = load_bundle(resolve_model(path), device="cpu")
@@ -57,7 +57,8 @@ def _describe_bundle(path: str) -> dict:
 def _build() -> dict:
     import torch
 
-    from . import __version__, ops
+    from . import ops
+    from .version import __version__
     from .ops.native import build_info
 
     return {

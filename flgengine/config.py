@@ -1,8 +1,8 @@
 """Configs as strict dataclasses with a json round-trip.
 
 Every config reads from a dict that must hold exactly its fields: an unknown key or a
-missing key is a `ConfigError` naming the key (ModelOpt habit: configs reject unknown
-keys). `to_dict()` writes every field, so a saved config always reads back.
+missing key is a `ConfigError` naming the key. `to_dict()` writes every field, so a
+saved config always reads back.
 """
 
 from __future__ import annotations
@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
+from .files import atomic_write_text
+
 __all__ = [
     "ConfigError",
+    "JsonConfig",
+    "dataclass_from_dict",
+    "check_known_keys",
+    "torch_dtype",
+    "TORCH_DTYPES",
     "ModelConfig",
     "SamplerConfig",
     "TextEncoderConfig",
@@ -50,7 +57,7 @@ def check_known_keys(data: dict, known: list[str], source: str, what: str = "") 
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{what} (known keys: {', '.join(known)})")
 
 
-def _from_dict(cls, data: Any, source: str):
+def dataclass_from_dict(cls, data: Any, source: str):
     """Builds dataclass `cls` from `data`, refusing unknown and missing keys (except the
     class's `_ADDED_LATER` keys: features added after bundles were first written, which an
     older file does not name and which default to off)."""
@@ -70,7 +77,7 @@ def _from_dict(cls, data: Any, source: str):
         value = data[f.name]
         sub = hints[f.name]
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
-            value = _from_dict(sub, value, f"{source}: {f.name}")
+            value = dataclass_from_dict(sub, value, f"{source}: {f.name}")
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
@@ -78,7 +85,9 @@ def _from_dict(cls, data: Any, source: str):
         raise ConfigError(f"{source}: {e}") from None
 
 
-class _JsonMixin:
+class JsonConfig:
+    """Base of the strict configs: a dataclass with a dict / JSON round trip."""
+
     def to_dict(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
@@ -92,13 +101,11 @@ class _JsonMixin:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>"):
-        return _from_dict(cls, data, source)
+        return dataclass_from_dict(cls, data, source)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            from .checkpoint import atomic_write_text
-
             atomic_write_text(Path(path), text)
         return text
 
@@ -118,49 +125,27 @@ def _check(cond: bool, msg: str) -> None:
 
 
 @dataclass
-class ModelConfig(_JsonMixin):
-    """The DiT (Wan2.1 transformer architecture).
+class ModelConfig(JsonConfig):
+    """The DiT (Wan2.1 transformer architecture); docs/architecture.md explains the options.
 
     A teacher has `num_layers` blocks; a student keeps `block_ids` (teacher indices, in
     order) and may narrow each kept block's heads (`block_num_heads`) and FFN width
     (`block_ffn_dim`). Model width is `num_heads * head_dim` and never changes.
 
-    `pos_embed` (not in Wan; default off): learned absolute position embeddings per frame,
-    row and column (`rope_max_seq_len` each), added to the tokens after patchify. RoPE
-    only gives relative positions, and from pure noise a RoPE-only DiT can hardly tell
-    where a token is, so it cannot draw position-dependent means at high noise (in the
-    shapes world: which way the shape moves). Models with it do not convert to diffusers.
-    With `pos_grid` = (F', H', W') the embedding is one learned vector per token position
-    of grids up to that size instead of the sum frame + row + column: a sum cannot make
-    the frame x column (or row) interaction that a direction of motion needs (where the
-    shape is depends on the frame *and* the column), a table holds it directly.
-
-    `pooled_text` (not in Wan; default off): the mean of the prompt's text states over its
-    real tokens, through an MLP, is added to the timestep embedding (as SD3 and Flux add a
-    pooled text vector), so every word reaches every block's adaLN modulation and the
-    head. Cross-attention alone can leave a word unattended, and an unattended word gets
-    no gradient: the shapes teacher never learned the direction word that way. Models with
-    it do not convert to diffusers.
-
-    `velocity_skip` = sigma_data (not in Wan; default off): the DiT predicts the velocity as
-    `c_skip(t) * x_t + network(x_t)` with the linear least-squares skip of EDM for flow
-    matching, `c_skip = (t - (1 - t) sd^2) / ((1 - t)^2 sd^2 + t^2)` (1 at pure noise, -1 at
-    clean data). Without it the network has to carry the input noise through its residual
-    stream to the output (v = eps - x0), which leaves a narrow model (width ~ pixels per
-    patch) no room for what the prompt says at high noise. Per-sample timesteps only.
-    Models with it do not convert to diffusers.
-
-    `x0_prediction` = a sigma floor (not in Wan; default off): the network predicts the clean
-    sample x0 and the DiT returns the velocity it implies, `v = (x_t - x0_hat) / max(t, floor)`
-    (t in 0..1), so samplers, distillation and engines see a velocity model as ever. Trained
-    with the usual velocity loss this is "x-prediction, v-loss". A network whose width is about
-    the pixels of a patch cannot predict the noise of every pixel (what v = eps - x0 asks of it
-    at low noise): a velocity-predicting shapes teacher left its videos as noisy as t ~ 0.3,
-    its x0 estimate at t <= 0.2 no better than the noisy input. Clean samples lie on a
-    low-dimensional set and are what such a network can predict. Measured on the shapes teacher
-    (v9): clean backgrounds, but the shape jittered from frame to frame and prompt adherence fell
-    (bench/RESULTS.md), so the shipped teacher does not use it. Per-sample timesteps only; not
-    with `velocity_skip`. Models with it do not convert to diffusers.
+    Options beyond Wan (all off by default; a model with any of them does not convert to
+    diffusers):
+    - `pos_embed`: learned absolute position embeddings per frame, row and column
+      (`rope_max_seq_len` each), added to the tokens after patchify, on top of RoPE.
+    - `pos_grid` = (F', H', W'): with `pos_embed`, one learned vector per token position of
+      grids up to that size instead of the sum frame + row + column.
+    - `pooled_text`: the mean of the prompt's text states over its real tokens, through an
+      MLP, is added to the timestep embedding (a pooled text vector, as in SD3 and Flux).
+    - `velocity_skip` = sigma_data: the velocity is `c_skip(t) * x_t + network(x_t)` with
+      EDM's least-squares skip for flow matching, `c_skip = (t - (1 - t) sd^2) / ((1 - t)^2 sd^2 + t^2)`.
+      Per-sample timesteps only.
+    - `x0_prediction` = a sigma floor: the network predicts the clean sample x0 and the DiT
+      returns the velocity it implies, `v = (x_t - x0_hat) / max(t, floor)` (t in 0..1).
+      Per-sample timesteps only; not with `velocity_skip`.
     """
 
     in_channels: int = 16
@@ -252,7 +237,7 @@ SAMPLER_KINDS = ("euler", "fewstep")
 
 
 @dataclass
-class SamplerConfig(_JsonMixin):
+class SamplerConfig(JsonConfig):
     """How latents are sampled.
 
     `euler`: flow-matching Euler over `num_steps` shifted sigmas, with classifier-free
@@ -294,7 +279,7 @@ class SamplerConfig(_JsonMixin):
 
 
 @dataclass
-class TextEncoderConfig(_JsonMixin):
+class TextEncoderConfig(JsonConfig):
     """`kind`: "umt5" (Wan's umT5 via transformers; `path` = text encoder dir,
     `tokenizer_path` = tokenizer dir), "tokens" (the learned word-embedding encoder of
     built-in worlds, `path` = its dir) or "none" (a DiT-only bundle). Relative paths
@@ -307,7 +292,7 @@ class TextEncoderConfig(_JsonMixin):
 
 
 @dataclass
-class CodecConfig(_JsonMixin):
+class CodecConfig(JsonConfig):
     """`kind`: "wan_vae" (diffusers AutoencoderKLWan in `path`), "pixel" (latents are
     the frames scaled to [-1, 1]) or "none" (a DiT-only bundle)."""
 
@@ -316,7 +301,7 @@ class CodecConfig(_JsonMixin):
 
 
 @dataclass
-class PipelineConfig(_JsonMixin):
+class PipelineConfig(JsonConfig):
     """`pipeline.json`: the parts around the DiT and the defaults of a generation.
 
     `distilled` marks a student: running it with another step count or with CFG is

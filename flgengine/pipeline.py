@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import BundleError, load_bundle, read_json_object, read_model_config
+from .bundle import BundleError, load_bundle, read_json_object, read_model_config
 from .codec import build_codec, video_to_uint8
 from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas

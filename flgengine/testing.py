@@ -94,7 +94,7 @@ def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 
     kept, plus the last) with a 4-step fewstep sampler,
     marked `distilled`. Defaults: 9 frames of 64x64 at 8 fps.
     """
-    from .checkpoint import save_bundle
+    from .bundle import save_bundle
     from .config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
     from .model import DiT
 

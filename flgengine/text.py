@@ -185,7 +185,7 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         return emb.to(device=device or emb.device, dtype=dtype or emb.dtype)
 
     def save(self, path: str | Path) -> Path:
-        from .checkpoint import atomic_save_safetensors, atomic_write_text
+        from .files import atomic_save_safetensors, atomic_write_text
 
         path = Path(path)
         atomic_save_safetensors(path / "model.safetensors", self.state_dict())
@@ -196,7 +196,7 @@ class TokenTextEncoder(nn.Module, TextEncoder):
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "TokenTextEncoder":
-        from .checkpoint import BundleError, _check_state_dict, _load_safetensors
+        from .files import BundleError, check_state_dict, load_safetensors
 
         path = _need_dir(Path(path), "token text encoder")
         try:
@@ -209,8 +209,8 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         where = f"{path}/model.safetensors"
         if not (path / "model.safetensors").is_file():
             raise BundleError(f"{where}: missing")
-        sd = _load_safetensors(path / "model.safetensors", where)
-        _check_state_dict(sd, {k: v.shape for k, v in enc.state_dict().items()}, where, "config.json")
+        sd = load_safetensors(path / "model.safetensors", where)
+        check_state_dict(sd, {k: v.shape for k, v in enc.state_dict().items()}, where, "config.json")
         enc.load_state_dict(sd)
         return enc.to(device).eval().requires_grad_(False)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flgengine.checkpoint import BundleError, load_bundle, save_bundle
+from flgengine.bundle import BundleError, load_bundle, save_bundle
 from flgengine.config import ConfigError, ModelConfig, PipelineConfig, SamplerConfig
 from flgengine.model import DiT
 from helpers import tiny_config

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flgengine
-from flgengine.checkpoint import save_bundle
+from flgengine.bundle import save_bundle
 from flgengine.config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from flgengine.model import DiT
 from flgengine.sampling import FewStepSampler, randn

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distill import evaluate as ev
-from flgengine.checkpoint import BundleError
+from flgengine.bundle import BundleError
 from flgengine.worlds import shapes as world
 
 FRESH_SEED = 777  # neither the evaluator's training nor its held-out stream

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import flgengine
-from flgengine.checkpoint import LOW_NOISE_DIR, BundleError, load_bundle, to_diffusers
+from flgengine.bundle import LOW_NOISE_DIR, BundleError, load_bundle
+from flgengine.convert import to_diffusers
 from flgengine.model import DiT, TwoExpertDiT, main_expert
 from flgengine.sampling import build_sampler
 from helpers import assert_close, tiny_config

@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("diffusers")
 
 import flgengine  # noqa: E402
-from flgengine.checkpoint import file_sha256, save_bundle  # noqa: E402
+from flgengine.bundle import file_sha256, save_bundle  # noqa: E402
 from flgengine.export import EngineError, VerificationError, export_engine, load_engine, read_manifest  # noqa: E402
 from flgengine.export.__main__ import main as export_cli  # noqa: E402
 from flgengine.export.manifest import EngineManifest  # noqa: E402
@@ -51,7 +51,7 @@ def aoti_dir(student, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dit(student):
-    from flgengine.checkpoint import load_bundle
+    from flgengine.bundle import load_bundle
 
     model = load_bundle(student).model
     model.backend = "ref"

@@ -10,7 +10,7 @@ import torch
 from distill.importance import (block_importance, calibration_set, draw_noise, load_importance, render_importance,
                                 save_importance, sigma_grid, skip_blocks)
 from distill.plan import PruningPlan, apply_plan, block_params, make_plan, plan_from_drop
-from flgengine.checkpoint import load_bundle, save_bundle
+from flgengine.bundle import load_bundle, save_bundle
 from flgengine.codec import uint8_to_video
 from flgengine.config import ConfigError
 from flgengine.model import DiT

@@ -68,7 +68,7 @@ def test_head_pruned_student_runs_and_is_smaller():
 
 
 def test_absolute_position_embedding():
-    from flgengine.checkpoint import to_diffusers
+    from flgengine.convert import to_diffusers
 
     torch.manual_seed(0)
     model = DiT(tiny_config(pos_embed=True)).eval()
@@ -120,7 +120,7 @@ def _with_plain_twin(**option):
 
 
 def test_x0_prediction_returns_the_velocity_of_the_networks_x0():
-    from flgengine.checkpoint import to_diffusers
+    from flgengine.convert import to_diffusers
 
     model, plain = _with_plain_twin(x0_prediction=0.05)
     x, _, c = _inputs()
@@ -142,7 +142,7 @@ def test_x0_prediction_returns_the_velocity_of_the_networks_x0():
 
 
 def test_velocity_skip_adds_the_linear_prediction():
-    from flgengine.checkpoint import to_diffusers
+    from flgengine.convert import to_diffusers
     from flgengine.model.dit import velocity_skip
 
     model, plain = _with_plain_twin(velocity_skip=0.5)
@@ -165,7 +165,7 @@ def test_velocity_skip_adds_the_linear_prediction():
 
 
 def test_pooled_text_reaches_the_timestep_path_and_ignores_padding():
-    from flgengine.checkpoint import to_diffusers
+    from flgengine.convert import to_diffusers
     from flgengine.model.embed import mean_text
 
     torch.manual_seed(0)

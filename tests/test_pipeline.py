@@ -116,7 +116,7 @@ def test_backends_give_the_same_video(teacher):
 
 
 def test_dit_only_bundle_and_missing_default_are_clear(tmp_path):
-    from flgengine.checkpoint import save_bundle
+    from flgengine.bundle import save_bundle
     from flgengine.model import DiT
     from helpers import tiny_config
 

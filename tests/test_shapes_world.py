@@ -173,7 +173,7 @@ def test_teacher_cli_boolean_flags():
 
 def test_teacher_training_resumes_to_the_same_weights(tmp_path):
     from distill.teacher import TeacherConfig, train_teacher
-    from flgengine.checkpoint import load_bundle
+    from flgengine.bundle import load_bundle
 
     cfg = dict(steps=4, batch_size=2, num_layers=2, ffn_dim=64, num_heads=2, head_dim=16, text_dim=16,
                freq_dim=16, checkpoint_every=2, compile=False, warmup=1)

@@ -9,7 +9,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
-from flgengine.checkpoint import from_diffusers, load_bundle, save_bundle, to_diffusers  # noqa: E402
+from flgengine.bundle import load_bundle, save_bundle  # noqa: E402
+from flgengine.convert import from_diffusers, to_diffusers  # noqa: E402
 from flgengine.model import DiT  # noqa: E402
 from helpers import assert_close  # noqa: E402
 

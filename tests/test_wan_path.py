@@ -13,8 +13,8 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 import flgengine  # noqa: E402
 from distill.data import ShardData  # noqa: E402
 from distill.run import RunConfig, run  # noqa: E402
-from distill.wan import bundle_from_diffusers, find_clips, precompute  # noqa: E402
-from flgengine.checkpoint import to_diffusers  # noqa: E402
+from distill.wan import find_clips, precompute  # noqa: E402
+from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
 from flgengine.config import ModelConfig  # noqa: E402
 from flgengine.model import DiT  # noqa: E402
 from flgengine.testing import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
@@ -66,9 +66,9 @@ def test_convert_and_precompute(wan_dir, videos, tmp_path):
     x0, c = data.batch(3, 4)
     assert x0.shape == (4, 4, 3, 8, 8) and torch.equal(data.batch(3, 4)[0], x0)
     # the latents are the VAE's encoding of the resized clip
-    from distill.wan import _read_video
+    from distill.wan import read_video
 
-    video = _read_video(sorted(videos.glob("*.gif"))[0], 9, 64, 64)
+    video = read_video(sorted(videos.glob("*.gif"))[0], 9, 64, 64)
     assert_close(data.latents[0], pipe.codec.encode(video[None]).float()[0], 1e-5, "latents")
     (videos / "clip9.gif").write_bytes((videos / "clip0.gif").read_bytes())
     try:

@@ -106,7 +106,7 @@ def verify_engine(run, model, spec: EngineSpec, device, *, seed: int = 0, tolera
 # ---- the directory ---------------------------------------------------------------------------
 
 def _versions(fmt: str) -> dict[str, str]:
-    from .. import __version__
+    from ..version import __version__
 
     out = {"flgengine": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
     if torch.version.cuda:
@@ -169,7 +169,7 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
     through the codec, or `latent=(F, H, W)` directly; `text_len` defaults to the text
     encoder's max_length. `dynamic` names the dims with a (min, opt, max) range.
     """
-    from ..checkpoint import load_bundle
+    from ..bundle import load_bundle
     from ..config import TORCH_DTYPES
     from ..pipeline import resolve_model
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import file_sha256
+from ..files import file_sha256
 from ..config import ModelConfig
 from .manifest import EngineError, EngineManifest, TensorSpec, read_manifest
 from .spec import DTYPE_NAMES

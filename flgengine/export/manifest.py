@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
-from ..config import ConfigError, _from_dict, check_known_keys
+from ..config import ConfigError, check_known_keys, dataclass_from_dict
+from ..files import atomic_write_text
 
 __all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verification", "EngineManifest",
            "MANIFEST_NAME", "FORMATS", "read_manifest"]
@@ -178,13 +178,13 @@ class EngineManifest:
         try:
             kw = dict(data)
             kw["files"] = tuple(_typed(data["files"], list, "files"))
-            kw["inputs"] = tuple(_from_dict(TensorSpec, s, f"{source}: inputs") for s in _typed(data["inputs"], list, "inputs"))
-            kw["outputs"] = tuple(_from_dict(TensorSpec, s, f"{source}: outputs") for s in _typed(data["outputs"], list, "outputs"))
-            kw["dynamic_dims"] = {k: _from_dict(DimRange, r, f"{source}: dynamic_dims.{k}")
+            kw["inputs"] = tuple(dataclass_from_dict(TensorSpec, s, f"{source}: inputs") for s in _typed(data["inputs"], list, "inputs"))
+            kw["outputs"] = tuple(dataclass_from_dict(TensorSpec, s, f"{source}: outputs") for s in _typed(data["outputs"], list, "outputs"))
+            kw["dynamic_dims"] = {k: dataclass_from_dict(DimRange, r, f"{source}: dynamic_dims.{k}")
                                   for k, r in _typed(data["dynamic_dims"], dict, "dynamic_dims").items()}
-            kw["bundle"] = _from_dict(BundleIdentity, data["bundle"], f"{source}: bundle")
+            kw["bundle"] = dataclass_from_dict(BundleIdentity, data["bundle"], f"{source}: bundle")
             if data["verification"] is not None:
-                kw["verification"] = _from_dict(Verification, data["verification"], f"{source}: verification")
+                kw["verification"] = dataclass_from_dict(Verification, data["verification"], f"{source}: verification")
             for key, kind in (("versions", dict), ("options", dict)):
                 _typed(data[key], kind, key)
             if data["video"] is not None:

@@ -58,7 +58,7 @@ def builder_flags(precision: str) -> list[str]:
 def build_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, *, precision: str = "float32",
                  workspace_gib: float = 8.0, timing_cache: Path | None = None) -> list[str]:
     """Builds `out_dir/dit.plan` from `onnx_path`; returns the file names written."""
-    from ..checkpoint import _atomic_replace
+    from ..files import atomic_replace
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -88,9 +88,9 @@ def build_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, *, precision:
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
     out = Path(out_dir) / TENSORRT_FILE
-    _atomic_replace(out, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
+    atomic_replace(out, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
     cache_bytes = bytes(config.get_timing_cache().serialize())
-    _atomic_replace(cache_path, lambda tmp: Path(tmp).write_bytes(cache_bytes))
+    atomic_replace(cache_path, lambda tmp: Path(tmp).write_bytes(cache_bytes))
     return [TENSORRT_FILE] + ([TIMING_CACHE_FILE] if cache_path.parent == Path(out_dir) else [])
 
 

@@ -1,0 +1,217 @@
+"""Bundles: one directory = one runnable model.
+
+A bundle holds
+    config.json        ModelConfig
+    model.safetensors  DiT weights (safetensors only, never pickle)
+    pipeline.json      PipelineConfig: text encoder, codec, sampler, defaults
+    provenance.json    where the weights came from (teacher hash, stages, metrics)
+and, for a two-expert model, low_noise/ with the low-noise DiT's config.json and
+model.safetensors.
+
+`load_bundle` validates everything before building the model and fails with one
+`BundleError` naming the file and the key. The file helpers of `flgengine.files`
+(atomic writes, checked safetensors reading) are re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torch_dtype
+from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
+                    check_safetensors_file, check_state_dict, file_sha256, load_safetensors)
+from .model import DiT, TwoExpertDiT
+from .version import __version__
+
+__all__ = [
+    "BundleError",
+    "Bundle",
+    "BUNDLE_FILES",
+    "LOW_NOISE_DIR",
+    "PICKLE_SUFFIXES",
+    "STORAGE_DTYPES",
+    "INT8_SCALE",
+    "save_bundle",
+    "load_bundle",
+    "read_model_config",
+    "read_json_object",
+    "storage_dtype_of",
+    "quantize_int8",
+    "dequantize_int8",
+    "atomic_replace",
+    "atomic_write_text",
+    "atomic_save_safetensors",
+    "file_sha256",
+    "check_safetensors_file",
+    "load_safetensors",
+    "check_state_dict",
+]
+
+BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")
+# a two-expert bundle's low-noise DiT (pipeline.json's low_noise_boundary): config.json + model.safetensors
+LOW_NOISE_DIR = "low_noise"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the DiT and the configs around it."""
+
+    path: Path
+    model: Any  # flgengine.model.DiT, or TwoExpertDiT for a two-expert bundle
+    pipeline: PipelineConfig
+    provenance: dict
+
+
+# ---- storage dtypes ----------------------------------------------------------------------
+
+INT8_SCALE = ".int8_scale"  # int8 storage: the key suffix of a weight's per-row scales
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 storage of a state dict: each floating tensor of >= 2 dims becomes int8 rows with
+    one fp32 scale per row (w ~ q * scale, scale = max|w| over the last dim / 127, under
+    `key + INT8_SCALE`); other floating tensors are stored in float16."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            w = v.detach().float()
+            scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (..., 1)
+            out[k] = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale
+        else:
+            out[k] = v.half() if v.is_floating_point() else v
+    return out
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The float32 weights of an int8-stored state dict (see quantize_int8); others unchanged."""
+    for key in [k for k in state if k.endswith(INT8_SCALE)]:
+        name, scale = key[:-len(INT8_SCALE)], state.pop(key)
+        q = state.get(name)
+        if q is None or q.dtype != torch.int8 or scale.shape != (*q.shape[:-1], 1):
+            raise BundleError(f"{where}: int8 scales {key!r} do not match an int8 tensor {name!r} of rows "
+                              f"{tuple(scale.shape[:-1])}")
+        state[name] = q.float() * scale.float()
+    return state
+
+
+STORAGE_DTYPES = (*TORCH_DTYPES, "int8")  # names a bundle's weights can be stored in
+
+
+def storage_dtype_of(name: str | None) -> torch.dtype | None:
+    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, or "int8" (quantize_int8)."""
+    return None if name is None else torch.int8 if name == "int8" else torch_dtype(name)
+
+
+# ---- save / load -------------------------------------------------------------------------
+
+def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
+                storage_dtype: torch.dtype | None = None) -> Path:
+    """Writes `model` (a DiT) as a bundle directory; each file is written atomically.
+
+    `pipeline` defaults to a DiT-only pipeline (no text encoder or codec). The weights'
+    sha256 and the writing flgengine version are added to the provenance.
+    `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
+    file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter,
+    see quantize_int8); loading casts them to the config's compute dtype as always.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipeline = pipeline if pipeline is not None else PipelineConfig()
+    state = model.state_dict()
+    if storage_dtype == torch.int8:
+        state = quantize_int8(state)
+    elif storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
+    model.config.to_json(path / "config.json")
+    pipeline.to_json(path / "pipeline.json")
+    prov = dict(provenance or {})
+    prov["weights_sha256"] = file_sha256(path / "model.safetensors")
+    prov["num_params"] = sum(p.numel() for p in model.parameters())
+    if storage_dtype is not None:
+        prov["storage_dtype"] = str(storage_dtype).replace("torch.", "")
+    prov.setdefault("flgengine_version", __version__)
+    prov.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    atomic_write_text(path / "provenance.json", json.dumps(prov, indent=2) + "\n")
+    return path
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from `path`, or a BundleError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of the bundle directory `path` (its config.json), or a BundleError."""
+    path = Path(path)
+    try:
+        return ModelConfig.from_json(path / "config.json")
+    except ConfigError as e:
+        raise BundleError(str(e)) from None
+
+
+def load_bundle(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
+    """Loads and validates a bundle; returns a `Bundle` with the DiT in eval mode (a
+    `TwoExpertDiT` when pipeline.json sets low_noise_boundary)."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{path}: bundle directory does not exist")
+    if not path.is_dir():
+        raise BundleError(f"{path}: a bundle is a directory holding {', '.join(BUNDLE_FILES)}")
+    for name in BUNDLE_FILES:
+        if not (path / name).is_file():
+            if name == "model.safetensors":
+                pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                if pickles:
+                    raise BundleError(f"{path}/model.safetensors: missing; found pickle file {pickles[0]!r}, which "
+                                      "flgengine refuses to load (save the weights with safetensors)")
+            raise BundleError(f"{path}/{name}: missing (a bundle holds {', '.join(BUNDLE_FILES)})")
+
+    config = read_model_config(path)
+    try:
+        pipeline = PipelineConfig.from_json(path / "pipeline.json")
+    except ConfigError as e:
+        raise BundleError(str(e)) from None
+    provenance = read_json_object(path / "provenance.json")
+
+    model = _load_dit(path, config, device, dtype)
+    if pipeline.low_noise_boundary is not None:  # two experts: the low-noise DiT in low_noise/
+        low_dir = path / LOW_NOISE_DIR
+        for name in ("config.json", "model.safetensors"):
+            if not (low_dir / name).is_file():
+                raise BundleError(f"{low_dir / name}: missing (pipeline.json sets low_noise_boundary "
+                                  f"{pipeline.low_noise_boundary}: a two-expert bundle keeps its low-noise DiT there)")
+        low = _load_dit(low_dir, read_model_config(low_dir), device, dtype)
+        try:
+            model = TwoExpertDiT(model, low, pipeline.low_noise_boundary)
+        except ValueError as e:
+            raise BundleError(f"{path}: {e}") from None
+    return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
+
+
+def _load_dit(path: Path, config: ModelConfig, device, dtype) -> DiT:
+    """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
+    where = f"{path}/model.safetensors"
+    state = dequantize_int8(load_safetensors(path / "model.safetensors", where), where)
+    with torch.device("meta"):
+        model = DiT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(state, expected, where, "config.json")
+    model.load_state_dict(state, assign=True)
+    model.cast(dtype if dtype is not None else torch_dtype(config.dtype))
+    if device is not None:
+        model.to(device)
+    return model

@@ -1,0 +1,225 @@
+"""Wan (diffusers `WanTransformer3DModel`, Wan2.1 / Wan2.2 T2V and TI2V) <-> our DiT.
+
+The DiT is the Wan transformer architecture, so conversion is a renaming of the state
+dict plus a mapping of the config; `bundle_from_diffusers` also copies the umT5 text
+encoder, its tokenizer and the VAE of a diffusers Wan pipeline directory into the bundle.
+Image-to-video transformers (CLIP image tokens) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, save_bundle
+from ..config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from ..model import DiT
+from .source import read_diffusers_dir
+
+TRANSFORMER_CLASS = "WanTransformer3DModel"
+
+# (diffusers WanTransformer3DModel name, our DiT name); "{i}" is a block index. A name
+# ending in "." is a module prefix (weight/bias follow), any other is a whole key.
+NAMES = [
+    ("patch_embedding.", "patch_embed."),
+    ("condition_embedder.time_embedder.linear_1.", "time_embed.fc1."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embed.fc2."),
+    ("condition_embedder.time_proj.", "time_proj."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embed.fc1."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embed.fc2."),
+    ("blocks.{i}.scale_shift_table", "blocks.{i}.modulation"),
+    ("blocks.{i}.attn1.to_q.", "blocks.{i}.self_attn.q."),
+    ("blocks.{i}.attn1.to_k.", "blocks.{i}.self_attn.k."),
+    ("blocks.{i}.attn1.to_v.", "blocks.{i}.self_attn.v."),
+    ("blocks.{i}.attn1.to_out.0.", "blocks.{i}.self_attn.o."),
+    ("blocks.{i}.attn1.norm_q.", "blocks.{i}.self_attn.norm_q."),
+    ("blocks.{i}.attn1.norm_k.", "blocks.{i}.self_attn.norm_k."),
+    ("blocks.{i}.attn2.to_q.", "blocks.{i}.cross_attn.q."),
+    ("blocks.{i}.attn2.to_k.", "blocks.{i}.cross_attn.k."),
+    ("blocks.{i}.attn2.to_v.", "blocks.{i}.cross_attn.v."),
+    ("blocks.{i}.attn2.to_out.0.", "blocks.{i}.cross_attn.o."),
+    ("blocks.{i}.attn2.norm_q.", "blocks.{i}.cross_attn.norm_q."),
+    ("blocks.{i}.attn2.norm_k.", "blocks.{i}.cross_attn.norm_k."),
+    ("blocks.{i}.norm2.", "blocks.{i}.norm_cross."),
+    ("blocks.{i}.ffn.net.0.proj.", "blocks.{i}.ffn.fc1."),
+    ("blocks.{i}.ffn.net.2.", "blocks.{i}.ffn.fc2."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.proj."),
+]
+I2V_MARKERS = ("image_embedder", "add_k_proj", "add_v_proj", "norm_added_k", "norm_added_q")
+I2V_ERROR = ("Wan image-to-video (I2V/FLF2V) transformers (image_dim / added_kv_proj_dim, CLIP image tokens) are "
+             "not supported yet; Wan T2V and TI2V (per-token timesteps) are")
+
+
+def rename(key: str, to_ours: bool) -> str | None:
+    """Maps one state-dict key between diffusers' Wan names and ours (None if unknown)."""
+    m = re.match(r"blocks\.(\d+)\.", key)
+    i = m.group(1) if m else None
+    for wan, ours in NAMES:
+        src, dst = (wan, ours) if to_ours else (ours, wan)
+        if "{i}" in src:
+            if i is None:
+                continue
+            src, dst = src.format(i=i), dst.format(i=i)
+        if src.endswith(".") and key.startswith(src):
+            return dst + key[len(src):]
+        if key == src:
+            return dst
+    return None
+
+
+def owns_state_dict(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether a diffusers state dict (without its config) is a Wan transformer's."""
+    return "patch_embedding.weight" in sd and any(k.startswith("condition_embedder.") for k in sd)
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -> dict:
+    """Reads a diffusers Wan config off the shapes of its state dict (heads are not in the shapes)."""
+    if any(m in k for k in sd for m in I2V_MARKERS):
+        raise ValueError(I2V_ERROR)
+    w = sd["patch_embedding.weight"]  # (D, C, pt, ph, pw)
+    dim = w.shape[0]
+    if num_heads is None:
+        if dim % 128:
+            raise ValueError(f"cannot infer num_heads for width {dim}: pass num_heads= (Wan uses head_dim 128)")
+        num_heads = dim // 128
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    return {
+        "in_channels": w.shape[1],
+        "patch_size": list(w.shape[2:]),
+        "num_attention_heads": num_heads,
+        "attention_head_dim": dim // num_heads,
+        "out_channels": sd["proj_out.weight"].shape[0] // math.prod(w.shape[2:]),
+        "ffn_dim": sd["blocks.0.ffn.net.0.proj.weight"].shape[0],
+        "text_dim": sd["condition_embedder.text_embedder.linear_1.weight"].shape[1],
+        "freq_dim": sd["condition_embedder.time_embedder.linear_1.weight"].shape[1],
+        "num_layers": layers,
+        "cross_attn_norm": "blocks.0.norm2.weight" in sd,
+    }
+
+
+def model_config(cfg: dict) -> ModelConfig:
+    """Our ModelConfig of a diffusers WanTransformer3DModel config."""
+    if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
+        raise ValueError(I2V_ERROR)
+    if cfg.get("pos_embed_seq_len") is not None:
+        raise ValueError("Wan FLF2V transformers (pos_embed_seq_len) are not supported yet")
+    qk = cfg.get("qk_norm", "rms_norm_across_heads")
+    if qk != "rms_norm_across_heads":
+        raise ValueError(f"unsupported Wan qk_norm {qk!r}; only 'rms_norm_across_heads' is supported")
+    return ModelConfig(
+        in_channels=int(cfg.get("in_channels", 16)),
+        out_channels=int(cfg.get("out_channels") or cfg.get("in_channels", 16)),
+        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+        num_heads=int(cfg.get("num_attention_heads", 40)),
+        head_dim=int(cfg.get("attention_head_dim", 128)),
+        ffn_dim=int(cfg.get("ffn_dim", 13824)),
+        text_dim=int(cfg.get("text_dim", 4096)),
+        freq_dim=int(cfg.get("freq_dim", 256)),
+        num_layers=int(cfg.get("num_layers", 40)),
+        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        eps=float(cfg.get("eps", 1e-6)),
+        rope_max_seq_len=int(cfg.get("rope_max_seq_len", 1024)),
+    )
+
+
+def from_diffusers(cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, state dict of our DiT) of a Wan transformer's config and state dict."""
+    config = model_config(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if any(m in key for m in I2V_MARKERS):
+            raise ValueError(I2V_ERROR)
+        new = rename(key, to_ours=True)
+        if new is None:
+            raise ValueError(f"unrecognised key {key!r} in the Wan state dict")
+        if new.endswith("modulation"):
+            value = value.reshape(value.shape[-2], value.shape[-1])  # (1, k, D) -> (k, D)
+        out[new] = value
+    return config, out
+
+
+def to_diffusers(model, out_dir: Path) -> Path:
+    """Writes a DiT as a diffusers WanTransformer3DModel directory (see flgengine.convert)."""
+    c: ModelConfig = model.config
+    if c.pos_embed:
+        raise ValueError("to_diffusers: this model has absolute position embeddings (pos_embed), which a diffusers "
+                         "WanTransformer3DModel does not have")
+    if c.velocity_skip:
+        raise ValueError("to_diffusers: this model adds a skip c_skip(t) * x to its output (velocity_skip), "
+                         "which a diffusers WanTransformer3DModel does not have")
+    if c.x0_prediction:
+        raise ValueError("to_diffusers: this model's network predicts x0 and converts it to a velocity (x0_prediction), "
+                         "which a diffusers WanTransformer3DModel does not do")
+    if c.pooled_text:
+        raise ValueError("to_diffusers: this model adds a pooled text vector to its timestep embedding (pooled_text), "
+                         "which a diffusers WanTransformer3DModel does not have")
+    if not c.is_uniform:
+        raise ValueError("to_diffusers: this student has per-block head counts or FFN widths, which a diffusers "
+                         "WanTransformer3DModel cannot express; only block-pruned (uniform width) students convert")
+    sd = {}
+    for key, value in model.state_dict().items():
+        new = rename(key, to_ours=False)
+        if new is None:
+            raise AssertionError(f"no diffusers name for {key!r}")  # a bug in the rename table
+        if key.endswith("modulation"):
+            value = value.unsqueeze(0)  # (k, D) -> (1, k, D)
+        sd[new] = value
+    config = {
+        "_class_name": TRANSFORMER_CLASS,
+        "_diffusers_version": "0.33.0",
+        "patch_size": list(c.patch_size),
+        "num_attention_heads": c.num_heads,
+        "attention_head_dim": c.head_dim,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "text_dim": c.text_dim,
+        "freq_dim": c.freq_dim,
+        "ffn_dim": c.ffn_dim,
+        "num_layers": len(c.kept_blocks),
+        "cross_attn_norm": c.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": c.eps,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": c.rope_max_seq_len,
+        "pos_embed_seq_len": None,
+    }
+    out_dir = Path(out_dir)
+    atomic_save_safetensors(out_dir / "diffusion_pytorch_model.safetensors", sd, metadata={"format": "pt"})
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 81, height: int = 480, width: int = 832,
+                          steps: int = 50, guidance: float = 5.0, max_length: int = 512) -> Path:
+    """A bundle of the Wan pipeline directory `src`: the sampler's shift from its scheduler
+    config, else 5.0; video size and sampling defaults are the Wan2.1 T2V ones unless given."""
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not (src / sub).is_dir():
+            raise BundleError(f"{src}/{sub}: missing (a diffusers Wan pipeline holds transformer, text_encoder, "
+                              "tokenizer and vae)")
+    config, state = from_diffusers(*read_diffusers_dir(src))
+    with torch.device("meta"):
+        model = DiT(config)
+    model.load_state_dict(state, assign=True)
+    shift = 5.0
+    sched = src / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        shift = float(json.loads(sched.read_text()).get("flow_shift", shift) or shift)
+    pipeline = PipelineConfig(
+        text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer", max_length=max_length),
+        codec=CodecConfig(kind="wan_vae", path="vae"),
+        sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=guidance),
+        num_frames=num_frames, height=height, width=width, fps=16,
+    )
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        shutil.copytree(src / sub, out / sub)
+    return save_bundle(out, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
