@@ -95,7 +95,7 @@ import sys, torch
 from pathlib import Path
 sys.path.insert(0, "tests")
 from helpers import tiny_config
-from flgengine.checkpoint import save_bundle
+from flgengine.bundle import save_bundle
 from flgengine.model import DiT
 save_bundle(Path(sys.argv[1]) / "bundle", DiT(tiny_config()))
 PYEOF

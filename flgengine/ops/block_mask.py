@@ -46,6 +46,7 @@ class BlockMask:
         self.kv_index = torch.sort((1 - m), dim=-1, stable=True).indices.to(torch.int32).contiguous()
         tail = kv_len % block_k != 0  # the last key block is partial: the kernel masks it, so count it apart
         self.kv_full = (self.kv_count - (mask[..., -1].to(torch.int32) if tail else 0)).contiguous()
+        self.is_dense = bool(mask.all())  # every tile: attention runs the dense kernel
 
     @property
     def heads(self) -> int:

@@ -57,6 +57,9 @@ def why_not(q, k, v, block_mask=None, precision=None) -> str | None:
         from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
     except ImportError as e:  # pragma: no cover - torch without FlexAttention
         return f"torch.nn.attention.flex_attention is not importable ({e})"
+    if q.device.type == "cuda" and (block_mask.block_q % 128 or block_mask.block_k % 128):
+        return (f"FlexAttention's CUDA kernel needs mask blocks that are multiples of 128 "
+                f"(this mask's are {block_mask.block_q} x {block_mask.block_k})")
     return block_mask.check(q, k)
 
 

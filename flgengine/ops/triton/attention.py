@@ -104,34 +104,39 @@ def _pv(p, v, acc, alpha, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _kv_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
-              sks, skd, svs, svd, qk_scale, k_scale_row,
-              MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr,
-              BLOCK_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr,
-              FP8: tl.constexpr):
-    """One K/V block of BLOCK_N keys starting at key start_n: scores, online softmax, P V.
-    MASK_N: the block may cross Skv (sequence-masked loads, -inf scores past the end)."""
-    kn = start_n + offs_n
-    n_ok = kn < Skv
-    kt_a = _tile(k_base + kn[None, :] * sks + offs_a[:, None] * skd, a_ok[:, None] & n_ok[None, :],
-                 MASK_N or BLOCK_DA > HEAD_DIM, UPCAST)  # K^T tile [BLOCK_DA, BLOCK_N]
+def _kv_block(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_a_ptrs, kt_b_ptrs, v_a_ptrs, v_b_ptrs, n_ok, a_ok, b_ok, scale,
+              MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, FP8: tl.constexpr):
+    """One K/V block of BLOCK_N keys: scores, online softmax, P V. kt_*_ptrs: the K^T tiles
+    [BLOCK_D*, BLOCK_N]; v_*_ptrs: the V tiles [BLOCK_N, BLOCK_D*] (channel tile a, and b when
+    BLOCK_DB > 0). MASK_N: the block crosses Skv (n_ok: the keys inside), so the loads are
+    sequence-masked and the scores past the end -inf; otherwise only a tile that crosses the
+    head dim is masked, by channel. `scale`: the scores' scale (log2(e)/sqrt(D), times the Q and
+    K block scales in FP8)."""
+    if MASK_N:
+        kt_a = _tile(kt_a_ptrs, a_ok[:, None] & n_ok[None, :], True, UPCAST)
+    else:
+        kt_a = _tile(kt_a_ptrs, a_ok[:, None], BLOCK_DA > HEAD_DIM, UPCAST)
     qk = tl.dot(q_a, kt_a, input_precision=DOT_PRECISION)
     if BLOCK_DB > 0:
-        kt_b = _tile(k_base + kn[None, :] * sks + offs_b[:, None] * skd, b_ok[:, None] & n_ok[None, :],
-                     MASK_N or BLOCK_DA + BLOCK_DB > HEAD_DIM, UPCAST)  # [BLOCK_DB, BLOCK_N]
+        if MASK_N:
+            kt_b = _tile(kt_b_ptrs, b_ok[:, None] & n_ok[None, :], True, UPCAST)
+        else:
+            kt_b = _tile(kt_b_ptrs, b_ok[:, None], BLOCK_DA + BLOCK_DB > HEAD_DIM, UPCAST)
         qk = tl.dot(q_b, kt_b, qk, input_precision=DOT_PRECISION)
     if MASK_N:
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
-    scale = qk_scale
-    if FP8:  # the Q block's scale is in qk_scale; this K block's scale
-        scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
     p, alpha, m_i, l_i = _online_softmax(qk, scale, m_i, l_i, RTNE_BF16, FP8, UPCAST)
-    v_a = _tile(v_base + kn[:, None] * svs + offs_a[None, :] * svd, n_ok[:, None] & a_ok[None, :],
-                MASK_N or BLOCK_DA > HEAD_DIM, False)  # [BLOCK_N, BLOCK_DA]
+    if MASK_N:
+        v_a = _tile(v_a_ptrs, n_ok[:, None] & a_ok[None, :], True, False)
+    else:
+        v_a = _tile(v_a_ptrs, a_ok[None, :], BLOCK_DA > HEAD_DIM, False)
     acc_a = _pv(p, v_a, acc_a, alpha, UPCAST, DOT_PRECISION)
     if BLOCK_DB > 0:
-        v_b = _tile(v_base + kn[:, None] * svs + offs_b[None, :] * svd, n_ok[:, None] & b_ok[None, :],
-                    MASK_N or BLOCK_DA + BLOCK_DB > HEAD_DIM, False)
+        if MASK_N:
+            v_b = _tile(v_b_ptrs, n_ok[:, None] & b_ok[None, :], True, False)
+        else:
+            v_b = _tile(v_b_ptrs, b_ok[None, :], BLOCK_DA + BLOCK_DB > HEAD_DIM, False)
         acc_b = _pv(p, v_b, acc_b, alpha, UPCAST, DOT_PRECISION)
     return acc_a, acc_b, m_i, l_i
 
@@ -151,7 +156,7 @@ def _attention_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RTNE_BF16: tl.constexpr,
     SPARSE: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr, MASK_HEADS: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_DBX: tl.constexpr,
 ):
     # The head dim runs on one tile of BLOCK_DA channels, or (BLOCK_DB > 0) on two: channels
     # [0, BLOCK_DA) and [BLOCK_DA, BLOCK_DA + BLOCK_DB), each a power of two, so a pruned head
@@ -184,7 +189,7 @@ def _attention_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_a = tl.arange(0, BLOCK_DA)
-    offs_b = BLOCK_DA + tl.arange(0, max(BLOCK_DB, 16))
+    offs_b = BLOCK_DA + tl.arange(0, BLOCK_DBX)
     m_ok = offs_m < Sq
     a_ok = offs_a < HEAD_DIM
     b_ok = offs_b < HEAD_DIM
@@ -194,13 +199,20 @@ def _attention_kernel(
     o_rows = out_ptr + ((b * Sq + offs_m[:, None]) * H + h) * HEAD_DIM
 
     q_a = _tile(q_rows + offs_a[None, :] * sqd, m_ok[:, None] & a_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DA]
+    kt_a_ptrs = k_base + offs_n[None, :] * sks + offs_a[:, None] * skd  # K^T tile [BLOCK_DA, BLOCK_N]
+    v_a_ptrs = v_base + offs_n[:, None] * svs + offs_a[None, :] * svd  # [BLOCK_N, BLOCK_DA]
     q_b = q_a
+    kt_b_ptrs = kt_a_ptrs
+    v_b_ptrs = v_a_ptrs
     acc_a = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
-    acc_b = tl.zeros([BLOCK_M, max(BLOCK_DB, 16)], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_DBX], tl.float32)
     if BLOCK_DB > 0:
         q_b = _tile(q_rows + offs_b[None, :] * sqd, m_ok[:, None] & b_ok[None, :], True, UPCAST)  # [BLOCK_M, BLOCK_DB]
+        kt_b_ptrs = k_base + offs_n[None, :] * sks + offs_b[:, None] * skd  # [BLOCK_DB, BLOCK_N]
+        v_b_ptrs = v_base + offs_n[:, None] * svs + offs_b[None, :] * svd  # [BLOCK_N, BLOCK_DB]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    scale = qk_scale
     k_scale_row = k_scale_ptr
     if FP8:
         qk_scale = qk_scale * tl.load(q_scale_ptr + bh * tl.cdiv(Sq, BLOCK_M) + pid_m)
@@ -212,34 +224,62 @@ def _attention_kernel(
         n_listed = tl.load(kv_count_ptr + hm * s_ch + row)
         n_whole = tl.load(kv_full_ptr + hm * s_ch + row)  # listed blocks inside Skv (all but a partial last)
         index_row = kv_index_ptr + hm * s_ih + row * s_iq
-        for i in range(0, n_whole):
-            kb = tl.load(index_row + i)
-            for j in tl.static_range(MASK_BK // BLOCK_N):
-                acc_a, acc_b, m_i, l_i = _kv_block(
-                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n, offs_a,
-                    offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N,
-                    BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+        # one flat loop over the listed blocks' BLOCK_N-key steps (a single body the compiler can pipeline)
+        for i in range(0, n_whole * (MASK_BK // BLOCK_N)):
+            start_n = tl.load(index_row + i // (MASK_BK // BLOCK_N)) * MASK_BK + (i % (MASK_BK // BLOCK_N)) * BLOCK_N
+            if FP8:
+                scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+            kn = start_n + offs_n
+            acc_a, acc_b, m_i, l_i = _kv_block(
+                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
+                k_base + kn[None, :] * sks + offs_b[:, None] * skd, v_base + kn[:, None] * svs + offs_a[None, :] * svd,
+                v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
+                False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
         if n_listed > n_whole:  # the partial last key block: its first sub-block holds >= 1 key
             kb = tl.load(index_row + n_whole)
             for j in tl.static_range(MASK_BK // BLOCK_N):
-                if kb * MASK_BK + j * BLOCK_N < Skv:
+                start_n = kb * MASK_BK + j * BLOCK_N
+                if start_n < Skv:
+                    if FP8:
+                        scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+                    kn = start_n + offs_n
                     acc_a, acc_b, m_i, l_i = _kv_block(
-                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n,
-                        offs_a, offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, True, HEAD_DIM,
-                        BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
+                        k_base + kn[None, :] * sks + offs_b[:, None] * skd,
+                        v_base + kn[:, None] * svs + offs_a[None, :] * svd,
+                        v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
+                        True, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
         l_i = tl.where(l_i > 0, l_i, 1.0)  # a query row with no allowed key: zeros out
     else:
         n_full = Skv - Skv % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
-            acc_a, acc_b, m_i, l_i = _kv_block(
-                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
-                sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST,
-                DOT_PRECISION, RTNE_BF16, FP8)
+            if FP8:  # pointers from the scalar bases each block: FP8's 128-key tiles leave no registers
+                scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)  # for [D, BLOCK_N] pointer tiles
+                kn = start_n + offs_n
+                acc_a, acc_b, m_i, l_i = _kv_block(
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
+                    k_base + kn[None, :] * sks + offs_b[:, None] * skd,
+                    v_base + kn[:, None] * svs + offs_a[None, :] * svd,
+                    v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
+                    False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+            else:
+                acc_a, acc_b, m_i, l_i = _kv_block(
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, kt_a_ptrs, kt_b_ptrs, v_a_ptrs, v_b_ptrs, offs_n < BLOCK_N, a_ok,
+                    b_ok, scale, False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+                kt_a_ptrs += BLOCK_N * sks
+                v_a_ptrs += BLOCK_N * svs
+                kt_b_ptrs += BLOCK_N * sks
+                v_b_ptrs += BLOCK_N * svs
         if n_full < Skv:  # the tail block: 1..BLOCK_N-1 keys, masked
+            if FP8:
+                scale = qk_scale * tl.load(k_scale_row + n_full // BLOCK_N)
+                kt_a_ptrs += n_full * sks  # (the FP8 loop above left the pointers at key 0)
+                v_a_ptrs += n_full * svs
+                kt_b_ptrs += n_full * sks
+                v_b_ptrs += n_full * svs
             acc_a, acc_b, m_i, l_i = _kv_block(
-                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, n_full, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
-                sks, skd, svs, svd, qk_scale, k_scale_row, True, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST,
-                DOT_PRECISION, RTNE_BF16, FP8)
+                acc_a, acc_b, m_i, l_i, q_a, q_b, kt_a_ptrs, kt_b_ptrs, v_a_ptrs, v_b_ptrs, offs_n < Skv - n_full, a_ok,
+                b_ok, scale, True, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
 
     if FP8:  # P was scaled by 448; V's per-channel scales
         l_i = l_i * 448.0
@@ -346,7 +386,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
               precision: str | None = None) -> torch.Tensor:
     """Launches the kernel; ValueError if the inputs are outside what it serves.
     block_mask: a `flgengine.ops.block_mask.BlockMask` (block-sparse attention).
-    precision="fp8": q, k, v quantised to e4m3 first (`flgengine.ops.fp8.quantize_attention`).
+    precision="fp8": q, k, v quantised to e4m3 first (`quantize.py`, one pass each; the contract of
+    `flgengine.ops.fp8.quantize_attention`).
     tiling: some of BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_D over `config`'s (benchmark sweeps)."""
     reason = _common.device_reason((q, k, v)) or check(q, k, v, block_mask, precision)
     if reason:
@@ -367,6 +408,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     sparse = dict(SPARSE=False, MASK_BQ=16, MASK_BK=16, MASK_HEADS=False)
     index = count = full = q  # unused pointers when dense
     s_ih = s_iq = s_ch = 0
+    if block_mask is not None and block_mask.is_dense:
+        block_mask = None  # every tile allowed: the dense loop (no index reads)
     if block_mask is not None:  # the kernel's tiles divide the mask's blocks
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_mask.block_q)
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_mask.block_k)
@@ -376,9 +419,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
         s_ih, s_iq, s_ch = index.stride(0), index.stride(1), count.stride(0)
     q_scale = k_scale = v_scale = q  # unused pointers unless FP8
     if fp8:
-        from .. import fp8 as F8
+        from .quantize import quantize_attention
 
-        q, q_scale, k, k_scale, v, v_scale = F8.quantize_attention(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], pad_kv=16)
+        q, q_scale, k, k_scale, v, v_scale = quantize_attention(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], pad_kv=16)
         v = v.permute(0, 3, 1, 2)  # a (B, Skv, H, D) view of the token-contiguous (B, H, D, Skv) storage
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
     # the strides the kernel takes divided by STRIDE_ALIGN: batch, token and head of q and k; of
@@ -391,5 +434,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
                    index, count, full, s_ih, s_iq, s_ch, q_scale, k_scale, v_scale,
                    HEAD_DIM=D, STRIDE_ALIGN=align,
                    UPCAST=interpret, RTNE_BF16=_common.fix_bf16_rounding(q.dtype, q.device) and not fp8,
-                   DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=fp8, **sparse, **cfg)
+                   DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=fp8,
+                   BLOCK_DBX=max(cfg["BLOCK_DB"], 16), **sparse, **cfg)
     return out
