@@ -132,3 +132,53 @@ def test_fp8_gemm(benchmark, name, K, N):
                      f"rel err {err:.4f}",
           M=S, K=K, N=N, bf16_seconds=t16, fp8_seconds=t8, fp8_fast_seconds=t8f, fp8_quant_seconds=t8q,
           speedup=t16 / t8, speedup_fast=t16 / t8f, speedup_with_quant=t16 / t8q, rel_err=err)
+
+
+def test_dit_4step_loop(benchmark):
+    """The 30%-block-pruned Wan2.1-1.3B-shaped student's 4-step loop (4 DiT forwards + Euler
+    updates, no CFG, 480p x 81 frames, 512 text tokens, random weights), bf16 and FP8, dense and
+    with a block mask of density 0.25 on self-attention (random tiles: the time depends on the
+    density, not on which tiles)."""
+    from test_bench_dit import WAN_1_3B, WAN_LATENT, _keep_70_percent
+
+    from flgengine.config import ModelConfig
+    from flgengine.model import DiT
+    from flgengine.model.precision import to_fp8
+
+    cfg = ModelConfig(**WAN_1_3B, block_ids=_keep_70_percent(WAN_1_3B["num_layers"]))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DiT(cfg).cast(torch.bfloat16).eval()
+    x = torch.randn(WAN_LATENT, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(1, 512, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    masks = {}
+
+    def sparse(grid):  # one mask per grid, built once
+        if grid not in masks:
+            n = grid[0] * grid[1] * grid[2]
+            masks[grid] = random_block_mask(cfg.num_heads, n, n, 0.25, 128, 128, seed=1, device="cuda")
+        return masks[grid]
+
+    def loop():
+        z = x
+        for t in (1000.0, 750.0, 500.0, 250.0):
+            z = z - 0.25 * model(z, torch.tensor([t], device="cuda"), ctx)
+        return z
+
+    results, outs = {}, {}
+    with torch.no_grad():
+        for precision in ("bf16", "fp8"):
+            if precision == "fp8":
+                to_fp8(model)
+            for name, mask in (("dense", None), ("sparse0.25", sparse)):
+                model.block_mask = mask
+                key = f"{precision}-{name}"
+                results[key] = median_seconds(loop, x.device, repeat=3, warmup=1)
+                outs[key] = model(x, torch.tensor([500.0], device="cuda"), ctx).float()
+        benchmark.pedantic(loop, rounds=1, iterations=1)
+    base = results["bf16-dense"]
+    err = {k: _rel(v, outs["bf16-dense"]) for k, v in outs.items()}
+    _line(benchmark, "DiT 4-step loop, Wan-1.3B 30% pruned, 480p x 81: " + ", ".join(
+        f"{k} {v:.3f} s ({base / v:.2f}x, forward rel diff vs bf16-dense {err[k]:.3f})" for k, v in results.items()),
+          seconds=results, speedup=base and {k: base / v for k, v in results.items()}, rel_diff=err,
+          blocks=len(cfg.kept_blocks))

@@ -17,7 +17,7 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
-         engine: str | os.PathLike | None = None):
+         engine: str | os.PathLike | None = None, precision: str = "bf16"):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
@@ -25,10 +25,13 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     ("ref", "cpu", "cuda", "triton"; None = automatic). engine: a directory built by
     `python -m flgengine.export` from this bundle; the DiT runs through it (device and
     dtype then default to the engine's), and an engine built from another bundle is refused.
+    precision: "bf16" (the DiT in `dtype`) or "fp8" (e4m3 weights, activations and
+    self-attention: real on GPUs of compute capability >= 8.9, emulated on the CPU; see
+    docs/architecture.md).
     """
     from .pipeline import Pipeline
 
-    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine)
+    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, num_frames: int | None = None,
@@ -36,7 +39,7 @@ def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, n
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
              progress: bool = True, force: bool = False, engine: str | os.PathLike | None = None,
-             cuda_graph: bool | None = None):
+             cuda_graph: bool | None = None, precision: str = "bf16"):
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 
     Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
@@ -44,8 +47,9 @@ def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, n
     A distilled student refuses other step counts and CFG unless `force=True`.
     `engine`: run the DiT through a built engine directory (see `load`). `cuda_graph`:
     capture a student's whole few-step loop as one CUDA graph (None: on for students on CUDA).
+    `precision`: "bf16" or "fp8" (see `load`).
     """
-    pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine)
+    pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision)
     return pipe(prompt, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
                 guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force,
                 cuda_graph=cuda_graph)

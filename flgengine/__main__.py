@@ -16,7 +16,8 @@ def _generate(args) -> int:
     import flgengine
 
     t0 = time.perf_counter()
-    pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine)
+    pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,
+                          precision=args.precision)
     t1 = time.perf_counter()
     video = pipe(args.prompt, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
@@ -24,7 +25,8 @@ def _generate(args) -> int:
     t2 = time.perf_counter()
     if not args.quiet:
         B, T, H, W, _ = video.shape
-        print(f"{B} video(s) of {T} frames {H}x{W} in {t2 - t1:.2f} s (load {t1 - t0:.2f} s) -> {args.output}")
+        print(f"{B} video(s) of {T} frames {H}x{W} in {t2 - t1:.2f} s (load {t1 - t0:.2f} s; {pipe.precision} "
+              f"on {pipe.device.type}) -> {args.output}")
     return 0
 
 
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default=None, choices=["ref", "cpu", "cuda", "triton"], help="ops backend (default: automatic; env FLG_BACKEND)")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                   help="DiT precision: bf16 (the --dtype weights) or fp8 (e4m3 weights, activations and self-attention; "
+                        "FP8 tensor cores on compute capability >= 8.9, emulated on the CPU) (default: bf16)")
     g.add_argument("--engine", default=None, metavar="DIR",
                    help="run the DiT through an engine built from this bundle by python -m flgengine.export")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,

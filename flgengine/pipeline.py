@@ -78,25 +78,39 @@ class Pipeline:
         self.provenance = provenance or {}
         self.engine = engine  # a flgengine.export.Engine running the DiT, or None (PyTorch)
         self._graphs: dict = {}  # captured few-step loops (GraphedFewStepLoop), one per shape
+        self.precision = "bf16"  # the DiT's: "bf16" (its dtype) or "fp8" (model/precision.py)
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
-                    engine: str | os.PathLike | None = None) -> "Pipeline":
+                    engine: str | os.PathLike | None = None, precision: str = "bf16") -> "Pipeline":
+        from .model.precision import PRECISIONS, fp8_unavailable, set_precision
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         path = resolve_model(path)
         if engine is not None:
+            if precision != "bf16":
+                raise ValueError(f"precision={precision!r}: an engine (engine={str(engine)!r}) runs in "
+                                 "the precision it was built in; drop precision= or run without the engine")
             return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if precision == "fp8" and fp8_unavailable(device):
+            raise ValueError(fp8_unavailable(device))
         if backend is not None:
             from .ops.registry import requested_backend
 
             requested_backend(backend)  # validates the name before loading anything
         bundle = load_bundle(path, device=device, dtype=dtype)
         bundle.model.backend = backend
+        for dit in (bundle.model.high, bundle.model.low) if hasattr(bundle.model, "low") else (bundle.model,):
+            set_precision(dit, precision)
         cfg = bundle.pipeline
         text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
-        return cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
+        pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
+        pipe.precision = precision
+        return pipe
 
     @classmethod
     def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None) -> "Pipeline":

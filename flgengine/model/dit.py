@@ -23,6 +23,7 @@ import torch.nn as nn
 from .. import ops
 from ..config import ModelConfig
 from .embed import TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
+from .precision import quantize_activation
 
 
 def _tokens(m: torch.Tensor) -> torch.Tensor:
@@ -43,19 +44,25 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, dim)
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
+        self.precision: str | None = None  # "fp8": attention in FP8 (model.precision.to_fp8)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None) -> torch.Tensor:
-        # x: (B, S, D); kv: (B, L, D) for cross-attention, else x
-        kv = x if kv is None else kv
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, block_mask=None) -> torch.Tensor:
+        # x: (B, S, D); kv: (B, L, D) for cross-attention, else x. FP8 linears read an input
+        # quantised once (x for q, k, v in self-attention; x for q and kv for k, v in cross)
         split = (self.num_heads, self.head_dim)
+        xq = quantize_activation(x, self.q)
+        kvq = xq if kv is None else quantize_activation(kv, self.k)
         if rope is not None:  # self-attention: q/k RMSNorm + RoPE in one op -> (B, S, H, Dh) each
-            q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *rope,
+            q, k = ops.qk_norm_rope(self.q(xq), self.k(xq), self.norm_q.weight, self.norm_k.weight, *rope,
                                     self.num_heads, self.eps)
         else:  # cross-attention: q (B, S, H, Dh), k (B, L, H, Dh), no RoPE
-            q = ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, split)
-            k = ops.rms_norm(self.k(kv), self.norm_k.weight, self.eps).unflatten(-1, split)
-        v = self.v(kv).unflatten(-1, split)  # (B, L, H, Dh)
-        out = ops.attention(q, k, v)  # (B, S, H, Dh)
+            q = ops.rms_norm(self.q(xq), self.norm_q.weight, self.eps).unflatten(-1, split)
+            k = ops.rms_norm(self.k(kvq), self.norm_k.weight, self.eps).unflatten(-1, split)
+        v = self.v(kvq).unflatten(-1, split)  # (B, L, H, Dh)
+        if block_mask is None and self.precision is None:
+            out = ops.attention(q, k, v)  # (B, S, H, Dh)
+        else:
+            out = ops.attention(q, k, v, block_mask=block_mask, precision=self.precision)
         return self.o(out.flatten(2).type_as(x))
 
 
@@ -81,9 +88,10 @@ class Block(nn.Module):
         self.cross_attn = Attention(dim, num_heads, head_dim, eps)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x, context, t_mod, rope, pending=None):
+    def forward(self, x, context, t_mod, rope, pending=None, block_mask=None):
         """x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32;
-        pending: the previous block's FFN residual (y, gate) not yet in x, or None.
+        pending: the previous block's FFN residual (y, gate) not yet in x, or None;
+        block_mask: self-attention's tiles (block-sparse attention), or None (dense).
 
         Returns (x, pending): the stream and this block's own FFN residual, left for the
         next consumer (the next block or the head) to add in the same pass as its adaLN.
@@ -96,7 +104,7 @@ class Block(nn.Module):
             h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
         else:
             x, h = ops.gated_residual_adaln(x, *pending, scale_sa, shift_sa, self.eps)
-        y = self.self_attn(h, rope=rope)
+        y = self.self_attn(h, rope=rope, block_mask=block_mask)
         # 2. x += gate_sa * y (fp32), fused with the cross-attention's LayerNorm: an affine
         #    LayerNorm is adaLN with scale = weight - 1 and shift = bias, the same for every sample
         if isinstance(self.norm_cross, nn.LayerNorm):
@@ -146,6 +154,10 @@ class DiT(nn.Module):
         c = self.config = config
         D = c.dim
         self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
+        self.precision = "bf16"  # or "fp8": model.precision.set_precision
+        # self-attention's block mask: None (dense), a BlockMask, or a function of the token
+        # grid (F', H', W') returning one (block-sparse attention)
+        self.block_mask = None
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
         if c.pos_embed and c.pos_grid:  # one vector per (frame, row, column), not in Wan: see ModelConfig
             self.pos_table = nn.Parameter(torch.randn(*c.pos_grid, D) * 0.02)
@@ -226,8 +238,9 @@ class DiT(nn.Module):
 
         # 4. blocks; each block's FFN residual is added by the next one, fused with its adaLN
         pending = None
+        block_mask = self.block_mask(grid) if callable(self.block_mask) else self.block_mask
         for block in self.blocks:
-            h, pending = block(h, ctx, t_mod, rope, pending)
+            h, pending = block(h, ctx, t_mod, rope, pending, block_mask=block_mask)
 
         # 5. head (the last FFN residual fused with its adaLN) and unpatchify:
         #    (B, S, C*pt*ph*pw) -> (B, C, F, H, W)

@@ -44,6 +44,19 @@ def _expand_blocks(s: torch.Tensor, block: int, S: int) -> torch.Tensor:
     return s.repeat_interleave(block, dim=2)[:, :, :S].transpose(1, 2).unsqueeze(-1)
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantisation of a GEMM's activation: x (M, K) -> (e4m3 (M, K), fp32
+    scales (M, 1)), one scale per row (token)."""
+    scale = _scale(x.float().abs().amax(dim=1, keepdim=True))
+    return (x.float() / scale).to(E4M3), scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel quantisation of a Linear's weight: w (N, K) -> (e4m3 (N, K), fp32 (N, 1))."""
+    scale = _scale(w.float().abs().amax(dim=1, keepdim=True))
+    return (w.float() / scale).to(E4M3), scale
+
+
 def quantize_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int,
                        pad_kv: int = 1):
     """q (B, Sq, H, D), k, v (B, Skv, H, D), any float dtype ->

@@ -84,3 +84,30 @@ def quantize_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
                    *v.stride(), 1, s_pad, D=D, BLOCK_S=block, BLOCK_D=max(16, _common.next_pow2(D)), SMOOTH=False,
                    PER_CHANNEL=True, RTNE=interpret, num_warps=4)
     return q8, q_scale, k8, k_scale, v8[..., :S], v_scale
+
+
+@triton.jit
+def _token_quant_kernel(out_ptr, scale_ptr, x_ptr, M, K, sxm, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                        RTNE: tl.constexpr):
+    # ROWS tokens of x (M, K) per program: one pass, |x| max per row, e4m3 out (M, K) + scales (M,)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), 1) / 448.0, 1e-12)  # [ROWS]
+    tl.store(scale_ptr + rows, s, mask=rows < M)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_e4m3(x / s[:, None], RTNE), mask=ok)
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), unit stride along K -> (e4m3 (M, K), fp32 scales (M, 1)): dynamic per-token
+    scales, the contract of `flgengine.ops.fp8.quantize_tokens`."""
+    M, K = x.shape
+    out = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block = max(16, _common.next_pow2(K))
+    interpret = _common.is_interpreted(x.device)
+    rows = max(1, min(16, 4096 // block)) if not interpret else max(1, min(64, 32768 // block))
+    _common.launch(_token_quant_kernel, (triton.cdiv(M, rows),), x.device, out, scale, x, M, K, x.stride(0),
+                   ROWS=rows, BLOCK_K=block, RTNE=interpret, num_warps=4 if rows * block <= 4096 else 8)
+    return out, scale

@@ -1,0 +1,128 @@
+"""Precision of a DiT: "bf16" (the weights' own dtype) or "fp8" (e4m3 weights and activations).
+
+FP8 replaces the transformer blocks' linears with `FP8Linear` and runs self-attention in FP8:
+- weights: e4m3 with one fp32 scale per output channel, stored once (no bf16 copy kept);
+- activations: dynamic per-token scales, quantised once per input and shared by the linears
+  that read it (self-attention's q, k, v);
+- GEMMs: `torch._scaled_mm` (cuBLASLt FP8 tensor cores, fast accumulation, bias fused,
+  bf16 out) on GPUs of compute capability >= 8.9 where the widths are multiples of 16;
+  elsewhere (the CPU, a pruned width that is not) the same numerics emulated: the e4m3
+  values and scales dequantised and multiplied in fp32;
+- self-attention: `ops.attention(..., precision="fp8")` (flgengine/ops/fp8.py).
+
+Kept in their own precision (`HIGH_PRECISION`): the patch embedding, the timestep MLP and its
+projection, the text projection, modulation tables, norms and the output head: small layers
+whose errors every token would share.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops import fp8 as F8
+
+PRECISIONS = ("bf16", "fp8")
+# the block linears FP8 replaces (names inside each block)
+FP8_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+               "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
+HIGH_PRECISION = ("patch_embed", "time_embed", "time_proj", "text_embed", "text_pool", "blocks.*.modulation",
+                  "blocks.*.norm_*", "blocks.*.*_attn.norm_q", "blocks.*.*_attn.norm_k", "head")
+
+
+def fp8_unavailable(device) -> str | None:
+    """Why this device cannot run FP8 tensor-core products (None: it can). The CPU emulates."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return (f"precision='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper or newer); "
+                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+    return None
+
+
+class QuantizedTokens:
+    """An activation quantised once for several linears: x8 (M, K) e4m3, scale (M, 1) fp32,
+    and the leading shape / dtype of the tensor it came from."""
+
+    def __init__(self, x: torch.Tensor):
+        self.lead, self.dtype, self.device = x.shape[:-1], x.dtype, x.device
+        flat = x.reshape(-1, x.shape[-1])
+        if x.device.type == "cuda":
+            from ..ops.triton.quantize import quantize_tokens
+            self.x8, self.scale = quantize_tokens(flat if flat.stride(-1) == 1 else flat.contiguous())
+        else:
+            self.x8, self.scale = F8.quantize_tokens(flat)
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T + b with W in e4m3 (per-output-channel scales) and x quantised per token."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 out_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=F8.E4M3, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=out_dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "FP8Linear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device, lin.weight.dtype)
+        m.weight, m.weight_scale = F8.quantize_weight(lin.weight.detach())
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.detach())
+        return m
+
+    def _tensor_cores(self, device: torch.device) -> bool:
+        return (device.type == "cuda" and self.in_features % 16 == 0 and self.out_features % 16 == 0
+                and fp8_unavailable(device) is None)
+
+    def forward(self, x: torch.Tensor | QuantizedTokens) -> torch.Tensor:
+        xq = x if isinstance(x, QuantizedTokens) else QuantizedTokens(x)
+        dtype = xq.dtype if xq.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if self._tensor_cores(xq.device) and dtype != torch.float32:
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = torch._scaled_mm(xq.x8, self.weight.t(), scale_a=xq.scale, scale_b=self.weight_scale.t(), bias=bias,
+                                 out_dtype=dtype, use_fast_accum=True)
+        else:  # emulated: the same e4m3 values and scales, fp32 products
+            w = self.weight.float() * self.weight_scale
+            y = (xq.x8.float() * xq.scale) @ w.t()
+            if self.bias is not None:
+                y = y + self.bias.float()
+        return y.to(xq.dtype).reshape(*xq.lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+def quantize_activation(x: torch.Tensor, linear: nn.Module):
+    """x quantised once when `linear` is FP8 (for linears sharing the input), else x itself."""
+    return QuantizedTokens(x) if isinstance(linear, FP8Linear) else x
+
+
+def to_fp8(model: nn.Module) -> nn.Module:
+    """Replaces the block linears (`FP8_LINEARS`) of a DiT by FP8Linear and turns on FP8
+    self-attention, in place. Idempotent."""
+    for block in model.blocks:
+        for name in FP8_LINEARS:
+            parent_name, attr = name.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+            if isinstance(lin, nn.Linear):
+                setattr(parent, attr, FP8Linear.from_linear(lin))
+        block.self_attn.precision = "fp8"
+    model.precision = "fp8"
+    return model
+
+
+def set_precision(model: nn.Module, precision: str) -> nn.Module:
+    """"bf16": the model as it is (its own dtype); "fp8": `to_fp8` (not reversible in place)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp8":
+        return to_fp8(model)
+    if getattr(model, "precision", "bf16") == "fp8":
+        raise ValueError("this model's linears are already FP8; load it again for precision='bf16'")
+    return model

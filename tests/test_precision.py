@@ -1,0 +1,91 @@
+"""FP8 precision of the DiT (flgengine/model/precision.py) and block-sparse self-attention in
+the model, on the CPU (FP8 emulated: the e4m3 values and scales the GPU path uses, fp32
+products) and, with the `gpu` marker, the FP8 tensor-core path against that emulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from flgengine.model import DiT
+from flgengine.model.precision import FP8_LINEARS, FP8Linear, QuantizedTokens, set_precision, to_fp8
+from flgengine.ops import fp8 as F8
+from flgengine.ops.block_mask import BlockMask, random_block_mask
+from helpers import assert_close, rel_err, tiny_config
+
+
+def _inputs(cfg, B=2, F=3, H=8, W=8, L=5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, cfg.in_channels, F, H, W, generator=g)
+    return x, torch.tensor([700.0, 300.0]), torch.randn(B, L, cfg.text_dim, generator=g)
+
+
+def test_fp8_linear_is_the_dequantised_product():
+    lin = torch.nn.Linear(40, 24)
+    x = torch.randn(3, 7, 40)
+    f = FP8Linear.from_linear(lin)
+    assert f.weight.dtype == torch.float8_e4m3fn and f.weight_scale.shape == (24, 1)
+    x8, sx = F8.quantize_tokens(x.reshape(-1, 40))
+    expect = (x8.float() * sx) @ (f.weight.float() * f.weight_scale).t() + lin.bias.detach()
+    assert_close(f(x), expect.reshape(3, 7, 24), 1e-6, "FP8Linear emulated")
+    err = rel_err(f(x), lin(x).detach())
+    assert 1e-3 < err < 0.08, err  # it quantises; e4m3 keeps a few percent
+    assert_close(f(QuantizedTokens(x)), f(x), 0.0, "pre-quantised input")
+
+
+def test_fp8_model_is_close_to_the_bf16_model_and_really_quantises():
+    cfg = tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=3)
+    torch.manual_seed(0)
+    model = DiT(cfg).eval()
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        fp8 = copy.deepcopy(model)
+        set_precision(fp8, "fp8")
+        out = fp8(x, t, ctx)
+    for block in fp8.blocks:
+        for name in FP8_LINEARS:
+            assert isinstance(block.get_submodule(name), FP8Linear), name
+        assert block.self_attn.precision == "fp8" and block.cross_attn.precision is None
+    assert isinstance(fp8.head.proj, torch.nn.Linear) and not isinstance(fp8.head.proj, FP8Linear)  # kept high
+    err = rel_err(out, ref)
+    assert 1e-3 < err < 0.1, err
+    assert fp8.precision == "fp8" and to_fp8(fp8) is fp8  # idempotent
+    with pytest.raises(ValueError, match="precision='int4' is not one of bf16, fp8"):
+        set_precision(model, "int4")
+    with pytest.raises(ValueError, match="already FP8"):
+        set_precision(fp8, "bf16")
+
+
+def test_block_mask_in_the_model():
+    cfg = tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=2)
+    torch.manual_seed(0)
+    model = DiT(cfg).eval()
+    x, t, ctx = _inputs(cfg, F=4, H=8, W=8)  # 4 x 4 x 4 = 64 tokens
+    with torch.no_grad():
+        dense = model(x, t, ctx)
+        model.block_mask = BlockMask(torch.ones(1, 4, 4, dtype=torch.bool), 64, 64, 16, 16)
+        assert_close(model(x, t, ctx), dense, 1e-5, "an all-True mask")
+        seen = []
+        model.block_mask = lambda grid: seen.append(grid) or random_block_mask(2, 64, 64, 0.5, 16, 16)
+        sparse = model(x, t, ctx)
+    assert seen == [(4, 4, 4)]
+    assert rel_err(sparse, dense) > 1e-3  # the mask changes the function
+    model.block_mask = random_block_mask(2, 63, 63, 0.5, 16, 16)
+    with pytest.raises(ValueError, match="q_len=63"):
+        model(x, t, ctx)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_model_matches_the_emulation():
+    cfg = tiny_config(num_heads=2, head_dim=64, ffn_dim=256, num_layers=2, text_dim=64)
+    torch.manual_seed(0)
+    cpu = to_fp8(DiT(cfg).cast(torch.bfloat16).eval())
+    gpu = copy.deepcopy(cpu).cuda()
+    x, t, ctx = _inputs(cfg, F=2, H=16, W=16)
+    with torch.no_grad():
+        a = gpu(x.cuda().bfloat16(), t.cuda(), ctx.cuda().bfloat16()).float().cpu()
+        b = cpu(x.bfloat16(), t, ctx.bfloat16()).float()
+    assert_close(a, b, 5e-2, "FP8 on tensor cores vs emulated")
