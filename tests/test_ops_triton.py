@@ -805,11 +805,8 @@ def test_gpu_attention_pruned_head_dims_vs_sdpa(compiled, D):
     for dtype in (torch.bfloat16, torch.float16):
         check_attention(B, S, S, H, D, dtype, "contiguous", device="cuda")
         check_attention(B, S, 77, H, D, dtype, "strided", device="cuda")
-    # the one-tile kernel beside the split one (40, 72, 96 split; 112 runs on one 128 tile either way)
-    from flgengine.ops.triton import attention as T
-
-    q, k, v = _qkv(B, S, 77, H, D, torch.bfloat16, "cuda", "strided")
-    assert_close(T.attention(q, k, v, tiling={"SPLIT_D": False}), T.attention(q, k, v), 1e-2, f"one-tile vs split D={D}")
+    # (the dense loop runs one power-of-two tile on a GPU: see attention.attention; the split
+    # tiles are covered by the block-sparse and FP8 tests below)
 
 
 @pytest.mark.gpu

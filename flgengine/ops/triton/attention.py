@@ -403,7 +403,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: dict | 
     unknown = set(tiling) - set(TUNABLE)
     if unknown:
         raise ValueError(f"tiling keys {sorted(unknown)} are not tunable ({', '.join(TUNABLE)})")
-    cfg = config(D, q.dtype, interpret, split=tiling.pop("SPLIT_D", True), fp8=fp8)
+    split = tiling.pop("SPLIT_D", None)
+    if split is None:  # the split tiles are served by the sparse and FP8 loops; the dense bf16 / fp16 loop
+        # compiled with them computed wrong results (head dim 40) or faulted (72, 96) on an H200 with
+        # torch 2.11 / Triton 3.6 (2026-12-04), so on a GPU it runs one power-of-two tile
+        split = interpret or fp8 or block_mask is not None
+    cfg = config(D, q.dtype, interpret, split=split, fp8=fp8)
     cfg.update(tiling)
     sparse = dict(SPARSE=False, MASK_BQ=16, MASK_BK=16, MASK_HEADS=False)
     index = count = full = q  # unused pointers when dense
