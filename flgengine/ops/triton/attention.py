@@ -224,17 +224,19 @@ def _attention_kernel(
         n_listed = tl.load(kv_count_ptr + hm * s_ch + row)
         n_whole = tl.load(kv_full_ptr + hm * s_ch + row)  # listed blocks inside Skv (all but a partial last)
         index_row = kv_index_ptr + hm * s_ih + row * s_iq
-        # one flat loop over the listed blocks' BLOCK_N-key steps (a single body the compiler can pipeline)
-        for i in range(0, n_whole * (MASK_BK // BLOCK_N)):
-            start_n = tl.load(index_row + i // (MASK_BK // BLOCK_N)) * MASK_BK + (i % (MASK_BK // BLOCK_N)) * BLOCK_N
-            if FP8:
-                scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
-            kn = start_n + offs_n
-            acc_a, acc_b, m_i, l_i = _kv_block(
-                acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
-                k_base + kn[None, :] * sks + offs_b[:, None] * skd, v_base + kn[:, None] * svs + offs_a[None, :] * svd,
-                v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
-                False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+        for i in range(0, n_whole):  # per listed block, its MASK_BK // BLOCK_N steps unrolled
+            kb = tl.load(index_row + i)  # (one flat loop over all steps measured 8% slower on an H200)
+            for j in tl.static_range(MASK_BK // BLOCK_N):
+                start_n = kb * MASK_BK + j * BLOCK_N
+                if FP8:
+                    scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+                kn = start_n + offs_n
+                acc_a, acc_b, m_i, l_i = _kv_block(
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
+                    k_base + kn[None, :] * sks + offs_b[:, None] * skd,
+                    v_base + kn[:, None] * svs + offs_a[None, :] * svd,
+                    v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
+                    False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
         if n_listed > n_whole:  # the partial last key block: its first sub-block holds >= 1 key
             kb = tl.load(index_row + n_whole)
             for j in tl.static_range(MASK_BK // BLOCK_N):
