@@ -76,11 +76,11 @@ def test_fp8_attention(benchmark, D, density):
     bf16 = median_seconds(lambda: ops.attention(q, k, v, block_mask=bm, backend="triton"), q.device, repeat=5)
     fp8 = median_seconds(lambda: ops.attention(q, k, v, block_mask=bm, precision="fp8", backend="triton"), q.device,
                          repeat=5)
-    from flgengine.ops import fp8 as F8
     from flgengine.ops.triton import attention as T
+    from flgengine.ops.triton.quantize import quantize_attention
 
-    cfg = T.config(D, q.dtype, interpret=False, fp8=True)
-    quant = median_seconds(lambda: F8.quantize_attention(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], pad_kv=16), q.device,
+    cfg = T.config(D, q.dtype, interpret=False, fp8=True)  # the Triton quantisation pass the kernel runs first
+    quant = median_seconds(lambda: quantize_attention(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], pad_kv=16), q.device,
                            repeat=5)
     out8 = ops.attention(q, k, v, block_mask=bm, precision="fp8", backend="triton")
     out16 = ops.attention(q, k, v, block_mask=bm, backend="triton")
@@ -90,7 +90,7 @@ def test_fp8_attention(benchmark, D, density):
                        iterations=1, warmup_rounds=1)
     kernel = fp8 - quant
     _line(benchmark, f"fp8 attention D={D} density {density}: {fp8 * 1e3:.2f} ms with quantisation "
-                     f"({quant * 1e3:.2f} ms of it, torch), {bf16 / fp8:.2f}x our bf16 ({bf16 * 1e3:.2f} ms); "
+                     f"({quant * 1e3:.2f} ms of it), {bf16 / fp8:.2f}x our bf16 ({bf16 * 1e3:.2f} ms); "
                      f"kernel alone {bf16 / kernel:.2f}x; rel err vs bf16 {err:.4f}, cosine {cos:.5f}",
           head_dim=D, density=density, seconds=fp8, quant_seconds=quant, bf16_seconds=bf16, speedup=bf16 / fp8,
           kernel_speedup=bf16 / kernel, rel_err_vs_bf16=err, cosine_vs_bf16=cos)
