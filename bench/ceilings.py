@@ -1,6 +1,6 @@
 """The machine's measured ceilings. On CUDA, the card's two, against which GPU figures are reported as fractions:
 copy bandwidth (a large device-to-device copy: bytes read + written per second) and
-bf16 matmul throughput (a large square GEMM). Measured once per session.
+bf16 matmul throughput (a large square GEMM). Measured once per process (cached).
 """
 
 from __future__ import annotations

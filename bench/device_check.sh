@@ -18,7 +18,7 @@
 # named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, 4-7 min).
 #
 # Each section has its own time limit so one slow part cannot eat the run; files under
-# $OUT stay few (the device tool returns at most 8). The whole script took ~9 min on an H100
+# $OUT stay few (at most 8 files are kept). The whole script took ~9 min on an H100
 # (tests 225 s, with the AOTInductor compiles the slowest part).
 set -uo pipefail
 OUT=${OUT:-/tmp/flg-device-out}

@@ -4,7 +4,7 @@
     plan.to_json("plan.json")                       # a file users may edit (drop / keep)
     student = apply_plan(teacher, PruningPlan.from_json("plan.json"))
 
-Rule (FASTLIGHTGEN.md, ours): drop the least important blocks, one at a time, until the
+Rule (docs/distillation.md): drop the least important blocks, one at a time, until the
 removed parameter count reaches `budget` x (all DiT parameters); the first and the last
 block are never dropped. Blocks differ in size when heads or FFN widths are pruned, so
 the budget counts parameters, not blocks.

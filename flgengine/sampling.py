@@ -1,6 +1,6 @@
 """Samplers over flow-matching models.
 
-Convention (FASTLIGHTGEN.md): x_t = (1 - t) x0 + t eps, t = sigma in [0, 1]; the model
+Convention (docs/distillation.md): x_t = (1 - t) x0 + t eps, t = sigma in [0, 1]; the model
 predicts v = eps - x0, so x0_hat = x_t - sigma * v. The DiT takes timesteps in the
 teacher's units, t = sigma * num_train_timesteps (Wan: 1000).
 

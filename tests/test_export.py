@@ -2,7 +2,7 @@
 engine-backed generation, and the TensorRT pieces that need no TensorRT. (CUDA graphs and
 engines on CUDA: test_cudagraph.py.)
 
-One ONNX export and one AOTInductor compile per session (module fixtures): AOTI compiles
+One ONNX export and one AOTInductor compile per test module (module fixtures): AOTI compiles
 take about a minute on 2 cores.
 """
 

@@ -326,5 +326,5 @@ def register(registry) -> None:
         registry.register("gated_residual_adaln", backend, gated_residual_adaln, gated_residual_adaln_why_not(backend))
         registry.register("qk_norm_rope", backend, qk_norm_rope, qk_norm_rope_why_not(backend))
         # explicit requests only: measured slower than torch SDPA (the C++ one ~2x on CPU; the CUDA
-        # one 0.21-0.27x SDPA's speed on an H100, bench/RESULTS.md 2026-11-27, stop 12)
+        # one 0.21-0.27x SDPA's speed on an H100, bench/RESULTS.md 2026-11-27)
         registry.register("attention", backend, attention, attention_why_not(backend), auto=False)

@@ -71,7 +71,7 @@ def requested_backend(backend: str | None) -> str | None:
 
 # The automatic order on CUDA, from H100 measurements of each backend (Wan-1.3B 480p, bf16;
 # bench/RESULTS.md): Triton's adaln_modulate and gated_residual_adaln ran 1.3x and 1.5x faster
-# than the CUDA ones (stop 12), and Triton's qk_norm_rope, once it read whole rows (stop 14),
+# than the CUDA ones, and Triton's qk_norm_rope, once it read whole rows,
 # 1.2-1.4x faster than the CUDA one (252-293 us vs 360 us). The CUDA kernels stay for
 # `backend="cuda"` and where Triton is missing. (Our attention kernels are explicit-only:
 # torch SDPA was faster.)

@@ -123,7 +123,7 @@ def row_tiling(block: int, n_rows: int, interpret: bool, tiling: dict | None = N
 
     On a GPU a program holds about 2048 elements of each input with 4 warps (a Wan row of 1536
     -> one row of 2048; qk_norm_rope's 768 pairs -> two rows of 1024): the fastest tiling in
-    `bench/sweep_triton.py` on an H100 for all three ops (bench/RESULTS.md, stop 14: 1.1-1.4x
+    `bench/sweep_triton.py` on an H100 for all three ops (bench/RESULTS.md, 2026-11-27: 1.1-1.4x
     over 4096 elements with 8 warps). The interpreter costs ~5 ms per program whatever its
     size, so there one program takes as many rows as fit in ~32k elements."""
     if tiling is not None:
