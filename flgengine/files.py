@@ -92,8 +92,8 @@ def check_safetensors_file(path: str | Path, where: str) -> dict[str, Any]:
     Refuses pickle / torch.save files outright and detects truncation.
     """
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # of the file opened (a writer may replace the path meanwhile)
         head = f.read(9)  # 8-byte header length, then the JSON header's "{"
         is_zip = head[:4] == b"PK\x03\x04"  # torch.save's zip format
         is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[8:9] != b"{"
