@@ -22,7 +22,8 @@ import torch
 
 from flgengine.bundle import BundleError, load_safetensors
 from flgengine.codec import uint8_to_video
-from flgengine.worlds import shapes
+
+from .worlds import shapes
 
 
 class WorldData:

@@ -1,6 +1,6 @@
 """Quality metrics of the shapes world: prompt adherence, motion and a Fréchet distance.
 
-    python -m distill train-evaluator [--steps N] [--out DIR]        # ships flgengine/assets/shapes-evaluator
+    python -m distill train-evaluator [--steps N] [--out DIR]        # ships distill/assets/shapes-evaluator
     python -m distill evaluate BUNDLE --samples 60 [--seeds 0 1] [--json] [--write-provenance]
 
 - `Evaluator`: a small CNN that classifies the colour, shape and direction of a clip. All
@@ -34,9 +34,9 @@ from flgengine.bundle import (BundleError, atomic_save_safetensors, atomic_write
                               load_safetensors, read_json_object)
 from flgengine.codec import uint8_to_video
 from flgengine.config import ConfigError, JsonConfig
-from flgengine.worlds import shapes as world
 
 from .trainer import cosine_lr
+from .worlds import shapes as world
 
 __all__ = [
     "DEFAULT_DIR",
@@ -63,7 +63,7 @@ __all__ = [
     "run_train_evaluator",
 ]
 
-DEFAULT_DIR = Path(flgengine.__file__).parent / "assets" / "shapes-evaluator"
+DEFAULT_DIR = Path(__file__).parent / "assets" / "shapes-evaluator"
 EVALUATOR_FILES = ("config.json", "model.safetensors", "report.json")
 ATTRIBUTES = ("colour", "shape", "direction")
 TRAIN_SEED = 1000  # world stream of the training batches

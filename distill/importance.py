@@ -30,7 +30,8 @@ import torch.nn as nn
 from flgengine.bundle import atomic_replace, atomic_write_text
 from flgengine.codec import uint8_to_video
 from flgengine.model import DiT
-from flgengine.worlds import shapes
+
+from .worlds import shapes
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",

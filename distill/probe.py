@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from flgengine.codec import uint8_to_video
-from flgengine.worlds import shapes
+
+from .worlds import shapes
 
 ATTRIBUTES = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "direction": tuple(shapes.DIRECTIONS)}
 

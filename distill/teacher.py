@@ -30,9 +30,9 @@ from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerCo
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
-from flgengine.worlds import shapes
 
 from .trainer import CHECKPOINT, Trainer, cosine_lr, load_checkpoint
+from .worlds import shapes
 
 
 @dataclass
@@ -290,7 +290,7 @@ def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: P
     if cfg.expert_of:
         return write_expert_bundle(model, cfg, path, recipe)
     text.save(path / "text_encoder")
-    provenance = {"kind": "shapes-world teacher", "world": "flgengine.worlds.shapes",
+    provenance = {"kind": "shapes-world teacher", "world": "distill.worlds.shapes",
                   "objective": "flow matching, v = eps - x0, shifted-uniform t, condition dropout (CFG)",
                   "stages": [{"stage": "train-teacher", **recipe}]}
     return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=storage_dtype_of(cfg.storage_dtype))

@@ -9,7 +9,7 @@ import torch
 
 from distill import evaluate as ev
 from flgengine.bundle import BundleError
-from flgengine.worlds import shapes as world
+from distill.worlds import shapes as world
 
 FRESH_SEED = 777  # neither the evaluator's training nor its held-out stream
 

@@ -23,7 +23,7 @@ from flgengine.export.__main__ import main as export_cli  # noqa: E402
 from flgengine.export.manifest import EngineManifest  # noqa: E402
 from flgengine.export.spec import EngineSpec  # noqa: E402
 from flgengine.model import DiT  # noqa: E402
-from flgengine.testing import make_tiny_wan_bundle  # noqa: E402
+from tiny_wan import make_tiny_wan_bundle  # noqa: E402
 from helpers import assert_close, rel_err, tiny_config  # noqa: E402
 
 LATENT = (4, 3, 8, 8)  # the tiny student's default video: 9 frames of 64x64 -> (C, F, H, W)

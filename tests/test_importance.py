@@ -15,7 +15,7 @@ from flgengine.codec import uint8_to_video
 from flgengine.config import ConfigError
 from flgengine.model import DiT
 from flgengine.text import TokenTextEncoder
-from flgengine.worlds import shapes
+from distill.worlds import shapes
 from helpers import assert_close, tiny_config
 
 SHAPE = (4, 4, 2, 4, 4)  # calibration x0: (N, C, F, H, W), 8 tokens per clip

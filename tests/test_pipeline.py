@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import flgengine  # noqa: E402
 from flgengine.__main__ import main as cli  # noqa: E402
-from flgengine.testing import make_tiny_wan_bundle  # noqa: E402
+from tiny_wan import make_tiny_wan_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flgengine.text import TokenTextEncoder
-from flgengine.worlds import shapes
+from distill.worlds import shapes
 
 
 def _centroid(frame: np.ndarray) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pytest
 import flgengine
 from flgengine.model import main_expert
 from flgengine.pipeline import ASSETS, resolve_model, shipped_models
-from flgengine.worlds import shapes
+from distill.worlds import shapes
 
 
 def test_assets_stay_under_20_mib():

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 
 from flgengine.codec import PixelCodec, WanVAECodec, build_codec, uint8_to_video, video_to_uint8  # noqa: E402
 from flgengine.config import CodecConfig, TextEncoderConfig  # noqa: E402
-from flgengine.testing import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
+from tiny_wan import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
 from flgengine.text import UMT5TextEncoder, build_text_encoder, clean_prompt  # noqa: E402
 
 MAX_LEN = 16

@@ -17,7 +17,7 @@ from distill.wan import find_clips, precompute  # noqa: E402
 from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
 from flgengine.config import ModelConfig  # noqa: E402
 from flgengine.model import DiT  # noqa: E402
-from flgengine.testing import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
+from tiny_wan import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 SIZE = dict(num_frames=9, height=64, width=64, steps=4, max_length=24)

@@ -1,11 +1,11 @@
-"""Tiny random components for tests and the demo, built locally (no downloads).
+"""Tiny random Wan components for the tests, built locally (no downloads).
 
 `make_tiny_umt5` writes a umT5 encoder and a word-level tokenizer laid out like a
 diffusers Wan repo (`text_encoder/`, `tokenizer/`); `make_tiny_wan_vae` writes an
 `AutoencoderKLWan` to `vae/`; `make_tiny_wan_bundle` puts both beside a random DiT as a
 runnable bundle. All are seeded, so the same call gives the same weights.
 
-    python -m flgengine.testing tiny-wan-bundle DIR [--student]
+    python tests/tiny_wan.py tiny-wan-bundle DIR [--student]
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 
     kept, plus the last) with a 4-step fewstep sampler,
     marked `distilled`. Defaults: 9 frames of 64x64 at 8 fps.
     """
-    from .bundle import save_bundle
-    from .config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
-    from .model import DiT
+    from flgengine.bundle import save_bundle
+    from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+    from flgengine.model import DiT
 
     dir = Path(dir)
     make_tiny_umt5(dir, d_model=32, max_length=24, seed=seed)
@@ -123,7 +123,7 @@ def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m flgengine.testing", description="Build tiny random components.")
+    p = argparse.ArgumentParser(prog="python tests/tiny_wan.py", description="Build tiny random components.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("tiny-wan-bundle", help="a runnable bundle of random tiny Wan parts (umT5, Wan VAE, DiT)")
     b.add_argument("dir")
