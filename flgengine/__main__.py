@@ -30,6 +30,39 @@ def _generate(args) -> int:
     return 0
 
 
+def _default_grid(b) -> tuple[int, int, int] | None:
+    """The token grid (F', H', W') of a generation at the bundle's default size, or None when
+    the codec's factors are unknown (a DiT-only bundle)."""
+    import json
+
+    p, c = b.pipeline, b.model.config
+    if p.codec.kind == "pixel":
+        tf, sf = 1, 1
+    elif p.codec.kind == "wan_vae":
+        vae = b.path / (p.codec.path or "vae") / "config.json"
+        cfg = json.loads(vae.read_text()) if vae.is_file() else {}
+        tf, sf = cfg.get("scale_factor_temporal", 4), cfg.get("scale_factor_spatial", 8)
+    else:
+        return None
+    latent = ((p.num_frames - 1) // tf + 1, p.height // sf, p.width // sf)
+    return tuple(n // q for n, q in zip(latent, c.patch_size))
+
+
+def _attention_info(b) -> dict:
+    """Self-attention's pattern and the fraction of query-key pairs it computes at the bundle's
+    default size."""
+    dit = b.model.high if hasattr(b.model, "low") else b.model
+    a = dit.config.attention
+    if dit.sparse is None:
+        return {"kind": "dense", "density": 1.0}
+    out = {"kind": a.kind, "tile": list(a.tile), "block": a.block}
+    out.update({"window": list(a.window)} if a.kind == "tile_window" else {"head_windows": a.head_windows})
+    grid = _default_grid(b)
+    out["grid"] = None if grid is None else list(grid)
+    out["density"] = None if grid is None else round(dit.sparse.density(grid), 4)
+    return out
+
+
 def _describe_bundle(path: str) -> dict:
     from .bundle import load_bundle
     from .pipeline import resolve_model
@@ -51,6 +84,7 @@ def _describe_bundle(path: str) -> dict:
         "defaults": {"num_frames": p.num_frames, "height": p.height, "width": p.width, "fps": p.fps},
         "text_encoder": p.text_encoder.kind,
         "codec": p.codec.kind,
+        "attention": _attention_info(b),
         "config": c.to_dict(),
         "provenance": b.provenance,
     }

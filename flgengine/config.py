@@ -124,6 +124,47 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+ATTENTION_KINDS = ("dense", "tile_window", "per_head")
+
+
+def _triple(name: str, v, minimum: int) -> tuple[int, int, int]:
+    _check(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, int) and not isinstance(n, bool)
+                                                                 and n >= minimum for n in v),
+           f"attention.{name} must be 3 integers >= {minimum} (frames, rows, columns), got {v!r}")
+    return tuple(v)
+
+
+@dataclass
+class AttentionConfig(JsonConfig):
+    """Self-attention's pattern (`config.json`'s "attention"; absent = dense); see
+    flgengine/model/sparsity.py. `tile`: tokens per tile on the token grid (frames, rows,
+    columns); `window`: tiles attended per axis, centred, odd (3 = the tile and one each side);
+    `head_windows`: kind "per_head", one window per head; `block`: the mask's block of tokens."""
+
+    kind: str = "dense"
+    tile: tuple[int, int, int] = (1, 1, 1)
+    window: tuple[int, int, int] = (1, 1, 1)
+    block: int = 128
+    head_windows: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ATTENTION_KINDS, f"attention.kind must be one of {', '.join(ATTENTION_KINDS)}, "
+                                             f"got {self.kind!r}")
+        self.tile = _triple("tile", self.tile, 1)
+        self.window = _triple("window", self.window, 1)
+        _check(all(w % 2 == 1 for w in self.window), f"attention.window must be odd per axis, got {list(self.window)}")
+        _check(isinstance(self.block, int) and not isinstance(self.block, bool) and self.block >= 16
+               and self.block & (self.block - 1) == 0, f"attention.block must be a power of two >= 16, got {self.block!r}")
+        if self.kind == "per_head":
+            _check(isinstance(self.head_windows, list) and len(self.head_windows) > 0,
+                   f"attention.head_windows must list one window per head for kind 'per_head', got {self.head_windows!r}")
+            for w in self.head_windows:
+                _check(all(n % 2 == 1 for n in _triple("head_windows[]", w, 1)),
+                       f"attention.head_windows entries must be odd per axis, got {w!r}")
+        else:
+            _check(self.head_windows is None, f"attention.head_windows is for kind 'per_head' only (kind {self.kind!r})")
+
+
 @dataclass
 class ModelConfig(JsonConfig):
     """The DiT (Wan2.1 transformer architecture); docs/architecture.md explains the options.
@@ -146,6 +187,7 @@ class ModelConfig(JsonConfig):
     - `x0_prediction` = a sigma floor: the network predicts the clean sample x0 and the DiT
       returns the velocity it implies, `v = (x_t - x0_hat) / max(t, floor)` (t in 0..1).
       Per-sample timesteps only; not with `velocity_skip`.
+    - `attention`: a block-sparse self-attention pattern (`AttentionConfig`); None = dense.
     """
 
     in_channels: int = 16
@@ -170,11 +212,20 @@ class ModelConfig(JsonConfig):
     block_num_heads: list[int] | None = None
     block_ffn_dim: list[int] | None = None
     dtype: str = "float32"
+    attention: AttentionConfig | None = None
 
     # optional DiT features that bundles written before them do not name: absent = off
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip", "x0_prediction")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip", "x0_prediction", "attention")
 
     def __post_init__(self) -> None:
+        if isinstance(self.attention, dict):
+            self.attention = dataclass_from_dict(AttentionConfig, self.attention, "attention")
+        _check(self.attention is None or isinstance(self.attention, AttentionConfig),
+               f"attention must be an object (kind, tile, window, block, head_windows) or null, got {self.attention!r}")
+        if self.attention is not None and self.attention.kind == "per_head":
+            _check(len(self.attention.head_windows) == self.num_heads and self.block_num_heads is None,
+                   f"attention.head_windows must list {self.num_heads} windows (one per head; blocks with "
+                   f"pruned head counts take kind 'tile_window'), got {len(self.attention.head_windows)}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         _check(self.velocity_skip is None or (isinstance(self.velocity_skip, (int, float)) and self.velocity_skip > 0),
                f"velocity_skip (sigma_data) must be a positive number or null, got {self.velocity_skip!r}")

@@ -24,6 +24,7 @@ from .. import ops
 from ..config import ModelConfig
 from .embed import TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
 from .precision import quantize_activation
+from .sparsity import SparsePattern
 
 
 def _tokens(m: torch.Tensor) -> torch.Tensor:
@@ -155,8 +156,11 @@ class DiT(nn.Module):
         D = c.dim
         self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
         self.precision = "bf16"  # or "fp8": model.precision.set_precision
-        # self-attention's block mask: None (dense), a BlockMask, or a function of the token
-        # grid (F', H', W') returning one (block-sparse attention)
+        # self-attention's pattern from config.attention (tile-major tokens + block mask), or None
+        self.sparse: SparsePattern | None = None
+        self.set_attention(c.attention)
+        # a block mask over row-major tokens, for experiments: a BlockMask or a function of the
+        # token grid (F', H', W') returning one; used when config.attention is dense
         self.block_mask = None
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
         if c.pos_embed and c.pos_grid:  # one vector per (frame, row, column), not in Wan: see ModelConfig
@@ -173,6 +177,21 @@ class DiT(nn.Module):
             Block(D, c.heads_of(i), c.head_dim, c.ffn_of(i), c.cross_attn_norm, c.eps) for i in range(len(c.kept_blocks))
         )
         self.head = Head(D, c.out_channels * math.prod(c.patch_size), c.eps)
+
+    def set_attention(self, attention) -> None:
+        """Sets self-attention's pattern (an AttentionConfig, its dict, or None = dense) and
+        records it in `config.attention`: a dense student run sparse without training, say."""
+        from ..config import AttentionConfig, dataclass_from_dict
+
+        if isinstance(attention, dict):
+            attention = dataclass_from_dict(AttentionConfig, attention, "attention")
+        if attention is not None and not isinstance(attention, AttentionConfig):
+            raise ValueError(f"attention must be an AttentionConfig, a dict or None, got {type(attention).__name__}")
+        if attention is not None and attention.kind == "per_head" and len(attention.head_windows) != self.config.num_heads:
+            raise ValueError(f"attention.head_windows lists {len(attention.head_windows)} windows for "
+                             f"{self.config.num_heads} heads")
+        self.config.attention = attention
+        self.sparse = None if attention is None or attention.kind == "dense" else SparsePattern(attention, self.config.num_heads)
 
     # -- inputs --------------------------------------------------------------------
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple[int, int, int]:
@@ -213,6 +232,13 @@ class DiT(nn.Module):
         B, S = x.shape[0], math.prod(grid)
         rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device)  # 2 x (S, Dh/2)
 
+        # self-attention's pattern: tokens in tile-major order (perm), back at the end (inv)
+        perm = inv = None
+        block_mask = self.block_mask(grid) if callable(self.block_mask) else self.block_mask
+        if self.sparse is not None:
+            perm, inv, block_mask = self.sparse.for_grid(grid, x.device)
+            rope = tuple(r[perm] for r in rope)  # positions follow the tokens
+
         # 1. patchify: (B, C, F, H, W) -> (B, S, D)
         h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         if c.pos_embed:  # + pos_table[f, i, j], or pos_frame[f] + pos_row[i] + pos_col[j], for token (f, i, j)
@@ -222,12 +248,16 @@ class DiT(nn.Module):
             else:
                 pos = self.pos_frame[:f, None, None] + self.pos_row[None, :hh, None] + self.pos_col[None, None, :w]
             h = h + pos.reshape(S, c.dim).to(h.dtype)
+        if perm is not None:
+            h = h[:, perm]
 
         # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
         freq = timestep_embedding(t.flatten(), c.freq_dim).to(self.time_embed.fc1.weight.dtype)
         temb = self.time_embed(freq).type_as(context)  # (B*, D)
         if t.dim() == 2:
             temb = temb.unflatten(0, (B, S))
+            if perm is not None:
+                temb = temb[:, perm]
         if c.pooled_text:  # + MLP(mean of the prompt's real text states)
             pooled = self.text_pool(mean_text(context).to(self.text_pool.fc1.weight.dtype)).type_as(temb)  # (B, D)
             temb = temb + (pooled if t.dim() == 1 else pooled.unsqueeze(1))
@@ -238,13 +268,14 @@ class DiT(nn.Module):
 
         # 4. blocks; each block's FFN residual is added by the next one, fused with its adaLN
         pending = None
-        block_mask = self.block_mask(grid) if callable(self.block_mask) else self.block_mask
         for block in self.blocks:
             h, pending = block(h, ctx, t_mod, rope, pending, block_mask=block_mask)
 
         # 5. head (the last FFN residual fused with its adaLN) and unpatchify:
         #    (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
         out = self.head(h, temb, pending)
+        if inv is not None:
+            out = out[:, inv]  # back to row-major tokens
         pt, ph, pw = c.patch_size
         out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
