@@ -33,13 +33,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from flgengine.bundle import atomic_save_safetensors, load_safetensors
-from flgengine.config import ConfigError, JsonConfig
+from flgengine.config import AttentionConfig, ConfigError, JsonConfig, dataclass_from_dict
 from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
@@ -89,11 +89,23 @@ class Stage3Config(JsonConfig):
     threads: int | None = None
     device: str = "cpu"
     fsdp: bool = False  # under torchrun: shard the real score, student and fake score with FSDP2
+    # the student's self-attention pattern while it trains (sparse-aware distillation), as in
+    # config.json's "attention" (kind, tile, window, block, head_windows); the student bundle
+    # keeps it. None: dense. The real and fake scores stay dense.
+    attention: dict | None = None
+
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention",)
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:
                 raise ConfigError(f"stage3.{key} must be {what}, got {getattr(self, key)!r}")
+
+        if self.attention is not None:
+            if isinstance(self.attention, AttentionConfig):
+                self.attention = self.attention.to_dict()
+            need(isinstance(self.attention, dict), "attention", "an object (kind, tile, window, block, head_windows) or null")
+            dataclass_from_dict(AttentionConfig, self.attention, "stage3.attention")  # checked now, not mid-run
 
         for key in ("steps", "batch_size", "fake_updates", "num_steps", "checkpoint_every", "eval_every"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
@@ -206,6 +218,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     real = copy.deepcopy(real).to(cfg.device).eval().requires_grad_(False)
     student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
+    if cfg.attention is not None:  # sparse-aware: the student trains with the pattern it will run with
+        student.set_attention(cfg.attention)
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
     # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
     # the result; the networks are sharded before the optimisers are made
