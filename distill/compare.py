@@ -19,7 +19,8 @@ import json
 import numpy as np
 import torch
 
-from .evaluate import evaluate_bundle, load_evaluator, set_threads
+from .evaluate import evaluate_bundle, set_threads
+from .evaluator import load_evaluator
 
 
 GRID_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right",

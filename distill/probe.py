@@ -59,7 +59,7 @@ def prompt_sensitivity(pipe, n: int = 48, ts=(0.95, 0.85, 0.7, 0.5), seed: int =
 def ideal_gaps(codec, per_prompt: int = 96, seed: int = 321) -> dict[str, float]:
     """{attribute: E ||m(c) - m(c')||^2 per element} over prompts c and c' = c with that attribute
     changed, m = mean encoded clip of a prompt (the t -> 1 gap of a perfect model)."""
-    from .evaluate import real_videos
+    from .metrics import real_videos
 
     half = per_prompt // 2
     facts = [(c, s, d) for c in shapes.COLOURS for s in shapes.SHAPES for d in shapes.DIRECTIONS]

@@ -189,7 +189,8 @@ def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict)
     """evaluate(student DiT) -> flat metrics, with the shapes world's evaluator."""
     from flgengine.pipeline import Pipeline
 
-    from .evaluate import evaluate_bundle, load_evaluator
+    from .evaluate import evaluate_bundle
+    from .evaluator import load_evaluator
 
     evaluator = load_evaluator()
 

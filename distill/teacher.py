@@ -31,7 +31,8 @@ from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
 
-from .trainer import CHECKPOINT, Trainer, cosine_lr, load_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint
+from .trainer import Trainer, cosine_lr
 from .worlds import shapes
 
 

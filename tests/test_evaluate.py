@@ -1,4 +1,5 @@
-"""distill.evaluate: the shipped shapes-world evaluator and the quality metrics."""
+"""distill.evaluator, distill.metrics, distill.evaluate: the shipped shapes-world evaluator, the quality
+metrics and the evaluation of a bundle."""
 
 import json
 import shutil
@@ -8,15 +9,17 @@ import pytest
 import torch
 
 from distill import evaluate as ev
-from flgengine.bundle import BundleError
+from distill import evaluator as evr
+from distill import metrics
 from distill.worlds import shapes as world
+from flgengine.bundle import BundleError
 
 FRESH_SEED = 777  # neither the evaluator's training nor its held-out stream
 
 
 @pytest.fixture(scope="module")
 def evaluator():
-    return ev.load_evaluator()
+    return evr.load_evaluator()
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +32,12 @@ def fresh():
 def cycled():
     """180 real videos cycling the 60 prompts (as evaluate_bundle draws them)."""
     prompts = [world.PROMPTS[i % 60] for i in range(180)]
-    return ev.real_videos(prompts, seed=FRESH_SEED), prompts
+    return metrics.real_videos(prompts, seed=FRESH_SEED), prompts
 
 
 def test_shipped_evaluator_reads_fresh_clips(evaluator, fresh):
     videos, prompts, _ = fresh
-    acc = ev.prompt_adherence(evaluator, videos, prompts)
+    acc = evr.prompt_adherence(evaluator, videos, prompts)
     assert all(acc[k] >= 0.99 for k in ("colour", "shape", "direction")), acc
     report = evaluator.report
     assert report["heldout_accuracy"]["adherence"] >= 0.99 and report["heldout_seed"] != report["train_seed"]
@@ -52,7 +55,7 @@ def test_evaluator_takes_uint8_and_float_videos(evaluator, fresh):
 
 def test_real_videos_metrics(evaluator, cycled):
     videos, prompts = cycled
-    r = ev.evaluate_videos(videos, prompts, evaluator)
+    r = metrics.evaluate_videos(videos, prompts, evaluator)
     assert r["videos"] == 180 and r["prompt_adherence"]["adherence"] >= 0.99
     m = r["motion"]
     assert abs(m["ratio"] - 1) < 0.05 and m["static_fraction"] == 0 and m["blank_frames"] == 0
@@ -61,7 +64,7 @@ def test_real_videos_metrics(evaluator, cycled):
 
 def test_centroids_follow_the_true_centre(fresh):
     videos, _, clips = fresh
-    c = ev.centroids(videos[:50])  # (50, T, 2)
+    c = metrics.centroids(videos[:50])  # (50, T, 2)
 
     def area_centre(clip, t):  # a triangle's (apex up) centroid sits a third of its half-extent below the box centre
         x, y = clip.centre(t)
@@ -73,38 +76,38 @@ def test_centroids_follow_the_true_centre(fresh):
 
 def test_frozen_videos_are_static(fresh):
     videos = np.repeat(fresh[0][:60, :1], world.NUM_FRAMES, axis=1)  # first frame held
-    m = ev.motion(videos)
+    m = metrics.motion(videos)
     assert m["ratio"] < 0.01 and m["static_fraction"] == 1
 
 
 def test_blank_and_noise_frames():
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 40, (4, world.NUM_FRAMES, 32, 32, 3), dtype=np.uint8)  # all below the threshold
-    m = ev.motion(noise)
+    m = metrics.motion(noise)
     assert m["blank_frames"] == 1 and m["static_fraction"] == 1 and m["mean_speed"] == 0
 
 
 def test_time_reversed_clips_fail_direction(evaluator):
     left = [p for p in world.PROMPTS if p.endswith("left")] * 4
-    reversed_ = ev.real_videos(left, seed=FRESH_SEED)[:, ::-1]  # they move right
-    acc = ev.prompt_adherence(evaluator, reversed_, left)
+    reversed_ = metrics.real_videos(left, seed=FRESH_SEED)[:, ::-1]  # they move right
+    acc = evr.prompt_adherence(evaluator, reversed_, left)
     assert acc["direction"] < 0.05 and acc["colour"] >= 0.99 and acc["adherence"] < 0.05
 
 
 def test_prompt_checks(evaluator, fresh):
     with pytest.raises(ValueError, match="does not name"):
-        ev.prompt_adherence(evaluator, fresh[0][:1], ["a cat"])
+        evr.prompt_adherence(evaluator, fresh[0][:1], ["a cat"])
     with pytest.raises(ValueError, match="2 videos but 1 prompts"):
-        ev.prompt_adherence(evaluator, fresh[0][:2], fresh[1][:1])
+        evr.prompt_adherence(evaluator, fresh[0][:2], fresh[1][:1])
     with pytest.raises(ValueError, match="uint8 videos"):
-        ev.motion(fresh[0].astype(np.float32))
+        metrics.motion(fresh[0].astype(np.float32))
 
 
 # ---- Fréchet distance -------------------------------------------------------------------
 
 def test_frechet_identical_sets_is_zero():
     f = np.random.default_rng(0).normal(size=(500, 16))
-    assert ev.frechet_distance(f, f) == pytest.approx(0, abs=1e-6)
+    assert metrics.frechet_distance(f, f) == pytest.approx(0, abs=1e-6)
 
 
 def test_frechet_closed_form_and_symmetry():
@@ -112,22 +115,22 @@ def test_frechet_closed_form_and_symmetry():
     mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
     a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert ev.frechet_distance_gaussians(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance_gaussians(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # a rotation of both keeps the distance
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    assert ev.frechet_distance_gaussians(q @ mu1, s1, q @ mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert ev.frechet_distance_gaussians(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance_gaussians(q @ mu1, s1, q @ mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance_gaussians(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
     # from samples: converges to the closed form
     x = mu1 + np.sqrt(a) * rng.normal(size=(20000, 8))
     y = mu2 + np.sqrt(b) * rng.normal(size=(20000, 8))
-    assert ev.frechet_distance(x, y) == pytest.approx(expected, rel=0.05)
-    assert ev.frechet_distance(x, y) == pytest.approx(ev.frechet_distance(y, x), rel=1e-6)
+    assert metrics.frechet_distance(x, y) == pytest.approx(expected, rel=0.05)
+    assert metrics.frechet_distance(x, y) == pytest.approx(metrics.frechet_distance(y, x), rel=1e-6)
 
 
 def test_frechet_separates_noise_from_real(evaluator, cycled):
     videos, prompts = cycled[0][:60], cycled[1][:60]
     noise = np.random.default_rng(0).integers(0, 256, videos.shape, dtype=np.uint8)
-    r = ev.evaluate_videos(noise, prompts, evaluator)
+    r = metrics.evaluate_videos(noise, prompts, evaluator)
     assert r["fd"] > 20 * r["fd_real_vs_real"]
     assert r["prompt_adherence"]["adherence"] < 0.2
 
@@ -136,36 +139,36 @@ def test_frechet_separates_noise_from_real(evaluator, cycled):
 
 @pytest.fixture
 def evaluator_copy(tmp_path):
-    return shutil.copytree(ev.DEFAULT_DIR, tmp_path / "evaluator")
+    return shutil.copytree(evr.DEFAULT_DIR, tmp_path / "evaluator")
 
 
 def test_shipped_evaluator_is_small():
-    assert sum(p.stat().st_size for p in ev.DEFAULT_DIR.iterdir()) < 1 << 20
+    assert sum(p.stat().st_size for p in evr.DEFAULT_DIR.iterdir()) < 1 << 20
 
 
 def test_save_load_roundtrip(evaluator, tmp_path, fresh):
-    ev.save_evaluator(evaluator, {"note": "copy"}, tmp_path)
-    again = ev.load_evaluator(tmp_path)
+    evr.save_evaluator(evaluator, {"note": "copy"}, tmp_path)
+    again = evr.load_evaluator(tmp_path)
     x = torch.from_numpy(fresh[0][:3])
     assert torch.equal(again.features(x), evaluator.features(x)) and again.report == {"note": "copy"}
 
 
 def test_train_evaluator_smoke(tmp_path):
-    config = ev.EvaluatorConfig(channels=(8, 8), feature_dim=8)
-    model, report = ev.train_evaluator(steps=2, batch_size=8, heldout=20, config=config, progress=False)
+    config = evr.EvaluatorConfig(channels=(8, 8), feature_dim=8)
+    model, report = evr.train_evaluator(steps=2, batch_size=8, heldout=20, config=config, progress=False)
     assert report["steps"] == 2 and set(report["heldout_accuracy"]) == {"adherence", "colour", "shape", "direction"}
-    again = ev.load_evaluator(ev.save_evaluator(model, report, tmp_path))
-    assert again.config == config and again.report["heldout_seed"] == ev.HELDOUT_SEED
+    again = evr.load_evaluator(evr.save_evaluator(model, report, tmp_path))
+    assert again.config == config and again.report["heldout_seed"] == evr.HELDOUT_SEED
     with pytest.raises(ValueError, match="another seed"):
-        ev.train_evaluator(steps=1, seed=5, heldout_seed=5)
+        evr.train_evaluator(steps=1, seed=5, heldout_seed=5)
 
 
 def test_load_missing_files(evaluator_copy, tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
-        ev.load_evaluator(tmp_path / "nope")
+        evr.load_evaluator(tmp_path / "nope")
     (evaluator_copy / "model.safetensors").unlink()
     with pytest.raises(BundleError, match=r"model\.safetensors: missing"):
-        ev.load_evaluator(evaluator_copy)
+        evr.load_evaluator(evaluator_copy)
 
 
 def test_load_wrong_shapes_and_keys(evaluator_copy):
@@ -175,10 +178,10 @@ def test_load_wrong_shapes_and_keys(evaluator_copy):
     sd = load_file(weights)
     save_file({**sd, "heads.colour.weight": torch.zeros(7, 64)}, weights)
     with pytest.raises(BundleError, match=r"'heads\.colour\.weight' has shape \(7, 64\)"):
-        ev.load_evaluator(evaluator_copy)
+        evr.load_evaluator(evaluator_copy)
     save_file({k: v for k, v in sd.items() if k != "heads.shape.bias"}, weights)
     with pytest.raises(BundleError, match=r"missing tensor 'heads\.shape\.bias'"):
-        ev.load_evaluator(evaluator_copy)
+        evr.load_evaluator(evaluator_copy)
 
 
 def test_load_bad_config(evaluator_copy):
@@ -186,10 +189,10 @@ def test_load_bad_config(evaluator_copy):
     cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**cfg, "depth": 3}))
     with pytest.raises(BundleError, match="unknown key 'depth'"):
-        ev.load_evaluator(evaluator_copy)
+        evr.load_evaluator(evaluator_copy)
     cfg_file.write_text(json.dumps({**cfg, "colours": cfg["colours"][::-1]}))
     with pytest.raises(BundleError, match="colour labels .* differ from the world's"):
-        ev.load_evaluator(evaluator_copy)
+        evr.load_evaluator(evaluator_copy)
 
 
 # ---- evaluate_bundle -------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class FakePipeline:
 
     def __call__(self, prompts, *, seed, progress, steps=None, **kw):
         self.calls.append((list(prompts), seed, steps))
-        return torch.from_numpy(ev.real_videos(prompts, seed))
+        return torch.from_numpy(metrics.real_videos(prompts, seed))
 
 
 def test_evaluate_bundle_with_fake_pipeline(evaluator):

@@ -37,7 +37,7 @@ def test_shapes_teacher_provenance_has_recipe_time_and_quality():
 def test_shipped_teacher_draws_what_it_is_asked_for():
     """The evaluator reads the colour, shape and direction the teacher was asked for in
     fresh prompts (measured on 180 videos: 1.000 / 0.872 / 0.989)."""
-    from distill.evaluate import classify, load_evaluator
+    from distill.evaluator import classify, load_evaluator
 
     pipe = flgengine.load("shapes-teacher")
     rng = np.random.default_rng(2026)
@@ -73,7 +73,7 @@ def test_shapes_student_is_the_4_step_pruned_distillation_of_the_teacher():
 
 
 def test_default_model_is_the_student_and_draws_the_prompted_colour_in_4_steps():
-    from distill.evaluate import classify, load_evaluator
+    from distill.evaluator import classify, load_evaluator
 
     assert resolve_model(None).name == "shapes-4step"
     pipe = flgengine.load(resolve_model(None))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.trainer import CHECKPOINT, NonFiniteLoss, Trainer, load_checkpoint
+from distill.checkpoint import CHECKPOINT, load_checkpoint
+from distill.trainer import NonFiniteLoss, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
