@@ -1,59 +1,143 @@
-// PYBIND11_MODULE(_C): registration only. Entry points take raw pointers (ints),
-// sizes, strides, dtype codes and a stream handle; Python wrappers in
-// flgengine/ops/native.py validate tensors first.
+// PYBIND11_MODULE(_C): one line per op. Each op's arguments are declared once, as the
+// params struct in its header (flg/<op>.h, with a `fields` visitor naming them); bind_op
+// turns that struct into the entry points <op>_cpu(**args) and <op>_cuda(stream, **args).
+// Tensor arguments arrive as views (data_ptr, dtype code, device code, sizes, strides),
+// built by flgengine/ops/native.py, and are converted and checked here, once; the op's
+// own requirements (shapes, dtypes, layouts) are checked by its launchers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
+#include <vector>
 
-#include "cpu/ops.h"
+#include "flg/adaln_modulate.h"
+#include "flg/attention.h"
+#include "flg/gated_residual_adaln.h"
+#include "flg/qk_norm_rope.h"
+#include "flg/tensor.h"
 #ifdef FLG_WITH_CUDA
-#include "cuda/ops.h"
+#include "cuda/device.h"
 #endif
 
 namespace py = pybind11;
 
 namespace {
 
-flg::AdaLNModulateParams adaln_params(std::uintptr_t out, std::uintptr_t x, std::uintptr_t scale, std::uintptr_t shift,
-                                      int64_t batch, int64_t seq, int64_t dim, int64_t mod_stride_b,
-                                      int64_t mod_stride_s, double eps, int x_dtype, int mod_dtype) {
-  return {reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(scale),
-          reinterpret_cast<const void*>(shift), batch, seq, dim, mod_stride_b, mod_stride_s, static_cast<float>(eps),
-          x_dtype, mod_dtype};
+std::vector<std::string>& bound_ops() {
+  static std::vector<std::string> ops;
+  return ops;
 }
 
-using ptr = std::uintptr_t;
-
-template <typename V = void>
-V* as_ptr(ptr p) {
-  return reinterpret_cast<V*>(p);
+[[noreturn]] void bad(const std::string& op, const char* name, const std::string& what) {
+  throw py::value_error(op + ": argument " + name + ": " + what);
 }
 
-flg::GatedResidualAdaLNParams gated_params(ptr x_out, ptr h_out, ptr x, ptr y, ptr gate, ptr scale, ptr shift,
-                                           int64_t batch, int64_t seq, int64_t dim, int64_t x_sb, int64_t x_ss,
-                                           int64_t y_sb, int64_t y_ss, int64_t g_sb, int64_t g_ss, int64_t sc_sb,
-                                           int64_t sc_ss, int64_t sh_sb, int64_t sh_ss, double eps, int x_dtype,
-                                           int mod_dtype) {
-  return {as_ptr(x_out), as_ptr(h_out), as_ptr<const void>(x), as_ptr<const void>(y), as_ptr<const void>(gate),
-          as_ptr<const void>(scale), as_ptr<const void>(shift), batch, seq, dim, x_sb, x_ss, y_sb, y_ss, g_sb, g_ss,
-          sc_sb, sc_ss, sh_sb, sh_ss, static_cast<float>(eps), x_dtype, mod_dtype};
+// (data_ptr, dtype code, device code, sizes, strides) -> flg::Tensor, every part checked.
+flg::Tensor to_tensor(py::handle obj, const std::string& op, const char* name, flg::Device device) {
+  if (!py::isinstance<py::tuple>(obj) || py::len(obj) != 5)
+    bad(op, name, "expected a tensor view (data_ptr, dtype, device, sizes, strides), got " +
+                      std::string(py::str(py::type::of(obj))));
+  const auto view = py::reinterpret_borrow<py::tuple>(obj);
+  std::uintptr_t data = 0;
+  int dtype = 0, dev = 0;
+  std::vector<int64_t> sizes, strides;
+  try {
+    data = view[0].cast<std::uintptr_t>();
+    dtype = view[1].cast<int>();
+    dev = view[2].cast<int>();
+    sizes = view[3].cast<std::vector<int64_t>>();
+    strides = view[4].cast<std::vector<int64_t>>();
+  } catch (const py::cast_error&) {
+    bad(op, name, "a tensor view holds (int data_ptr, int dtype, int device, int sizes, int strides)");
+  }
+  flg::Tensor t{};
+  t.data = reinterpret_cast<void*>(data);
+  if (dtype < 0 || dtype > 2) bad(op, name, "unsupported dtype code " + std::to_string(dtype));
+  t.dtype = static_cast<flg::DType>(dtype);
+  if (dev != static_cast<int>(device))
+    bad(op, name, std::string("tensor is on ") + (dev == 1 ? "cuda" : dev == 0 ? "cpu" : "an unknown device") +
+                      ", this entry point takes " + (device == flg::Device::CUDA ? "cuda" : "cpu") + " tensors");
+  t.device = device;
+  if (sizes.size() != strides.size()) bad(op, name, "sizes and strides differ in length");
+  if (sizes.size() > static_cast<size_t>(flg::kMaxDims))
+    bad(op, name, "more than " + std::to_string(flg::kMaxDims) + " dims");
+  t.ndim = static_cast<int>(sizes.size());
+  for (int d = 0; d < t.ndim; ++d) {
+    if (sizes[d] < 0 || strides[d] < 0) bad(op, name, "negative size or stride");
+    t.sizes[d] = sizes[d];
+    t.strides[d] = strides[d];
+  }
+  if (t.data == nullptr && t.numel() > 0) bad(op, name, "null data pointer");
+  return t;
 }
 
-flg::QKNormRopeParams qk_params(ptr q_out, ptr k_out, ptr q, ptr k, ptr q_weight, ptr k_weight, ptr cos, ptr sin,
-                                int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t q_sb, int64_t q_ss,
-                                int64_t k_sb, int64_t k_ss, int64_t cos_ss, int64_t sin_ss, double eps, int dtype) {
-  return {as_ptr(q_out), as_ptr(k_out), as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const float>(q_weight),
-          as_ptr<const float>(k_weight), as_ptr<const float>(cos), as_ptr<const float>(sin), batch, seq, heads,
-          head_dim, q_sb, q_ss, k_sb, k_ss, cos_ss, sin_ss, static_cast<float>(eps), dtype};
+template <typename V>
+V from_py(py::handle obj, const std::string& op, const char* name, flg::Device device) {
+  if constexpr (std::is_same_v<V, flg::Tensor>) {
+    return to_tensor(obj, op, name, device);
+  } else {
+    try {
+      return obj.cast<V>();
+    } catch (const py::cast_error&) {
+      bad(op, name, "expected a number, got " + std::string(py::str(py::type::of(obj))));
+    }
+  }
 }
 
-flg::AttentionParams attention_params(ptr out, ptr q, ptr k, ptr v, int64_t batch, int64_t seq_q, int64_t seq_kv,
-                                      int64_t heads, int64_t head_dim, int64_t q_sb, int64_t q_ss, int64_t q_sh,
-                                      int64_t k_sb, int64_t k_ss, int64_t k_sh, int64_t v_sb, int64_t v_ss,
-                                      int64_t v_sh, double scale, int dtype) {
-  return {as_ptr(out), as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), batch, seq_q, seq_kv,
-          heads, head_dim, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, static_cast<float>(scale), dtype};
+// The params struct of `op` from keyword arguments: each field by name, none missing, none extra.
+template <typename Params>
+Params params_from(const py::kwargs& kwargs, const std::string& op, flg::Device device) {
+  Params p{};
+  size_t used = 0;
+  p.fields([&](const char* name, auto& field) {
+    if (!kwargs.contains(name)) throw py::type_error(op + ": missing argument " + name);
+    field = from_py<std::decay_t<decltype(field)>>(kwargs[name], op, name, device);
+    ++used;
+  });
+  if (used != kwargs.size()) {
+    for (auto item : kwargs) {
+      bool known = false;
+      const std::string key = py::str(item.first);
+      p.fields([&](const char* name, auto&) { known = known || key == name; });
+      if (!known) throw py::type_error(op + ": unexpected argument " + key);
+    }
+  }
+  return p;
+}
+
+template <typename Params>
+std::string signature(const char* op, const char* entry, const char* first) {
+  std::string doc = std::string(op) + entry + "(" + first + "*";
+  Params p{};
+  p.fields([&](const char* name, auto&) { doc += std::string(", ") + name; });
+  return doc + ")\n\nflg::" + op + " (csrc/include/flg/" + op + ".h); tensors as views from flgengine/ops/native.py";
+}
+
+// Defines <op>_cpu(**args) and, with `cuda`, <op>_cuda(stream, **args).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+template <typename Params>
+void bind_op(py::module_& m, const char* op, void (*cpu)(const Params&),
+             typename NonDeduced<void (*)(const Params&, std::uintptr_t)>::type cuda) {
+  bound_ops().emplace_back(op);
+  m.def((std::string(op) + "_cpu").c_str(),
+        [op, cpu](py::kwargs kwargs) {
+          const Params p = params_from<Params>(kwargs, op, flg::Device::CPU);
+          py::gil_scoped_release release;
+          cpu(p);
+        },
+        signature<Params>(op, "_cpu", "").c_str());
+  if (cuda == nullptr) return;
+  m.def((std::string(op) + "_cuda").c_str(),
+        [op, cuda](std::uintptr_t stream, py::kwargs kwargs) {
+          cuda(params_from<Params>(kwargs, op, flg::Device::CUDA), stream);
+        },
+        py::arg("stream"), signature<Params>(op, "_cuda", "stream, ").c_str());
 }
 
 py::dict build_info() {
@@ -69,9 +153,7 @@ py::dict build_info() {
   info["cuda_archs"] = std::string("");
   info["cuda_devices"] = 0;
 #endif
-  py::list ops;
-  for (const char* op : {"adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention"}) ops.append(op);
-  info["ops"] = ops;
+  info["ops"] = py::cast(bound_ops());
   py::list backends;
   backends.append("cpu");
 #ifdef FLG_WITH_CUDA
@@ -83,108 +165,19 @@ py::dict build_info() {
 
 }  // namespace
 
-// Argument names of the entry points (the _cuda variants add `stream`).
-#define GATED_ARGS                                                                                                  \
-  py::arg("x_out"), py::arg("h_out"), py::arg("x"), py::arg("y"), py::arg("gate"), py::arg("scale"), py::arg("shift"), \
-      py::arg("batch"), py::arg("seq"), py::arg("dim"), py::arg("x_stride_b"), py::arg("x_stride_s"),                 \
-      py::arg("y_stride_b"), py::arg("y_stride_s"), py::arg("gate_stride_b"), py::arg("gate_stride_s"),               \
-      py::arg("scale_stride_b"), py::arg("scale_stride_s"), py::arg("shift_stride_b"), py::arg("shift_stride_s"),     \
-      py::arg("eps"), py::arg("x_dtype"), py::arg("mod_dtype")
-#define QK_ARGS                                                                                                     \
-  py::arg("q_out"), py::arg("k_out"), py::arg("q"), py::arg("k"), py::arg("q_weight"), py::arg("k_weight"),          \
-      py::arg("cos"), py::arg("sin"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),      \
-      py::arg("q_stride_b"), py::arg("q_stride_s"), py::arg("k_stride_b"), py::arg("k_stride_s"),                   \
-      py::arg("cos_stride_s"), py::arg("sin_stride_s"), py::arg("eps"), py::arg("dtype")
-#define ATTN_ARGS                                                                                                   \
-  py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("seq_q"), py::arg("seq_kv"),   \
-      py::arg("heads"), py::arg("head_dim"), py::arg("q_stride_b"), py::arg("q_stride_s"), py::arg("q_stride_h"),   \
-      py::arg("k_stride_b"), py::arg("k_stride_s"), py::arg("k_stride_h"), py::arg("v_stride_b"),                   \
-      py::arg("v_stride_s"), py::arg("v_stride_h"), py::arg("scale"), py::arg("dtype")
+// FLG_OP(name): binds flg::cpu::name and (in a CUDA build) flg::cuda::name; the params
+// type comes from the launcher's signature.
+#ifdef FLG_WITH_CUDA
+#define FLG_OP(name) bind_op(m, #name, &flg::cpu::name, &flg::cuda::name)
+#else
+#define FLG_OP(name) bind_op(m, #name, &flg::cpu::name, nullptr)
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flgengine native ops (C++ CPU and CUDA); no libtorch";
-  m.def("build_info", &build_info, "What this build holds: cuda, cuda_archs, backends, ops");
-  m.def(
-      "adaln_modulate_cpu",
-      [](std::uintptr_t out, std::uintptr_t x, std::uintptr_t scale, std::uintptr_t shift, int64_t batch, int64_t seq,
-         int64_t dim, int64_t sb, int64_t ss, double eps, int xd, int md) {
-        py::gil_scoped_release release;
-        flg::cpu::adaln_modulate(adaln_params(out, x, scale, shift, batch, seq, dim, sb, ss, eps, xd, md));
-      },
-      py::arg("out"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("batch"), py::arg("seq"),
-      py::arg("dim"), py::arg("mod_stride_b"), py::arg("mod_stride_s"), py::arg("eps"), py::arg("x_dtype"),
-      py::arg("mod_dtype"));
-  m.def(
-      "gated_residual_adaln_cpu",
-      [](ptr x_out, ptr h_out, ptr x, ptr y, ptr gate, ptr scale, ptr shift, int64_t batch, int64_t seq, int64_t dim,
-         int64_t x_sb, int64_t x_ss, int64_t y_sb, int64_t y_ss, int64_t g_sb, int64_t g_ss, int64_t sc_sb,
-         int64_t sc_ss, int64_t sh_sb, int64_t sh_ss, double eps, int xd, int md) {
-        py::gil_scoped_release release;
-        flg::cpu::gated_residual_adaln(gated_params(x_out, h_out, x, y, gate, scale, shift, batch, seq, dim, x_sb,
-                                                    x_ss, y_sb, y_ss, g_sb, g_ss, sc_sb, sc_ss, sh_sb, sh_ss, eps, xd,
-                                                    md));
-      },
-      GATED_ARGS);
-  m.def(
-      "qk_norm_rope_cpu",
-      [](ptr q_out, ptr k_out, ptr q, ptr k, ptr qw, ptr kw, ptr cos, ptr sin, int64_t batch, int64_t seq,
-         int64_t heads, int64_t head_dim, int64_t q_sb, int64_t q_ss, int64_t k_sb, int64_t k_ss, int64_t cos_ss,
-         int64_t sin_ss, double eps, int dtype) {
-        py::gil_scoped_release release;
-        flg::cpu::qk_norm_rope(qk_params(q_out, k_out, q, k, qw, kw, cos, sin, batch, seq, heads, head_dim, q_sb, q_ss,
-                                         k_sb, k_ss, cos_ss, sin_ss, eps, dtype));
-      },
-      QK_ARGS);
-  m.def(
-      "attention_cpu",
-      [](ptr out, ptr q, ptr k, ptr v, int64_t batch, int64_t seq_q, int64_t seq_kv, int64_t heads, int64_t head_dim,
-         int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t k_sb, int64_t k_ss, int64_t k_sh, int64_t v_sb,
-         int64_t v_ss, int64_t v_sh, double scale, int dtype) {
-        py::gil_scoped_release release;
-        flg::cpu::attention(attention_params(out, q, k, v, batch, seq_q, seq_kv, heads, head_dim, q_sb, q_ss, q_sh,
-                                             k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, scale, dtype));
-      },
-      ATTN_ARGS);
-#ifdef FLG_WITH_CUDA
-  m.def(
-      "adaln_modulate_cuda",
-      [](std::uintptr_t out, std::uintptr_t x, std::uintptr_t scale, std::uintptr_t shift, int64_t batch, int64_t seq,
-         int64_t dim, int64_t sb, int64_t ss, double eps, int xd, int md, std::uintptr_t stream) {
-        flg::cuda::adaln_modulate(adaln_params(out, x, scale, shift, batch, seq, dim, sb, ss, eps, xd, md), stream);
-      },
-      py::arg("out"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("batch"), py::arg("seq"),
-      py::arg("dim"), py::arg("mod_stride_b"), py::arg("mod_stride_s"), py::arg("eps"), py::arg("x_dtype"),
-      py::arg("mod_dtype"), py::arg("stream"));
-  m.def(
-      "gated_residual_adaln_cuda",
-      [](ptr x_out, ptr h_out, ptr x, ptr y, ptr gate, ptr scale, ptr shift, int64_t batch, int64_t seq, int64_t dim,
-         int64_t x_sb, int64_t x_ss, int64_t y_sb, int64_t y_ss, int64_t g_sb, int64_t g_ss, int64_t sc_sb,
-         int64_t sc_ss, int64_t sh_sb, int64_t sh_ss, double eps, int xd, int md, ptr stream) {
-        flg::cuda::gated_residual_adaln(gated_params(x_out, h_out, x, y, gate, scale, shift, batch, seq, dim, x_sb,
-                                                     x_ss, y_sb, y_ss, g_sb, g_ss, sc_sb, sc_ss, sh_sb, sh_ss, eps, xd,
-                                                     md),
-                                        stream);
-      },
-      GATED_ARGS, py::arg("stream"));
-  m.def(
-      "qk_norm_rope_cuda",
-      [](ptr q_out, ptr k_out, ptr q, ptr k, ptr qw, ptr kw, ptr cos, ptr sin, int64_t batch, int64_t seq,
-         int64_t heads, int64_t head_dim, int64_t q_sb, int64_t q_ss, int64_t k_sb, int64_t k_ss, int64_t cos_ss,
-         int64_t sin_ss, double eps, int dtype, ptr stream) {
-        flg::cuda::qk_norm_rope(qk_params(q_out, k_out, q, k, qw, kw, cos, sin, batch, seq, heads, head_dim, q_sb,
-                                          q_ss, k_sb, k_ss, cos_ss, sin_ss, eps, dtype),
-                                stream);
-      },
-      QK_ARGS, py::arg("stream"));
-  m.def(
-      "attention_cuda",
-      [](ptr out, ptr q, ptr k, ptr v, int64_t batch, int64_t seq_q, int64_t seq_kv, int64_t heads, int64_t head_dim,
-         int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t k_sb, int64_t k_ss, int64_t k_sh, int64_t v_sb,
-         int64_t v_ss, int64_t v_sh, double scale, int dtype, ptr stream) {
-        flg::cuda::attention(attention_params(out, q, k, v, batch, seq_q, seq_kv, heads, head_dim, q_sb, q_ss, q_sh,
-                                              k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, scale, dtype),
-                             stream);
-      },
-      ATTN_ARGS, py::arg("stream"));
-#endif
+  FLG_OP(adaln_modulate);
+  FLG_OP(gated_residual_adaln);
+  FLG_OP(qk_norm_rope);
+  FLG_OP(attention);
+  m.def("build_info", &build_info, "What this build holds: cuda, cuda_archs, cuda_devices, backends, ops");
 }

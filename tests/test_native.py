@@ -83,7 +83,7 @@ def test_cpu_adaln_modulate_reads_strided_modulation_views():
 @needs_C
 def test_native_op_passes_torch_library_opcheck():
     x, s, h = _nonzero(2, 3, 16), _nonzero(2, 16), _nonzero(2, 16)
-    torch.library.opcheck(native._adaln_modulate_native, (x, s, h, 1e-6), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(native.adaln_modulate, (x, s, h, 1e-6), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_explicit_backend_that_cannot_serve_raises():
@@ -160,11 +160,80 @@ def test_cuda_adaln_modulate_matches_reference(dtype, shape, per_token):
 @needs_C
 def test_C_reports_bad_arguments_as_value_errors():
     x = torch.ones(1, 2, 8)
-    args = [x.data_ptr()] * 4 + [1, 2, 8, 8, 0, 1e-6]
-    with pytest.raises(ValueError, match="unsupported dtypes x=unknown"):
-        native._C.adaln_modulate_cpu(*args, 7, 0)
-    with pytest.raises(ValueError, match="invalid arguments"):
-        native._C.adaln_modulate_cpu(0, *args[1:], 0, 0)
+    v = native.view(x)
+    mod = native.view(x[:, :1].expand(1, 2, 8))  # a per-sample modulation: stride 0 over S
+    good = dict(out=v, x=v, scale=mod, shift=mod, eps=1e-6)
+    native._C.adaln_modulate_cpu(**good)
+    with pytest.raises(ValueError, match=r"adaln_modulate: argument x: unsupported dtype code 7"):
+        native._C.adaln_modulate_cpu(**{**good, "x": (v[0], 7, *v[2:])})
+    with pytest.raises(ValueError, match="argument out: null data pointer"):
+        native._C.adaln_modulate_cpu(**{**good, "out": (0, *v[1:])})
+    with pytest.raises(ValueError, match="argument scale: negative size or stride"):
+        native._C.adaln_modulate_cpu(**{**good, "scale": (*mod[:4], (0, -8, 1))})
+    with pytest.raises(ValueError, match="argument shift: expected a tensor view"):
+        native._C.adaln_modulate_cpu(**{**good, "shift": x.data_ptr()})
+    with pytest.raises(ValueError, match="argument x: tensor is on cuda, this entry point takes cpu tensors"):
+        native._C.adaln_modulate_cpu(**{**good, "x": (v[0], v[1], 1, *v[3:])})
+    with pytest.raises(ValueError, match=r"adaln_modulate \(cpu\): scale must have shape \(1, 2, 8\), got \(1, 8\)"):
+        native._C.adaln_modulate_cpu(**{**good, "scale": native.view(x[:, 0])})
+    with pytest.raises(ValueError, match="scale dtype bfloat16 must be float32 or x's dtype float16"):
+        h = native.view(x.half())
+        native._C.adaln_modulate_cpu(out=h, x=h, scale=native.view(x.bfloat16()), shift=h, eps=1e-6)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        native._C.adaln_modulate_cpu(**{**good, "x": native.view(torch.ones(1, 8, 2).transpose(1, 2))})
+    # arguments go by name: none missing, none unknown (a swap cannot go unnoticed)
+    with pytest.raises(TypeError, match="adaln_modulate: missing argument eps"):
+        native._C.adaln_modulate_cpu(out=v, x=v, scale=mod, shift=mod)
+    with pytest.raises(TypeError, match="adaln_modulate: unexpected argument gate"):
+        native._C.adaln_modulate_cpu(**good, gate=mod)
+    with pytest.raises(ValueError, match="argument eps: expected a number"):
+        native._C.adaln_modulate_cpu(**{**good, "eps": "small"})
+
+
+@needs_C
+def test_C_fused_ops_report_bad_arguments_as_value_errors():
+    x = torch.ones(1, 2, 8)
+    v, m = native.view(x), native.view(x[:, :1].expand(1, 2, 8))
+    gated = dict(x_out=v, h_out=v, x=v, y=v, gate=m, scale=m, shift=m, eps=1e-6)
+    native._C.gated_residual_adaln_cpu(**gated)
+    with pytest.raises(ValueError, match="gated_residual_adaln: argument x: unsupported dtype code 5"):
+        native._C.gated_residual_adaln_cpu(**{**gated, "x": (v[0], 5, *v[2:])})
+    with pytest.raises(ValueError, match="gate dtype bfloat16 must be float32 or x's dtype float16"):
+        h = native.view(x.half())
+        native._C.gated_residual_adaln_cpu(**{**gated, "x_out": h, "h_out": h, "x": h, "y": h,
+                                              "gate": native.view(x.bfloat16())})
+    with pytest.raises(ValueError, match="gate, scale and shift must share one dtype"):
+        h = native.view(x.half())
+        native._C.gated_residual_adaln_cpu(**{**gated, "x_out": h, "h_out": h, "x": h, "y": h, "gate": h})
+    with pytest.raises(ValueError, match=r"gated_residual_adaln \(cpu\): x has D = 0"):
+        e = native.view(torch.ones(1, 2, 0))
+        native._C.gated_residual_adaln_cpu(**{k: e for k in gated if k != "eps"}, eps=1e-6)
+    with pytest.raises(ValueError, match=r"h_out must have shape \(1, 2, 8\)"):
+        native._C.gated_residual_adaln_cpu(**{**gated, "h_out": native.view(torch.ones(1, 8, 2))})
+    q, w, cs = native.view(torch.ones(1, 2, 6)), native.view(torch.ones(6)), native.view(torch.ones(2, 1))
+    qk = dict(q_out=native.view(torch.ones(1, 2, 3, 2)), k_out=native.view(torch.ones(1, 2, 3, 2)), q=q, k=q,
+              q_weight=w, k_weight=w, cos=cs, sin=cs, eps=1e-6)
+    native._C.qk_norm_rope_cpu(**qk)
+    odd = native.view(torch.ones(1, 2, 2, 3))  # head dim 3
+    with pytest.raises(ValueError, match=r"qk_norm_rope \(cpu\): q_out \(1, 2, 2, 3\) must split q's last dim 6 into "
+                                         "heads of an even"):
+        native._C.qk_norm_rope_cpu(**{**qk, "q_out": odd, "k_out": odd})
+    with pytest.raises(ValueError, match="q_weight must be float32, got float16"):
+        native._C.qk_norm_rope_cpu(**{**qk, "q_weight": native.view(torch.ones(6).half())})
+    with pytest.raises(ValueError, match="unsupported dtype code 9"):
+        native._C.qk_norm_rope_cpu(**{**qk, "q": (q[0], 9, *q[2:])})
+    a = native.view(torch.ones(1, 2, 2, 8))
+    attn = dict(out=a, q=a, k=a, v=a, scale=0.5)
+    native._C.attention_cpu(**attn)
+    with pytest.raises(ValueError, match=r"attention \(cpu\): k and v have no keys"):
+        empty = native.view(torch.ones(1, 0, 2, 8))
+        native._C.attention_cpu(**{**attn, "k": empty, "v": empty})
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        native._C.attention_cpu(**{**attn, "scale": float("nan")})
+    with pytest.raises(ValueError, match="unsupported dtype code 3"):
+        native._C.attention_cpu(**{**attn, "q": (a[0], 3, *a[2:])})
+    with pytest.raises(ValueError, match="v must be float32, got float16"):
+        native._C.attention_cpu(**{**attn, "v": native.view(torch.ones(1, 2, 2, 8).half())})
 
 
 # ---- shared helpers of the fused-op tests ---------------------------------------------------
@@ -378,36 +447,11 @@ def test_cpu_fused_ops_pass_empty_batches_through():
 def test_fused_native_ops_pass_torch_library_opcheck():
     utils = ("test_schema", "test_faketensor")
     x, y, g = _nonzero(2, 3, 16), _nonzero(2, 3, 16), _nonzero(2, 16)
-    torch.library.opcheck(native._gated_residual_adaln_native, (x, y, g, g, g, 1e-6), test_utils=utils)
+    torch.library.opcheck(native.gated_residual_adaln, (x, y, g, g, g, 1e-6), test_utils=utils)
     args = _qk_inputs(2, 3, 2, 8, torch.float32)
-    torch.library.opcheck(native._qk_norm_rope_native, (*args, 2, 1e-6), test_utils=utils)
+    torch.library.opcheck(native.qk_norm_rope, (*args, 2, 1e-6), test_utils=utils)
     q, k = _nonzero(2, 5, 2, 8), _nonzero(2, 7, 2, 8)
-    torch.library.opcheck(native._attention_native, (q, k, k), test_utils=utils)
-
-
-@needs_C
-def test_C_fused_ops_report_bad_arguments_as_value_errors():
-    x = torch.ones(1, 2, 8)
-    p = x.data_ptr()
-    gated = [p] * 7 + [1, 2, 8] + [16, 8] * 5 + [1e-6]
-    with pytest.raises(ValueError, match="gated_residual_adaln \\(cpu\\): unsupported dtypes x=unknown"):
-        native._C.gated_residual_adaln_cpu(*gated, 5, 0)
-    with pytest.raises(ValueError, match="gate/scale/shift must be float32 or x's dtype"):
-        native._C.gated_residual_adaln_cpu(*gated, 1, 2)
-    with pytest.raises(ValueError, match="invalid arguments"):
-        native._C.gated_residual_adaln_cpu(*gated[:9], 0, *gated[10:], 0, 0)  # D = 0
-    qk = [p] * 8 + [1, 2, 2, 4, 16, 8, 16, 8, 2, 2, 1e-6]
-    with pytest.raises(ValueError, match="qk_norm_rope \\(cpu\\): invalid arguments"):
-        native._C.qk_norm_rope_cpu(*qk[:11], 3, *qk[12:], 0)  # odd head dim
-    with pytest.raises(ValueError, match="unsupported dtype unknown"):
-        native._C.qk_norm_rope_cpu(*qk, 9)
-    attn = [p] * 4 + [1, 2, 2, 1, 8] + [16, 8, 8] * 3
-    with pytest.raises(ValueError, match="attention \\(cpu\\): invalid arguments"):
-        native._C.attention_cpu(*attn[:6], 0, *attn[7:], 0.5, 0)  # no keys
-    with pytest.raises(ValueError, match="scale that is not a positive finite number"):
-        native._C.attention_cpu(*attn, float("nan"), 0)
-    with pytest.raises(ValueError, match="unsupported dtype unknown"):
-        native._C.attention_cpu(*attn, 0.5, 3)
+    torch.library.opcheck(native.attention, (q, k, k), test_utils=utils)
 
 
 # ---- CUDA kernels in host emulation (no GPU needed) -------------------------------------------

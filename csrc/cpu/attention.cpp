@@ -9,10 +9,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <stdexcept>
 #include <vector>
 
-#include "cpu/ops.h"
 #include "flg/attention.h"
 
 namespace flg {
@@ -151,9 +149,9 @@ void load_rows_transposed(float* dst, const T* src, int64_t stride_s, int64_t ro
 
 template <typename T>
 void run(const AttentionParams& p) {
-  const int64_t D = p.head_dim, Sq = p.seq_q, Skv = p.seq_kv, H = p.heads;
+  const int64_t D = p.head_dim(), Sq = p.seq_q(), Skv = p.seq_kv(), H = p.heads();
   const int64_t nqb = (Sq + kTaskRows - 1) / kTaskRows;
-  const int64_t tasks = p.batch * H * nqb;
+  const int64_t tasks = p.batch() * H * nqb;
   const float scale = p.scale;
   const TileKernels& kern = tile_kernels();
 #pragma omp parallel
@@ -166,17 +164,17 @@ void run(const AttentionParams& p) {
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % H, b = task / (nqb * H);
       const int64_t m0 = qb * kTaskRows, nq = std::min(kTaskRows, Sq - m0);
-      const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-      const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-      const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-      load_rows(qf.data(), q, p.q_stride_s, m0, nq, D);
+      const T* q = p.q.ptr<const T>() + b * p.q.stride(0) + h * p.q.stride(2);
+      const T* k = p.k.ptr<const T>() + b * p.k.stride(0) + h * p.k.stride(2);
+      const T* v = p.v.ptr<const T>() + b * p.v.stride(0) + h * p.v.stride(2);
+      load_rows(qf.data(), q, p.q.stride(1), m0, nq, D);
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<float>::infinity());
       std::fill(lrow.begin(), lrow.end(), 0.0f);
       for (int64_t n0 = 0; n0 < Skv; n0 += kBlockN) {
         const int64_t nk = std::min(kBlockN, Skv - n0);
-        load_rows_transposed(kt.data(), k, p.k_stride_s, n0, nk, D);
-        load_rows(vf.data(), v, p.v_stride_s, n0, nk, D);
+        load_rows_transposed(kt.data(), k, p.k.stride(1), n0, nk, D);
+        load_rows(vf.data(), v, p.v.stride(1), n0, nk, D);
         for (int64_t r0 = 0; r0 < nq; r0 += kBlockM) {
           const int64_t nr = std::min(kBlockM, nq - r0);
           kern.scores(sc.data(), qf.data() + r0 * D, kt.data(), nr, D, scale);
@@ -199,7 +197,7 @@ void run(const AttentionParams& p) {
         }
       }
       for (int64_t i = 0; i < nq; ++i) {
-        T* o = static_cast<T*>(p.out) + ((b * Sq + m0 + i) * H + h) * D;
+        T* o = p.out.ptr<T>() + ((b * Sq + m0 + i) * H + h) * D;
         const float inv = 1.0f / lrow[i];
         const float* ai = acc.data() + i * D;
         for (int64_t c = 0; c < D; ++c) Scalar<T>::store(o + c, ai[c] * inv);
@@ -211,9 +209,8 @@ void run(const AttentionParams& p) {
 }  // namespace
 
 void attention(const AttentionParams& p) {
-  const Status st = check(p);
-  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cpu"));
-  switch (static_cast<DType>(p.dtype)) {
+  require(check(p), "attention", "cpu");
+  switch (p.q.dtype) {
     case DType::Float32: run<float>(p); break;
     case DType::Float16: run<Half16>(p); break;
     case DType::BFloat16: run<BFloat16>(p); break;

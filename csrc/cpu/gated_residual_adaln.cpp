@@ -3,10 +3,8 @@
 // in an fp32 row buffer, statistics of the rounded row in double, h in fp32. Rows split
 // across OpenMP threads.
 #include <cmath>
-#include <stdexcept>
 #include <vector>
 
-#include "cpu/ops.h"
 #include "flg/gated_residual_adaln.h"
 
 namespace flg {
@@ -15,21 +13,21 @@ namespace {
 
 template <typename T, typename M>
 void run(const GatedResidualAdaLNParams& p) {
-  const int64_t rows = p.batch * p.seq;
-  const int64_t D = p.dim;
+  const int64_t S = p.seq(), D = p.dim();
+  const int64_t rows = p.batch() * S;
 #pragma omp parallel
   {
     std::vector<float> xs(static_cast<size_t>(D));
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t b = row / p.seq, s = row % p.seq;
-      const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + s * p.x_stride_s;
-      const T* y = static_cast<const T*>(p.y) + b * p.y_stride_b + s * p.y_stride_s;
-      const M* gate = static_cast<const M*>(p.gate) + b * p.gate_stride_b + s * p.gate_stride_s;
-      const M* scale = static_cast<const M*>(p.scale) + b * p.scale_stride_b + s * p.scale_stride_s;
-      const M* shift = static_cast<const M*>(p.shift) + b * p.shift_stride_b + s * p.shift_stride_s;
-      T* x_out = static_cast<T*>(p.x_out) + row * D;
-      T* h_out = static_cast<T*>(p.h_out) + row * D;
+      const int64_t b = row / S, s = row % S;
+      const T* x = p.x.ptr<const T>() + b * p.x.stride(0) + s * p.x.stride(1);
+      const T* y = p.y.ptr<const T>() + b * p.y.stride(0) + s * p.y.stride(1);
+      const M* gate = p.gate.ptr<const M>() + b * p.gate.stride(0) + s * p.gate.stride(1);
+      const M* scale = p.scale.ptr<const M>() + b * p.scale.stride(0) + s * p.scale.stride(1);
+      const M* shift = p.shift.ptr<const M>() + b * p.shift.stride(0) + s * p.shift.stride(1);
+      T* x_out = p.x_out.ptr<T>() + row * D;
+      T* h_out = p.h_out.ptr<T>() + row * D;
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t d = 0; d < D; ++d) {
@@ -57,16 +55,15 @@ void run(const GatedResidualAdaLNParams& p) {
 
 template <typename T>
 void run_mod(const GatedResidualAdaLNParams& p) {
-  if (p.mod_dtype == 0) run<T, float>(p);
+  if (p.gate.dtype == DType::Float32) run<T, float>(p);
   else run<T, T>(p);
 }
 
 }  // namespace
 
 void gated_residual_adaln(const GatedResidualAdaLNParams& p) {
-  const Status st = check(p);
-  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cpu"));
-  switch (static_cast<DType>(p.x_dtype)) {
+  require(check(p), "gated_residual_adaln", "cpu");
+  switch (p.x.dtype) {
     case DType::Float32: run_mod<float>(p); break;
     case DType::Float16: run_mod<Half16>(p); break;
     case DType::BFloat16: run_mod<BFloat16>(p); break;

@@ -3,9 +3,7 @@
 // (x * r) * w in fp32 rounded to T, then the pair rotation in fp32. Rows split across
 // OpenMP threads.
 #include <cmath>
-#include <stdexcept>
 
-#include "cpu/ops.h"
 #include "flg/qk_norm_rope.h"
 
 namespace flg {
@@ -40,30 +38,30 @@ void row(const T* x, const float* w, const float* cs, const float* sn, T* out, i
 
 template <typename T>
 void run(const QKNormRopeParams& p) {
-  const int64_t rows = p.batch * p.seq;
-  const int64_t n = p.heads * p.head_dim, half = p.head_dim / 2;
+  const int64_t S = p.seq();
+  const int64_t rows = p.batch() * S;
+  const int64_t n = p.heads() * p.head_dim(), half = p.head_dim() / 2;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < 2 * rows; ++r) {
     const bool is_k = r >= rows;
     const int64_t rr = is_k ? r - rows : r;
-    const int64_t b = rr / p.seq, s = rr % p.seq;
-    const float* cs = p.cos + s * p.cos_stride_s;
-    const float* sn = p.sin + s * p.sin_stride_s;
+    const int64_t b = rr / S, s = rr % S;
+    const float* cs = p.cos.ptr<const float>() + s * p.cos.stride(0);
+    const float* sn = p.sin.ptr<const float>() + s * p.sin.stride(0);
     if (is_k)
-      row(static_cast<const T*>(p.k) + b * p.k_stride_b + s * p.k_stride_s, p.k_weight, cs, sn,
-          static_cast<T*>(p.k_out) + rr * n, n, half, p.eps);
+      row(p.k.ptr<const T>() + b * p.k.stride(0) + s * p.k.stride(1), p.k_weight.ptr<const float>(), cs, sn,
+          p.k_out.ptr<T>() + rr * n, n, half, p.eps);
     else
-      row(static_cast<const T*>(p.q) + b * p.q_stride_b + s * p.q_stride_s, p.q_weight, cs, sn,
-          static_cast<T*>(p.q_out) + rr * n, n, half, p.eps);
+      row(p.q.ptr<const T>() + b * p.q.stride(0) + s * p.q.stride(1), p.q_weight.ptr<const float>(), cs, sn,
+          p.q_out.ptr<T>() + rr * n, n, half, p.eps);
   }
 }
 
 }  // namespace
 
 void qk_norm_rope(const QKNormRopeParams& p) {
-  const Status st = check(p);
-  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cpu"));
-  switch (static_cast<DType>(p.dtype)) {
+  require(check(p), "qk_norm_rope", "cpu");
+  switch (p.q.dtype) {
     case DType::Float32: run<float>(p); break;
     case DType::Float16: run<Half16>(p); break;
     case DType::BFloat16: run<BFloat16>(p); break;

@@ -1,23 +1,19 @@
 // Launcher of the CUDA adaln_modulate: checks, dtype dispatch, launch on the caller's
 // stream. The kernel lives in flg/adaln_modulate.cuh.
 #include <stdexcept>
-#include <string>
 
 #include "cuda/check.h"
-#include "cuda/ops.h"
 #include "flg/adaln_modulate.cuh"
 
 namespace flg {
 namespace cuda {
 
 void adaln_modulate(const AdaLNModulateParams& p, std::uintptr_t stream_handle) {
-  const Status st = check(p);
-  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cuda"));
-  if (p.batch * p.seq > 0x7fffffffLL) throw std::invalid_argument("adaln_modulate (cuda): more than 2^31-1 rows");
+  require(check(p).that(p.batch() * p.seq() <= kMaxRows, "more than 2^31-1 rows"), "adaln_modulate", "cuda");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   cudaError_t err = cudaSuccess;
-  const bool mod32 = p.mod_dtype == 0;
-  switch (static_cast<DType>(p.x_dtype)) {
+  const bool mod32 = p.scale.dtype == DType::Float32;
+  switch (p.x.dtype) {
     case DType::Float32: err = launch_adaln_modulate<float, float>(p, stream); break;
     case DType::Float16:
       err = mod32 ? launch_adaln_modulate<__half, float>(p, stream) : launch_adaln_modulate<__half, __half>(p, stream);
@@ -28,15 +24,6 @@ void adaln_modulate(const AdaLNModulateParams& p, std::uintptr_t stream_handle) 
       break;
   }
   FLG_CUDA_CHECK(err, "adaln_modulate kernel launch");
-}
-
-int device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
-  return n;
 }
 
 }  // namespace cuda

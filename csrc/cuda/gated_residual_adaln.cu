@@ -4,24 +4,24 @@
 #include <string>
 
 #include "cuda/check.h"
-#include "cuda/ops.h"
 #include "flg/gated_residual_adaln.cuh"
 
 namespace flg {
 namespace cuda {
 
 void gated_residual_adaln(const GatedResidualAdaLNParams& p, std::uintptr_t stream_handle) {
-  const Status st = check(p);
-  if (st != Status::Ok) throw std::invalid_argument(describe(p, st, "cuda"));
-  if (p.batch * p.seq > 0x7fffffffLL) throw std::invalid_argument("gated_residual_adaln (cuda): more than 2^31-1 rows");
-  if (p.dim > kGatedResidualMaxDim)
-    throw std::invalid_argument("gated_residual_adaln (cuda): D=" + std::to_string(p.dim) + " exceeds " +
-                                std::to_string(kGatedResidualMaxDim) + " (the row is kept in shared memory)");
+  ArgCheck c = check(p);
+  c.that(p.batch() * p.seq() <= kMaxRows, "more than 2^31-1 rows");
+  c.that(p.dim() <= kGatedResidualMaxDimCuda, [&] {
+    return "D=" + std::to_string(p.dim()) + " exceeds " + std::to_string(kGatedResidualMaxDimCuda) +
+           " (the row is kept in shared memory)";
+  });
+  require(c, "gated_residual_adaln", "cuda");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const char* stage = "gated_residual_adaln launch";
   cudaError_t err = cudaSuccess;
-  const bool mod32 = p.mod_dtype == 0;
-  switch (static_cast<DType>(p.x_dtype)) {
+  const bool mod32 = p.gate.dtype == DType::Float32;
+  switch (p.x.dtype) {
     case DType::Float32: err = launch_gated_residual_adaln<float, float>(p, stream, &stage); break;
     case DType::Float16:
       err = mod32 ? launch_gated_residual_adaln<__half, float>(p, stream, &stage)

@@ -165,9 +165,13 @@ double run_case(const Case& c, std::mt19937& rng) {
   Tensor tq = make(c, Sq, q), tk = make(c, Skv, k), tv = make(c, Skv, v);
   const size_t esz = c.dtype == 0 ? 4 : 2;
   std::vector<unsigned char> out(B * Sq * H * D * esz, 0xff);
-  AttentionParams p{out.data(), tq.bytes.data(), tk.bytes.data(), tv.bytes.data(), B, Sq, Skv, H, D,
-                    tq.sb, tq.ss, tq.sh, tk.sb, tk.ss, tk.sh, tv.sb, tv.ss, tv.sh,
-                    static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), c.dtype};
+  const auto dt = static_cast<flg::DType>(c.dtype);
+  const AttentionParams p{.out = flg::make_tensor(out.data(), dt, {B, Sq, H, D}),
+                          .q = flg::make_tensor(tq.bytes.data(), dt, {B, Sq, H, D}, {tq.sb, tq.ss, tq.sh, 1}),
+                          .k = flg::make_tensor(tk.bytes.data(), dt, {B, Skv, H, D}, {tk.sb, tk.ss, tk.sh, 1}),
+                          .v = flg::make_tensor(tv.bytes.data(), dt, {B, Skv, H, D}, {tv.sb, tv.ss, tv.sh, 1}),
+                          .scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))};
+  if (!flg::check(p).ok()) return INFINITY;
   using namespace flg::cuda;
   auto aligned = [&](const Tensor& t) {
     return reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 16 == 0 && t.sb % 8 == 0 && t.ss % 8 == 0 && t.sh % 8 == 0;
@@ -292,7 +296,7 @@ struct GatedCase {
 
 template <typename T, typename M>
 void emulate_gated(const flg::GatedResidualAdaLNParams& p) {
-  launch(dim3(static_cast<unsigned>(p.batch * p.seq)), flg::cuda::row_threads(p.dim),
+  launch(dim3(static_cast<unsigned>(p.batch() * p.seq())), flg::cuda::row_threads(p.dim()),
          [&] { flg::cuda::gated_residual_adaln_kernel<T, M>(p); });
 }
 
@@ -313,11 +317,19 @@ double run_gated(const GatedCase& c, std::mt19937& rng) {
   Buf x_out(c.dtype, B * S * D), h_out(c.dtype, B * S * D);
   const int64_t g_sb = S * 6 * D, g_ss = 6 * D, g_off = 2 * D;  // chunk 2 of 6
   const int64_t sh_sb = 6 * D, sh_off = 0;
-  flg::GatedResidualAdaLNParams p{x_out.data(), h_out.data(), x.data(), y.data(),
-                                  static_cast<char*>(gate.data()) + g_off * (md == 0 ? 4 : 2), scale.data(),
-                                  static_cast<char*>(shift.data()) + sh_off * (md == 0 ? 4 : 2), B, S, D, xs_b, xs_s,
-                                  xs_b, xs_s, g_sb, g_ss, 0, 0, sh_sb, 0, 1e-6f, c.dtype, md};
-  if (flg::check(p) != flg::Status::Ok) return INFINITY;
+  const auto xd = static_cast<flg::DType>(c.dtype), mdt = static_cast<flg::DType>(md);
+  const flg::GatedResidualAdaLNParams p{
+      .x_out = flg::make_tensor(x_out.data(), xd, {B, S, D}),
+      .h_out = flg::make_tensor(h_out.data(), xd, {B, S, D}),
+      .x = flg::make_tensor(x.data(), xd, {B, S, D}, {xs_b, xs_s, 1}),
+      .y = flg::make_tensor(y.data(), xd, {B, S, D}, {xs_b, xs_s, 1}),
+      .gate = flg::make_tensor(static_cast<char*>(gate.data()) + g_off * (md == 0 ? 4 : 2), mdt, {B, S, D},
+                               {g_sb, g_ss, 1}),
+      .scale = flg::make_tensor(scale.data(), mdt, {B, S, D}, {0, 0, 1}),
+      .shift = flg::make_tensor(static_cast<char*>(shift.data()) + sh_off * (md == 0 ? 4 : 2), mdt, {B, S, D},
+                                {sh_sb, 0, 1}),
+      .eps = 1e-6f};
+  if (!flg::check(p).ok()) return INFINITY;
   if (c.dtype == 0) emulate_gated<float, float>(p);
   else if (c.dtype == 1) c.mod32 ? emulate_gated<__half, float>(p) : emulate_gated<__half, __half>(p);
   else c.mod32 ? emulate_gated<__nv_bfloat16, float>(p) : emulate_gated<__nv_bfloat16, __nv_bfloat16>(p);
@@ -353,7 +365,7 @@ struct QKCase {
 
 template <typename T>
 void emulate_qk(const flg::QKNormRopeParams& p) {
-  launch(dim3(static_cast<unsigned>(p.batch * p.seq), 2), flg::cuda::row_threads(p.heads * p.head_dim / 2),
+  launch(dim3(static_cast<unsigned>(p.batch() * p.seq()), 2), flg::cuda::row_threads(p.heads() * p.head_dim() / 2),
          [&] { flg::cuda::qk_norm_rope_kernel<T>(p); });
 }
 
@@ -372,9 +384,17 @@ double run_qk(const QKCase& c, std::mt19937& rng) {
     cs[i] = static_cast<float>(std::cos(a));
     sn[i] = static_cast<float>(std::sin(a));
   }
-  flg::QKNormRopeParams p{q_out.data(), k_out.data(), q.data(), k.data(), qw.data(), kw.data(), cs.data(), sn.data(),
-                          B, S, H, Dh, r_b, r_s, r_b, r_s, t_s, t_s, 1e-6f, c.dtype};
-  if (flg::check(p) != flg::Status::Ok) return INFINITY;
+  const auto dt = static_cast<flg::DType>(c.dtype), f32 = flg::DType::Float32;
+  const flg::QKNormRopeParams p{.q_out = flg::make_tensor(q_out.data(), dt, {B, S, H, Dh}),
+                                .k_out = flg::make_tensor(k_out.data(), dt, {B, S, H, Dh}),
+                                .q = flg::make_tensor(q.data(), dt, {B, S, N}, {r_b, r_s, 1}),
+                                .k = flg::make_tensor(k.data(), dt, {B, S, N}, {r_b, r_s, 1}),
+                                .q_weight = flg::make_tensor(qw.data(), f32, {N}),
+                                .k_weight = flg::make_tensor(kw.data(), f32, {N}),
+                                .cos = flg::make_tensor(cs.data(), f32, {S, half}, {t_s, 1}),
+                                .sin = flg::make_tensor(sn.data(), f32, {S, half}, {t_s, 1}),
+                                .eps = 1e-6f};
+  if (!flg::check(p).ok()) return INFINITY;
   if (c.dtype == 0) emulate_qk<float>(p);
   else if (c.dtype == 1) emulate_qk<__half>(p);
   else emulate_qk<__nv_bfloat16>(p);

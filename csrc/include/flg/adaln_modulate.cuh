@@ -14,39 +14,41 @@ template <typename T, typename M>
 __global__ void adaln_modulate_kernel(AdaLNModulateParams p) {
   __shared__ float shared[32];
   const int64_t row = blockIdx.x;               // b * S + s
-  const int64_t b = row / p.seq, s = row % p.seq;
-  const T* x = static_cast<const T*>(p.x) + row * p.dim;
-  T* out = static_cast<T*>(p.out) + row * p.dim;
-  const int64_t mod_off = b * p.mod_stride_b + s * p.mod_stride_s;
-  const M* scale = static_cast<const M*>(p.scale) + mod_off;
-  const M* shift = static_cast<const M*>(p.shift) + mod_off;
+  const int64_t dim = p.dim();
+  const int64_t b = row / p.seq(), s = row % p.seq();
+  const T* x = p.x.ptr<const T>() + row * dim;
+  T* out = p.out.ptr<T>() + row * dim;
+  const M* scale = p.scale.ptr<const M>() + b * p.scale.stride(0) + s * p.scale.stride(1);
+  const M* shift = p.shift.ptr<const M>() + b * p.shift.stride(0) + s * p.shift.stride(1);
 
   // 1. mean
   float acc = 0.0f;
-  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) acc += to_f32(x[d]);
-  const float mean = block_sum(acc, shared) / static_cast<float>(p.dim);
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) acc += to_f32(x[d]);
+  const float mean = block_sum(acc, shared) / static_cast<float>(dim);
   // 2. centred variance (biased, as LayerNorm)
   acc = 0.0f;
-  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) {
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     const float c = to_f32(x[d]) - mean;
     acc += c * c;
   }
-  const float rstd = rsqrtf(block_sum(acc, shared) / static_cast<float>(p.dim) + p.eps);
+  const float rstd = rsqrtf(block_sum(acc, shared) / static_cast<float>(dim) + p.eps);
   // 3. normalise and modulate
-  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) {
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     const float y = (to_f32(x[d]) - mean) * rstd;
     out[d] = from_f32<T>(y * (1.0f + to_f32(scale[d])) + to_f32(shift[d]));
   }
 }
 
+#ifndef FLG_HOST_EMULATION  // csrc/emulate/ runs the kernel without the <<<>>> launcher
 template <typename T, typename M>
 inline cudaError_t launch_adaln_modulate(const AdaLNModulateParams& p, cudaStream_t stream) {
-  const int64_t rows = p.batch * p.seq;
+  const int64_t rows = p.batch() * p.seq();
   if (rows == 0) return cudaSuccess;
-  const int threads = row_threads(p.dim);
+  const int threads = row_threads(p.dim());
   adaln_modulate_kernel<T, M><<<static_cast<unsigned>(rows), threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif  // FLG_HOST_EMULATION
 
 }  // namespace cuda
 }  // namespace flg

@@ -139,14 +139,14 @@ __global__ void __launch_bounds__(AttnTCConfig<kDMax>::kThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, h = blockIdx.y, m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  const int d = static_cast<int>(p.head_dim);
+  const int d = static_cast<int>(p.head_dim());
   const int dc = (d + 15) & ~15;  // head dim padded to the mma K dim
   const int nkc = dc / 16, ndt = d / 8;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const T* q = p.q.ptr<const T>() + b * p.q.stride(0) + h * p.q.stride(2);
+  const T* k = p.k.ptr<const T>() + b * p.k.stride(0) + h * p.k.stride(2);
+  const T* v = p.v.ptr<const T>() + b * p.v.stride(0) + h * p.v.stride(2);
 
-  load_tile<T, kBlockM, kLd, kThreads>(qs, q, p.q_stride_s, m0, p.seq_q, d, dc, vec_q);
+  load_tile<T, kBlockM, kLd, kThreads>(qs, q, p.q.stride(1), m0, p.seq_q(), d, dc, vec_q);
 
   float o[kDT][4];
 #pragma unroll
@@ -156,10 +156,10 @@ __global__ void __launch_bounds__(AttnTCConfig<kDMax>::kThreads)
   const float sl2 = p.scale * 1.4426950408889634f;  // exp(s * scale) = exp2(s * sl2)
   const T* qw = qs + warp * 16 * kLd;                 // this warp's 16 query rows
 
-  for (int64_t n0 = 0; n0 < p.seq_kv; n0 += kBlockN) {
+  for (int64_t n0 = 0; n0 < p.seq_kv(); n0 += kBlockN) {
     __syncthreads();  // every warp is done with the previous K/V tile (and the Q tile is written)
-    load_tile<T, kBlockN, kLd, kThreads>(ks, k, p.k_stride_s, n0, p.seq_kv, d, dc, vec_k);
-    load_tile<T, kBlockN, kLd, kThreads>(vs, v, p.v_stride_s, n0, p.seq_kv, d, dc, vec_v);
+    load_tile<T, kBlockN, kLd, kThreads>(ks, k, p.k.stride(1), n0, p.seq_kv(), d, dc, vec_k);
+    load_tile<T, kBlockN, kLd, kThreads>(vs, v, p.v.stride(1), n0, p.seq_kv(), d, dc, vec_v);
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows x kBlockN keys.
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(AttnTCConfig<kDMax>::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t key = n0 + nt * 8 + 2 * t + (e & 1);
-        const float val = key < p.seq_kv ? s[nt][e] * sl2 : -INFINITY;
+        const float val = key < p.seq_kv() ? s[nt][e] * sl2 : -INFINITY;
         s[nt][e] = val;
         mx[e >> 1] = fmaxf(mx[e >> 1], val);
       }
@@ -254,8 +254,8 @@ __global__ void __launch_bounds__(AttnTCConfig<kDMax>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = m0 + warp * 16 + g + 8 * r;
-    if (row < p.seq_q) {
-      T* orow = static_cast<T*>(p.out) + ((b * p.seq_q + row) * p.heads + h) * d;
+    if (row < p.seq_q()) {
+      T* orow = p.out.ptr<T>() + ((b * p.seq_q() + row) * p.heads() + h) * d;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         if (dt < ndt)
@@ -297,15 +297,15 @@ __global__ void __launch_bounds__(AttnSimtConfig<kDMax>::kThreads) attention_sim
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t b = blockIdx.z, h = blockIdx.y, m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  const int d = static_cast<int>(p.head_dim);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const int d = static_cast<int>(p.head_dim());
+  const T* q = p.q.ptr<const T>() + b * p.q.stride(0) + h * p.q.stride(2);
+  const T* k = p.k.ptr<const T>() + b * p.k.stride(0) + h * p.k.stride(2);
+  const T* v = p.v.ptr<const T>() + b * p.v.stride(0) + h * p.v.stride(2);
 
   for (int i = threadIdx.x; i < kBlockM * d; i += kThreads) {
     const int r = i / d, c = i - r * d;
     const int64_t gr = m0 + r;
-    qs[r * kDMax + c] = gr < p.seq_q ? to_f32(q[gr * p.q_stride_s + c]) : 0.0f;
+    qs[r * kDMax + c] = gr < p.seq_q() ? to_f32(q[gr * p.q.stride(1) + c]) : 0.0f;
   }
 
   float o[kRows][kPer];
@@ -320,14 +320,14 @@ __global__ void __launch_bounds__(AttnSimtConfig<kDMax>::kThreads) attention_sim
   const float* qw = qs + warp * kRows * kDMax;
   float* pw = ps + warp * kRows * kBlockN;
 
-  for (int64_t n0 = 0; n0 < p.seq_kv; n0 += kBlockN) {
+  for (int64_t n0 = 0; n0 < p.seq_kv(); n0 += kBlockN) {
     __syncthreads();  // previous tiles consumed, Q tile written
     for (int i = threadIdx.x; i < kBlockN * d; i += kThreads) {
       const int r = i / d, c = i - r * d;
       const int64_t gr = n0 + r;
-      const bool ok = gr < p.seq_kv;
-      ks[r * kLdK + c] = ok ? to_f32(k[gr * p.k_stride_s + c]) : 0.0f;
-      vs[r * kDMax + c] = ok ? to_f32(v[gr * p.v_stride_s + c]) : 0.0f;
+      const bool ok = gr < p.seq_kv();
+      ks[r * kLdK + c] = ok ? to_f32(k[gr * p.k.stride(1) + c]) : 0.0f;
+      vs[r * kDMax + c] = ok ? to_f32(v[gr * p.v.stride(1) + c]) : 0.0f;
     }
     __syncthreads();
 
@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(AttnSimtConfig<kDMax>::kThreads) attention_sim
 #pragma unroll
       for (int r = 0; r < kRows; ++r) s[r] = fmaf(qw[r * kDMax + c], kc, s[r]);
     }
-    const bool valid = n0 + lane < p.seq_kv;
+    const bool valid = n0 + lane < p.seq_kv();
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float x = valid ? s[r] * sl2 : -INFINITY;
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(AttnSimtConfig<kDMax>::kThreads) attention_sim
       pw[r * kBlockN + lane] = pv;
     }
     __syncwarp();
-    const int nk = static_cast<int>(p.seq_kv - n0 < kBlockN ? p.seq_kv - n0 : kBlockN);
+    const int nk = static_cast<int>(p.seq_kv() - n0 < kBlockN ? p.seq_kv() - n0 : kBlockN);
     for (int j = 0; j < nk; ++j) {
       const float* vrow = vs + j * kDMax;
 #pragma unroll
@@ -375,8 +375,8 @@ __global__ void __launch_bounds__(AttnSimtConfig<kDMax>::kThreads) attention_sim
   for (int r = 0; r < kRows; ++r) {
     const float l = warp_sum(l_run[r]);
     const int64_t row = m0 + warp * kRows + r;
-    if (row < p.seq_q) {
-      T* orow = static_cast<T*>(p.out) + ((b * p.seq_q + row) * p.heads + h) * d;
+    if (row < p.seq_q()) {
+      T* orow = p.out.ptr<T>() + ((b * p.seq_q() + row) * p.heads() + h) * d;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int c = lane + 32 * i;
@@ -396,8 +396,10 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes, const char** stage) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-inline bool aligned16(const void* ptr, int64_t sb, int64_t ss, int64_t sh) {
-  return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && ss % 8 == 0 && sh % 8 == 0;
+// 16-byte loads of a (B, S, H, D) tensor's rows are aligned: base pointer and (b, s, h) strides.
+inline bool aligned16(const Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0;
 }
 
 template <typename T, int kDMax>
@@ -405,12 +407,11 @@ inline cudaError_t launch_attention_tc(const AttentionParams& p, cudaStream_t st
   using C = AttnTCConfig<kDMax>;
   cudaError_t err = allow_smem(attention_tc_kernel<T, kDMax>, C::kSmemBytes, stage);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seq_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>((p.seq_q() + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.heads()),
+                  static_cast<unsigned>(p.batch()));
   *stage = "attention_tc_kernel launch";
   attention_tc_kernel<T, kDMax><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
-      p, aligned16(p.q, p.q_stride_b, p.q_stride_s, p.q_stride_h), aligned16(p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h),
-      aligned16(p.v, p.v_stride_b, p.v_stride_s, p.v_stride_h));
+      p, aligned16(p.q), aligned16(p.k), aligned16(p.v));
   return cudaGetLastError();
 }
 
@@ -419,8 +420,8 @@ inline cudaError_t launch_attention_simt(const AttentionParams& p, cudaStream_t 
   using C = AttnSimtConfig<kDMax>;
   cudaError_t err = allow_smem(attention_simt_kernel<T, kDMax>, C::kSmemBytes, stage);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seq_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>((p.seq_q() + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.heads()),
+                  static_cast<unsigned>(p.batch()));
   *stage = "attention_simt_kernel launch";
   attention_simt_kernel<T, kDMax><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
@@ -442,9 +443,9 @@ template <int kDMax> struct AttnLaunch<float, kDMax> {
 // within the grid's y / z limits.
 template <typename T>
 inline cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream, const char** stage) {
-  if (p.seq_q == 0 || p.batch == 0) return cudaSuccess;
-  if (p.head_dim <= 64) return AttnLaunch<T, 64>::run(p, stream, stage);
-  if (p.head_dim <= 128) return AttnLaunch<T, 128>::run(p, stream, stage);
+  if (p.seq_q() == 0 || p.batch() == 0) return cudaSuccess;
+  if (p.head_dim() <= 64) return AttnLaunch<T, 64>::run(p, stream, stage);
+  if (p.head_dim() <= 128) return AttnLaunch<T, 128>::run(p, stream, stage);
   return AttnLaunch<T, 256>::run(p, stream, stage);
 }
 #endif  // FLG_HOST_EMULATION

@@ -10,48 +10,51 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
-#include "flg/common.h"
+#include "flg/tensor.h"
 
 namespace flg {
 
+// The op's arguments, declared once: the binding fills them by name, the kernels read them.
 struct AttentionParams {
-  void* out;                 // (B, Sq, H, D) contiguous
-  const void* q;             // element (b, s, h, d) at q[b * q_stride_b + s * q_stride_s + h * q_stride_h + d]
-  const void* k;             // likewise with k's strides
-  const void* v;             // likewise with v's strides
-  int64_t batch;             // B
-  int64_t seq_q;             // Sq
-  int64_t seq_kv;            // Skv
-  int64_t heads;             // H
-  int64_t head_dim;          // D
-  int64_t q_stride_b, q_stride_s, q_stride_h;  // elements
-  int64_t k_stride_b, k_stride_s, k_stride_h;
-  int64_t v_stride_b, v_stride_s, v_stride_h;
-  float scale;               // softmax scale, 1/sqrt(D) for SDPA's default
-  int dtype;                 // DType code of q, k, v, out
+  Tensor out;   // (B, Sq, H, D) contiguous, dtype T (q's)
+  Tensor q;     // (B, Sq, H, D), last dim contiguous, dtype T: float32, float16 or bfloat16
+  Tensor k;     // (B, Skv, H, D), last dim contiguous, dtype T
+  Tensor v;     // (B, Skv, H, D), last dim contiguous, dtype T
+  float scale;  // softmax scale, 1/sqrt(D) for SDPA's default
+
+  template <typename F>
+  void fields(F&& f) {
+    f("out", out); f("q", q); f("k", k); f("v", v); f("scale", scale);
+  }
+  FLG_HD int64_t batch() const { return q.sizes[0]; }
+  FLG_HD int64_t seq_q() const { return q.sizes[1]; }
+  FLG_HD int64_t seq_kv() const { return k.sizes[1]; }
+  FLG_HD int64_t heads() const { return q.sizes[2]; }
+  FLG_HD int64_t head_dim() const { return q.sizes[3]; }
 };
 
-inline Status check(const AttentionParams& p) {
-  if (!p.out || !p.q || !p.k || !p.v) return Status::InvalidArgument;
-  if (p.batch < 0 || p.seq_q < 0 || p.seq_kv <= 0 || p.heads <= 0 || p.head_dim <= 0) return Status::InvalidArgument;
-  const int64_t strides[] = {p.q_stride_b, p.q_stride_s, p.q_stride_h, p.k_stride_b, p.k_stride_s,
-                             p.k_stride_h, p.v_stride_b, p.v_stride_s, p.v_stride_h};
-  for (int64_t s : strides)
-    if (s < 0) return Status::InvalidArgument;
-  if (p.dtype < 0 || p.dtype > 2) return Status::UnsupportedDType;
-  if (!(p.scale > 0.0f) || !(p.scale < 1e30f)) return Status::InvalidArgument;
-  return Status::Ok;
+// Limit of the CUDA kernels (the largest head-dim bucket); mirrored in flgengine/ops/native.py.
+constexpr int64_t kAttentionMaxHeadDimCuda = 256;
+
+inline ArgCheck check(const AttentionParams& p) {
+  ArgCheck c;
+  c.ndim("q", p.q, 4).float_dtype("q", p.q).rows("q", p.q).ndim("k", p.k, 4);
+  if (!c.ok()) return c;
+  const int64_t B = p.batch(), Sq = p.seq_q(), Skv = p.seq_kv(), H = p.heads(), D = p.head_dim();
+  c.that(Skv > 0, "k and v have no keys (Skv = 0)").that(H > 0, "q has no heads").that(D > 0, "head dim D = 0");
+  c.shape("k", p.k, {B, Skv, H, D}).dtype("k", p.k, p.q.dtype).rows("k", p.k);
+  c.shape("v", p.v, {B, Skv, H, D}).dtype("v", p.v, p.q.dtype).rows("v", p.v);
+  c.shape("out", p.out, {B, Sq, H, D}).dtype("out", p.out, p.q.dtype).contiguous("out", p.out);
+  c.that(p.scale > 0.0f && p.scale < 1e30f, "scale must be a positive finite number");
+  return c;
 }
 
-inline std::string describe(const AttentionParams& p, Status st, const char* where) {
-  if (st == Status::UnsupportedDType)
-    return std::string("attention (") + where + "): unsupported dtype " + dtype_name(p.dtype) +
-           "; q, k, v must be float32, float16 or bfloat16";
-  return std::string("attention (") + where +
-         "): invalid arguments (null pointer, negative size or stride, empty key sequence, zero heads or head_dim, "
-         "or a scale that is not a positive finite number)";
+namespace cpu {
+void attention(const AttentionParams& p);  // csrc/cpu/attention.cpp
+}
+namespace cuda {
+void attention(const AttentionParams& p, std::uintptr_t stream);  // csrc/cuda/attention.cu
 }
 
 }  // namespace flg

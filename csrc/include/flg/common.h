@@ -1,6 +1,5 @@
-// Shared vocabulary of the flgengine kernels: dtype codes, status codes and scalar
-// conversions. No torch, no Python: entry points receive raw pointers, sizes, strides,
-// a dtype code and (for CUDA) a stream handle.
+// Shared vocabulary of the flgengine kernels: dtype codes and scalar conversions. No
+// torch, no Python (tensor arguments are flg::Tensor views, flg/tensor.h).
 #pragma once
 
 #include <cstdint>
@@ -19,9 +18,6 @@ inline const char* dtype_name(int code) {
     default: return "unknown";
   }
 }
-
-// Header kernels report problems with these codes; launchers turn them into exceptions.
-enum class Status : int { Ok = 0, InvalidArgument = 1, UnsupportedDType = 2, LaunchFailed = 3 };
 
 // ---- host-side scalar conversions (CPU ops) -------------------------------------
 // IEEE half <-> float and bfloat16 <-> float with round-to-nearest-even, so the C++

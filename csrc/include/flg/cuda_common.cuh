@@ -47,6 +47,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Most rows a one-block-per-row kernel launches (grid x).
+constexpr int64_t kMaxRows = 0x7fffffffLL;
+
 // Threads per block for a one-block-per-row kernel over `dim` elements.
 inline int row_threads(int64_t dim) {
   int threads = 32;

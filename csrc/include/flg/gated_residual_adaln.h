@@ -6,61 +6,67 @@
 // with mean / biased variance over the row of the *rounded* x_new (what the unfused
 // model normalises), statistics in fp32, h rounded to x's dtype T.
 //
-// x and y are (B, S, D) read through row strides (last dim contiguous); x_out and h_out
-// are contiguous (B, S, D). gate, scale and shift each have their own (b, s) strides, so a
-// per-sample modulation (stride_s = 0), a (D,) vector expanded over B (stride_b = 0) or a
-// chunk view of the (B, [S,] 6, D) timestep modulation is used in place. They share one
-// dtype M: float32 or T. Memory traffic: x, y read once, x_out, h_out written once.
+// x and y are (B, S, D) read through (b, s) strides (last dim contiguous); x_out and h_out
+// are contiguous (B, S, D). gate, scale and shift are (B, S, D) views, each with its own
+// (b, s) strides, so a per-sample modulation (stride 0 over S), a (D,) vector expanded over
+// B (stride 0 over B) or a chunk view of the (B, [S,] 6, D) timestep modulation is used in
+// place. They share one dtype M: float32 or T. Memory traffic: x, y read once, x_out, h_out
+// written once.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
-#include "flg/common.h"
+#include "flg/tensor.h"
 
 namespace flg {
 
+// The op's arguments, declared once: the binding fills them by name, the kernels read them.
 struct GatedResidualAdaLNParams {
-  void* x_out;            // (B, S, D) contiguous, dtype T
-  void* h_out;            // (B, S, D) contiguous, dtype T
-  const void* x;          // element (b, s, d) at x[b * x_stride_b + s * x_stride_s + d]
-  const void* y;          // same layout rule with y's strides, dtype T
-  const void* gate;       // element (b, s, d) at gate[b * gate_stride_b + s * gate_stride_s + d]
-  const void* scale;      // likewise with scale's strides
-  const void* shift;      // likewise with shift's strides
-  int64_t batch;          // B
-  int64_t seq;            // S
-  int64_t dim;            // D
-  int64_t x_stride_b, x_stride_s;            // elements
-  int64_t y_stride_b, y_stride_s;
-  int64_t gate_stride_b, gate_stride_s;      // 0 = broadcast over that axis
-  int64_t scale_stride_b, scale_stride_s;
-  int64_t shift_stride_b, shift_stride_s;
+  Tensor x_out;  // (B, S, D) contiguous, dtype T (x's)
+  Tensor h_out;  // (B, S, D) contiguous, dtype T
+  Tensor x;      // (B, S, D), last dim contiguous, dtype T: float32, float16 or bfloat16
+  Tensor y;      // (B, S, D), last dim contiguous, dtype T
+  Tensor gate;   // (B, S, D), last dim contiguous, any (b, s) strides; dtype M: float32 or T
+  Tensor scale;  // likewise, dtype M
+  Tensor shift;  // likewise, dtype M
   float eps;
-  int x_dtype;            // DType code of x, y, x_out, h_out
-  int mod_dtype;          // DType code of gate, scale, shift (float32 or x_dtype)
+
+  template <typename F>
+  void fields(F&& f) {
+    f("x_out", x_out); f("h_out", h_out); f("x", x); f("y", y);
+    f("gate", gate); f("scale", scale); f("shift", shift); f("eps", eps);
+  }
+  FLG_HD int64_t batch() const { return x.sizes[0]; }
+  FLG_HD int64_t seq() const { return x.sizes[1]; }
+  FLG_HD int64_t dim() const { return x.sizes[2]; }
 };
 
-inline Status check(const GatedResidualAdaLNParams& p) {
-  if (!p.x_out || !p.h_out || !p.x || !p.y || !p.gate || !p.scale || !p.shift) return Status::InvalidArgument;
-  if (p.batch < 0 || p.seq < 0 || p.dim <= 0) return Status::InvalidArgument;
-  const int64_t strides[] = {p.x_stride_b,    p.x_stride_s,     p.y_stride_b,     p.y_stride_s,
-                             p.gate_stride_b, p.gate_stride_s,  p.scale_stride_b, p.scale_stride_s,
-                             p.shift_stride_b, p.shift_stride_s};
-  for (int64_t s : strides)
-    if (s < 0) return Status::InvalidArgument;
-  if (p.x_dtype < 0 || p.x_dtype > 2) return Status::UnsupportedDType;
-  if (p.mod_dtype != 0 && p.mod_dtype != p.x_dtype) return Status::UnsupportedDType;
-  if (!(p.eps >= 0.0f)) return Status::InvalidArgument;
-  return Status::Ok;
+// Limit of the CUDA kernel: it keeps the x_new row in shared memory (128 KiB); mirrored in
+// flgengine/ops/native.py.
+constexpr int64_t kGatedResidualMaxDimCuda = 32768;
+
+inline ArgCheck check(const GatedResidualAdaLNParams& p) {
+  ArgCheck c;
+  c.ndim("x", p.x, 3).float_dtype("x", p.x).rows("x", p.x);
+  if (!c.ok()) return c;
+  const int64_t B = p.batch(), S = p.seq(), D = p.dim();
+  c.that(D > 0, "x has D = 0");
+  c.shape("y", p.y, {B, S, D}).dtype("y", p.y, p.x.dtype).rows("y", p.y);
+  c.shape("gate", p.gate, {B, S, D}).rows("gate", p.gate).mod_dtype("gate", p.gate, p.x.dtype);
+  c.shape("scale", p.scale, {B, S, D}).rows("scale", p.scale).mod_dtype("scale", p.scale, p.x.dtype);
+  c.shape("shift", p.shift, {B, S, D}).rows("shift", p.shift).mod_dtype("shift", p.shift, p.x.dtype);
+  c.that(p.gate.dtype == p.scale.dtype && p.gate.dtype == p.shift.dtype, "gate, scale and shift must share one dtype");
+  c.shape("x_out", p.x_out, {B, S, D}).dtype("x_out", p.x_out, p.x.dtype).contiguous("x_out", p.x_out);
+  c.shape("h_out", p.h_out, {B, S, D}).dtype("h_out", p.h_out, p.x.dtype).contiguous("h_out", p.h_out);
+  c.that(p.eps >= 0.0f, "eps must be >= 0");
+  return c;
 }
 
-inline std::string describe(const GatedResidualAdaLNParams& p, Status st, const char* where) {
-  if (st == Status::UnsupportedDType)
-    return std::string("gated_residual_adaln (") + where + "): unsupported dtypes x=" + dtype_name(p.x_dtype) +
-           " gate/scale/shift=" + dtype_name(p.mod_dtype) + "; gate/scale/shift must be float32 or x's dtype";
-  return std::string("gated_residual_adaln (") + where +
-         "): invalid arguments (null pointer, negative size or stride, zero dim or negative eps)";
+namespace cpu {
+void gated_residual_adaln(const GatedResidualAdaLNParams& p);  // csrc/cpu/gated_residual_adaln.cpp
+}
+namespace cuda {
+void gated_residual_adaln(const GatedResidualAdaLNParams& p, std::uintptr_t stream);  // csrc/cuda/...cu
 }
 
 }  // namespace flg

@@ -15,16 +15,16 @@ __global__ void qk_norm_rope_kernel(QKNormRopeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* red = reinterpret_cast<float*>(smem);  // 32 floats (dynamic) for block_sum
   const int64_t row = blockIdx.x;  // b * S + s
-  const int64_t b = row / p.seq, s = row % p.seq;
+  const int64_t b = row / p.seq(), s = row % p.seq();
   const bool is_k = blockIdx.y == 1;
-  const int64_t n = p.heads * p.head_dim;
-  const int64_t half = p.head_dim / 2, pairs = n / 2;
-  const T* x = is_k ? static_cast<const T*>(p.k) + b * p.k_stride_b + s * p.k_stride_s
-                    : static_cast<const T*>(p.q) + b * p.q_stride_b + s * p.q_stride_s;
-  const float* w = is_k ? p.k_weight : p.q_weight;
-  T* out = static_cast<T*>(is_k ? p.k_out : p.q_out) + row * n;
-  const float* cs = p.cos + s * p.cos_stride_s;
-  const float* sn = p.sin + s * p.sin_stride_s;
+  const int64_t n = p.heads() * p.head_dim();
+  const int64_t half = p.head_dim() / 2, pairs = n / 2;
+  const T* x = is_k ? p.k.ptr<const T>() + b * p.k.stride(0) + s * p.k.stride(1)
+                    : p.q.ptr<const T>() + b * p.q.stride(0) + s * p.q.stride(1);
+  const float* w = is_k ? p.k_weight.ptr<const float>() : p.q_weight.ptr<const float>();
+  T* out = (is_k ? p.k_out.ptr<T>() : p.q_out.ptr<T>()) + row * n;
+  const float* cs = p.cos.ptr<const float>() + s * p.cos.stride(0);
+  const float* sn = p.sin.ptr<const float>() + s * p.sin.stride(0);
 
   float acc = 0.0f;
   for (int64_t j = threadIdx.x; j < pairs; j += blockDim.x) {
@@ -46,10 +46,10 @@ __global__ void qk_norm_rope_kernel(QKNormRopeParams p) {
 template <typename T>
 inline cudaError_t launch_qk_norm_rope(const QKNormRopeParams& p, cudaStream_t stream, const char** stage) {
   *stage = "qk_norm_rope_kernel launch";
-  const int64_t rows = p.batch * p.seq;
+  const int64_t rows = p.batch() * p.seq();
   if (rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(rows), 2);
-  qk_norm_rope_kernel<T><<<grid, row_threads(p.heads * p.head_dim / 2), 32 * sizeof(float), stream>>>(p);
+  qk_norm_rope_kernel<T><<<grid, row_threads(p.heads() * p.head_dim() / 2), 32 * sizeof(float), stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // FLG_HOST_EMULATION

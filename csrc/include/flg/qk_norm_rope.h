@@ -9,55 +9,65 @@
 //   out[b, s, head, 2i+1] = round_T(x1 * s + x2 * c)
 //
 // q and k are read through (b, s) row strides, last dim contiguous; q_out and k_out are
-// contiguous (B, S, H, Dh), i.e. the same flat index as a contiguous (B, S, N). Weights
-// are contiguous fp32 (N,); cos and sin are fp32 (S, Dh/2) with a row stride.
+// contiguous (B, S, H, Dh), i.e. the same flat index as a contiguous (B, S, N); their shape
+// gives H and Dh. Weights are contiguous fp32 (N,); cos and sin are fp32 (S, Dh/2) with a
+// row stride.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
-#include "flg/common.h"
+#include "flg/tensor.h"
 
 namespace flg {
 
+// The op's arguments, declared once: the binding fills them by name, the kernels read them.
 struct QKNormRopeParams {
-  void* q_out;               // (B, S, H, Dh) contiguous, dtype T
-  void* k_out;               // (B, S, H, Dh) contiguous, dtype T
-  const void* q;             // element (b, s, n) at q[b * q_stride_b + s * q_stride_s + n]
-  const void* k;             // likewise with k's strides
-  const float* q_weight;     // (N,) contiguous
-  const float* k_weight;     // (N,) contiguous
-  const float* cos;          // element (s, i) at cos[s * cos_stride_s + i]
-  const float* sin;          // element (s, i) at sin[s * sin_stride_s + i]
-  int64_t batch;             // B
-  int64_t seq;               // S
-  int64_t heads;             // H
-  int64_t head_dim;          // Dh (even)
-  int64_t q_stride_b, q_stride_s;  // elements
-  int64_t k_stride_b, k_stride_s;
-  int64_t cos_stride_s, sin_stride_s;
+  Tensor q_out;     // (B, S, H, Dh) contiguous, dtype T (q's); Dh even
+  Tensor k_out;     // (B, S, H, Dh) contiguous, dtype T
+  Tensor q;         // (B, S, H * Dh), last dim contiguous, dtype T: float32, float16 or bfloat16
+  Tensor k;         // like q
+  Tensor q_weight;  // (H * Dh,) contiguous float32
+  Tensor k_weight;  // (H * Dh,) contiguous float32
+  Tensor cos;       // (S, Dh / 2) float32, last dim contiguous
+  Tensor sin;       // (S, Dh / 2) float32, last dim contiguous
   float eps;
-  int dtype;                 // DType code of q, k, q_out, k_out
+
+  template <typename F>
+  void fields(F&& f) {
+    f("q_out", q_out); f("k_out", k_out); f("q", q); f("k", k);
+    f("q_weight", q_weight); f("k_weight", k_weight); f("cos", cos); f("sin", sin); f("eps", eps);
+  }
+  FLG_HD int64_t batch() const { return q.sizes[0]; }
+  FLG_HD int64_t seq() const { return q.sizes[1]; }
+  FLG_HD int64_t heads() const { return q_out.sizes[2]; }
+  FLG_HD int64_t head_dim() const { return q_out.sizes[3]; }
 };
 
-inline Status check(const QKNormRopeParams& p) {
-  if (!p.q_out || !p.k_out || !p.q || !p.k || !p.q_weight || !p.k_weight || !p.cos || !p.sin)
-    return Status::InvalidArgument;
-  if (p.batch < 0 || p.seq < 0 || p.heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0) return Status::InvalidArgument;
-  if (p.q_stride_b < 0 || p.q_stride_s < 0 || p.k_stride_b < 0 || p.k_stride_s < 0 || p.cos_stride_s < 0 ||
-      p.sin_stride_s < 0)
-    return Status::InvalidArgument;
-  if (p.dtype < 0 || p.dtype > 2) return Status::UnsupportedDType;
-  if (!(p.eps >= 0.0f)) return Status::InvalidArgument;
-  return Status::Ok;
+inline ArgCheck check(const QKNormRopeParams& p) {
+  ArgCheck c;
+  c.ndim("q", p.q, 3).float_dtype("q", p.q).rows("q", p.q).ndim("q_out", p.q_out, 4);
+  if (!c.ok()) return c;
+  const int64_t B = p.batch(), S = p.seq(), N = p.q.size(2), H = p.heads(), Dh = p.head_dim();
+  c.that(H > 0 && Dh > 0 && Dh % 2 == 0 && H * Dh == N, [&] {
+    return "q_out " + p.q_out.shape_str() + " must split q's last dim " + std::to_string(N) +
+           " into heads of an even, non-zero head dim";
+  });
+  c.shape("q_out", p.q_out, {B, S, H, Dh}).dtype("q_out", p.q_out, p.q.dtype).contiguous("q_out", p.q_out);
+  c.shape("k_out", p.k_out, {B, S, H, Dh}).dtype("k_out", p.k_out, p.q.dtype).contiguous("k_out", p.k_out);
+  c.shape("k", p.k, {B, S, N}).dtype("k", p.k, p.q.dtype).rows("k", p.k);
+  c.shape("q_weight", p.q_weight, {N}).dtype("q_weight", p.q_weight, DType::Float32).contiguous("q_weight", p.q_weight);
+  c.shape("k_weight", p.k_weight, {N}).dtype("k_weight", p.k_weight, DType::Float32).contiguous("k_weight", p.k_weight);
+  c.shape("cos", p.cos, {S, Dh / 2}).dtype("cos", p.cos, DType::Float32).rows("cos", p.cos);
+  c.shape("sin", p.sin, {S, Dh / 2}).dtype("sin", p.sin, DType::Float32).rows("sin", p.sin);
+  c.that(p.eps >= 0.0f, "eps must be >= 0");
+  return c;
 }
 
-inline std::string describe(const QKNormRopeParams& p, Status st, const char* where) {
-  if (st == Status::UnsupportedDType)
-    return std::string("qk_norm_rope (") + where + "): unsupported dtype " + dtype_name(p.dtype) +
-           "; q and k must be float32, float16 or bfloat16";
-  return std::string("qk_norm_rope (") + where +
-         "): invalid arguments (null pointer, negative size or stride, odd or zero head_dim, zero heads or negative eps)";
+namespace cpu {
+void qk_norm_rope(const QKNormRopeParams& p);  // csrc/cpu/qk_norm_rope.cpp
+}
+namespace cuda {
+void qk_norm_rope(const QKNormRopeParams& p, std::uintptr_t stream);  // csrc/cuda/qk_norm_rope.cu
 }
 
 }  // namespace flg
