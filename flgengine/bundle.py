@@ -27,6 +27,7 @@ from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torc
 from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
                     check_safetensors_file, check_state_dict, file_sha256, load_safetensors)
 from .model import DiT, TwoExpertDiT
+from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
 from .version import __version__
 
 __all__ = [
@@ -101,12 +102,15 @@ def dequantize_int8(state: dict[str, torch.Tensor], where: str) -> dict[str, tor
     return state
 
 
-STORAGE_DTYPES = (*TORCH_DTYPES, "int8")  # names a bundle's weights can be stored in
+STORAGE_DTYPES = (*TORCH_DTYPES, "int8", "fp8")  # names a bundle's weights can be stored in
 
 
 def storage_dtype_of(name: str | None) -> torch.dtype | None:
-    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, or "int8" (quantize_int8)."""
-    return None if name is None else torch.int8 if name == "int8" else torch_dtype(name)
+    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, "int8" (quantize_int8) or
+    "fp8" (e4m3 block linears with per-channel scales: model/precision.py)."""
+    if name is None:
+        return None
+    return torch.int8 if name == "int8" else torch.float8_e4m3fn if name == "fp8" else torch_dtype(name)
 
 
 # ---- save / load -------------------------------------------------------------------------
@@ -120,6 +124,9 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
     file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter,
     see quantize_int8); loading casts them to the config's compute dtype as always.
+    torch.float8_e4m3fn stores the block linears in e4m3 with per-output-channel fp32 scales
+    (the other tensors as they are): `load_bundle(..., precision="fp8")` keeps them e4m3, and
+    any other precision dequantises them. An FP8 model (precision "fp8") saves this way anyway.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -127,6 +134,8 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     state = model.state_dict()
     if storage_dtype == torch.int8:
         state = quantize_int8(state)
+    elif storage_dtype == torch.float8_e4m3fn:
+        state = quantize_state(state)
     elif storage_dtype is not None:
         state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
@@ -163,9 +172,14 @@ def read_model_config(path: str | Path) -> ModelConfig:
         raise BundleError(str(e)) from None
 
 
-def load_bundle(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
+def load_bundle(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                precision: str = "bf16") -> Bundle:
     """Loads and validates a bundle; returns a `Bundle` with the DiT in eval mode (a
-    `TwoExpertDiT` when pipeline.json sets low_noise_boundary)."""
+    `TwoExpertDiT` when pipeline.json sets low_noise_boundary). precision "fp8": the block
+    linears as FP8Linear (from e4m3-stored weights as they are, or quantised from the stored
+    ones), FP8 self-attention (model/precision.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     path = Path(path)
     if not path.exists():
         raise BundleError(f"{path}: bundle directory does not exist")
@@ -187,14 +201,14 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
         raise BundleError(str(e)) from None
     provenance = read_json_object(path / "provenance.json")
 
-    model = _load_dit(path, config, device, dtype)
+    model = _load_dit(path, config, device, dtype, precision)
     if pipeline.low_noise_boundary is not None:  # two experts: the low-noise DiT in low_noise/
         low_dir = path / LOW_NOISE_DIR
         for name in ("config.json", "model.safetensors"):
             if not (low_dir / name).is_file():
                 raise BundleError(f"{low_dir / name}: missing (pipeline.json sets low_noise_boundary "
                                   f"{pipeline.low_noise_boundary}: a two-expert bundle keeps its low-noise DiT there)")
-        low = _load_dit(low_dir, read_model_config(low_dir), device, dtype)
+        low = _load_dit(low_dir, read_model_config(low_dir), device, dtype, precision)
         try:
             model = TwoExpertDiT(model, low, pipeline.low_noise_boundary)
         except ValueError as e:
@@ -202,12 +216,18 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
     return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
 
 
-def _load_dit(path: Path, config: ModelConfig, device, dtype) -> DiT:
+def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "bf16") -> DiT:
     """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
     where = f"{path}/model.safetensors"
     state = dequantize_int8(load_safetensors(path / "model.safetensors", where), where)
+    reason = check_fp8_state(state, where)
+    if reason:
+        raise BundleError(reason)
+    state = quantize_state(state) if precision == "fp8" else dequantize_state(state)
     with torch.device("meta"):
         model = DiT(config)
+        if precision == "fp8":
+            to_fp8(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(state, expected, where, "config.json")
     model.load_state_dict(state, assign=True)

@@ -149,5 +149,5 @@ def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Size
             raise BundleError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)} but {source} implies {tuple(shape)}")
         if not sd[k].is_floating_point():
             raise BundleError(f"{where}: tensor {k!r} has dtype {sd[k].dtype}, expected a floating point dtype")
-        if not torch.isfinite(sd[k]).all():
+        if not torch.isfinite(sd[k] if sd[k].element_size() > 1 else sd[k].float()).all():  # (e4m3: via fp32)
             raise BundleError(f"{where}: tensor {k!r} contains NaN or Inf values")

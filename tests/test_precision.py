@@ -89,3 +89,46 @@ def test_gpu_fp8_model_matches_the_emulation():
         a = gpu(x.cuda().bfloat16(), t.cuda(), ctx.cuda().bfloat16()).float().cpu()
         b = cpu(x.bfloat16(), t, ctx.bfloat16()).float()
     assert_close(a, b, 5e-2, "FP8 on tensor cores vs emulated")
+
+
+def test_fp8_bundles_store_e4m3_and_load_without_a_bf16_copy(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flgengine.bundle import BundleError, load_bundle, save_bundle
+
+    cfg = tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=2)
+    torch.manual_seed(0)
+    model = DiT(cfg).eval()
+    save_bundle(tmp_path / "fp32", model)
+    save_bundle(tmp_path / "fp8", model, storage_dtype=torch.float8_e4m3fn)
+    stored = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert stored["blocks.0.ffn.fc1.weight"].dtype == torch.float8_e4m3fn
+    assert stored["blocks.0.ffn.fc1.weight_scale"].shape == (48, 1)
+    assert stored["head.proj.weight"].dtype == torch.float32  # kept high
+    x, t, ctx = _inputs(cfg)
+    direct = load_bundle(tmp_path / "fp8", precision="fp8").model
+    fc1 = direct.blocks[0].ffn.fc1
+    assert isinstance(fc1, FP8Linear) and fc1.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(fc1.weight.float(), stored["blocks.0.ffn.fc1.weight"].float())  # the stored e4m3, no copy
+    requant = load_bundle(tmp_path / "fp32", precision="fp8").model  # quantised at load from fp32
+    with torch.no_grad():
+        assert_close(direct(x, t, ctx), requant(x, t, ctx), 1e-6, "stored e4m3 vs quantised at load")
+        dequant = load_bundle(tmp_path / "fp8").model  # precision bf16: dequantised
+        assert not isinstance(dequant.blocks[0].ffn.fc1, FP8Linear)
+        assert 1e-3 < rel_err(dequant(x, t, ctx), model(x, t, ctx)) < 0.1
+    # FP8 through casts: .to(dtype) keeps e4m3 weights and fp32 scales
+    direct.cast(torch.bfloat16)
+    assert fc1.weight.dtype == torch.float8_e4m3fn and fc1.weight_scale.dtype == torch.float32
+    assert fc1.bias.dtype == torch.bfloat16
+    # missing / non-finite scales are refused at load
+    for mutate, match in ((lambda s: s.pop("blocks.1.self_attn.q.weight_scale"), "has no scales"),
+                          (lambda s: s["blocks.1.self_attn.q.weight_scale"].fill_(float("inf")), "non-finite"),
+                          (lambda s: s["blocks.1.self_attn.q.weight_scale"].fill_(0.0), "non-positive"),
+                          (lambda s: s.__setitem__("head.proj.weight", s["head.proj.weight"].to(torch.float8_e4m3fn)),
+                           "only the block linears")):
+        bad = dict(stored)
+        bad = {k: v.clone() for k, v in bad.items()}
+        mutate(bad)
+        save_file(bad, tmp_path / "fp8" / "model.safetensors")
+        with pytest.raises(BundleError, match=match):
+            load_bundle(tmp_path / "fp8", precision="fp8")

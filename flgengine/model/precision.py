@@ -75,6 +75,14 @@ class FP8Linear(nn.Module):
             m.bias.data.copy_(lin.bias.detach())
         return m
 
+    def _apply(self, fn, recurse=True):
+        # dtype casts of the module (.to(dtype), DiT.cast) leave the e4m3 weight and its fp32
+        # scales as they are; device moves apply to them
+        weight, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        self.weight, self.weight_scale = weight.to(self.weight.device), scale.to(self.weight_scale.device)
+        return self
+
     def _tensor_cores(self, device: torch.device) -> bool:
         return (device.type == "cuda" and self.in_features % 16 == 0 and self.out_features % 16 == 0
                 and fp8_unavailable(device) is None)
@@ -95,6 +103,63 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+SCALE_SUFFIX = "_scale"  # an FP8 weight "X.weight" has its per-output-channel scales in "X.weight_scale"
+
+
+def is_fp8_linear_weight(key: str) -> bool:
+    """Whether state-dict key `key` is the weight of one of the block linears FP8 quantises."""
+    parts = key.split(".")
+    return (len(parts) == 5 and parts[0] == "blocks" and parts[-1] == "weight"
+            and ".".join(parts[2:4]) in FP8_LINEARS)
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DiT state dict with the block linears' weights in e4m3 + fp32 scales (the state dict
+    of a `to_fp8` model); weights already in e4m3 stay."""
+    out = {}
+    for k, v in state.items():
+        if is_fp8_linear_weight(k) and v.dtype != F8.E4M3:
+            out[k], out[k + SCALE_SUFFIX] = F8.quantize_weight(v)
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 weights of an FP8 state dict (quantize_state's inverse up to rounding)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("weight" + SCALE_SUFFIX):
+            continue
+        out[k] = v.float() * state[k + SCALE_SUFFIX] if v.dtype == F8.E4M3 else v
+    return out
+
+
+def check_fp8_state(state: dict[str, torch.Tensor], where: str) -> str | None:
+    """Why an FP8 state dict is malformed (None: it is not): every e4m3 tensor is a block
+    linear's weight with finite values and fp32 scales (rows, 1), finite and > 0; no scales
+    without their weight."""
+    for k, v in state.items():
+        if v.dtype == F8.E4M3:
+            if not is_fp8_linear_weight(k):
+                return f"{where}: tensor {k!r} is stored in float8_e4m3fn, which only the block linears' weights may be"
+            s = state.get(k + SCALE_SUFFIX)
+            if s is None:
+                return f"{where}: FP8 weight {k!r} has no scales {k + SCALE_SUFFIX!r}"
+            if s.dtype != torch.float32 or tuple(s.shape) != (v.shape[0], 1):
+                return (f"{where}: FP8 scales {k + SCALE_SUFFIX!r} must be float32 of shape ({v.shape[0]}, 1), "
+                        f"got {s.dtype} {tuple(s.shape)}")
+            if not (torch.isfinite(s).all() and (s > 0).all()):
+                return f"{where}: FP8 scales {k + SCALE_SUFFIX!r} hold non-finite or non-positive values"
+            if not torch.isfinite(v.float()).all():
+                return f"{where}: FP8 weight {k!r} holds NaN values"
+        elif k.endswith("weight" + SCALE_SUFFIX):
+            w = state.get(k[:-len(SCALE_SUFFIX)])
+            if w is None or w.dtype != F8.E4M3:
+                return f"{where}: scales {k!r} belong to no float8_e4m3fn weight"
+    return None
 
 
 def quantize_activation(x: torch.Tensor, linear: nn.Module):
