@@ -34,6 +34,7 @@ import torch
 from flgengine.bundle import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
 from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, JsonConfig, check_known_keys
 from flgengine.model import TwoExpertDiT, main_expert
+from flgengine.pipeline import resolve_model
 from flgengine.sampling import build_sampler
 
 from . import stage2 as s2
@@ -311,6 +312,9 @@ class Run:
 
     def stage3(self, real=None) -> dict:
         cfg = self.cfg
+        stage3_cfg = cfg.stage3_config()
+        if stage3_cfg.init_student is not None:
+            return self._continue_student(stage3_cfg)
         plan = self._need_plan()
         if real is None:
             if cfg.stage2 is not None and not (self.out / "stage2" / "bundle" / "model.safetensors").is_file():
@@ -342,12 +346,37 @@ class Run:
         return {"bundle": str(bundle), "provenance": provenance}
 
 
+    def _continue_student(self, stage3_cfg) -> dict:
+        """Stage III from an existing student bundle (stage3.init_student): the teacher with
+        plain CFG as the real score, the fake score from the teacher, the student's own blocks."""
+        from flgengine.bundle import load_bundle
+
+        cfg = self.cfg
+        start = load_bundle(resolve_model(stage3_cfg.init_student))
+        real = self.pipe.dit
+        init = main_expert(real)
+        student_cfg = dataclasses.replace(start.pipeline, text_encoder=self.pipe.config.text_encoder,
+                                          codec=self.pipe.config.codec)
+        evaluate = student_evaluator(self.pipe, student_cfg, cfg.evaluate) if cfg.evaluate is not None else None
+        student, record = s3.train_stage3(real, None, self.data, stage3_cfg, self.out / "stage3", evaluate=evaluate,
+                                          init=init, progress=self.progress, student_init=start.model)
+        prov = start.provenance
+        provenance = {"kind": f"{prov.get('kind', 'student')}, continued",
+                      "teacher": {"path": cfg.teacher, "weights_sha256": self.pipe.provenance.get("weights_sha256")},
+                      "init_student": {"path": stage3_cfg.init_student, "weights_sha256": prov.get("weights_sha256")},
+                      "config": cfg.to_dict(), "stages": [*prov.get("stages", []), record]}
+        bundle = Path(cfg.bundle) if cfg.bundle else self.out / "bundle"
+        rank0_writes(lambda: write_student(bundle, student, self.pipe, student_cfg, provenance, cfg.storage_dtype))
+        return {"bundle": str(bundle), "provenance": provenance}
+
+
 def run(cfg: RunConfig, progress: bool = True) -> dict:
     """All stages (each skipped when its result is in `out`); returns {"bundle", "provenance"}."""
     r = Run(cfg, progress)
-    if not cfg.plan["file"]:
-        r.importance()
-    r.plan()
+    if cfg.stage3_config().init_student is None:  # a continuation of a student needs no plan
+        if not cfg.plan["file"]:
+            r.importance()
+        r.plan()
     real, _ = r.stage2()
     return r.stage3(real)
 

@@ -93,14 +93,21 @@ class Stage3Config(JsonConfig):
     # config.json's "attention" (kind, tile, window, block, head_windows); the student bundle
     # keeps it. None: dense. The real and fake scores stay dense.
     attention: dict | None = None
+    # a student bundle (path or shipped name) the student starts from instead of the pruned
+    # Stage II network: a continuation of an existing student (e.g. sparse-aware or FP8-aware
+    # fine-tuning). Its blocks are its own (no plan is applied); the real score is the teacher
+    # with plain CFG ("cfg"), the fake score starts from the teacher.
+    init_student: str | None = None
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention",)
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:
                 raise ConfigError(f"stage3.{key} must be {what}, got {getattr(self, key)!r}")
 
+        need(self.init_student is None or (isinstance(self.init_student, str) and self.real_score == "cfg"),
+             "init_student", 'null, or a student bundle with real_score "cfg" (the well-guided score needs Stage II)')
         if self.attention is not None:
             if isinstance(self.attention, AttentionConfig):
                 self.attention = self.attention.to_dict()
@@ -198,13 +205,14 @@ def select(evals: list[dict]) -> dict:
 def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, out: str | Path,
                  evaluate: Callable[[DiT], dict] | None = None, init: DiT | None = None,
                  regression_target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 progress: bool = True) -> tuple[DiT, dict]:
+                 progress: bool = True, student_init: DiT | None = None) -> tuple[DiT, dict]:
     """Runs (or resumes) Stage III in `out`; returns the best student (by `evaluate`'s metrics
     when given, else the last) and a provenance record.
 
     real: the real-score network (Stage II network, or the teacher for "cfg" baselines);
     plan: the blocks to remove (None or prune false: a full-size student);
     init: the network the student and fake score start from (default `real`);
+    student_init: a network the student starts from instead (a continuation; no plan applied);
     regression_target: (noise, context) -> the teacher's sample from that noise (needed when
     cfg.regression > 0).
     """
@@ -216,7 +224,10 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         raise ValueError("the well-guided real score mixes the pruned and full modes: it needs a plan")
     init = real if init is None else init
     real = copy.deepcopy(real).to(cfg.device).eval().requires_grad_(False)
-    student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
+    if student_init is not None:
+        student = copy.deepcopy(student_init).float()
+    else:
+        student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
     if cfg.attention is not None:  # sparse-aware: the student trains with the pattern it will run with
         student.set_attention(cfg.attention)
