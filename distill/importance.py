@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from flgengine.bundle import atomic_replace, atomic_write_text
 from flgengine.codec import uint8_to_video
-from flgengine.model import DiT
+from flgengine.model import DiT, main_expert
 
 from .worlds import shapes
 
@@ -65,20 +65,22 @@ def draw_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 def skip_blocks(model: DiT, positions: Iterable[int]):
     """Runs `model` with the blocks at `positions` (indices into `model.blocks`) bypassed.
 
-    The weights are not touched: `model.blocks` is swapped for a ModuleList without
-    those blocks and restored on exit, also when the body raises.
+    The weights are not touched: the blocks of the DiT that pruning acts on (`main_expert`:
+    a two-expert model's high-noise one) are swapped for a ModuleList without those blocks
+    and restored on exit, also when the body raises.
     """
+    net = main_expert(model)
     skip = set(positions)
-    n = len(model.blocks)
+    n = len(net.blocks)
     bad = sorted(p for p in skip if not (isinstance(p, int) and 0 <= p < n))
     if bad:
         raise ValueError(f"skip_blocks: block positions must be in [0, {n}), got {bad}")
-    original = model.blocks
-    model.blocks = nn.ModuleList(block for i, block in enumerate(original) if i not in skip)
+    original = net.blocks
+    net.blocks = nn.ModuleList(block for i, block in enumerate(original) if i not in skip)
     try:
         yield model
     finally:
-        model.blocks = original
+        net.blocks = original
 
 
 def _check_calibration(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Sequence[float], batch_size: int) -> None:

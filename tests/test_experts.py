@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flgengine
+from flgengine import ops
 from flgengine.bundle import LOW_NOISE_DIR, BundleError, load_bundle
 from flgengine.convert import to_diffusers
 from flgengine.model import DiT, TwoExpertDiT, main_expert
@@ -30,8 +31,12 @@ def test_each_sample_runs_on_the_expert_of_its_noise_level():
         assert torch.allclose(out[i:i + 1], net(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]), atol=1e-5), i
     assert torch.equal(model(x[:1], t[:1], ctx[:1]), high(x[:1], t[:1], ctx[:1]))  # one side: no split
     assert model.num_params() == high.num_params() + low.num_params() and main_expert(model) is high
-    model.backend = "ref"
-    assert high.backend == low.backend == "ref"
+    model.backend = "ref"  # the pair's ops backend: both experts' ops run on it
+    picked, pick = [], ops.registry.pick
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops.registry, "pick", lambda *a: picked.append(pick(*a)) or picked[-1])
+        model(x, t, ctx)
+    assert {name for name, _ in picked} == {"ref"} and high.backend is None and low.backend is None
     with pytest.raises(ValueError, match="one timestep per sample"):
         model(x, t[:, None].expand(4, 3 * 4 * 4), ctx)
     with pytest.raises(ValueError, match="boundary"):

@@ -305,7 +305,7 @@ def test_export_cli_errors_are_one_line(student, tmp_path, capsys):
 
 
 def test_verification_fails_past_the_tolerance():
-    from flgengine.export.build import verify_engine
+    from flgengine.export.verify import verify_engine
 
     model = DiT(tiny_config()).eval()
     spec = EngineSpec.from_options(model.config, (3, 8, 8), text_len=5)

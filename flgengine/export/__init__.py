@@ -12,10 +12,11 @@ dynamic dims, dtype, the source bundle's weights hash and config, tool versions 
 measured error against PyTorch.
 """
 
-from .build import VerificationError, export_engine, verify_engine
+from .build import export_engine
 from .engine import Engine, EngineDiT, load_engine
 from .manifest import EngineError, EngineManifest, read_manifest
 from .spec import EngineSpec
+from .verify import VerificationError, verify_engine
 
 __all__ = ["export_engine", "verify_engine", "load_engine", "read_manifest", "Engine", "EngineDiT", "EngineError",
            "EngineManifest", "EngineSpec", "VerificationError"]

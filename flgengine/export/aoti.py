@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["export_aoti", "AotiRunner", "AOTI_FILE", "probe_load", "AotiLoadError"]
+from .builder import EngineBuilder, dynamic_names
+
+__all__ = ["export_aoti", "AotiRunner", "AOTI_FILE", "probe_load", "AotiLoadError", "AotiBuilder"]
 
 AOTI_FILE = "dit.pt2"
 PROBE_TIMEOUT_S = 120.0
@@ -91,3 +93,27 @@ class AotiRunner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(), t.contiguous(), context.contiguous())
+
+
+class AotiBuilder(EngineBuilder):
+    """`dit.pt2`: the `torch.export` program compiled by AOTInductor for the export device."""
+
+    format = "aoti"
+    stage_count = 2
+
+    def __init__(self, dtype: str, device=None, *, max_autotune: bool = False, **options):
+        super().__init__(dtype, device, **options)
+        self.options = {"max_autotune": bool(max_autotune)}
+
+    def build(self, model, spec, out_dir, steps, *, verify, seed, metadata) -> list[str]:
+        from .tracing import export_program
+
+        with steps.stage(f"torch.export (dynamic: {dynamic_names(spec)})"):
+            program = export_program(model, spec, self.device)
+        autotune = self.options["max_autotune"]
+        with steps.stage(f"AOTInductor compile ({self.device.type}{', max_autotune' if autotune else ''})"):
+            return export_aoti(program, out_dir, metadata=metadata, max_autotune=autotune, device_type=self.device.type)
+
+    @staticmethod
+    def open(path: Path, device: str) -> AotiRunner:
+        return AotiRunner(path, device)

@@ -1,8 +1,8 @@
 """Building an engine directory from a bundle: trace, export, verify, write `engine.json`.
 
-    1. load the bundle's DiT (reference ops) on the export device and dtype
-    2. torch.export it at the spec's shapes, dynamic batch / text length
-    3. the format's exporter: ONNX file | AOTInductor package | ONNX -> TensorRT plan
+    1. load the bundle's DiT on the export device, in the dtype the format traces it in
+    2-3. the format's builder (`builder.py`; ONNX file | AOTInductor package | ONNX ->
+       TensorRT plan), which traces with the reference ops
     4. verify: the engine vs PyTorch on fresh random inputs (opt shape, and the smallest
        dynamic shape); fails if the relative error exceeds the dtype's tolerance
     5. write engine.json, then move the directory into place
@@ -13,6 +13,7 @@ failed export never leaves a half-written engine where a good one was.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -24,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from .manifest import FORMATS, MANIFEST_NAME, BundleIdentity, EngineError, EngineManifest, Verification
-from .spec import DYNAMIC_DIMS, TOLERANCE, EngineSpec, check_dynamic
+from .engine import Engine, weights_sha256
+from .formats import BUILDERS
+from .manifest import FORMATS, MANIFEST_NAME, BundleIdentity, EngineError, EngineManifest
+from .spec import DYNAMIC_DIMS, EngineSpec, check_dynamic
+from .verify import VerificationError, verify_engine
 
 __all__ = ["export_engine", "verify_engine", "VerificationError"]
-
-
-class VerificationError(EngineError):
-    """The engine's output differs from PyTorch's by more than the tolerance."""
 
 
 # ---- progress ----------------------------------------------------------------------------
@@ -63,64 +63,7 @@ class Progress:
                 print(f"      {what}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
-# ---- verification ----------------------------------------------------------------------------
-
-def verify_shapes(spec: EngineSpec) -> list[dict[str, int]]:
-    """The opt shape, and when a dim is dynamic another one: one more sample than opt
-    (a dynamic batch really batches) and the fewest text tokens."""
-    opt = {"batch": spec.batch.opt, "text_len": spec.text_len.opt}
-    other = {"batch": min(spec.batch.opt + 1, spec.batch.max), "text_len": spec.text_len.min}
-    return [opt] if other == opt else [opt, other]
-
-
-@torch.no_grad()
-def verify_engine(run, model, spec: EngineSpec, device, *, seed: int = 0, tolerance: float | None = None) -> Verification:
-    """`run(x, t, context)` vs `model` (reference ops) on fresh random inputs; raises
-    VerificationError past `tolerance` (default: the spec dtype's)."""
-    tol = spec.tolerance if tolerance is None else tolerance
-    gen = torch.Generator().manual_seed(seed)
-    worst_abs = worst_rel = 0.0
-    shapes = verify_shapes(spec)
-    old = model.backend
-    model.backend = "ref"
-    try:
-        for dims in shapes:
-            x, t, ctx = spec.random_inputs(gen, device, **dims)
-            want = model(x, t, ctx).double()
-            got = run(x, t, ctx).to(want.device).double()
-            if got.shape != want.shape:
-                raise VerificationError(f"engine output has shape {tuple(got.shape)}, PyTorch's {tuple(want.shape)}")
-            if not torch.isfinite(got).all():
-                raise VerificationError(f"engine output has NaN or Inf values at {dims}")
-            worst_abs = max(worst_abs, (got - want).abs().max().item())
-            worst_rel = max(worst_rel, ((got - want).norm() / want.norm().clamp_min(1e-30)).item())
-    finally:
-        model.backend = old
-    result = Verification(max_abs_error=worst_abs, rel_error=worst_rel, tolerance=tol, shapes=shapes, seed=seed)
-    if not worst_rel <= tol:
-        raise VerificationError(f"engine differs from PyTorch: relative error {worst_rel:.3e} > tolerance {tol:.1e} "
-                                f"(max abs error {worst_abs:.3e}); rerun with --no-verify to keep it anyway")
-    return result
-
-
 # ---- the directory ---------------------------------------------------------------------------
-
-def _versions(fmt: str) -> dict[str, str]:
-    from ..version import __version__
-
-    out = {"flgengine": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
-    if torch.version.cuda:
-        out["cuda"] = torch.version.cuda
-    if fmt in ("onnx", "tensorrt"):
-        from .onnx import onnx_versions
-
-        out.update(onnx_versions())
-    if fmt == "tensorrt":
-        from .tensorrt import import_tensorrt
-
-        out["tensorrt"] = import_tensorrt().__version__
-    return out
-
 
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
@@ -167,44 +110,30 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
 
     Shapes: the video `num_frames x height x width` (default: the bundle's pipeline.json)
     through the codec, or `latent=(F, H, W)` directly; `text_len` defaults to the text
-    encoder's max_length. `dynamic` names the dims with a (min, opt, max) range.
+    encoder's max_length. `dynamic` names the dims with a (min, opt, max) range. `opset`
+    (ONNX, TensorRT), `workspace_gib`, `timing_cache` (TensorRT) and `max_autotune` (AOTInductor)
+    go to the format's builder.
     """
     from ..bundle import load_bundle
     from ..config import TORCH_DTYPES
     from ..pipeline import resolve_model
 
-    if fmt not in FORMATS:
+    if fmt not in BUILDERS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
-    dtype = TORCH_DTYPES[dtype]
-    if fmt == "tensorrt":
-        from .tensorrt import builder_flags, import_tensorrt
-
-        import_tensorrt()  # fail here, with the install hint, before any work
-        builder_flags(dtype)
-    device = torch.device(device or ("cuda" if fmt == "tensorrt" else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} needs CUDA, which is not available here")
-    if fmt == "tensorrt" and device.type != "cuda":
-        raise ValueError("TensorRT engines are built on a CUDA device")
-    if fmt == "onnx" and dtype == "bfloat16":
-        raise ValueError("ONNX engines are float32 or float16 (ONNX Runtime has few bfloat16 kernels); for bf16 on a "
-                         "GPU use --format tensorrt --dtype bf16 (a float32 ONNX built in bf16) or --format aoti")
-    if fmt == "onnx" and device.type != "cpu":
-        raise ValueError("ONNX engines are exported and verified on the CPU (ONNX Runtime); use --format tensorrt for CUDA")
+    builder = BUILDERS[fmt](TORCH_DTYPES[dtype], device, opset=opset, workspace_gib=workspace_gib,
+                            timing_cache=timing_cache, max_autotune=max_autotune)
     check_dynamic(dynamic)
-    if max_autotune and fmt != "aoti":
-        raise ValueError(f"max_autotune is an AOTInductor option (--format aoti), not {fmt}")
     out = Path(out)
     _check_target(out)
     bundle_path = resolve_model(bundle)
-    steps = Progress((3 + verify + (fmt == "aoti")) if fmt != "tensorrt" else (4 + 2 * verify), enabled=progress)
+    steps = Progress(2 + builder.stages(verify) + verify, enabled=progress)
 
-    # 1. the DiT; a TensorRT build traces in float32 and sets its precision in the builder
-    io_dtype = "float32" if fmt == "tensorrt" else dtype
-    with steps.stage(f"loading {bundle_path} ({io_dtype}, {device})"):
-        b = load_bundle(bundle_path, device=device, dtype=torch.float32 if fmt == "tensorrt" else getattr(torch, dtype))
+    # 1. the DiT
+    trace_dtype = builder.trace_dtype
+    with steps.stage(f"loading {bundle_path} ({trace_dtype}, {builder.device})"):
+        b = load_bundle(bundle_path, device=builder.device, dtype=getattr(torch, trace_dtype))
         model = b.model
         if b.pipeline.low_noise_boundary is not None:
             raise ValueError(f"{bundle_path} has two DiTs (high / low noise, boundary {b.pipeline.low_noise_boundary}); "
@@ -218,100 +147,50 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
             text_len = b.pipeline.text_encoder.max_length if b.pipeline.text_encoder.kind != "none" else 512
         spec = EngineSpec.from_options(model.config, latent, batch=batch, min_batch=min_batch, max_batch=max_batch,
                                        text_len=text_len, min_text_len=min_text_len, max_text_len=max_text_len,
-                                       dynamic=tuple(dynamic), dtype=io_dtype)
-        identity = BundleIdentity(path=str(bundle_path), weights_sha256=_weights_sha(bundle_path),
+                                       dynamic=tuple(dynamic), dtype=trace_dtype)
+        identity = BundleIdentity(path=str(bundle_path), weights_sha256=weights_sha256(bundle_path),
                                   model_config=model.config.to_dict())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an engine is an ordinary readable directory
+    tmp = _partial_dir(out)
     try:
-        # 2-3. trace and write the engine file(s)
-        options: dict = {}
-        dyn = ", ".join(spec.dynamic) or "none"
-        if fmt in ("onnx", "tensorrt"):
-            from .onnx import DEFAULT_OPSET, OnnxRunner, check_onnx_spec, export_onnx
-            from .tensorrt import TENSORRT_OPSET
+        # 2-3. the format's engine file(s)
+        files = builder.build(model, spec, tmp, steps, verify=verify, seed=seed,
+                              metadata={"weights_sha256": identity.weights_sha256, "flgengine_dtype": builder.dtype})
+        manifest = EngineManifest(
+            format=fmt, files=tuple(files), dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
+            outputs=spec.output_specs(), dynamic_dims=spec.ranges, video=video, bundle=identity,
+            versions=builder.versions(), options=dict(builder.options), verification=None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
 
-            options["opset"] = opset or (TENSORRT_OPSET if fmt == "tensorrt" else DEFAULT_OPSET)
-            with steps.stage(f"ONNX export (torch.onnx.export dynamo, opset {options['opset']}, dynamic: {dyn})"):
-                files = export_onnx(model, spec, device, tmp, options["opset"])
-                check_onnx_spec(tmp / files[0], spec)
-            run = OnnxRunner(tmp / files[0]) if verify else None
-            run_device = torch.device("cpu")
-        if fmt == "tensorrt":
-            from .tensorrt import TensorRTRunner, build_engine
-
-            options.update(precision=dtype, workspace_gib=workspace_gib)
-            if verify:  # the ONNX TensorRT consumes, checked first
-                with steps.stage("verifying the ONNX with ONNX Runtime"):
-                    model.cpu()
-                    verify_engine(run, model, spec, "cpu", seed=seed)
-                    model.to(device)
-            with steps.stage(f"TensorRT build ({dtype})"):
-                onnx_files = files
-                files = build_engine(tmp / onnx_files[0], spec, tmp, precision=dtype, workspace_gib=workspace_gib,
-                                     timing_cache=timing_cache) + onnx_files
-            run = TensorRTRunner(tmp / files[0]) if verify else None
-            run_device = device
-        if fmt == "aoti":
-            from .aoti import AotiRunner, export_aoti
-            from .tracing import export_program
-
-            with steps.stage(f"torch.export (dynamic: {dyn})"):
-                program = export_program(model, spec, device)
-            options["max_autotune"] = bool(max_autotune)
-            with steps.stage(f"AOTInductor compile ({device.type}{', max_autotune' if max_autotune else ''})"):
-                files = export_aoti(program, tmp, metadata={"weights_sha256": identity.weights_sha256,
-                                                             "flgengine_dtype": dtype}, max_autotune=max_autotune,
-                                   device_type=device.type)
-            del program
-            run = AotiRunner(tmp / files[0], device.type) if verify else None
-            run_device = device
-
-        # 4. verify
-        verification = None
+        # 4. verify the engine behind the input checks `load_engine` puts in front of it
         if verify:
             with steps.stage(f"verifying {fmt} against PyTorch on fresh inputs"):
-                tol = TOLERANCE[dtype] if fmt == "tensorrt" else None
-                guarded = _guarded(run, spec, fmt, device)
-                verification = verify_engine(guarded, model, spec, run_device if fmt != "onnx" else "cpu",
-                                             seed=seed, tolerance=tol)
-            run = guarded = None
+                engine = Engine(tmp, manifest, builder.open(tmp / files[0], builder.engine_device))
+                verification = verify_engine(engine, model, spec, builder.engine_device, seed=seed,
+                                             tolerance=builder.tolerance)
+                del engine
+            manifest = dataclasses.replace(manifest, verification=verification)
 
         # 5. manifest and move into place
         with steps.stage(f"writing {out}"):
-            manifest = EngineManifest(
-                format=fmt, files=tuple(files), dtype=io_dtype, device=device.type if fmt != "onnx" else "cpu",
-                inputs=spec.input_specs(), outputs=spec.output_specs(), dynamic_dims=spec.ranges, video=video,
-                bundle=identity, versions=_versions(fmt), options=options, verification=verification,
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            )
             manifest.write(tmp)
             _move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if progress and verification is not None:
-        print(f"{fmt} engine in {out}: relative error {verification.rel_error:.2e}, max abs error "
-              f"{verification.max_abs_error:.2e} vs PyTorch (tolerance {verification.tolerance:.0e})", file=sys.stderr)
+    v = manifest.verification
+    if progress and v is not None:
+        print(f"{fmt} engine in {out}: relative error {v.rel_error:.2e}, max abs error "
+              f"{v.max_abs_error:.2e} vs PyTorch (tolerance {v.tolerance:.0e})", file=sys.stderr)
     return manifest
 
 
-def _weights_sha(bundle_path: Path) -> str:
-    from .engine import weights_sha256
-
-    return weights_sha256(bundle_path)
-
-
-def _guarded(run, spec: EngineSpec, fmt: str, device):
-    """The runner behind the same input checks `load_engine` puts in front of it."""
-    from .engine import Engine
-
-    manifest = EngineManifest(format=fmt, files=("-",), dtype=spec.dtype, device=device.type if fmt != "onnx" else "cpu",
-                              inputs=spec.input_specs(), outputs=spec.output_specs(), dynamic_dims=spec.ranges,
-                              video=None, bundle=BundleIdentity("-", "-", {}), versions={}, options={},
-                              verification=None, created="-")
-    return Engine(Path("."), manifest, run)
+def _partial_dir(out: Path) -> Path:
+    """A new directory beside `out` to build in, readable like any directory (mkdtemp makes 0700)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp

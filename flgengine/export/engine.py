@@ -14,6 +14,7 @@ import torch
 
 from ..files import file_sha256
 from ..config import ModelConfig
+from .formats import BUILDERS
 from .manifest import EngineError, EngineManifest, TensorSpec, read_manifest
 from .spec import DTYPE_NAMES
 
@@ -106,19 +107,7 @@ def load_engine(directory: str | os.PathLike) -> Engine:
     """Opens an engine directory written by `python -m flgengine.export`."""
     directory = Path(directory)
     m = read_manifest(directory)
-    path = directory / m.files[0]
-    if m.format == "onnx":
-        from .onnx import OnnxRunner
-
-        runner = OnnxRunner(path)
-    elif m.format == "aoti":
-        from .aoti import AotiRunner
-
-        runner = AotiRunner(path, m.device)
-    else:
-        from .tensorrt import TensorRTRunner
-
-        runner = TensorRTRunner(path)
+    runner = BUILDERS[m.format].open(directory / m.files[0], m.device)
     return Engine(directory, m, runner)
 
 
@@ -127,7 +116,6 @@ class EngineDiT:
 
     def __init__(self, engine: Engine, config: ModelConfig):
         self.engine, self.config = engine, config
-        self.backend = None  # the engine has its own kernels
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.engine(x, t, context)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .builder import EngineBuilder, dynamic_names
 from .spec import EngineSpec
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "OnnxRunner", "onnx_versions"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "OnnxRunner", "onnx_versions", "OnnxBuilder"]
 
 DEFAULT_OPSET = 23
 ONNX_FILE = "dit.onnx"
@@ -107,3 +108,37 @@ def check_onnx_spec(path: Path, spec: EngineSpec) -> None:
         for want, have in zip(s.shape, got):
             if isinstance(want, int) and have != want or isinstance(want, str) and not isinstance(have, str):
                 raise ValueError(f"{path}: input {s.name!r} has shape {got}, expected {list(s.shape)}")
+
+
+def export_checked(model, spec: EngineSpec, device, out_dir: Path, opset: int, steps) -> list[str]:
+    """`export_onnx` as one progress stage, then `check_onnx_spec`; the file names written."""
+    with steps.stage(f"ONNX export (torch.onnx.export dynamo, opset {opset}, dynamic: {dynamic_names(spec)})"):
+        files = export_onnx(model, spec, device, out_dir, opset)
+        check_onnx_spec(Path(out_dir) / files[0], spec)
+    return files
+
+
+class OnnxBuilder(EngineBuilder):
+    """`dit.onnx`, exported and verified on the CPU and run with ONNX Runtime; float32 or float16."""
+
+    format = "onnx"
+
+    def __init__(self, dtype: str, device=None, *, opset: int | None = None, **options):
+        super().__init__(dtype, device, **options)
+        if dtype == "bfloat16":
+            raise ValueError("ONNX engines are float32 or float16 (ONNX Runtime has few bfloat16 kernels); for bf16 "
+                             "on a GPU use --format tensorrt --dtype bf16 (a float32 ONNX built in bf16) or --format aoti")
+        if self.device.type != "cpu":
+            raise ValueError("ONNX engines are exported and verified on the CPU (ONNX Runtime); use --format tensorrt "
+                             "for CUDA")
+        self.options = {"opset": opset or DEFAULT_OPSET}
+
+    def build(self, model, spec, out_dir, steps, *, verify, seed, metadata) -> list[str]:
+        return export_checked(model, spec, self.device, out_dir, self.options["opset"], steps)
+
+    @staticmethod
+    def open(path: Path, device: str) -> OnnxRunner:
+        return OnnxRunner(path)
+
+    def versions(self) -> dict[str, str]:
+        return {**super().versions(), **onnx_versions()}

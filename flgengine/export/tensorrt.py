@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .spec import EngineSpec
+from .builder import EngineBuilder
+from .spec import TOLERANCE, EngineSpec
 
-__all__ = ["TENSORRT_OPSET", "TENSORRT_FILE", "INSTALL_HINT", "import_tensorrt", "build_engine", "TensorRTRunner"]
+__all__ = ["TENSORRT_OPSET", "TENSORRT_FILE", "INSTALL_HINT", "import_tensorrt", "build_engine", "TensorRTRunner",
+           "TensorRTBuilder"]
 
 TENSORRT_OPSET = 20
 TENSORRT_FILE = "dit.plan"
@@ -120,3 +122,55 @@ class TensorRTRunner:
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError("TensorRT failed to run the engine")
         return out
+
+
+class TensorRTBuilder(EngineBuilder):
+    """`dit.plan`: a float32 ONNX (verified with ONNX Runtime first) built by TensorRT in the
+    engine's precision, on a CUDA device; the ONNX stays beside it."""
+
+    format = "tensorrt"
+    default_device = "cuda"
+
+    def __init__(self, dtype: str, device=None, *, opset: int | None = None, workspace_gib: float = 8.0,
+                 timing_cache: str | Path | None = None, **options):
+        import_tensorrt()  # fail here, with the install hint, before any work
+        builder_flags(dtype)
+        super().__init__(dtype, device, **options)
+        if self.device.type != "cuda":
+            raise ValueError("TensorRT engines are built on a CUDA device")
+        self.timing_cache = timing_cache
+        self.options = {"opset": opset or TENSORRT_OPSET, "precision": dtype, "workspace_gib": workspace_gib}
+
+    @property
+    def trace_dtype(self) -> str:
+        return "float32"  # the precision is the builder's; the ONNX and the engine's inputs stay float32
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+    def stages(self, verify: bool) -> int:
+        return 2 + verify  # ONNX export, [ONNX verification], TensorRT build
+
+    def build(self, model, spec, out_dir, steps, *, verify, seed, metadata) -> list[str]:
+        from .onnx import OnnxRunner, export_checked
+        from .verify import verify_engine
+
+        onnx_files = export_checked(model, spec, self.device, out_dir, self.options["opset"], steps)
+        if verify:  # the ONNX TensorRT consumes, checked first
+            with steps.stage("verifying the ONNX with ONNX Runtime"):
+                model.cpu()
+                verify_engine(OnnxRunner(Path(out_dir) / onnx_files[0]), model, spec, "cpu", seed=seed)
+                model.to(self.device)
+        with steps.stage(f"TensorRT build ({self.dtype})"):
+            return build_engine(Path(out_dir) / onnx_files[0], spec, out_dir, precision=self.dtype,
+                                workspace_gib=self.options["workspace_gib"], timing_cache=self.timing_cache) + onnx_files
+
+    @staticmethod
+    def open(path: Path, device: str) -> TensorRTRunner:
+        return TensorRTRunner(path)
+
+    def versions(self) -> dict[str, str]:
+        from .onnx import onnx_versions
+
+        return {**super().versions(), **onnx_versions(), "tensorrt": import_tensorrt().__version__}

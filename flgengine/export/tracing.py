@@ -9,14 +9,28 @@ import contextlib
 import torch
 
 from ..model.embed import clear_rope_cache, rope_3d
+from ..ops import registry
 from .spec import EngineSpec
 
-__all__ = ["traceable", "export_program"]
+__all__ = ["reference_ops", "traceable", "export_program"]
+
+
+@contextlib.contextmanager
+def reference_ops(model):
+    """Within the block `model`'s forward runs the reference ops (`ops/ref.py`: standard
+    PyTorch ops, which every exporter takes): the model's backend (ops/registry.py, step 2)
+    is `ref` there. A model with another backend of its own is refused, not changed."""
+    own = getattr(model, "backend", None)
+    if own not in (None, "ref"):
+        raise ValueError(f"engines are traced and verified with the reference ops; this model's backend is {own!r} "
+                         "(set model.backend = None or 'ref')")
+    with registry.prefer("ref"):
+        yield model
 
 
 @contextlib.contextmanager
 def traceable(model, example_inputs):
-    """Within the block `model` runs reference ops.
+    """Within the block `model` runs reference ops (`reference_ops`).
 
     The RoPE table cache is filled with real tensors for `example_inputs`' token grid first
     (a table first built while tracing would be a fake tensor left in the cache) and
@@ -24,14 +38,12 @@ def traceable(model, example_inputs):
     hour.
     """
     c = model.config
-    old_backend = model.backend
-    model.backend = "ref"
     try:
-        grid = model.check_inputs(*example_inputs)
-        rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, example_inputs[0].device)  # the forward's call
-        yield model
+        with reference_ops(model):
+            grid = model.check_inputs(*example_inputs)
+            rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, example_inputs[0].device)  # the forward's call
+            yield model
     finally:
-        model.backend = old_backend
         clear_rope_cache()
 
 

@@ -8,7 +8,8 @@ detail is cleaned up.
 with t in timestep units (0..1000) and `boundary` in 0..1 (pipeline.json's
 low_noise_boundary). A batch whose samples sit on both sides is split and put back
 together. Distillation prunes and trains the high-noise expert (`.blocks` is its blocks);
-the low-noise one stays whole.
+the low-noise one stays whole. `backend` is the pair's ops backend: both experts run with it
+unless one has a backend of its own (ops/registry.py, step 2).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from .dit import DiT
 
 
@@ -31,6 +33,7 @@ class TwoExpertDiT(nn.Module):
             if a != b:
                 raise ValueError(f"the two experts differ in {what}: high {a!r}, low {b!r}")
         self.high, self.low, self.boundary = high, low, float(boundary)
+        self.backend: str | None = None  # ops backend of both experts; None = automatic
 
     # the high-noise expert stands for the pair where one DiT is expected (shapes, pruning)
     @property
@@ -40,20 +43,6 @@ class TwoExpertDiT(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.high.blocks
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "blocks":  # importance.skip_blocks swaps the high expert's blocks (nn.Module would register them here)
-            self.high.blocks = value
-        else:
-            super().__setattr__(name, value)
-
-    @property
-    def backend(self):
-        return self.high.backend
-
-    @backend.setter
-    def backend(self, value) -> None:
-        self.high.backend = self.low.backend = value
 
     def experts(self) -> tuple[DiT, DiT]:
         return self.high, self.low
@@ -65,6 +54,10 @@ class TwoExpertDiT(nn.Module):
         return self.high.check_inputs(x, t, context)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with ops.registry.prefer(self.backend):
+            return self._forward(x, t, context)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, C, F, H, W); t: (B,) timesteps 0..1000; context: (B, L, text_dim)
         self.check_inputs(x, t, context)
         low = t <= 1000.0 * self.boundary  # (B,) bool

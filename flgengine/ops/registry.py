@@ -1,10 +1,17 @@
-"""Which backend serves an op: `ref` (PyTorch), `cpu` (C++ ops in `_C`), `cuda`
-(CUDA ops in `_C`), `triton` (grows with the kernels work).
+"""Which backend serves an op call: `ref` (PyTorch, the definition), `cpu` (C++ ops in
+`_C`), `cuda` (CUDA ops in `_C`), `triton` (Triton kernels), `flex` (FlexAttention).
 
-Order of decision: the call's `backend=` argument, then the model's backend (`prefer()`),
-then the `FLG_BACKEND` environment variable (those two only for ops that have that
-backend at all), then an automatic pick. An explicit request that cannot be served raises
-`BackendUnavailable`; an automatic pick falls back to `ref` and logs why, once.
+The whole choice is `pick` below; first match wins:
+
+    1. the call's `backend=`       that backend; BackendUnavailable if it cannot serve these inputs
+    2. the model's backend         `DiT.backend` (`load(..., backend=)`), in force while the model's
+                                   forward runs (`prefer`); ops without that backend, and
+                                   implementations registered `auto=False`, take step 4
+    3. FLG_BACKEND                 that backend; ops without it take step 4
+    4. the automatic order         `_auto_order`: on CUDA `CUDA_ORDER`, on the CPU `cpu`, `ref`;
+                                   the first that serves these inputs; `ref` after logging why, once
+
+Inputs that need grad always take `ref` in step 4 (the fused ops have no backward).
 """
 
 from __future__ import annotations
@@ -31,27 +38,36 @@ _IMPLS: dict[str, dict[str, tuple[Callable, Callable[..., str | None]]]] = {}
 # (op, backend) pairs that serve explicit requests only, never the automatic pick
 _EXPLICIT_ONLY: set[tuple[str, str]] = set()
 _LOGGED: set[tuple[str, str]] = set()
-# A model-wide preference (DiT.backend) set for the duration of a forward pass.
-_PREFERRED: contextvars.ContextVar[str | None] = contextvars.ContextVar("flg_backend", default=None)
+# The backend of the model whose forward is running (step 2), None outside any.
+_MODEL_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("flg_model_backend", default=None)
+
+
+def check_name(name: str | None, source: str = "backend") -> str | None:
+    """`name` if it is a backend or None; ValueError naming `source` otherwise."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
 
 
 @contextlib.contextmanager
 def prefer(backend: str | None):
-    """Within the block, ops called without `backend=` use `backend` where they have it
-    (like FLG_BACKEND, which it overrides); None leaves the choice to FLG_BACKEND / auto."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    token = _PREFERRED.set(backend)
+    """Step 2 within the block: the model's backend. A model's forward enters it with its
+    `backend`; None leaves the enclosing choice in force (a two-expert model's, export's `ref`)."""
+    check_name(backend)
+    if backend is None:
+        yield
+        return
+    token = _MODEL_BACKEND.set(backend)
     try:
         yield
     finally:
-        _PREFERRED.reset(token)
+        _MODEL_BACKEND.reset(token)
 
 
 def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str | None], auto: bool = True) -> None:
     """Adds `impl` for `op` on `backend`; `why_not(*tensors)` says why it can't serve them (None = it can).
-    `auto=False`: only explicit requests (the `backend=` argument, FLG_BACKEND) get it, not
-    the automatic pick nor a model-wide preference: for implementations that are correct but
+    `auto=False`: only steps 1 and 3 (the `backend=` argument, FLG_BACKEND) get it, not the
+    model's backend nor the automatic order: for implementations that are correct but
     measured slower than the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
@@ -60,13 +76,10 @@ def register(op: str, backend: str, impl: Callable, why_not: Callable[..., str |
 
 
 def requested_backend(backend: str | None) -> str | None:
-    """The backend asked for: the argument, else the model's preference, else FLG_BACKEND,
-    else None (automatic)."""
-    name = backend or _PREFERRED.get() or os.environ.get("FLG_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        source = "backend argument" if backend is not None else "FLG_BACKEND"
-        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
-    return name
+    """The name steps 1-3 give (None: automatic), for an op that applies them itself."""
+    if backend is not None:
+        return check_name(backend, "backend argument")
+    return _MODEL_BACKEND.get() or check_name(os.environ.get("FLG_BACKEND") or None, "FLG_BACKEND")
 
 
 # The automatic order on CUDA, from H100 measurements of each backend (Wan-1.3B 480p, bf16;
@@ -94,21 +107,32 @@ def _auto_order(op: str, tensors) -> tuple[str, ...]:
 
 
 def pick(op: str, tensors, backend: str | None = None) -> tuple[str, Callable]:
-    """Returns (backend name, implementation) for `op` on `tensors`."""
+    """(backend name, implementation) for `op` on `tensors`: steps 1-4 of the module docstring."""
     impls = _IMPLS.get(op, {})
-    name = requested_backend(backend)
-    if name is not None and backend is None and name not in impls:
-        name = None  # a model-wide / FLG_BACKEND choice this op has no implementation of: it runs its own
-    if name is not None and backend is None and _PREFERRED.get() == name and (op, name) in _EXPLICIT_ONLY:
-        name = None  # a model-wide preference is not a request for an implementation slower than the reference
-    if name is not None:
-        if name not in impls:
-            raise BackendUnavailable(f"op {op!r} has no {name!r} backend (available: {', '.join(sorted(impls))})")
-        impl, why_not = impls[name]
-        reason = why_not(*tensors)
-        if reason is not None:
-            raise BackendUnavailable(f"op {op!r} cannot run on backend {name!r}: {reason}")
-        return name, impl
+    if backend is not None:  # 1. the call's argument
+        return _required(op, impls, check_name(backend, "backend argument"), tensors)
+    model = _MODEL_BACKEND.get()
+    if model is not None:  # 2. the model's backend, where this op has it for the automatic pick
+        if model in impls and (op, model) not in _EXPLICIT_ONLY:
+            return _required(op, impls, model, tensors)
+        return _automatic(op, impls, tensors)
+    env = check_name(os.environ.get("FLG_BACKEND") or None, "FLG_BACKEND")
+    if env is not None and env in impls:  # 3. FLG_BACKEND, where this op has it
+        return _required(op, impls, env, tensors)
+    return _automatic(op, impls, tensors)  # 4.
+
+
+def _required(op: str, impls, name: str, tensors) -> tuple[str, Callable]:
+    if name not in impls:
+        raise BackendUnavailable(f"op {op!r} has no {name!r} backend (available: {', '.join(sorted(impls))})")
+    impl, why_not = impls[name]
+    reason = why_not(*tensors)
+    if reason is not None:
+        raise BackendUnavailable(f"op {op!r} cannot run on backend {name!r}: {reason}")
+    return name, impl
+
+
+def _automatic(op: str, impls, tensors) -> tuple[str, Callable]:
     for cand in _auto_order(op, tensors):
         if cand not in impls or (op, cand) in _EXPLICIT_ONLY:
             continue
