@@ -175,12 +175,38 @@ def test_shipped_run_configs_are_valid():
     from pathlib import Path
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) == 3
+    assert len(configs) == 4
     kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
-    # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network
+    # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network; its
+    # sparse-aware continuation: Stage III from it, on the teacher's CFG
     assert kinds == {"runs/shapes-4step": (False, "cfg", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
-                     "runs/shapes-dmd2": (True, "cfg", False)}
+                     "runs/shapes-dmd2": (True, "cfg", False), "runs/shapes-4step-sparse": (True, "cfg", False)}
+    sparse = RunConfig.load(configs[0].parent / "shapes-4step-sparse.yaml").stage3_config()
+    assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "tile_window"
+
+
+def test_sparse_aware_continuation_of_a_student(tiny_teacher, tmp_path):
+    # a student made by the full run, then continued with a block-sparse pattern on (stage3.attention)
+    student = run(RunConfig(**_config(tiny_teacher, tmp_path / "run", evaluate=None)), progress=False)["bundle"]
+    attention = {"kind": "tile_window", "tile": [1, 4, 4], "window": [3, 1, 1], "block": 16, "head_windows": None}
+    cfg = _config(tiny_teacher, tmp_path / "sparse", stage2=None, evaluate=None,
+                  stage3={"steps": 2, "batch_size": 2, "fake_updates": 1, "eval_every": 1, "checkpoint_every": 1,
+                          "init_student": student, "real_score": "cfg", "prune": False, "attention": attention})
+    result = run(RunConfig(**cfg), progress=False)
+    out = tmp_path / "sparse"
+    assert not (out / "importance.json").exists() and not (out / "plan.json").exists()  # no plan needed
+    start, cont = flgengine.load(student), flgengine.load(result["bundle"])
+    assert cont.dit.config.block_ids == start.dit.config.block_ids
+    assert cont.dit.config.attention.to_dict() == attention and cont.dit.sparse is not None
+    changed = [k for k, v in start.dit.state_dict().items() if not torch.equal(v, cont.dit.state_dict()[k])]
+    assert changed  # it trained
+    assert [s["stage"] for s in result["provenance"]["stages"]][-1] == "stage3"
+    assert result["provenance"]["init_student"]["path"] == student
+    video = cont("a red circle moving left", seed=1, progress=False)
+    assert video.shape == (1, 9, 32, 32, 3)
+    with pytest.raises(ConfigError, match="init_student"):
+        RunConfig(**{**cfg, "stage3": {**cfg["stage3"], "real_score": "well-guided"}})
 
 
 def test_prompt_sensitivity_probe(tiny_teacher, capsys):
