@@ -6,6 +6,7 @@
     python -m distill run CONFIG                           # FastLightGen: teacher bundle -> 4-step student
     python -m distill importance|plan|stage2|stage3 CONFIG # one stage of that run
     python -m distill compare --student NAME=BUNDLE ...    # the comparison table (+ --grid video)
+    python -m distill calibrate-attention BUNDLE -o OUT    # per-head sparse attention windows
     python -m distill convert WAN_DIR -o BUNDLE            # a diffusers Wan teacher as a bundle
     python -m distill precompute BUNDLE VIDEOS -o SHARDS   # training shards for the Wan path
 """
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="the comparison table: teacher (50 steps, 4 steps) and students, one run")
     compare.add_args(c)
     c.set_defaults(func=compare.run)
+    from . import calibrate
+
+    ca = sub.add_parser("calibrate-attention", help="per-head block-sparse windows from a calibration pass",
+                        description="Measure how much softmax mass each head keeps under candidate windows "
+                                    "(time, space, local, global) and choose one per head under a density budget.")
+    calibrate.add_args(ca)
+    ca.set_defaults(func=calibrate.run)
     return p
 
 
