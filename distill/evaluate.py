@@ -38,7 +38,7 @@ def _sampler_default(pipe, name: str):
 
 def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch_size: int = 20,
                     steps: int | None = None, progress: bool = True, evaluator: Evaluator | None = None,
-                    device=None, dtype=None, **generate_kwargs) -> dict:
+                    device=None, dtype=None, precision: str = "bf16", **generate_kwargs) -> dict:
     """Generates `samples` videos per base seed with a bundle and evaluates them all together.
 
     `model`: a bundle path, a shipped model's name, or a loaded `Pipeline` (any callable
@@ -46,7 +46,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     Sample i (0 <= i < samples) of a base seed uses prompt `PROMPTS[i % 60]`; the samples
     of a seed are generated in consecutive batches of `batch_size`, batch k with seed
     `s * 10000 + k` (one call draws all its noise from its seed, so the videos also depend
-    on `batch_size`, which the result records). `device` / `dtype` are passed to
+    on `batch_size`, which the result records). `device` / `dtype` / `precision` are passed to
     `flgengine.load`; `generate_kwargs` go to every call (guidance, force, ...).
     """
     from tqdm.auto import tqdm
@@ -56,7 +56,11 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
     batches = math.ceil(samples / batch_size)
     if batches > BATCH_SEED_STRIDE:
         raise ValueError(f"{batches} batches per seed is more than {BATCH_SEED_STRIDE}; raise batch_size")
-    pipe = flgengine.load(model, device=device, dtype=dtype) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        pipe = flgengine.load(model, device=device, dtype=dtype, precision=precision)
+    else:
+        pipe = model
+        precision = getattr(pipe, "precision", precision)
     prompts = [world.PROMPTS[i % len(world.PROMPTS)] for i in range(samples)]
     videos, all_prompts = [], []
     bar = tqdm(total=samples * len(seeds), desc="generating", unit="video", disable=not progress)
@@ -85,6 +89,7 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         **experts,
         "seconds_per_video": seconds / len(all_prompts),
         "device": str(getattr(pipe, "device", "")), "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
+        "precision": precision,
         **evaluate_videos(torch.cat(videos), all_prompts, evaluator),
     }
 
@@ -119,11 +124,14 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluator", default=None, help="evaluator directory (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                   help="the DiT's precision: bf16 (its --dtype) or fp8 (e4m3; emulated on the CPU) (default: bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-provenance", action="store_true",
-                   help="store the result in the bundle's provenance.json under 'evaluation'")
+                   help="store the result in the bundle's provenance.json under 'evaluation' "
+                        "('evaluation_fp8' for --precision fp8)")
 
 
 def set_threads(threads: int | None) -> None:
@@ -142,12 +150,13 @@ def run_evaluate(args) -> int:
     path = resolve_model(args.bundle)
     result = evaluate_bundle(path, samples=args.samples, seeds=args.seeds, batch_size=args.batch_size,
                              steps=args.steps, progress=not args.quiet, evaluator=load_evaluator(args.evaluator),
-                             device=args.device, dtype=args.dtype, guidance=args.guidance, force=args.force)
+                             device=args.device, dtype=args.dtype, precision=args.precision, guidance=args.guidance,
+                             force=args.force)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.write_provenance:
         prov_file = path / "provenance.json"
         provenance = read_json_object(prov_file)
-        provenance["evaluation"] = result
+        provenance["evaluation" if args.precision == "bf16" else f"evaluation_{args.precision}"] = result
         atomic_write_text(prov_file, json.dumps(provenance, indent=2) + "\n")
     return 0
 

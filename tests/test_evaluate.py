@@ -235,6 +235,12 @@ def test_run_evaluate_writes_provenance(evaluator, tmp_path, monkeypatch, capsys
     assert "adherence" in capsys.readouterr().out
     prov = json.loads((bundle / "provenance.json").read_text())
     assert prov["kind"] == "student" and prov["evaluation"]["videos"] == 12
+    loads = []
+    monkeypatch.setattr(flgengine, "load", lambda model, **kw: loads.append(kw) or FakePipeline())
+    args = parser.parse_args([str(bundle), "--samples", "6", "--precision", "fp8", "--write-provenance"])
+    assert ev.run_evaluate(args) == 0 and loads[-1]["precision"] == "fp8"
+    prov = json.loads((bundle / "provenance.json").read_text())
+    assert prov["evaluation"]["videos"] == 12 and prov["evaluation_fp8"]["precision"] == "fp8"
     threads = torch.get_num_threads()
     try:
         assert ev.run_evaluate(parser.parse_args([str(bundle), "--samples", "6", "--threads", "1"])) == 0
