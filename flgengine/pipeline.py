@@ -66,6 +66,23 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
+def _check_attention_fits(model, codec, cfg: PipelineConfig, path) -> None:
+    """A bundle's sparse-attention pattern must fit the token grid of its default size (a tile
+    larger than the grid is refused at load, naming the key)."""
+    if codec is None or not hasattr(codec, "latent_shape"):
+        return
+    for dit in (model.high, model.low) if hasattr(model, "low") else (model,):
+        if getattr(dit, "sparse", None) is None:
+            continue
+        latent = codec.latent_shape(cfg.num_frames, cfg.height, cfg.width)
+        grid = tuple(n // p for n, p in zip(latent[1:], dit.config.patch_size))
+        try:
+            dit.sparse.check_grid(grid)
+        except ValueError as e:
+            raise BundleError(f"{path}/config.json: {e}, at pipeline.json's default size "
+                              f"{cfg.num_frames} x {cfg.height} x {cfg.width}") from None
+
+
 class Pipeline:
     """A runnable model. Exposes `.dit`, `.text_encoder`, `.sampler`, `.codec`, `.config`;
     call it like `flgengine.generate()` without the `model` argument."""
@@ -83,7 +100,7 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
                     engine: str | os.PathLike | None = None, precision: str = "bf16") -> "Pipeline":
-        from .model.precision import PRECISIONS, fp8_unavailable, set_precision
+        from .model.precision import PRECISIONS, fp8_unavailable
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -101,13 +118,12 @@ class Pipeline:
             from .ops.registry import requested_backend
 
             requested_backend(backend)  # validates the name before loading anything
-        bundle = load_bundle(path, device=device, dtype=dtype)
+        bundle = load_bundle(path, device=device, dtype=dtype, precision=precision)
         bundle.model.backend = backend
-        for dit in (bundle.model.high, bundle.model.low) if hasattr(bundle.model, "low") else (bundle.model,):
-            set_precision(dit, precision)
         cfg = bundle.pipeline
         text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+        _check_attention_fits(bundle.model, codec, cfg, path)
         pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
         pipe.precision = precision
         return pipe

@@ -142,3 +142,18 @@ def test_info_reports_the_pattern_and_its_density(tmp_path):
     dense = json.loads(subprocess.run([sys.executable, "-m", "flgengine", "info", "shapes-4step", "--json"],
                                       capture_output=True, text=True, check=True).stdout)["attention"]
     assert dense == {"kind": "dense", "density": 1.0}
+
+
+def test_a_pattern_that_does_not_fit_the_default_size_is_refused_at_load(tmp_path):
+    import shutil
+
+    import flgengine
+    from flgengine.bundle import BundleError
+
+    src = load_bundle("flgengine/assets/shapes-4step")
+    src.model.set_attention(dict(kind="tile_window", tile=[1, 8, 4], window=[3, 1, 1], block=16, head_windows=None))
+    save_bundle(tmp_path / "b", src.model, pipeline=src.pipeline)
+    shutil.copytree("flgengine/assets/shapes-4step/text_encoder", tmp_path / "b" / "text_encoder")
+    with pytest.raises(BundleError, match=r"config.json: attention.tile=\[1, 8, 4\] is larger than the token grid "
+                                          r"\[9, 4, 4\].*default size 9 x 32 x 32"):
+        flgengine.load(tmp_path / "b")
