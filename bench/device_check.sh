@@ -7,7 +7,7 @@
 #   device run: bash bench/device_check.sh 2>&1 | tee $OUT/log.txt
 #   a shorter run: PARTS="sweep tests loop dit" bash bench/device_check.sh ...
 #   the sparse / FP8 figures alone, without building _C (the Triton paths need none):
-#     PARTS="tests sparse_fp8 ops" TESTS=tests/test_ops_triton.py TESTS_K="sparse or fp8 or attention" \
+#     PARTS="tests sparse_fp8 ops" TESTS="tests/ops tests/test_precision.py" TESTS_K="sparse or fp8 or attention" \
 #       OPS_K="attention and triton" bash bench/device_check.sh
 #
 # PARTS (default: all) picks the sections: build (flgengine._C; without it the repo runs from

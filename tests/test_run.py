@@ -114,7 +114,8 @@ def test_run_config_is_strict(tiny_teacher, tmp_path):
     good = _config(tiny_teacher, tmp_path / "x")
     assert load(good).stage3_config().steps == 2
     with pytest.raises(ConfigError, match="storage_dtype"):
-        load({**good, "storage_dtype": "fp8"})
+        load({**good, "storage_dtype": "fp4"})
+    assert load({**good, "storage_dtype": "fp8"}).storage_dtype == "fp8"  # e4m3 block linears
     with pytest.raises(ConfigError, match="unknown key 'stage4'"):
         load({**good, "stage4": {}})
     with pytest.raises(ConfigError, match="unknown key 'alpah' for Stage2Config"):
