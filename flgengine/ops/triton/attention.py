@@ -27,35 +27,17 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .attention_tiles import config, split_head_dim  # noqa: F401  (tile choice; re-exported)
+from .rounding import round_bf16, round_e4m3
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), kept in fp32: the interpreter's own
-    fp32 -> bf16 cast truncates, so its bf16 results would differ from a GPU's."""
-    u = x.to(tl.uint32, bitcast=True)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_e4m3(x):
-    """fp32 >= 0 -> the nearest e4m3 value (ties to even), kept in fp32: the interpreter's own
-    fp32 -> fp8 cast does not round to nearest. Normal range: 3 mantissa bits kept by the bit
-    trick; below e4m3's smallest normal (2^-6) the step is 2^-9, rounded by adding and
-    subtracting 1.5 * 2^14 in fp32 (whose own rounding is to nearest even)."""
-    u = x.to(tl.uint32, bitcast=True)
-    normal = (((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
-    sub = (x + 24576.0) - 24576.0
-    return tl.where(x < 0.015625, sub, normal)
-
-
-@triton.jit
 def _store(ptrs, o, mask, RTNE_BF16: tl.constexpr):
     if RTNE_BF16:
-        o = _round_bf16(o)
+        o = round_bf16(o)
     tl.store(ptrs, o.to(ptrs.dtype.element_ty), mask=mask)
 
 
@@ -84,11 +66,11 @@ def _online_softmax(qk, qk_scale, m_i, l_i, RTNE_BF16: tl.constexpr, FP8: tl.con
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if RTNE_BF16:
-        p = _round_bf16(p)
+        p = round_bf16(p)
     if FP8:
         p = p * 448.0
         if RTNE_E4M3:
-            p = _round_e4m3(p)
+            p = round_e4m3(p)
     return p, alpha, m_new, l_i
 
 
@@ -291,47 +273,6 @@ def _attention_kernel(
     _store(o_rows + offs_a[None, :], acc_a / l_i[:, None], m_ok[:, None] & a_ok[None, :], RTNE_BF16)
     if BLOCK_DB > 0:
         _store(o_rows + offs_b[None, :], acc_b / l_i[:, None], m_ok[:, None] & b_ok[None, :], RTNE_BF16)
-
-
-def split_head_dim(head_dim: int, min_tile: int = 16) -> tuple[int, int]:
-    """(BLOCK_DA, BLOCK_DB): the head dim's one power-of-two tile (BLOCK_DB = 0), or two
-    power-of-two tiles when they cover it with fewer channels: 72 -> 64 + 16 (80 channels
-    of work instead of 128), 40 -> 32 + 16, 96 -> 64 + 32, 160 -> 128 + 32; 112 stays 128
-    (64 + 64 saves nothing). Both tiles are >= min_tile: 16, the bf16 dot's minimum depth;
-    32 for FP8, whose tensor-core products are 32 deep (72 -> 64 + 32)."""
-    whole = max(min_tile, _common.next_pow2(head_dim))
-    if head_dim == whole or head_dim <= min_tile:
-        return whole, 0
-    da = whole // 2
-    db = max(min_tile, _common.next_pow2(head_dim - da))
-    return (da, db) if da + db < whole else (whole, 0)
-
-
-def config(head_dim: int, dtype: torch.dtype, interpret: bool, split: bool = True, fp8: bool = False) -> dict:
-    """Tile sizes and launch options. GPU numbers aim at an H100 (228 KB shared memory per SM):
-    BLOCK_M 128 x BLOCK_N 64 for fp16/bf16 up to D=128 (sm_90 build, offline: 185-246
-    registers, no spills, 64-128 KB shared), 64 x 32 with 8 warps for D=256 (182 registers).
-    FP8: 128 x 128 tiles up to D=128 (a K/V tile of e4m3 is half a bf16 one).
-    fp32 (3xTF32 dots) gets small tiles and still spills some (~1 KB stack): it is the
-    verification path, not the fast one. The interpreter gets small tiles so CPU tests cover
-    several K/V blocks plus a tail. `split`: the head dim on two tiles where that computes
-    fewer channels (`split_head_dim`); off: one next-power-of-two tile."""
-    min_tile = 32 if fp8 else 16
-    da, db = split_head_dim(head_dim, min_tile) if split else (max(min_tile, _common.next_pow2(head_dim)), 0)
-    width = da + db
-    if interpret:
-        bm, bn, warps, stages = 32, 16, 4, 1
-    elif fp8:
-        bm, bn, warps, stages = (128, 128, 8, 3) if width <= 128 else (64, 64, 8, 2)
-    elif dtype == torch.float32:
-        bm, bn, warps, stages = (64, 32, 4, 2) if width <= 128 else (32, 16, 4, 2)
-    elif width <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
-    elif width <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
-    else:
-        bm, bn, warps, stages = 64, 32, 8, 2
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, num_warps=warps, num_stages=stages)
 
 
 PRECISIONS = (None, "fp8")

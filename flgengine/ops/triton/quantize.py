@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from .attention import _round_e4m3
+from .rounding import round_e4m3
 
 E4M3_MAX = 448.0
 
@@ -25,7 +25,7 @@ E4M3_MAX = 448.0
 @triton.jit
 def _to_e4m3(x, RTNE: tl.constexpr):
     if RTNE:
-        r = _round_e4m3(tl.abs(x))
+        r = round_e4m3(tl.abs(x))
         x = tl.where(x < 0, -r, r)
     return x.to(tl.float8e4nv)
 
