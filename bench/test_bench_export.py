@@ -35,7 +35,7 @@ STUDENT_DROP = [2, 3, 4]  # the blocks the shapes student's plan removes from th
 def _student_bundle(path):
     """The shipped shapes student, else the shipped teacher with its plan's blocks removed."""
     from distill.plan import apply_plan, plan_from_drop
-    from distill.run import student_pipeline_config
+    from distill.student import student_pipeline_config
     from distill.stage3 import Stage3Config
 
     if "shapes-4step" in shipped_models():

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from flgengine.bundle import STORAGE_DTYPES, BundleError, atomic_write_text, save_bundle, storage_dtype_of
-from flgengine.config import ConfigError, PipelineConfig, SamplerConfig, JsonConfig, check_known_keys
+from flgengine.bundle import STORAGE_DTYPES, save_bundle
+from flgengine.config import ConfigError, JsonConfig, check_known_keys
 from flgengine.model import TwoExpertDiT, main_expert
 from flgengine.pipeline import resolve_model
 from flgengine.sampling import build_sampler
@@ -41,6 +40,7 @@ from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
+from .student import student_evaluator, student_pipeline_config, write_student
 from .trainer import init_distributed, rank0_decides, rank0_writes
 
 
@@ -177,49 +177,6 @@ def make_data(cfg: RunConfig, pipe):
     if cfg.data["kind"] == "shards":
         return ShardData(cfg.data["path"], seed=cfg.data["seed"])
     return world_data(pipe, seed=cfg.data["seed"])
-
-
-def student_pipeline_config(teacher: PipelineConfig, stage3: s3.Stage3Config) -> PipelineConfig:
-    """The teacher's pipeline with the student's few-step sampler (no CFG, marked distilled)."""
-    sampler = SamplerConfig(kind="fewstep", num_steps=stage3.num_steps, shift=stage3.shift, guidance=0.0,
-                            sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps)
-    return dataclasses.replace(teacher, sampler=sampler, distilled=True, low_noise_boundary=None)
-
-
-def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict):
-    """evaluate(student DiT) -> flat metrics, with the shapes world's evaluator."""
-    from flgengine.pipeline import Pipeline
-
-    from .evaluate import evaluate_bundle
-    from .evaluator import load_evaluator
-
-    evaluator = load_evaluator()
-
-    def evaluate(student) -> dict:
-        p = Pipeline(student, pipe.text_encoder, pipe.codec, pipeline_config, device=pipe.device, dtype=pipe.dtype,
-                     path=None)
-        r = evaluate_bundle(p, samples=evaluate_cfg["samples"], seeds=evaluate_cfg["seeds"],
-                            batch_size=evaluate_cfg["batch_size"], progress=False, evaluator=evaluator)
-        return {"adherence": r["prompt_adherence"]["adherence"], **{k: v for k, v in r["prompt_adherence"].items()
-                                                                    if k != "adherence"},
-                "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"],
-                "videos": r["videos"]}
-
-    return evaluate
-
-
-def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict,
-                  storage_dtype: str | None = None) -> Path:
-    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline;
-    weights stored in `storage_dtype` (e.g. "fp16") when given."""
-    path = Path(path)
-    save_bundle(path, student, pipeline_config, provenance,
-                storage_dtype=storage_dtype_of(storage_dtype))
-    for sub in ("text_encoder", "tokenizer", "vae"):
-        src = Path(pipe.path) / sub
-        if src.is_dir() and not (path / sub).exists():
-            shutil.copytree(src, path / sub)
-    return path
 
 
 # ---- the run ----------------------------------------------------------------------------------

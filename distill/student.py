@@ -1,0 +1,56 @@
+"""The student bundle around a trained DiT: its few-step pipeline, its evaluation during
+training, and how it is written (the teacher's text encoder and codec files beside it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from flgengine.bundle import save_bundle, storage_dtype_of
+from flgengine.config import PipelineConfig, SamplerConfig
+
+from . import stage3 as s3
+
+
+def student_pipeline_config(teacher: PipelineConfig, stage3: s3.Stage3Config) -> PipelineConfig:
+    """The teacher's pipeline with the student's few-step sampler (no CFG, marked distilled)."""
+    sampler = SamplerConfig(kind="fewstep", num_steps=stage3.num_steps, shift=stage3.shift, guidance=0.0,
+                            sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps)
+    return dataclasses.replace(teacher, sampler=sampler, distilled=True, low_noise_boundary=None)
+
+
+def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict):
+    """evaluate(student DiT) -> flat metrics, with the shapes world's evaluator."""
+    from flgengine.pipeline import Pipeline
+
+    from .evaluate import evaluate_bundle
+    from .evaluator import load_evaluator
+
+    evaluator = load_evaluator()
+
+    def evaluate(student) -> dict:
+        p = Pipeline(student, pipe.text_encoder, pipe.codec, pipeline_config, device=pipe.device, dtype=pipe.dtype,
+                     path=None)
+        r = evaluate_bundle(p, samples=evaluate_cfg["samples"], seeds=evaluate_cfg["seeds"],
+                            batch_size=evaluate_cfg["batch_size"], progress=False, evaluator=evaluator)
+        return {"adherence": r["prompt_adherence"]["adherence"], **{k: v for k, v in r["prompt_adherence"].items()
+                                                                    if k != "adherence"},
+                "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"],
+                "videos": r["videos"]}
+
+    return evaluate
+
+
+def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict,
+                  storage_dtype: str | None = None) -> Path:
+    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline;
+    weights stored in `storage_dtype` (e.g. "fp16") when given."""
+    path = Path(path)
+    save_bundle(path, student, pipeline_config, provenance,
+                storage_dtype=storage_dtype_of(storage_dtype))
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        src = Path(pipe.path) / sub
+        if src.is_dir() and not (path / sub).exists():
+            shutil.copytree(src, path / sub)
+    return path
