@@ -9,6 +9,7 @@
 #   the sparse / FP8 figures alone, without building _C (the Triton paths need none):
 #     PARTS="tests sparse_fp8 ops" TESTS="tests/ops tests/test_precision.py" TESTS_K="sparse or fp8 or attention" \
 #       OPS_K="attention and triton" bash bench/device_check.sh
+#   the FP8 attention kernel's tilings: PARTS=sweep SWEEP_ARGS="--skip-elementwise --fp8-attention" ...
 #
 # PARTS (default: all) picks the sections: build (flgengine._C; without it the repo runs from
 # PYTHONPATH with the Triton and PyTorch backends only), then after the ceilings: sweep (tile sweep of
@@ -58,7 +59,7 @@ log "ceilings: copy bandwidth and bf16 matmul (every GPU figure below is a fract
 if want sweep; then
   log "Triton tile sweep (bf16, Wan-1.3B 480p): time, rate, error of each tiling"
   SWEEP_LOG=$(mktemp)
-  timeout 170 $PY bench/sweep_triton.py --out "$OUT/sweep_triton.json" >"$SWEEP_LOG" 2>&1 || rc_sweep=1
+  timeout ${SWEEP_TIMEOUT:-170} $PY bench/sweep_triton.py --out "$OUT/sweep_triton.json" ${SWEEP_ARGS:-} >"$SWEEP_LOG" 2>&1 || rc_sweep=1
   grep -vE '^\{' "$SWEEP_LOG" | tail -45
 fi
 

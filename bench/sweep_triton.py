@@ -35,7 +35,11 @@ ATTN_TILINGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 32, 8, 3), (64, 128, 4, 3),
 ]
 ATTN_SHAPES = [(12, 128, 32760, 32760), (12, 72, 32760, 32760), (12, 128, 32760, 512)]  # (H, D, Sq, Skv)
-TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+FP8_ATTN_TILINGS = [  # the FP8 kernel (e4m3 tiles are half a bf16 tile's bytes)
+    (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3),
+    (128, 256, 8, 2), (256, 64, 8, 2),
+]
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, "fp8": 0.1}  # fp8: e4m3's 3 mantissa bits, against bf16 SDPA
 
 
 def reps(device: torch.device, repeat: int = 20) -> dict:
@@ -73,7 +77,9 @@ def sweep_elementwise(ceil: dict, dtype, quick: bool, device: torch.device, tili
     return rows
 
 
-def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device) -> list[dict]:
+def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device, precision: str | None = None) -> list[dict]:
+    """Every tiling of the attention kernel (bf16, or `precision="fp8"`: the FP8 kernel with its
+    quantisation pass) against torch SDPA in bf16, at Wan's shapes."""
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     shapes = ATTN_SHAPES if device.type == "cuda" else [(2, 72, 160, 130)]
@@ -85,19 +91,21 @@ def sweep_attention(ceil: dict, dtype, quick: bool, device: torch.device) -> lis
         flops = 4 * H * Sq * Skv * D
         ref = ops.attention(q, k, v, backend="ref")
         t_sdpa = median_seconds(lambda: ops.attention(q, k, v, backend="ref"), device, **reps(device, 10))
+        grid = FP8_ATTN_TILINGS if precision == "fp8" else ATTN_TILINGS
         tilings = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-                   for bm, bn, w, st in (ATTN_TILINGS[:2] if quick else ATTN_TILINGS)]
-        if tri._module("attention").split_head_dim(D)[1]:  # a pruned head dim: the one-tile kernel beside the split
+                   for bm, bn, w, st in (grid[:2] if quick else grid)]
+        if precision is None and tri._module("attention").split_head_dim(D)[1]:  # a pruned head dim: the one-tile kernel beside the split
             tilings += [{**t, "SPLIT_D": False} for t in tilings[:2]]
         for tiling in tilings:
-            rec = {"op": "attention", "dtype": str(dtype), "heads": H, "head_dim": D, "Sq": Sq, "Skv": Skv, **tiling,
-                   "sdpa_us": t_sdpa * 1e6}
+            rec = {"op": "attention" if precision is None else f"attention-{precision}", "dtype": str(dtype), "heads": H,
+                   "head_dim": D, "Sq": Sq, "Skv": Skv, **tiling, "sdpa_us": t_sdpa * 1e6}
             try:
-                out = attention(q, k, v, tiling=tiling)
-                t = median_seconds(lambda: attention(q, k, v, tiling=tiling), device, **reps(device, 10))
+                out = attention(q, k, v, tiling=tiling, precision=precision)
+                t = median_seconds(lambda: attention(q, k, v, tiling=tiling, precision=precision), device,
+                                   **reps(device, 10))
                 rate = flops / t / 1e12
                 rec.update(us=t * 1e6, TFLOPs=rate, matmul_fraction=rate / ceil["matmul_TFLOPs"], vs_sdpa=t_sdpa / t,
-                           rel_err=rel_err(out, ref), ok=rel_err(out, ref) <= TOL[dtype])
+                           rel_err=rel_err(out, ref), ok=rel_err(out, ref) <= TOL[precision or dtype])
             except Exception as e:
                 rec.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
             rows.append(rec)
@@ -109,7 +117,7 @@ def table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         key = (f"{r['op']} ROWS={r['ROWS']} warps={r['num_warps']} iters={r.get('ITERS', 1)}" if "ROWS" in r else
-               f"attention {r['heads']}x{r['head_dim']} {r['Sq']}x{r['Skv']} BM={r['BLOCK_M']} BN={r['BLOCK_N']} "
+               f"{r['op']} {r['heads']}x{r['head_dim']} {r['Sq']}x{r['Skv']} BM={r['BLOCK_M']} BN={r['BLOCK_N']} "
                f"warps={r['num_warps']} stages={r['num_stages']}{' one-tile' if r.get('SPLIT_D') is False else ''}")
         if "error" in r:
             lines.append(f"{key}: {r['error'][:120]}")
@@ -127,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="sweep_triton.json", help="JSON file for every configuration's record")
     ap.add_argument("--quick", action="store_true", help="a few configurations per op (a smoke run)")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-elementwise", action="store_true", help="attention only")
+    ap.add_argument("--fp8-attention", action="store_true", help="also sweep the FP8 attention kernel's tilings")
     ap.add_argument("--row-tilings", default=None, metavar="RxW[xI],...",
                     help="the row ops' ROWS x num_warps [x ITERS] tilings, e.g. 1x2,1x4,1x4x8 (default: a built-in list)")
     args = ap.parse_args(argv)
@@ -140,9 +150,11 @@ def main(argv=None) -> int:
         return 2
     tilings = ROW_TILINGS if args.row_tilings is None else [
         tuple(int(v) for v in item.split("x")) for item in args.row_tilings.split(",")]
-    rows = sweep_elementwise(ceil, torch.bfloat16, args.quick, device, tilings)
+    rows = [] if args.skip_elementwise else sweep_elementwise(ceil, torch.bfloat16, args.quick, device, tilings)
     if not args.skip_attention:
         rows += sweep_attention(ceil, torch.bfloat16, args.quick, device)
+    if args.fp8_attention:
+        rows += sweep_attention(ceil, torch.bfloat16, args.quick, device, precision="fp8")
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "ceilings": ceil, "rows": rows,
            "seconds": round(time.time() - t0, 1)}
     Path(args.out).write_text(json.dumps(out, indent=1))
