@@ -316,7 +316,9 @@ class Run:
                                           codec=self.pipe.config.codec)
         evaluate = student_evaluator(self.pipe, student_cfg, cfg.evaluate) if cfg.evaluate is not None else None
         student, record = s3.train_stage3(real, None, self.data, stage3_cfg, self.out / "stage3", evaluate=evaluate,
-                                          init=init, progress=self.progress, student_init=start.model)
+                                          init=init, progress=self.progress, student_init=start.model,
+                                          regression_target=(self._teacher_sampler(stage3_cfg.num_steps)
+                                                             if stage3_cfg.regression > 0 else None))
         prov = start.provenance
         provenance = {"kind": f"{prov.get('kind', 'student')}, continued",
                       "teacher": {"path": cfg.teacher, "weights_sha256": self.pipe.provenance.get("weights_sha256")},
