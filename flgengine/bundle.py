@@ -26,32 +26,14 @@ import torch
 from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torch_dtype
 from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
                     check_safetensors_file, check_state_dict, file_sha256, load_safetensors)
+from . import files
 from .model import DiT, TwoExpertDiT
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
 from .version import __version__
 
-__all__ = [
-    "BundleError",
-    "Bundle",
-    "BUNDLE_FILES",
-    "LOW_NOISE_DIR",
-    "PICKLE_SUFFIXES",
-    "STORAGE_DTYPES",
-    "INT8_SCALE",
-    "save_bundle",
-    "load_bundle",
-    "read_model_config",
-    "read_json_object",
-    "storage_dtype_of",
-    "quantize_int8",
-    "dequantize_int8",
-    "atomic_replace",
-    "atomic_write_text",
-    "atomic_save_safetensors",
-    "file_sha256",
-    "check_safetensors_file",
-    "load_safetensors",
-    "check_state_dict",
+__all__ = [  # bundles, and the file helpers of flgengine.files re-exported
+    "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "save_bundle", "load_bundle",
+    "read_model_config", "read_json_object", "storage_dtype_of", "quantize_int8", "dequantize_int8", *files.__all__,
 ]
 
 BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")

@@ -124,6 +124,25 @@ def _kv_block(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_a_ptrs, kt_b_ptrs, v_a_ptrs, 
 
 
 @triton.jit
+def _kv_block_at(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
+                 sks, skd, svs, svd, qk_scale, k_scale_row,
+                 MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr,
+                 BLOCK_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr,
+                 FP8: tl.constexpr):
+    """`_kv_block` for the keys from start_n, its tile pointers made from the scalar bases (few
+    live registers: the block-sparse loop and FP8's 128-key tiles); in FP8 the K block's scale
+    joins the scores' scale."""
+    scale = qk_scale
+    if FP8:
+        scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+    kn = start_n + offs_n
+    return _kv_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
+                     k_base + kn[None, :] * sks + offs_b[:, None] * skd, v_base + kn[:, None] * svs + offs_a[None, :] * svd,
+                     v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
+                     MASK_N, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+
+
+@triton.jit
 def _attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr,
     H, Sq, Skv,
@@ -209,43 +228,27 @@ def _attention_kernel(
         for i in range(0, n_whole):  # per listed block, its MASK_BK // BLOCK_N steps unrolled
             kb = tl.load(index_row + i)  # (one flat loop over all steps measured 8% slower on an H200)
             for j in tl.static_range(MASK_BK // BLOCK_N):
-                start_n = kb * MASK_BK + j * BLOCK_N
-                if FP8:
-                    scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
-                kn = start_n + offs_n
-                acc_a, acc_b, m_i, l_i = _kv_block(
-                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
-                    k_base + kn[None, :] * sks + offs_b[:, None] * skd,
-                    v_base + kn[:, None] * svs + offs_a[None, :] * svd,
-                    v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
-                    False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+                acc_a, acc_b, m_i, l_i = _kv_block_at(
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n, offs_a,
+                    offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N, BLOCK_DA,
+                    BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
         if n_listed > n_whole:  # the partial last key block: its first sub-block holds >= 1 key
             kb = tl.load(index_row + n_whole)
             for j in tl.static_range(MASK_BK // BLOCK_N):
-                start_n = kb * MASK_BK + j * BLOCK_N
-                if start_n < Skv:
-                    if FP8:
-                        scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)
-                    kn = start_n + offs_n
-                    acc_a, acc_b, m_i, l_i = _kv_block(
-                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
-                        k_base + kn[None, :] * sks + offs_b[:, None] * skd,
-                        v_base + kn[:, None] * svs + offs_a[None, :] * svd,
-                        v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
-                        True, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+                if kb * MASK_BK + j * BLOCK_N < Skv:
+                    acc_a, acc_b, m_i, l_i = _kv_block_at(
+                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, kb * MASK_BK + j * BLOCK_N, Skv, offs_n,
+                        offs_a, offs_b, a_ok, b_ok, sks, skd, svs, svd, qk_scale, k_scale_row, True, HEAD_DIM, BLOCK_N,
+                        BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
         l_i = tl.where(l_i > 0, l_i, 1.0)  # a query row with no allowed key: zeros out
     else:
         n_full = Skv - Skv % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):  # full blocks: no sequence mask
             if FP8:  # pointers from the scalar bases each block: FP8's 128-key tiles leave no registers
-                scale = qk_scale * tl.load(k_scale_row + start_n // BLOCK_N)  # for [D, BLOCK_N] pointer tiles
-                kn = start_n + offs_n
-                acc_a, acc_b, m_i, l_i = _kv_block(
-                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base + kn[None, :] * sks + offs_a[:, None] * skd,
-                    k_base + kn[None, :] * sks + offs_b[:, None] * skd,
-                    v_base + kn[:, None] * svs + offs_a[None, :] * svd,
-                    v_base + kn[:, None] * svs + offs_b[None, :] * svd, kn < Skv, a_ok, b_ok, scale,
-                    False, HEAD_DIM, BLOCK_DA, BLOCK_DB, UPCAST, DOT_PRECISION, RTNE_BF16, FP8)
+                acc_a, acc_b, m_i, l_i = _kv_block_at(  # for [D, BLOCK_N] pointer tiles
+                    acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, Skv, offs_n, offs_a, offs_b, a_ok, b_ok,
+                    sks, skd, svs, svd, qk_scale, k_scale_row, False, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB, UPCAST,
+                    DOT_PRECISION, RTNE_BF16, FP8)
             else:
                 acc_a, acc_b, m_i, l_i = _kv_block(
                     acc_a, acc_b, m_i, l_i, q_a, q_b, kt_a_ptrs, kt_b_ptrs, v_a_ptrs, v_b_ptrs, offs_n < BLOCK_N, a_ok,
