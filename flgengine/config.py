@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+# config.json / pipeline.json written by this version name every key (format_version 2); files
+# without format_version come from older writers and read their newer keys as off
+FORMAT_VERSION = 2
 # names users and configs may give a dtype by
 TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -57,25 +62,88 @@ def check_known_keys(data: dict, known: list[str], source: str, what: str = "") 
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{what} (known keys: {', '.join(known)})")
 
 
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type):
+        return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                dict: "an object"}.get(hint, f"an object ({hint.__name__})")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list (each {_type_name(args[0])})"
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is list:
+        return f"a list (each {_type_name(args[0])})" if args else "a list"
+    if origin is dict:
+        return "an object"
+    return str(hint)
+
+
+def type_matches(value, hint) -> bool:
+    """Whether a JSON value has the type `hint` names, exactly: a bool is not an int, an int is
+    a number, numbers are finite, a list's items and a fixed tuple's length count."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]
+        return isinstance(value, (list, tuple)) and all(type_matches(v, args[0]) for v in value)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(type_matches(v, a) for v, a in zip(value, args)))
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(type_matches(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    return True  # a hint this checker does not know: the class's own checks decide
+
+
 def dataclass_from_dict(cls, data: Any, source: str):
-    """Builds dataclass `cls` from `data`, refusing unknown and missing keys (except the
-    class's `_ADDED_LATER` keys: features added after bundles were first written, which an
-    older file does not name and which default to off)."""
+    """Builds dataclass `cls` from `data`, refusing unknown and missing keys and values of the
+    wrong type (bool, int, finite number, string, list lengths: `type_matches`). A class's
+    `_ADDED_LATER` keys (features added after bundles were first written) may be missing from
+    a file of an older writer, one without `format_version` >= 2, and then default to off; a
+    file that names `format_version` 2 must name them all."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     check_known_keys(data, names, source, f" for {cls.__name__}")
-    later = getattr(cls, "_ADDED_LATER", ())
-    missing = [n for n in names if n not in data and n not in later]
+    version = data.get("format_version", 1) if "format_version" in names else 1
+    if not (type(version) is int and 1 <= version <= FORMAT_VERSION):
+        raise ConfigError(f"{source}: format_version = {version!r}: expected an integer in 1..{FORMAT_VERSION} "
+                          f"(a file from a newer flgengine? this one writes {FORMAT_VERSION})")
+    later = getattr(cls, "_ADDED_LATER", ()) if version < FORMAT_VERSION else ()
+    missing = [n for n in names if n not in data and n not in later and n != "format_version"]
     if missing:
         raise ConfigError(f"{source}: missing key {missing[0]!r} for {cls.__name__}")
     hints = get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:  # an _ADDED_LATER key: its default (off)
+        if f.name not in data:  # an _ADDED_LATER key of an older file: its default (off)
             continue
         value = data[f.name]
         sub = hints[f.name]
+        if not type_matches(value, sub):
+            raise ConfigError(f"{source}: key {f.name!r} = {value!r}: expected {_type_name(sub)}")
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             value = dataclass_from_dict(sub, value, f"{source}: {f.name}")
         kwargs[f.name] = value
@@ -213,6 +281,7 @@ class ModelConfig(JsonConfig):
     block_ffn_dim: list[int] | None = None
     dtype: str = "float32"
     attention: AttentionConfig | None = None
+    format_version: int = FORMAT_VERSION
 
     # optional DiT features that bundles written before them do not name: absent = off
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip", "x0_prediction", "attention")
@@ -371,6 +440,7 @@ class PipelineConfig(JsonConfig):
     # a two-expert bundle (Wan2.2's high-/low-noise split): the DiT in low_noise/ runs every step at
     # t <= low_noise_boundary (t in 0..1), the bundle's own DiT the steps above it
     low_noise_boundary: float | None = None
+    format_version: int = FORMAT_VERSION
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("low_noise_boundary",)
 

@@ -106,7 +106,7 @@ def test_attention_config_is_stored_and_checked(tmp_path):
     for bad, match in ((dict(WIDE, kind="radial"), "attention.kind must be one of"),
                        (dict(WIDE, window=[0, 1, 1]), r"attention.window must be 3 integers >= 1"),
                        (dict(WIDE, window=[2, 1, 1]), "attention.window must be odd"),
-                       (dict(WIDE, tile=[1, 1]), "attention.tile must be 3 integers"),
+                       (dict(WIDE, tile=[1, 1]), r"attention: key 'tile' = \[1, 1\]: expected a list of 3"),
                        (dict(WIDE, block=24), "attention.block must be a power of two"),
                        (dict(WIDE, kind="per_head", head_windows=[[1, 1, 1]]), "must list 2 windows")):
         with pytest.raises(ConfigError, match=match):
