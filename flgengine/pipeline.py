@@ -13,6 +13,7 @@ as one captured CUDA graph (`cuda_graph`, see `flgengine.cudagraph`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ from .codec import build_codec, video_to_uint8
 from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
 from .text import build_text_encoder
+
+log = logging.getLogger("flgengine")
 
 ASSETS = Path(__file__).parent / "assets"
 # The built-in default: the distilled student once it ships, else the shapes teacher.
@@ -207,6 +210,22 @@ class Pipeline:
                 lo, hi = max(m, v - v % m), v - v % m + m
                 raise ValueError(f"{name}={v} must be a multiple of {m} (codec factor {self.codec.spatial_factor} x "
                                  f"patch {p}); try {lo} or {hi}")
+        latent = self.codec.latent_shape(num_frames, height, width)[1:]
+        grid = tuple(n // q for n, q in zip(latent, self.dit.config.patch_size))
+        for dit in (self.dit.high, self.dit.low) if hasattr(self.dit, "low") else (self.dit,):
+            limit = getattr(getattr(dit, "config", None), "pos_grid", None)
+            if limit is not None and any(n > m for n, m in zip(grid, limit)):
+                st, ss = self.codec.temporal_factor, self.codec.spatial_factor
+                most = ((limit[0] * pt - 1) * st + 1, limit[1] * ph * ss, limit[2] * pw * ss)
+                raise ValueError(f"num_frames={num_frames}, height={height}, width={width}: this model's position "
+                                 f"table covers at most {most[0]} frames of {most[1]} x {most[2]}")
+            if getattr(dit, "sparse", None) is not None:
+                dit.sparse.check_grid(grid)
+        unknown = getattr(self.text_encoder, "unknown_words", None)
+        words = unknown(list(prompts)) if unknown is not None else []
+        if words:
+            log.warning("flgengine: the text encoder does not know %s; they read as <unk> (it knows: %s)",
+                        ", ".join(repr(w) for w in words), ", ".join(self.text_encoder.vocab[2:]))
         return list(prompts)
 
     # -- run ---------------------------------------------------------------------------

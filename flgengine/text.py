@@ -170,6 +170,15 @@ class TokenTextEncoder(nn.Module, TextEncoder):
             out[i, : len(words)] = torch.tensor([self.ids.get(w, 1) for w in words], dtype=torch.long)
         return out
 
+    def unknown_words(self, prompts: list[str]) -> list[str]:
+        """The words of `prompts` (within max_length) this encoder has no embedding for, in order, once each."""
+        seen = []
+        for p in prompts:
+            for w in re.findall(r"[a-z0-9]+", p.lower())[: self.max_length]:
+                if w not in self.ids and w not in seen:
+                    seen.append(w)
+        return seen
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(list(prompts)).to(self.tok.weight.device)  # (B, L)
         words = ids != 0  # (B, L)

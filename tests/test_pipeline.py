@@ -161,3 +161,25 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
 def test_cli_help_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "flgengine", "generate", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--frames" in r.stdout and "--backend" in r.stdout
+
+
+def test_sizes_beyond_the_position_table_and_unknown_words_are_caught_before_compute(caplog):
+    import logging
+
+    import flgengine
+
+    pipe = flgengine.load("shapes-4step", device="cpu")
+    calls = []
+    forward = pipe.dit.forward
+    pipe.dit.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    with pytest.raises(ValueError, match="num_frames=10, height=32, width=32: this model's position table covers "
+                                         "at most 9 frames of 32 x 32"):
+        pipe("a red circle moving left", num_frames=10, progress=False)
+    with pytest.raises(ValueError, match="position table covers at most 9 frames of 32 x 32"):
+        pipe("a red circle moving left", height=40, progress=False)
+    assert calls == []  # refused before the DiT ran
+    with caplog.at_level(logging.WARNING, logger="flgengine"):
+        video = pipe(["a purple hexagon dancing", "a red circle moving left"], progress=False)
+    assert video.shape[0] == 2 and len(calls) == 4
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 1 and "'purple', 'hexagon', 'dancing'" in warned[0] and "'red'" not in warned[0]
