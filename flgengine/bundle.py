@@ -15,6 +15,7 @@ model.safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [  # bundles, and the file helpers of flgengine.files re-exported
 BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")
 # a two-expert bundle's low-noise DiT (pipeline.json's low_noise_boundary): config.json + model.safetensors
 LOW_NOISE_DIR = "low_noise"
+META_FROM = 50_000_000  # parameters from which _load_dit builds the DiT on the meta device
 
 
 @dataclass
@@ -206,7 +208,11 @@ def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "
     if reason:
         raise BundleError(reason)
     state = quantize_state(state) if precision == "fp8" else dequantize_state(state)
-    with torch.device("meta"):
+    # a large model is built on the meta device (no memory, no init) and gets the loaded tensors;
+    # a small one (under META_FROM parameters, the stored count) is built on the CPU: the meta
+    # device's Python kernels import torch._dynamo, a second of a small model's cold start
+    size = sum(v.numel() for v in state.values())
+    with torch.device("meta") if size >= META_FROM else contextlib.nullcontext():
         model = DiT(config)
         if precision == "fp8":
             to_fp8(model)

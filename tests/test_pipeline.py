@@ -183,3 +183,15 @@ def test_sizes_beyond_the_position_table_and_unknown_words_are_caught_before_com
     assert video.shape[0] == 2 and len(calls) == 4
     warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert len(warned) == 1 and "'purple', 'hexagon', 'dancing'" in warned[0] and "'red'" not in warned[0]
+
+
+def test_the_default_model_generates_without_compiler_imports():
+    # loading and running the default model must not import torch._dynamo, triton, onnx or diffusers
+    import subprocess
+    import sys
+
+    code = ("import sys, flgengine; flgengine.generate('a red circle moving left', progress=False); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton', 'onnx', 'onnxruntime', "
+            "'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

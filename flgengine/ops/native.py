@@ -80,9 +80,29 @@ def native_op(name: str, *, why_not: Callable[..., str | None], fake: Callable, 
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(f"flgengine::{name}_native", mutates_args=())(fn)
         op.register_fake(fake)
-        OPS[name] = NativeOp(name, op, why_not, auto)
+        OPS[name] = NativeOp(name, eager_or_traced(fn, op), why_not, auto)
         return op
     return wrap
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_or_traced(fn: Callable, op: Callable) -> Callable:
+    """Runs `fn` itself on plain tensors in eager mode, the custom op `op` otherwise (torch.compile,
+    torch.export, FX tracing: anything that must see the op). The custom op's eager dispatch
+    imports torch._dynamo on its first call (a second of a small model's cold start); the result
+    is the same."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    def run(*args):
+        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)):
+            return op(*args)
+        return fn(*args)
+
+    run.__name__ = getattr(fn, "__name__", "run")
+    return run
 
 
 def register(registry) -> None:
