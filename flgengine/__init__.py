@@ -17,7 +17,7 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
-         engine: str | os.PathLike | None = None, precision: str = "bf16"):
+         engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
@@ -27,11 +27,13 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     dtype then default to the engine's), and an engine built from another bundle is refused.
     precision: "bf16" (the DiT in `dtype`) or "fp8" (e4m3 weights, activations and
     self-attention: real on GPUs of compute capability >= 8.9, emulated on the CPU; see
-    docs/architecture.md).
+    docs/architecture.md). allow_outside_paths: let pipeline.json name text encoder / codec
+    directories outside the bundle (refused by default: a bundle cannot point us elsewhere).
     """
     from .pipeline import Pipeline
 
-    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision)
+    return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision,
+                                allow_outside_paths=allow_outside_paths)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, num_frames: int | None = None,

@@ -69,6 +69,21 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
+def check_paths_inside(path: Path, cfg: PipelineConfig) -> None:
+    """pipeline.json's paths (text encoder, tokenizer, codec) must stay inside the bundle: no
+    `..`, absolute paths or symlinks leading out (a bundle from elsewhere cannot make us read
+    arbitrary files). `load(..., allow_outside_paths=True)` lifts this for bundles you trust."""
+    root = Path(path).resolve()
+    for key, value in (("text_encoder.path", cfg.text_encoder.path),
+                       ("text_encoder.tokenizer_path", cfg.text_encoder.tokenizer_path), ("codec.path", cfg.codec.path)):
+        if value is None:
+            continue
+        target = (Path(path) / value).resolve()
+        if target != root and root not in target.parents:
+            raise BundleError(f"{path}/pipeline.json: {key} = {value!r} leads outside the bundle (to {target}); "
+                              "load it with allow_outside_paths=True if you trust the bundle")
+
+
 def _check_attention_fits(model, codec, cfg: PipelineConfig, path) -> None:
     """A bundle's sparse-attention pattern must fit the token grid of its default size (a tile
     larger than the grid is refused at load, naming the key)."""
@@ -102,7 +117,8 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
-                    engine: str | os.PathLike | None = None, precision: str = "bf16") -> "Pipeline":
+                    engine: str | os.PathLike | None = None, precision: str = "bf16",
+                    allow_outside_paths: bool = False) -> "Pipeline":
         from .model.precision import PRECISIONS, fp8_unavailable
 
         if precision not in PRECISIONS:
@@ -112,7 +128,8 @@ class Pipeline:
             if precision != "bf16":
                 raise ValueError(f"precision={precision!r}: an engine (engine={str(engine)!r}) runs in "
                                  "the precision it was built in; drop precision= or run without the engine")
-            return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend)
+            return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend,
+                                    allow_outside_paths=allow_outside_paths)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if precision == "fp8" and fp8_unavailable(device):
@@ -124,6 +141,8 @@ class Pipeline:
         bundle = load_bundle(path, device=device, dtype=dtype, precision=precision)
         bundle.model.backend = backend
         cfg = bundle.pipeline
+        if not allow_outside_paths:
+            check_paths_inside(path, cfg)
         text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
         _check_attention_fits(bundle.model, codec, cfg, path)
@@ -132,7 +151,8 @@ class Pipeline:
         return pipe
 
     @classmethod
-    def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None) -> "Pipeline":
+    def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None,
+                     allow_outside_paths: bool = False) -> "Pipeline":
         """The bundle's text encoder and codec around an engine in the DiT's place; the
         bundle's weights are not loaded, only hashed to check the engine was built from them."""
         from .export.engine import EngineDiT, load_engine
@@ -152,6 +172,8 @@ class Pipeline:
             raise BundleError(f"{path}/model.safetensors: missing (it identifies the weights the engine was built from)")
         config = read_model_config(path)
         cfg = PipelineConfig.from_json(path / "pipeline.json")
+        if not allow_outside_paths:
+            check_paths_inside(path, cfg)
         eng.check_bundle(path, config)
         text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)

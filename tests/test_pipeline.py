@@ -195,3 +195,30 @@ def test_the_default_model_generates_without_compiler_imports():
             "'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_pipeline_json_cannot_point_outside_the_bundle(tmp_path, where):
+    import json
+    import os
+    import shutil
+
+    import flgengine
+    from flgengine.bundle import BundleError
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree("flgengine/assets/shapes-4step/text_encoder", outside)
+    bundle = tmp_path / "b"
+    shutil.copytree("flgengine/assets/shapes-4step", bundle, ignore=shutil.ignore_patterns("text_encoder"))
+    if where == "symlink":
+        os.symlink(outside, bundle / "text_encoder")
+        value = "text_encoder"
+    else:
+        value = "../elsewhere" if where == "dotdot" else str(outside)
+    cfg = json.loads((bundle / "pipeline.json").read_text())
+    cfg["text_encoder"]["path"] = value
+    (bundle / "pipeline.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=f"text_encoder.path = {value!r} leads outside the bundle"):
+        flgengine.load(bundle)
+    pipe = flgengine.load(bundle, allow_outside_paths=True)  # the caller trusts it
+    assert pipe("a red circle moving left", progress=False).shape == (1, 9, 32, 32, 3)
