@@ -222,3 +222,24 @@ def test_pipeline_json_cannot_point_outside_the_bundle(tmp_path, where):
         flgengine.load(bundle)
     pipe = flgengine.load(bundle, allow_outside_paths=True)  # the caller trusts it
     assert pipe("a red circle moving left", progress=False).shape == (1, 9, 32, 32, 3)
+
+
+def test_threads_with_different_backends_and_precisions_keep_their_own_results():
+    # the backend / precision of one call must not leak into another running at the same time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import flgengine
+
+    pipes = {"ref": flgengine.load(backend="ref"), "cpu": flgengine.load(backend="cpu"),
+             "fp8": flgengine.load(precision="fp8")}
+    run = lambda name: pipes[name](["a red circle moving left", "a blue square moving up"], seed=3,  # noqa: E731
+                                   progress=False)
+    alone = {name: run(name) for name in pipes}
+    assert not torch.equal(alone["fp8"], alone["ref"])  # they differ: a leak would show
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(run, [name for name in pipes for _ in range(2)]))
+    for i, name in enumerate(n for n in pipes for _ in range(2)):
+        assert torch.equal(together[i], alone[name]), name
+    with pytest.raises(ValueError):  # a failed call ...
+        pipes["ref"]("a red circle moving left", num_frames=10, progress=False)
+    assert torch.equal(run("ref"), alone["ref"])  # ... leaves the pipeline as it was
