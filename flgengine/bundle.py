@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,15 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
     return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
 
 
+def implied_params(c: ModelConfig) -> int:
+    """About how many parameters `c` describes (the blocks' linears and the embeddings)."""
+    D = c.num_heads * c.head_dim
+    patch = c.in_channels * math.prod(c.patch_size) * D + c.out_channels * math.prod(c.patch_size) * D
+    blocks = sum(8 * D * c.heads_of(i) * c.head_dim + 2 * D * c.ffn_of(i) for i in range(len(c.kept_blocks)))
+    pos = 0 if not c.pos_embed else (math.prod(c.pos_grid) if c.pos_grid else 3 * c.rope_max_seq_len) * D
+    return patch + blocks + pos + 2 * c.text_dim * D + c.freq_dim * D + 6 * D * D
+
+
 def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "bf16") -> DiT:
     """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
     where = f"{path}/model.safetensors"
@@ -212,7 +222,10 @@ def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "
     # a small one (under META_FROM parameters, the stored count) is built on the CPU: the meta
     # device's Python kernels import torch._dynamo, a second of a small model's cold start
     size = sum(v.numel() for v in state.values())
-    with torch.device("meta") if size >= META_FROM else contextlib.nullcontext():
+    # a config that implies far more parameters than are stored is built on meta too: the shape
+    # check below then refuses it without allocating what it claims
+    small = size < META_FROM and implied_params(config) <= 4 * size + 1_000_000
+    with contextlib.nullcontext() if small else torch.device("meta"):
         model = DiT(config)
         if precision == "fp8":
             to_fp8(model)

@@ -144,6 +144,10 @@ def dataclass_from_dict(cls, data: Any, source: str):
         sub = hints[f.name]
         if not type_matches(value, sub):
             raise ConfigError(f"{source}: key {f.name!r} = {value!r}: expected {_type_name(sub)}")
+        if type(value) is int and (sub is float or (typing.get_origin(sub) in (typing.Union, types.UnionType)
+                                                     and float in typing.get_args(sub)
+                                                     and int not in typing.get_args(sub))):
+            value = float(value)  # a number field holds a float (JSON may write 1 for 1.0)
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             value = dataclass_from_dict(sub, value, f"{source}: {f.name}")
         kwargs[f.name] = value
@@ -308,9 +312,15 @@ class ModelConfig(JsonConfig):
                    f"pos_grid must be 3 positive ints (F', H', W'), got {self.pos_grid!r}")
             _check(self.pos_embed, "pos_grid needs pos_embed=True")
             self.pos_grid = tuple(self.pos_grid)
-        for name in ("in_channels", "out_channels", "num_heads", "head_dim", "ffn_dim", "text_dim", "freq_dim", "num_layers"):
+        for name, top in (("in_channels", 4096), ("out_channels", 4096), ("num_heads", 1024), ("head_dim", 1024),
+                          ("ffn_dim", 1 << 20), ("text_dim", 1 << 16), ("freq_dim", 1 << 16), ("num_layers", 1024),
+                          ("rope_max_seq_len", 1 << 20)):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            _check(isinstance(v, int) and 0 < v <= top, f"{name} must be an integer in 1..{top}, got {v!r}")
+        _check(all(isinstance(p, int) and 0 < p <= 64 for p in self.patch_size),
+               f"patch_size must be 3 integers in 1..64, got {list(self.patch_size)}")
+        _check(self.pos_grid is None or all(n <= self.rope_max_seq_len for n in self.pos_grid),
+               f"pos_grid {self.pos_grid} must not exceed rope_max_seq_len={self.rope_max_seq_len}")
         _check(len(self.patch_size) == 3 and all(p > 0 for p in self.patch_size), f"patch_size must be 3 positive ints, got {self.patch_size!r}")
         _check(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
         _check(self.freq_dim % 2 == 0, f"freq_dim must be even, got {self.freq_dim}")

@@ -69,6 +69,18 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
+def _build_parts(cfg: PipelineConfig, path: Path, device, dtype):
+    """The bundle's text encoder and codec; a directory pipeline.json names but the bundle lacks
+    is a BundleError naming it."""
+    try:
+        text = build_text_encoder(cfg.text_encoder, path, device=device,
+                                  dtype=dtype if device.type == "cuda" else torch.float32)
+        codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+    except FileNotFoundError as e:
+        raise BundleError(f"{path}/pipeline.json: {e}") from None
+    return text, codec
+
+
 def check_paths_inside(path: Path, cfg: PipelineConfig) -> None:
     """pipeline.json's paths (text encoder, tokenizer, codec) must stay inside the bundle: no
     `..`, absolute paths or symlinks leading out (a bundle from elsewhere cannot make us read
@@ -143,8 +155,7 @@ class Pipeline:
         cfg = bundle.pipeline
         if not allow_outside_paths:
             check_paths_inside(path, cfg)
-        text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
-        codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+        text, codec = _build_parts(cfg, path, device, dtype)
         _check_attention_fits(bundle.model, codec, cfg, path)
         pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
         pipe.precision = precision
@@ -175,8 +186,7 @@ class Pipeline:
         if not allow_outside_paths:
             check_paths_inside(path, cfg)
         eng.check_bundle(path, config)
-        text = build_text_encoder(cfg.text_encoder, path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
-        codec = build_codec(cfg.codec, path, device=device, dtype=torch.float32)
+        text, codec = _build_parts(cfg, path, device, dtype)
         return cls(EngineDiT(eng, config), text, codec, cfg, device=device, dtype=dtype, path=path,
                    provenance=read_json_object(path / "provenance.json"), engine=eng)
 

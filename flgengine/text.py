@@ -210,15 +210,30 @@ class TokenTextEncoder(nn.Module, TextEncoder):
         path = _need_dir(Path(path), "token text encoder")
         try:
             cfg = json.loads((path / "config.json").read_text())
-            enc = cls(list(cfg["vocab"]), int(cfg["max_length"]), int(cfg["dim"]), int(cfg["layers"]))
         except FileNotFoundError:
             raise BundleError(f"{path}/config.json: missing") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path}/config.json: needs vocab, max_length, dim and layers ({e!r})") from None
+        except ValueError as e:
+            raise BundleError(f"{path}/config.json: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or sorted(cfg) != ["dim", "layers", "max_length", "vocab"]:
+            raise BundleError(f"{path}/config.json: needs exactly vocab, max_length, dim and layers, got "
+                              f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+        vocab = cfg["vocab"]
+        if not (isinstance(vocab, list) and vocab and all(isinstance(w, str) and w for w in vocab)):
+            raise BundleError(f"{path}/config.json: key 'vocab' = {vocab!r:.80}: expected a list of words")
+        for key, top in (("max_length", 4096), ("dim", 65536), ("layers", 64)):
+            v = cfg[key]
+            if type(v) is not int or not 1 <= v <= top:
+                raise BundleError(f"{path}/config.json: key {key!r} = {v!r}: expected an integer in 1..{top}")
         where = f"{path}/model.safetensors"
         if not (path / "model.safetensors").is_file():
             raise BundleError(f"{where}: missing")
         sd = load_safetensors(path / "model.safetensors", where)
+        expected = {"tok.weight": (len(vocab) + 2, cfg["dim"]), "pos.weight": (cfg["max_length"], cfg["dim"])}
+        for key, shape in expected.items():  # before anything is allocated from the config
+            if key not in sd or tuple(sd[key].shape) != shape:
+                got = tuple(sd[key].shape) if key in sd else "missing"
+                raise BundleError(f"{where}: tensor {key!r} is {got}, config.json implies {shape}")
+        enc = cls(list(vocab), cfg["max_length"], cfg["dim"], cfg["layers"])
         check_state_dict(sd, {k: v.shape for k, v in enc.state_dict().items()}, where, "config.json")
         enc.load_state_dict(sd)
         return enc.to(device).eval().requires_grad_(False)
