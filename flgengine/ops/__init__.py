@@ -77,18 +77,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: 
         reason = block_mask.check(q, k)  # before any backend is picked or launched
         if reason:
             raise ValueError(f"attention: {reason}")
-    impls = registry.available("attention_ext")
-    name = registry.requested_backend(backend)
-    if name is None:
-        cuda = q.device.type == "cuda"
-        name = "triton" if cuda and registry.why_not("attention_ext", "triton", q, k, v, block_mask, precision) is None else "ref"
-    if name not in impls:
-        raise BackendUnavailable(f"attention with block_mask / precision has no {name!r} backend "
-                                 f"(available: {', '.join(sorted(impls))})")
-    reason = registry.why_not("attention_ext", name, q, k, v, block_mask, precision)
-    if reason is not None:
-        raise BackendUnavailable(f"attention cannot run on backend {name!r}: {reason}")
-    return impls[name](q, k, v, block_mask=block_mask, precision=precision)
+    # the same choice as every op (registry.pick): the block mask and precision go to each
+    # backend's why_not with the tensors
+    _, impl = registry.pick("attention_ext", (q, k, v, block_mask, precision), backend)
+    return impl(q, k, v, block_mask=block_mask, precision=precision)
 
 
 def backends_for(op: str) -> list[str]:

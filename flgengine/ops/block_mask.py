@@ -47,6 +47,7 @@ class BlockMask:
         tail = kv_len % block_k != 0  # the last key block is partial: the kernel masks it, so count it apart
         self.kv_full = (self.kv_count - (mask[..., -1].to(torch.int32) if tail else 0)).contiguous()
         self.is_dense = bool(mask.all())  # every tile: attention runs the dense kernel
+        self.cache: dict = {}  # forms other backends derive from it (FlexAttention's BlockMask), kept with it
 
     @property
     def heads(self) -> int:

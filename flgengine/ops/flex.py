@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # the compiled flex_attention, per device type
 
 
 def _flex_fn(device: torch.device):
@@ -25,10 +25,9 @@ def flex_block_mask(block_mask, batch: int):
     """Our BlockMask as FlexAttention's (kv_num_blocks (B, H, nQ), kv_indices (B, H, nQ, nK))."""
     from torch.nn.attention.flex_attention import BlockMask as FlexMask
 
-    key = (id(block_mask), batch)
-    hit = _COMPILED.get(key)
-    if hit is not None and hit[0] is block_mask:
-        return hit[1]
+    hit = block_mask.cache.get(("flex", batch))  # built once per mask and batch size
+    if hit is not None:
+        return hit
     count = block_mask.kv_count.unsqueeze(0).expand(batch, -1, -1).contiguous()
     index = block_mask.kv_index.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
     tiles, bq, bk = block_mask.mask, block_mask.block_q, block_mask.block_k
@@ -44,7 +43,7 @@ def flex_block_mask(block_mask, batch: int):
 
     fm = FlexMask.from_kv_blocks(torch.zeros_like(count), index, count, index, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                  seq_lengths=(block_mask.q_len, block_mask.kv_len))
-    _COMPILED[key] = (block_mask, fm)
+    block_mask.cache[("flex", batch)] = fm
     return fm
 
 

@@ -16,9 +16,9 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLG_BACKEND", raising=False)
     if importlib.util.find_spec("triton") is not None and _common.import_error() is None and _common.interpreter_reason():
-        # tests/conftest.py turns the interpreter on for the session only on machines without
+        # tests/conftest.py turns the interpreter on for the test run only on machines without
         # CUDA; where CUDA is present triton is imported compiled and the gpu tests run the kernels
-        pytest.skip("triton runs compiled in this session (CUDA machine): the gpu tests cover the kernels")
+        pytest.skip("triton runs compiled in this test run (CUDA machine): the gpu tests cover the kernels")
 
 
 @pytest.fixture

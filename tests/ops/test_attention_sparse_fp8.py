@@ -203,3 +203,17 @@ def test_gpu_fp8_attention(compiled, D):
     bm = random_block_mask(2, 300, 270, 0.5, 128, 128, seed=4, device="cuda")
     sparse = ops.attention(q, k, v, block_mask=bm, precision="fp8", backend="triton")
     assert_close(sparse, _fp8_online(q, k, v, cfg["BLOCK_M"], cfg["BLOCK_N"], bm.token_mask()), 1e-2, "fp8 sparse")
+
+
+def test_block_mask_and_fp8_follow_the_shared_backend_choice(monkeypatch):
+    # FLG_BACKEND names a backend these options do not have: the automatic pick serves them
+    # (as for every op); an explicit backend= that lacks them raises
+    from flgengine.ops.block_mask import random_block_mask
+
+    q, k, v = (torch.randn(1, 40, 2, 32) for _ in range(3))
+    bm = random_block_mask(2, 40, 40, 0.5, 16, 16)
+    monkeypatch.setenv("FLG_BACKEND", "cpu")
+    assert torch.equal(ops.attention(q, k, v, block_mask=bm), ops.attention(q, k, v, block_mask=bm, backend="ref"))
+    assert torch.equal(ops.attention(q, k, v, precision="fp8"), ops.attention(q, k, v, precision="fp8", backend="ref"))
+    with pytest.raises(ops.BackendUnavailable, match="has no 'cpu' backend"):
+        ops.attention(q, k, v, block_mask=bm, backend="cpu")
