@@ -122,7 +122,7 @@ def run(args) -> int:
     from pathlib import Path
 
     import flgengine
-    from flgengine.bundle import save_bundle
+    from flgengine.bundle import bundle_directory, write_bundle_files
 
     from .worlds.shapes import PROMPTS
 
@@ -145,11 +145,11 @@ def run(args) -> int:
     if args.output:
         pipe.dit.set_attention(result["attention"])
         out = Path(args.output)
-        save_bundle(out, pipe.dit, p, {**pipe.provenance, "attention_calibration": {
-            "budget": args.budget, "density": result["density"], "mass": result["mass"], "prompts": len(prompts)}})
-        src = Path(pipe.path)
-        for d in src.iterdir():
-            if d.is_dir() and not (out / d.name).exists():
-                shutil.copytree(d, out / d.name)
+        with bundle_directory(out) as tmp:
+            for d in Path(pipe.path).iterdir():  # the parts: text encoder, tokenizer, codec
+                if d.is_dir():
+                    shutil.copytree(d, tmp / d.name)
+            write_bundle_files(tmp, pipe.dit, p, {**pipe.provenance, "attention_calibration": {
+                "budget": args.budget, "density": result["density"], "mass": result["mass"], "prompts": len(prompts)}})
         print(f"bundle: {out}")
     return 0

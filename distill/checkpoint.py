@@ -58,7 +58,11 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
     path = Path(path)
-    atomic_save_safetensors(path, tensors, metadata={"skeleton": json.dumps(skeleton), "format": "flgengine-ckpt"})
+    try:
+        atomic_save_safetensors(path, tensors, metadata={"skeleton": json.dumps(skeleton), "format": "flgengine-ckpt"})
+    except OSError as e:  # a full disk, a file size limit: the rename never happened
+        before = "the previous checkpoint is unchanged" if path.exists() else "no checkpoint was written"
+        raise OSError(e.errno, f"writing checkpoint {path} failed ({e.strerror}); {before}") from e
     return path
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from flgengine.bundle import save_bundle, storage_dtype_of
+from flgengine.bundle import bundle_directory, storage_dtype_of, write_bundle_files
 from flgengine.config import PipelineConfig, SamplerConfig
 
 from . import stage3 as s3
@@ -47,10 +47,10 @@ def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, pr
     """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline;
     weights stored in `storage_dtype` (e.g. "fp16") when given."""
     path = Path(path)
-    save_bundle(path, student, pipeline_config, provenance,
-                storage_dtype=storage_dtype_of(storage_dtype))
-    for sub in ("text_encoder", "tokenizer", "vae"):
-        src = Path(pipe.path) / sub
-        if src.is_dir() and not (path / sub).exists():
-            shutil.copytree(src, path / sub)
+    with bundle_directory(path) as tmp:
+        write_bundle_files(tmp, student, pipeline_config, provenance, storage_dtype=storage_dtype_of(storage_dtype))
+        for sub in ("text_encoder", "tokenizer", "vae"):
+            src = Path(pipe.path) / sub
+            if src.is_dir():
+                shutil.copytree(src, tmp / sub)
     return path

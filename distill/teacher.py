@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from flgengine.bundle import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_json_object, read_model_config,
-                              save_bundle, storage_dtype_of)
+from flgengine.bundle import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_model_config, read_provenance,
+                              storage_dtype_of, bundle_directory, write_bundle_files)
 from flgengine.codec import uint8_to_video
 from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from flgengine.model import DiT
@@ -290,11 +289,14 @@ def snapshot(out: str | Path, bundle: str | Path, storage_dtype: str | None = No
 def write_bundle(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
     if cfg.expert_of:
         return write_expert_bundle(model, cfg, path, recipe)
-    text.save(path / "text_encoder")
     provenance = {"kind": "shapes-world teacher", "world": "distill.worlds.shapes",
                   "objective": "flow matching, v = eps - x0, shifted-uniform t, condition dropout (CFG)",
                   "stages": [{"stage": "train-teacher", **recipe}]}
-    return save_bundle(path, model.eval(), cfg.pipeline_config(), provenance, storage_dtype=storage_dtype_of(cfg.storage_dtype))
+    with bundle_directory(path) as tmp:
+        text.save(tmp / "text_encoder")
+        write_bundle_files(tmp, model.eval(), cfg.pipeline_config(), provenance,
+                           storage_dtype=storage_dtype_of(cfg.storage_dtype))
+    return path
 
 
 def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) -> Path:
@@ -304,12 +306,7 @@ def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) 
     provenance with this run's stage added."""
     high = Path(cfg.expert_of)
     storage = storage_dtype_of(cfg.storage_dtype)
-    save_bundle(path / LOW_NOISE_DIR, low.eval(), None,
-                {"kind": "low-noise expert of a shapes-world teacher", "high_noise_expert": str(high),
-                 "objective": "flow matching at t <= t_max, x0 output (x-prediction, v-loss)",
-                 "stages": [{"stage": "train-low-noise-expert", **recipe}]}, storage_dtype=storage)
-    TokenTextEncoder.load(high / "text_encoder").save(path / "text_encoder")
-    provenance = read_json_object(high / "provenance.json")
+    provenance = read_provenance(high)
     for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
         provenance.pop(key, None)  # save_bundle writes them anew
     provenance.pop("evaluation", None)  # it measured the teacher alone: `distill evaluate --write-provenance` anew
@@ -321,7 +318,14 @@ def write_expert_bundle(low: DiT, cfg: TeacherConfig, path: Path, recipe: dict) 
     pipeline = PipelineConfig.from_json(high / "pipeline.json")
     sampler = dataclasses.replace(pipeline.sampler, guidance=cfg.guidance, low_noise_guidance=cfg.low_noise_guidance)
     pipeline = dataclasses.replace(pipeline, sampler=sampler, low_noise_boundary=cfg.boundary)
-    return save_bundle(path, load_bundle(high, dtype=torch.float32).model, pipeline, provenance, storage_dtype=storage)
+    with bundle_directory(path) as tmp:
+        write_bundle_files(tmp / LOW_NOISE_DIR, low.eval(), None,
+                           {"kind": "low-noise expert of a shapes-world teacher", "high_noise_expert": str(high),
+                            "objective": "flow matching at t <= t_max, x0 output (x-prediction, v-loss)",
+                            "stages": [{"stage": "train-low-noise-expert", **recipe}]}, storage_dtype=storage)
+        TokenTextEncoder.load(high / "text_encoder").save(tmp / "text_encoder")
+        write_bundle_files(tmp, load_bundle(high, dtype=torch.float32).model, pipeline, provenance, storage_dtype=storage)
+    return path
 
 
 def config_from_args(args) -> TeacherConfig:

@@ -202,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args) -> int:
     """Runs `args.func(args)`; bad input (ValueError, FileNotFoundError) prints one
-    `error:` line and exits 2 instead of a traceback. Shared by `python -m distill`."""
+    `error:` line and exits 2 instead of a traceback, a failed write (OSError: a full disk)
+    one line and exits 1. Shared by `python -m distill`."""
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,21 +21,23 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torch_dtype
 from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
-                    check_safetensors_file, check_state_dict, file_sha256, load_safetensors)
+                    check_replaceable, check_safetensors_file, check_state_dict, file_sha256, load_safetensors,
+                    replace_directory, staged_directory)
 from . import files
 from .model import DiT, TwoExpertDiT
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
 from .version import __version__
 
 __all__ = [  # bundles, and the file helpers of flgengine.files re-exported
-    "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "save_bundle", "load_bundle",
-    "read_model_config", "read_json_object", "storage_dtype_of", "quantize_int8", "dequantize_int8", *files.__all__,
+    "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "save_bundle", "bundle_directory",
+    "write_bundle_files", "load_bundle",
+    "read_model_config", "read_json_object", "read_provenance", "storage_dtype_of", "quantize_int8", "dequantize_int8", *files.__all__,
 ]
 
 BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")
@@ -100,9 +102,36 @@ def storage_dtype_of(name: str | None) -> torch.dtype | None:
 
 # ---- save / load -------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def bundle_directory(path: str | Path) -> Iterator[Path]:
+    """Yields a fresh directory to write a whole bundle into; it replaces `path` when the block
+    ends without an exception (files.staged_directory: a kill or a full disk at any moment
+    leaves the previous bundle or none, never a mix). `path` must be absent, empty or a bundle.
+    A failed write is a BundleError saying the previous bundle is unchanged."""
+    path = Path(path)
+    check_replaceable(path, "config.json", "a bundle")
+    try:
+        with staged_directory(path) as tmp:
+            yield tmp
+    except OSError as e:
+        before = "the previous bundle is unchanged" if (path / "config.json").is_file() else "nothing was written"
+        raise BundleError(f"{path}: writing the bundle failed ({e.strerror or e}); {before}") from e
+
+
 def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
                 storage_dtype: torch.dtype | None = None) -> Path:
-    """Writes `model` (a DiT) as a bundle directory; each file is written atomically.
+    """Writes `model` (a DiT) as the bundle directory `path`, whole (bundle_directory): a bundle
+    there before is replaced. To add parts (a text encoder, a codec), write into
+    `bundle_directory(path)` with `write_bundle_files` and the parts' own writers."""
+    with bundle_directory(path) as tmp:
+        write_bundle_files(tmp, model, pipeline, provenance, storage_dtype)
+    return Path(path)
+
+
+def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
+                       storage_dtype: torch.dtype | None = None) -> Path:
+    """Writes `model` (a DiT) as model.safetensors, config.json, pipeline.json and
+    provenance.json into the directory `path` (a bundle_directory; see save_bundle).
 
     `pipeline` defaults to a DiT-only pipeline (no text encoder or codec). The weights'
     sha256 and the writing flgengine version are added to the provenance.
@@ -148,6 +177,51 @@ def read_json_object(path: str | Path) -> dict:
     return data
 
 
+# provenance.json is informational (nothing in it changes what the model computes), but typed:
+# the keys flgengine writes have these types; other keys (a tool's own records) may hold any
+# JSON; no number anywhere may be NaN or infinite
+_SHA256 = "a sha256 hex digest (64 characters 0-9a-f)"
+PROVENANCE_KEYS: dict[str, tuple[str, Any]] = {
+    "kind": ("a string", lambda v: isinstance(v, str)),
+    "weights_sha256": (_SHA256, lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+    "num_params": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    "num_params_low_noise": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    "storage_dtype": ("one of " + ", ".join(STORAGE_DTYPES), lambda v: v in STORAGE_DTYPES),
+    "flgengine_version": ("a string", lambda v: isinstance(v, str)),
+    "created": ("a string (UTC time, YYYY-MM-DDTHH:MM:SSZ)", lambda v: isinstance(v, str)),
+    "stages": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v)),
+    "evaluation": ("an object", lambda v: isinstance(v, dict)),
+    "evaluation_fp8": ("an object", lambda v: isinstance(v, dict)),
+    "train_seconds_total": ("a number >= 0", lambda v: type(v) in (int, float) and v >= 0),
+    "teacher": ("a string or an object", lambda v: isinstance(v, (str, dict))),
+}
+
+
+def read_provenance(path: str | Path) -> dict:
+    """provenance.json of the bundle directory `path`, typed (PROVENANCE_KEYS), or a BundleError
+    naming the file, the key, the value and what was expected."""
+    where = Path(path) / "provenance.json"
+    data = read_json_object(where)
+    for key, (expected, ok) in PROVENANCE_KEYS.items():
+        if key in data and not ok(data[key]):
+            raise BundleError(f"{where}: {key} must be {expected}, got {data[key]!r}")
+    bad = _non_finite(data, "")
+    if bad:
+        raise BundleError(f"{where}: {bad[0]} is {bad[1]!r}; numbers must be finite")
+    return data
+
+
+def _non_finite(value, key: str) -> tuple[str, float] | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in children:
+        found = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of the bundle directory `path` (its config.json), or a BundleError."""
     path = Path(path)
@@ -184,7 +258,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
         pipeline = PipelineConfig.from_json(path / "pipeline.json")
     except ConfigError as e:
         raise BundleError(str(e)) from None
-    provenance = read_json_object(path / "provenance.json")
+    provenance = read_provenance(path)
 
     model = _load_dit(path, config, device, dtype, precision)
     if pipeline.low_noise_boundary is not None:  # two experts: the low-noise DiT in low_noise/

@@ -6,14 +6,19 @@ safetensors reading that checks the file before trusting it (never pickle).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import struct
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -23,7 +28,11 @@ __all__ = [
     "atomic_replace",
     "atomic_write_text",
     "atomic_save_safetensors",
+    "staged_directory",
+    "replace_directory",
+    "check_replaceable",
     "file_sha256",
+    "cached_sha256",
     "check_safetensors_file",
     "load_safetensors",
     "check_state_dict",
@@ -72,8 +81,135 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                             metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # an I/O failure (full disk, file size limit) as the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            n = int(code.group(1)) if code else errno.EIO
+            raise OSError(n, os.strerror(n), str(path)) from e
+
+    atomic_replace(Path(path), write)
+
+
+# ---- whole directories ---------------------------------------------------------------------
+# A bundle or an engine is a directory of several files that belong together: it is written
+# whole into a fresh hidden directory beside its target (`.NAME.partial-XXXX`), fsynced, and
+# then put in place, so a reader never sees a mix of an old and a new version.
+
+def _readable_temp_dir(out: Path, tag: str) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary readable directory
+    return tmp
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsyncs every file and directory under `root` (and `root`)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the file system cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def _directory_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the hidden file `.NAME.lock` beside `out` (kept: removing a lock
+    file races with its next taker)."""
+    import fcntl
+
+    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def replace_directory(new: str | Path, out: str | Path) -> None:
+    """Puts the complete directory `new` at `out` (absent, or an older version, which is removed).
+
+    Under a lock beside `out`, so two writers finish one after the other (the last one wins,
+    never a mix); in one step where the system can swap two paths (Linux), else the old one is
+    moved aside first (a kill between the two renames leaves no `out`, never a mix).
+    """
+    new, out = Path(new), Path(out)
+    _fsync_tree(new)
+    with _directory_lock(out):
+        if not os.path.lexists(out):
+            os.replace(new, out)
+        elif out.is_dir() and not out.is_symlink() and _exchange(new, out):
+            shutil.rmtree(new)  # which now holds the old version
+        else:
+            aside = _readable_temp_dir(out, "old")
+            os.replace(out, aside / "old")
+            os.replace(new, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        _fsync_dir(out.parent)
+
+
+def check_replaceable(out: str | Path, marker: str, what: str, error: type[Exception] = BundleError) -> None:
+    """`error` unless `out` is absent, an empty directory, or a directory holding `marker`
+    (an older `what`): a save never replaces a directory of other things."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise error(f"{out} exists and is not a directory; refusing to replace it with {what}")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise error(f"{out} exists and is not {what} (it has no {marker}); refusing to replace it "
+                          "(choose another path or empty it)")
+
+
+@contextmanager
+def staged_directory(out: str | Path) -> Iterator[Path]:
+    """Yields a fresh directory to write a whole `out` into; when the block ends without an
+    exception it replaces `out` (replace_directory), else it is removed and `out` is untouched."""
+    out = Path(out)
+    tmp = _readable_temp_dir(out, "partial")
+    try:
+        yield tmp
+        replace_directory(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -82,6 +218,20 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def cached_sha256(path: str | Path) -> str:
+    """file_sha256, remembered per (path, size, mtime, ctime): a file hashed once is not read
+    again in this process unless it changes (ctime cannot be set back by its writer)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 # ---- safetensors reading ---------------------------------------------------------------

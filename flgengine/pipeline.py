@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import BundleError, load_bundle, read_json_object, read_model_config
+from .bundle import BundleError, load_bundle, read_model_config, read_provenance
 from .codec import build_codec, video_to_uint8
 from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
@@ -188,7 +188,7 @@ class Pipeline:
         eng.check_bundle(path, config)
         text, codec = _build_parts(cfg, path, device, dtype)
         return cls(EngineDiT(eng, config), text, codec, cfg, device=device, dtype=dtype, path=path,
-                   provenance=read_json_object(path / "provenance.json"), engine=eng)
+                   provenance=read_provenance(path), engine=eng)
 
     # -- checks ---------------------------------------------------------------------------
     def _sampler_for(self, steps: int | None, guidance: float | None, force: bool):

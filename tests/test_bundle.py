@@ -1,6 +1,7 @@
 """Configs (strict json round trip) and bundles: save/load and every validation error."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -90,6 +91,23 @@ def test_bundle_round_trip(bundle):
     x, t, c = torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 12)
     with torch.no_grad():
         assert torch.allclose(b.model(x, t, c), model.eval()(x, t, c), rtol=0, atol=1e-5)
+
+
+def test_provenance_is_typed(bundle):
+    path, _ = bundle
+    good = json.loads((path / "provenance.json").read_text())
+    for key, value, expected in (("weights_sha256", "abc", "a sha256 hex digest"), ("num_params", 3.5, "an integer >= 0"),
+                                 ("num_params", True, "an integer >= 0"), ("storage_dtype", "int4", "one of float32"),
+                                 ("stages", [1], "a list of objects"), ("created", 5, "a string"),
+                                 ("teacher", 5, "a string or an object"), ("evaluation", [], "an object")):
+        (path / "provenance.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(BundleError, match=f"provenance.json: {key} must be {expected}.*got {re.escape(repr(value))}"):
+            load_bundle(path)
+    (path / "provenance.json").write_text(json.dumps({**good, "evaluation": {"fd": float("nan")}}))
+    with pytest.raises(BundleError, match="provenance.json: evaluation.fd is nan; numbers must be finite"):
+        load_bundle(path)
+    (path / "provenance.json").write_text(json.dumps({**good, "my_tool": {"anything": [1, "x"]}}))
+    assert load_bundle(path).provenance["my_tool"] == {"anything": [1, "x"]}  # other keys: any JSON
 
 
 def test_bundle_stored_in_fp16_loads_in_fp32(tmp_path):

@@ -123,6 +123,7 @@ def test_onnx_engine_manifest(onnx_dir, student):
     assert (m.dynamic_dims["text_len"].opt, m.dynamic_dims["text_len"].max) == (24, 24)  # umT5 max_length
     assert m.video == {"num_frames": 9, "height": 64, "width": 64}
     assert m.bundle.weights_sha256 == file_sha256(student / "model.safetensors")
+    assert m.sha256 == {f: file_sha256(onnx_dir / f) for f in m.files}
     assert m.options["opset"] == 23 and {"torch", "onnx", "onnxruntime"} <= set(m.versions)
     v = m.verification
     assert v is not None and v.rel_error <= 1e-5 and v.tolerance == 1e-5 and len(v.shapes) == 2
@@ -195,6 +196,31 @@ def test_manifest_reading_is_strict(onnx_dir, tmp_path):
     (tmp_path / "engine.json").unlink()
     with pytest.raises(EngineError, match="not an engine directory"):
         read_manifest(tmp_path)
+    old = {**{k: v for k, v in data.items() if k != "sha256"}, "manifest_version": 1}  # before file hashes
+    with pytest.raises(EngineError, match="manifest_version 1 is not supported .* export the engine again"):
+        read_manifest(write(old))
+    for files, sha, match in ((["../dit.onnx"], {"../dit.onnx": "0" * 64}, "names inside the engine directory"),
+                              (data["files"], {**data["sha256"], "dit.onnx": "xyz"}, "'dit.onnx' has 'xyz'"),
+                              (data["files"], {**data["sha256"], "other": "0" * 64}, "names \\['other'\\]")):
+        with pytest.raises(EngineError, match=match):
+            read_manifest(write({**data, "files": files, "sha256": sha}))
+
+
+def test_an_engine_file_changed_after_export_is_refused_before_it_is_opened(onnx_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from flgengine.export import formats
+
+    copy = tmp_path / "engine"
+    shutil.copytree(onnx_dir, copy)
+    raw = bytearray((copy / "dit.onnx.data").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one weight byte: the graph would load and compute something else
+    (copy / "dit.onnx.data").write_bytes(bytes(raw))
+    opened = []
+    monkeypatch.setattr(formats.BUILDERS["onnx"], "open", lambda *a: opened.append(a))
+    with pytest.raises(EngineError, match="dit.onnx.data: sha256 .* differs .* changed after export; refusing to load"):
+        load_engine(copy)
+    assert not opened
 
 
 # ---- AOTInductor ----------------------------------------------------------------------------
@@ -298,7 +324,7 @@ def test_export_cli_errors_are_one_line(student, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert export_cli([str(student), "--format", "onnx", "-o", str(tmp_path / "busy")]) == 2
-    assert "not an engine directory; refusing to overwrite" in capsys.readouterr().err
+    assert "is not an engine directory (it has no engine.json); refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert export_cli([str(student), "--format", "onnx", "-o", str(tmp_path / "e"), "--dtype", "bf16"]) == 2
     assert "--format tensorrt --dtype bf16" in capsys.readouterr().err

@@ -94,13 +94,11 @@ def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 
     kept, plus the last) with a 4-step fewstep sampler,
     marked `distilled`. Defaults: 9 frames of 64x64 at 8 fps.
     """
-    from flgengine.bundle import save_bundle
+    from flgengine.bundle import bundle_directory, write_bundle_files
     from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
     from flgengine.model import DiT
 
     dir = Path(dir)
-    make_tiny_umt5(dir, d_model=32, max_length=24, seed=seed)
-    make_tiny_wan_vae(dir, z_dim=4, seed=seed)
     keep = sorted({0, num_layers - 1, *range(0, num_layers, 2)}) if student else None
     config = ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=16, ffn_dim=64,
                          text_dim=32, freq_dim=32, num_layers=num_layers, block_ids=keep)
@@ -117,7 +115,11 @@ def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 
     )
     provenance = {"kind": "tiny random Wan " + ("student" if student else "teacher"), "seed": seed,
                   "note": "random weights for tests and the demo; its videos are noise-like"}
-    return save_bundle(dir, model, pipeline, provenance)
+    with bundle_directory(dir) as tmp:
+        make_tiny_umt5(tmp, d_model=32, max_length=24, seed=seed)
+        make_tiny_wan_vae(tmp, z_dim=4, seed=seed)
+        write_bundle_files(tmp, model, pipeline, provenance)
+    return dir
 
 
 def main(argv=None) -> int:

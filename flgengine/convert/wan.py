@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, save_bundle
+from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, bundle_directory, write_bundle_files
 from ..config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from ..model import DiT
 from .source import read_diffusers_dir
@@ -218,8 +218,8 @@ def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 81, height:
         sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=guidance),
         num_frames=num_frames, height=height, width=width, fps=16,
     )
-    for sub in ("text_encoder", "tokenizer", "vae"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
-        shutil.copytree(src / sub, out / sub)
-    return save_bundle(out, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
+    with bundle_directory(out) as tmp:
+        for sub in ("text_encoder", "tokenizer", "vae"):
+            shutil.copytree(src / sub, tmp / sub)
+        write_bundle_files(tmp, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
+    return Path(out)

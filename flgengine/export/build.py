@@ -7,17 +7,16 @@
        dynamic shape); fails if the relative error exceeds the dtype's tolerance
     5. write engine.json, then move the directory into place
 
-Everything is built in a temporary directory beside the target, so an interrupted or
-failed export never leaves a half-written engine where a good one was.
+Everything is built in a temporary directory beside the target and put in place whole
+(flgengine.files.staged_directory), so an interrupted or failed export never leaves a
+half-written engine where a good one was, and two exports into one directory never mix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import check_replaceable, file_sha256, staged_directory
 from .engine import Engine, weights_sha256
 from .formats import BUILDERS
 from .manifest import FORMATS, MANIFEST_NAME, BundleIdentity, EngineError, EngineManifest
@@ -66,19 +66,7 @@ class Progress:
 # ---- the directory ---------------------------------------------------------------------------
 
 def _check_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise EngineError(f"{out} exists and is not an engine directory; refusing to overwrite it (choose another -o)")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Replaces `out` (absent, empty or an old engine) by `tmp`."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "engine")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    check_replaceable(out, MANIFEST_NAME, "an engine directory", error=EngineError)
 
 
 def latent_grid(bundle_path: Path, pipeline, num_frames, height, width) -> tuple[tuple[int, int, int], dict]:
@@ -151,13 +139,12 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
         identity = BundleIdentity(path=str(bundle_path), weights_sha256=weights_sha256(bundle_path),
                                   model_config=model.config.to_dict())
 
-    tmp = _partial_dir(out)
-    try:
+    with staged_directory(out) as tmp:
         # 2-3. the format's engine file(s)
         files = builder.build(model, spec, tmp, steps, verify=verify, seed=seed,
                               metadata={"weights_sha256": identity.weights_sha256, "flgengine_dtype": builder.dtype})
         manifest = EngineManifest(
-            format=fmt, files=tuple(files), dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
+            format=fmt, files=tuple(files), sha256={name: file_sha256(tmp / name) for name in files}, dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
             outputs=spec.output_specs(), dynamic_dims=spec.ranges, video=video, bundle=identity,
             versions=builder.versions(), options=dict(builder.options), verification=None,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -172,25 +159,12 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
                 del engine
             manifest = dataclasses.replace(manifest, verification=verification)
 
-        # 5. manifest and move into place
+        # 5. the manifest; the directory replaces `out` as the block ends (staged_directory: under a
+        # lock, in one step, so a kill or a second export into `out` never leaves a mix)
         with steps.stage(f"writing {out}"):
             manifest.write(tmp)
-            _move_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     v = manifest.verification
     if progress and v is not None:
         print(f"{fmt} engine in {out}: relative error {v.rel_error:.2e}, max abs error "
               f"{v.max_abs_error:.2e} vs PyTorch (tolerance {v.tolerance:.0e})", file=sys.stderr)
     return manifest
-
-
-def _partial_dir(out: Path) -> Path:
-    """A new directory beside `out` to build in, readable like any directory (mkdtemp makes 0700)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp

@@ -12,25 +12,17 @@ from pathlib import Path
 
 import torch
 
-from ..files import file_sha256
+from ..files import cached_sha256
 from ..config import ModelConfig
 from .formats import BUILDERS
-from .manifest import EngineError, EngineManifest, TensorSpec, read_manifest
+from .manifest import EngineError, EngineManifest, TensorSpec, check_file_hashes, read_manifest
 from .spec import DTYPE_NAMES
 
 __all__ = ["Engine", "EngineDiT", "load_engine", "weights_sha256"]
 
-_HASHES: dict[tuple, str] = {}
-
-
 def weights_sha256(bundle: str | os.PathLike) -> str:
-    """sha256 of a bundle's model.safetensors (remembered per path, size and mtime)."""
-    path = Path(bundle) / "model.safetensors"
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(path)
-    return _HASHES[key]
+    """sha256 of a bundle's model.safetensors (files.cached_sha256)."""
+    return cached_sha256(Path(bundle) / "model.safetensors")
 
 
 class Engine:
@@ -107,6 +99,7 @@ def load_engine(directory: str | os.PathLike) -> Engine:
     """Opens an engine directory written by `python -m flgengine.export`."""
     directory = Path(directory)
     m = read_manifest(directory)
+    check_file_hashes(directory, m)  # before any of its (native) code is opened
     runner = BUILDERS[m.format].open(directory / m.files[0], m.device)
     return Engine(directory, m, runner)
 

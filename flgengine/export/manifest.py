@@ -1,6 +1,7 @@
 """`engine.json`: what an engine directory holds and what it was built from.
 
-    {"manifest_version": 1, "format": "onnx", "files": ["dit.onnx", "dit.onnx.data"],
+    {"manifest_version": 2, "format": "onnx", "files": ["dit.onnx", "dit.onnx.data"],
+     "sha256": {"dit.onnx": "9f86d0...", "dit.onnx.data": "60303a..."},
      "dtype": "float32", "device": "cpu",
      "inputs": [{"name": "x", "shape": ["batch", 16, 21, 60, 104], "dtype": "float32"}, ...],
      "outputs": [{"name": "velocity", ...}],
@@ -13,6 +14,9 @@
 
 A shape entry is an int (static) or the name of a dynamic dim in `dynamic_dims`.
 Reading is strict like every config here: unknown or missing keys are errors naming the key.
+An engine holds native code (an AOTInductor package is a shared library, a TensorRT plan runs
+plugins): `sha256` pins every file, and `load_engine` checks them before opening anything.
+Manifests of version 1 (no hashes) are refused: export the engine again.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, check_known_keys, dataclass_from_dict
-from ..files import atomic_write_text
+from ..files import atomic_write_text, cached_sha256
 
 __all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verification", "EngineManifest",
-           "MANIFEST_NAME", "FORMATS", "read_manifest"]
+           "MANIFEST_NAME", "FORMATS", "read_manifest", "check_file_hashes"]
 
 MANIFEST_NAME = "engine.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 FORMATS = ("onnx", "aoti", "tensorrt")
 
 
@@ -99,6 +103,7 @@ class Verification:
 class EngineManifest:
     format: str
     files: tuple[str, ...]  # relative to the engine directory; the first is the one to load
+    sha256: dict[str, str]  # file name -> sha256 hex digest of its bytes
     dtype: str
     device: str
     inputs: tuple[TensorSpec, ...]
@@ -116,9 +121,18 @@ class EngineManifest:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.manifest_version != MANIFEST_VERSION:
-            raise ValueError(f"manifest_version {self.manifest_version!r} is not supported (this flgengine reads {MANIFEST_VERSION})")
+            raise ValueError(f"manifest_version {self.manifest_version!r} is not supported (this flgengine reads "
+                             f"{MANIFEST_VERSION}; export the engine again)")
         if not self.files:
             raise ValueError("files must name at least the engine file")
+        for name in self.files:
+            if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"files must be names inside the engine directory, got {name!r}")
+            digest = self.sha256.get(name)
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise ValueError(f"sha256 must give each file's hex digest; {name!r} has {digest!r}")
+        if set(self.sha256) != set(self.files):
+            raise ValueError(f"sha256 names {sorted(set(self.sha256) - set(self.files))} which files does not")
         for spec in (*self.inputs, *self.outputs):
             unknown = [d for d in spec.shape if isinstance(d, str) and d not in self.dynamic_dims]
             if unknown:
@@ -167,6 +181,10 @@ class EngineManifest:
     def from_dict(cls, data: Any, source: str = "<dict>") -> "EngineManifest":
         if not isinstance(data, dict):
             raise EngineError(f"{source}: expected a JSON object")
+        version = data.get("manifest_version")
+        if version != MANIFEST_VERSION:  # before the keys: another version has others
+            raise EngineError(f"{source}: manifest_version {version!r} is not supported (this flgengine reads "
+                              f"{MANIFEST_VERSION}; export the engine again)")
         names = [f.name for f in dataclasses.fields(cls)]
         try:
             check_known_keys(data, names, source)
@@ -178,6 +196,7 @@ class EngineManifest:
         try:
             kw = dict(data)
             kw["files"] = tuple(_typed(data["files"], list, "files"))
+            kw["sha256"] = dict(_typed(data["sha256"], dict, "sha256"))
             kw["inputs"] = tuple(dataclass_from_dict(TensorSpec, s, f"{source}: inputs") for s in _typed(data["inputs"], list, "inputs"))
             kw["outputs"] = tuple(dataclass_from_dict(TensorSpec, s, f"{source}: outputs") for s in _typed(data["outputs"], list, "outputs"))
             kw["dynamic_dims"] = {k: dataclass_from_dict(DimRange, r, f"{source}: dynamic_dims.{k}")
@@ -216,8 +235,17 @@ def read_manifest(directory: str | Path) -> EngineManifest:
         raise EngineError(f"{path}: not valid JSON ({e})") from None
     manifest = EngineManifest.from_dict(data, str(path))
     for name in manifest.files:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise EngineError(f"{path}: files must be names inside the engine directory, got {name!r}")
-        if not (directory / name).is_file():
-            raise EngineError(f"{directory / name}: missing (named in {MANIFEST_NAME})")
+        if not (directory / name).is_file() or (directory / name).is_symlink():
+            raise EngineError(f"{directory / name}: missing or not a plain file (named in {MANIFEST_NAME})")
     return manifest
+
+
+def check_file_hashes(directory: str | Path, manifest: EngineManifest) -> None:
+    """EngineError unless every file of the engine has the sha256 engine.json pins."""
+    directory = Path(directory)
+    for name in manifest.files:
+        digest = cached_sha256(directory / name)
+        if digest != manifest.sha256[name]:
+            raise EngineError(f"{directory / name}: sha256 {digest[:12]}... differs from {manifest.sha256[name][:12]}... "
+                              f"in {MANIFEST_NAME}: the file was changed after export; refusing to load it "
+                              "(load engines only from trusted sources; export it again)")
