@@ -60,10 +60,20 @@ class ShardData:
             for key in ("latents", "context"):
                 if key not in sd:
                     raise BundleError(f"{f}: missing tensor {key!r} (a shard holds latents and context)")
+            unknown = sorted(set(sd) - {"latents", "context", "uncond"})
+            if unknown:
+                raise BundleError(f"{f}: unexpected tensor {unknown[0]!r} (a shard holds latents, context and uncond)")
+            for key, v in sd.items():
+                if not v.is_floating_point():
+                    raise BundleError(f"{f}: tensor {key!r} has dtype {v.dtype}, expected a floating point dtype")
+                if not torch.isfinite(v.float()).all():
+                    raise BundleError(f"{f}: tensor {key!r} contains NaN or Inf values")
             lat, ctx = sd["latents"].float(), sd["context"].float()
-            if lat.dim() != 5 or ctx.dim() != 3 or lat.shape[0] != ctx.shape[0]:
+            if lat.dim() != 5 or ctx.dim() != 3 or lat.shape[0] != ctx.shape[0] or 0 in lat.shape or 0 in ctx.shape:
                 raise BundleError(f"{f}: latents must be (N, C, F, H, W) and context (N, L, D) with the same N, "
-                                  f"got {tuple(lat.shape)} and {tuple(ctx.shape)}")
+                                  f"no size 0, got {tuple(lat.shape)} and {tuple(ctx.shape)}")
+            if "uncond" in sd and tuple(sd["uncond"].shape) not in ((1, *ctx.shape[1:]), tuple(ctx.shape[1:])):
+                raise BundleError(f"{f}: uncond must be (1, L, D) = {(1, *ctx.shape[1:])}, got {tuple(sd['uncond'].shape)}")
             if latents and (lat.shape[1:] != latents[0].shape[1:] or ctx.shape[1:] != context[0].shape[1:]):
                 raise BundleError(f"{f}: shapes {tuple(lat.shape[1:])} / {tuple(ctx.shape[1:])} differ from the first "
                                   f"shard's {tuple(latents[0].shape[1:])} / {tuple(context[0].shape[1:])}")

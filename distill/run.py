@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from flgengine.bundle import STORAGE_DTYPES, save_bundle
-from flgengine.config import ConfigError, JsonConfig, check_known_keys
+from flgengine.config import ConfigError, JsonConfig, check_known_keys, type_matches, type_name
 from flgengine.model import TwoExpertDiT, main_expert
 from flgengine.pipeline import resolve_model
 from flgengine.sampling import build_sampler
@@ -63,17 +63,35 @@ class RunConfig(JsonConfig):
     EVALUATE = {"samples": 60, "seeds": [0], "batch_size": 20}
     CONVERT = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, "max_length": 512}
     DATA = {"world": {"kind": "world", "seed": 0}, "shards": {"kind": "shards", "path": None, "seed": 0}}
+    # the sections' value types (flgengine.config.type_matches hints); POSITIVE ones are >= 1
+    TYPES = {"kind": str, "seed": int, "path": str | None, "samples": int, "num_t": int, "batch_size": int,
+             "budget": float, "file": str | None, "seeds": list[int], "num_frames": int, "height": int, "width": int,
+             "steps": int, "guidance": float, "max_length": int}
+    POSITIVE = ("samples", "num_t", "batch_size", "num_frames", "height", "width", "steps", "max_length")
 
     def __post_init__(self) -> None:
         def section(name: str, value, defaults: dict) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a mapping, got {value!r}")
             check_known_keys(value, list(defaults), name)
-            return {**defaults, **value}
+            merged = {**defaults, **value}
+            for key, v in merged.items():
+                hint = self.TYPES[key]
+                if not type_matches(v, hint):
+                    raise ConfigError(f"{name}.{key} = {v!r}: expected {type_name(hint)}")
+                if key in self.POSITIVE and v < 1:
+                    raise ConfigError(f"{name}.{key} = {v!r}: expected an integer >= 1")
+            if name == "evaluate" and not merged["seeds"]:
+                raise ConfigError("evaluate.seeds must name at least one seed")
+            if name == "convert" and merged["guidance"] < 0:
+                raise ConfigError(f"convert.guidance = {merged['guidance']!r}: expected a number >= 0")
+            return merged
 
         for key in ("teacher", "out"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"{key} must be a path, got {getattr(self, key)!r}")
+        if self.bundle is not None and (not isinstance(self.bundle, str) or not self.bundle):
+            raise ConfigError(f"bundle must be a path or null, got {self.bundle!r}")
         if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)} or null, got {self.storage_dtype!r}")
         kind = self.data.get("kind") if isinstance(self.data, dict) else None

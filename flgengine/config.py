@@ -23,6 +23,8 @@ __all__ = [
     "JsonConfig",
     "dataclass_from_dict",
     "check_known_keys",
+    "type_matches",
+    "type_name",
     "torch_dtype",
     "TORCH_DTYPES",
     "ModelConfig",
@@ -62,7 +64,7 @@ def check_known_keys(data: dict, known: list[str], source: str, what: str = "") 
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{what} (known keys: {', '.join(known)})")
 
 
-def _type_name(hint) -> str:
+def type_name(hint) -> str:
     if hint is type(None):
         return "null"
     if isinstance(hint, type):
@@ -70,13 +72,13 @@ def _type_name(hint) -> str:
                 dict: "an object"}.get(hint, f"an object ({hint.__name__})")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"a list (each {_type_name(args[0])})"
+        return f"a list (each {type_name(args[0])})"
     if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {len(args)} ({', '.join(type_name(a) for a in args)})"
     if origin is list:
-        return f"a list (each {_type_name(args[0])})" if args else "a list"
+        return f"a list (each {type_name(args[0])})" if args else "a list"
     if origin is dict:
         return "an object"
     return str(hint)
@@ -143,7 +145,7 @@ def dataclass_from_dict(cls, data: Any, source: str):
         value = data[f.name]
         sub = hints[f.name]
         if not type_matches(value, sub):
-            raise ConfigError(f"{source}: key {f.name!r} = {value!r}: expected {_type_name(sub)}")
+            raise ConfigError(f"{source}: key {f.name!r} = {value!r}: expected {type_name(sub)}")
         if type(value) is int and (sub is float or (typing.get_origin(sub) in (typing.Union, types.UnionType)
                                                      and float in typing.get_args(sub)
                                                      and int not in typing.get_args(sub))):

@@ -206,6 +206,18 @@ def test_manifest_reading_is_strict(onnx_dir, tmp_path):
             read_manifest(write({**data, "files": files, "sha256": sha}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_a_cuda_engine_on_a_machine_without_cuda_is_one_clear_error(onnx_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "engine"
+    shutil.copytree(onnx_dir, copy)
+    data = json.loads((copy / "engine.json").read_text())
+    (copy / "engine.json").write_text(json.dumps({**data, "device": "cuda"}))
+    with pytest.raises(EngineError, match="a CUDA engine, and this machine has no CUDA device"):
+        load_engine(copy)
+
+
 def test_an_engine_file_changed_after_export_is_refused_before_it_is_opened(onnx_dir, tmp_path, monkeypatch):
     import shutil
 

@@ -144,7 +144,8 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
         files = builder.build(model, spec, tmp, steps, verify=verify, seed=seed,
                               metadata={"weights_sha256": identity.weights_sha256, "flgengine_dtype": builder.dtype})
         manifest = EngineManifest(
-            format=fmt, files=tuple(files), sha256={name: file_sha256(tmp / name) for name in files}, dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
+            format=fmt, files=tuple(files), sha256={name: file_sha256(tmp / name) for name in files},
+            dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
             outputs=spec.output_specs(), dynamic_dims=spec.ranges, video=video, bundle=identity,
             versions=builder.versions(), options=dict(builder.options), verification=None,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -99,6 +99,8 @@ def load_engine(directory: str | os.PathLike) -> Engine:
     """Opens an engine directory written by `python -m flgengine.export`."""
     directory = Path(directory)
     m = read_manifest(directory)
+    if m.device == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"{directory}: a CUDA engine, and this machine has no CUDA device; export one with --device cpu")
     check_file_hashes(directory, m)  # before any of its (native) code is opened
     runner = BUILDERS[m.format].open(directory / m.files[0], m.device)
     return Engine(directory, m, runner)

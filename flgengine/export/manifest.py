@@ -36,6 +36,8 @@ __all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verificat
 MANIFEST_NAME = "engine.json"
 MANIFEST_VERSION = 2
 FORMATS = ("onnx", "aoti", "tensorrt")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")  # spec.DTYPE_NAMES
+ENGINE_DEVICES = ("cpu", "cuda")
 
 
 class EngineError(ValueError):
@@ -66,6 +68,8 @@ class TensorSpec:
     dtype: str
 
     def __post_init__(self) -> None:
+        if self.dtype not in ENGINE_DTYPES:
+            raise ValueError(f"tensor {self.name!r}: dtype must be one of {', '.join(ENGINE_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "shape", tuple(self.shape))
         bad = [d for d in self.shape if not (isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d > 0))]
         if bad:
@@ -120,6 +124,12 @@ class EngineManifest:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.dtype not in ENGINE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(ENGINE_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ENGINE_DEVICES:
+            raise ValueError(f"device must be one of {', '.join(ENGINE_DEVICES)}, got {self.device!r}")
+        if not isinstance(self.created, str):
+            raise ValueError(f"created must be a string, got {self.created!r}")
         if self.manifest_version != MANIFEST_VERSION:
             raise ValueError(f"manifest_version {self.manifest_version!r} is not supported (this flgengine reads "
                              f"{MANIFEST_VERSION}; export the engine again)")

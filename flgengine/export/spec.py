@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from .manifest import DimRange, TensorSpec
+from .manifest import ENGINE_DTYPES, DimRange, TensorSpec
 
 __all__ = ["DYNAMIC_DIMS", "EngineSpec", "DTYPE_NAMES"]
 
@@ -27,6 +27,7 @@ DYNAMIC_DIMS = ("batch", "text_len")
 FIXED_DIMS = ("frames", "height", "width")
 # engine dtype name <-> torch dtype
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert tuple(DTYPE_NAMES) == ENGINE_DTYPES, "manifest.ENGINE_DTYPES names the dtypes DTYPE_NAMES has"
 # relative error (||engine - torch|| / ||torch||) an engine may show against PyTorch in its dtype
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 1e-2}
 
