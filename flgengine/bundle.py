@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +105,15 @@ def storage_dtype_of(name: str | None) -> torch.dtype | None:
 # ---- save / load -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def bundle_directory(path: str | Path) -> Iterator[Path]:
+def bundle_directory(path: str | Path, check: bool = True) -> Iterator[Path]:
     """Yields a fresh directory to write a whole bundle into; it replaces `path` when the block
     ends without an exception (files.staged_directory: a kill or a full disk at any moment
-    leaves the previous bundle or none, never a mix). `path` must be absent, empty or a bundle.
-    A failed write is a BundleError saying the previous bundle is unchanged."""
+    leaves the previous bundle or none, never a mix). `path` must be absent, empty or a bundle
+    (`check=False`: the caller has checked). A failed write is a BundleError saying the
+    previous bundle is unchanged."""
     path = Path(path)
-    check_replaceable(path, "config.json", "a bundle")
+    if check:
+        check_replaceable(path, "config.json", "a bundle")
     try:
         with staged_directory(path) as tmp:
             yield tmp
@@ -120,12 +124,40 @@ def bundle_directory(path: str | Path) -> Iterator[Path]:
 
 def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
                 storage_dtype: torch.dtype | None = None) -> Path:
-    """Writes `model` (a DiT) as the bundle directory `path`, whole (bundle_directory): a bundle
-    there before is replaced. To add parts (a text encoder, a codec), write into
+    """Writes `model` (a DiT) as the bundle directory `path`, whole (bundle_directory): the
+    bundle files there before are replaced; the parts `pipeline` names (a text encoder, a codec,
+    already in `path`) and a low_noise/ expert are kept (hard-linked into the new directory, or
+    copied across file systems). `path` may hold nothing else. To write parts too, use
     `bundle_directory(path)` with `write_bundle_files` and the parts' own writers."""
-    with bundle_directory(path) as tmp:
+    path = Path(path)
+    parts = {Path(v).parts[0] for _, v in (pipeline or PipelineConfig()).part_paths() if not Path(v).is_absolute()}
+    parts.add(LOW_NOISE_DIR)
+    if path.is_dir() and not path.is_symlink():
+        other = sorted(p.name for p in path.iterdir() if p.name not in (*BUNDLE_FILES, *parts))
+        if other:
+            raise BundleError(f"{path} holds {other[0]!r}, which is neither a bundle file nor a part its pipeline.json "
+                              "names; refusing to replace it (choose another path or empty it)")
+    else:
+        check_replaceable(path, "config.json", "a bundle")
+    with bundle_directory(path, check=False) as tmp:
+        for name in parts:
+            if (path / name).is_dir() and not (path / name).is_symlink():
+                shutil.copytree(path / name, tmp / name, symlinks=True, copy_function=_link_or_copy)
+            elif (path / name).exists() or (path / name).is_symlink():
+                _link_or_copy(path / name, tmp / name)
         write_bundle_files(tmp, model, pipeline, provenance, storage_dtype)
-    return Path(path)
+    return path
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link of `src` at `dst` (the same bytes, no copy), else a copy."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
@@ -159,7 +191,7 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     prov["weights_sha256"] = file_sha256(path / "model.safetensors")
     prov["num_params"] = sum(p.numel() for p in model.parameters())
     if storage_dtype is not None:
-        prov["storage_dtype"] = str(storage_dtype).replace("torch.", "")
+        prov["storage_dtype"] = "fp8" if storage_dtype == torch.float8_e4m3fn else str(storage_dtype).replace("torch.", "")
     prov.setdefault("flgengine_version", __version__)
     prov.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     atomic_write_text(path / "provenance.json", json.dumps(prov, indent=2) + "\n")
@@ -186,7 +218,8 @@ PROVENANCE_KEYS: dict[str, tuple[str, Any]] = {
     "weights_sha256": (_SHA256, lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
     "num_params": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
     "num_params_low_noise": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
-    "storage_dtype": ("one of " + ", ".join(STORAGE_DTYPES), lambda v: v in STORAGE_DTYPES),
+    # (earlier writers named fp8 storage "float8_e4m3fn")
+    "storage_dtype": ("one of " + ", ".join(STORAGE_DTYPES), lambda v: v in (*STORAGE_DTYPES, "float8_e4m3fn")),
     "flgengine_version": ("a string", lambda v: isinstance(v, str)),
     "created": ("a string (UTC time, YYYY-MM-DDTHH:MM:SSZ)", lambda v: isinstance(v, str)),
     "stages": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v)),

@@ -32,13 +32,15 @@ __all__ = [
     "TextEncoderConfig",
     "CodecConfig",
     "PipelineConfig",
+    "ImageEncoderConfig",
+    "IMAGE_CONDITIONING",
     "DTYPES",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
-# config.json / pipeline.json written by this version name every key (format_version 2); files
-# without format_version come from older writers and read their newer keys as off
-FORMAT_VERSION = 2
+# config.json / pipeline.json written by this version name every key (format_version 3); files
+# of older writers (format_version 2, or none) read the keys added since as off
+FORMAT_VERSION = 3
 # names users and configs may give a dtype by
 TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -122,9 +124,10 @@ def type_matches(value, hint) -> bool:
 def dataclass_from_dict(cls, data: Any, source: str):
     """Builds dataclass `cls` from `data`, refusing unknown and missing keys and values of the
     wrong type (bool, int, finite number, string, list lengths: `type_matches`). A class's
-    `_ADDED_LATER` keys (features added after bundles were first written) may be missing from
-    a file of an older writer, one without `format_version` >= 2, and then default to off; a
-    file that names `format_version` 2 must name them all."""
+    `_ADDED_LATER` keys (features added after bundles were first written: key -> the
+    format_version from which files name it) may be missing from a file of an older writer
+    (a smaller `format_version`; none = 1) and then default to off; a file of this version
+    must name them all."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -133,7 +136,10 @@ def dataclass_from_dict(cls, data: Any, source: str):
     if not (type(version) is int and 1 <= version <= FORMAT_VERSION):
         raise ConfigError(f"{source}: format_version = {version!r}: expected an integer in 1..{FORMAT_VERSION} "
                           f"(a file from a newer flgengine? this one writes {FORMAT_VERSION})")
-    later = getattr(cls, "_ADDED_LATER", ()) if version < FORMAT_VERSION else ()
+    added = getattr(cls, "_ADDED_LATER", {})
+    if not isinstance(added, dict):  # a tuple: keys that format_version 2 made required
+        added = dict.fromkeys(added, 2)
+    later = {k for k, since in added.items() if version < since}
     missing = [n for n in names if n not in data and n not in later and n != "format_version"]
     if missing:
         raise ConfigError(f"{source}: missing key {missing[0]!r} for {cls.__name__}")
@@ -289,8 +295,15 @@ class ModelConfig(JsonConfig):
     attention: AttentionConfig | None = None
     format_version: int = FORMAT_VERSION
 
-    # optional DiT features that bundles written before them do not name: absent = off
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("pos_grid", "pooled_text", "velocity_skip", "x0_prediction", "attention")
+    # Wan2.1-I2V: CLIP image tokens of this width go through an image embedder, and every
+    # block's cross-attention has extra image K/V projections (diffusers' image_dim /
+    # added_kv_proj_dim); None = a text-only DiT
+    image_dim: int | None = None
+
+    # optional DiT features that bundles written before them do not name: absent = off.
+    # key -> the format_version from which files must name it
+    _ADDED_LATER: ClassVar[dict[str, int]] = {"pos_grid": 2, "pooled_text": 2, "velocity_skip": 2, "x0_prediction": 2,
+                                              "attention": 2, "image_dim": 3}
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):
@@ -319,6 +332,8 @@ class ModelConfig(JsonConfig):
                           ("rope_max_seq_len", 1 << 20)):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 < v <= top, f"{name} must be an integer in 1..{top}, got {v!r}")
+        _check(self.image_dim is None or (type(self.image_dim) is int and 0 < self.image_dim <= 1 << 16),
+               f"image_dim must be an integer in 1..{1 << 16} or null, got {self.image_dim!r}")
         _check(all(isinstance(p, int) and 0 < p <= 64 for p in self.patch_size),
                f"patch_size must be 3 integers in 1..64, got {list(self.patch_size)}")
         _check(self.pos_grid is None or all(n <= self.rope_max_seq_len for n in self.pos_grid),
@@ -433,6 +448,28 @@ class CodecConfig(JsonConfig):
 
 
 @dataclass
+class ImageEncoderConfig(JsonConfig):
+    """`kind`: "clip" (a transformers CLIPVisionModel in `path`, its CLIPImageProcessor in
+    `processor_path`: Wan2.1-I2V's image tokens, the penultimate layer's hidden states) or
+    "none". Relative paths are resolved against the bundle directory."""
+
+    kind: str = "none"
+    path: str | None = None
+    processor_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in IMAGE_ENCODERS, f"image_encoder.kind must be one of {', '.join(IMAGE_ENCODERS)}, "
+               f"got {self.kind!r}")
+        _check(self.kind == "none" or (self.path and self.processor_path),
+               f"image_encoder.kind {self.kind!r} needs path and processor_path")
+
+
+IMAGE_ENCODERS = ("none", "clip")
+# how a bundle takes an image (pipeline.json's `image`); docs/architecture.md, "Image to video"
+IMAGE_CONDITIONING = ("none", "first_frame", "concat")
+
+
+@dataclass
 class PipelineConfig(JsonConfig):
     """`pipeline.json`: the parts around the DiT and the defaults of a generation.
 
@@ -452,11 +489,29 @@ class PipelineConfig(JsonConfig):
     # a two-expert bundle (Wan2.2's high-/low-noise split): the DiT in low_noise/ runs every step at
     # t <= low_noise_boundary (t in 0..1), the bundle's own DiT the steps above it
     low_noise_boundary: float | None = None
+    # image to video: "none" (text only), "first_frame" (Wan2.2-TI2V: the image's latent is the
+    # first latent frame, kept clean, its tokens at timestep 0) or "concat" (Wan2.1-I2V,
+    # Wan2.2-I2V: a mask + the image's latent video on the DiT's input channels; with
+    # `image_encoder` CLIP image tokens too, for a DiT with image_dim: Wan2.1-I2V)
+    image: str = "none"
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     format_version: int = FORMAT_VERSION
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("low_noise_boundary",)
+    _ADDED_LATER: ClassVar[dict[str, int]] = {"low_noise_boundary": 2, "image": 3, "image_encoder": 3}
+
+    def part_paths(self) -> list[tuple[str, str]]:
+        """(key, path) of every part this pipeline names (text encoder, tokenizer, codec, image
+        encoder and its processor), relative to the bundle unless absolute."""
+        named = (("text_encoder.path", self.text_encoder.path), ("text_encoder.tokenizer_path", self.text_encoder.tokenizer_path),
+                 ("codec.path", self.codec.path), ("image_encoder.path", self.image_encoder.path),
+                 ("image_encoder.processor_path", self.image_encoder.processor_path))
+        return [(k, v) for k, v in named if v is not None]
 
     def __post_init__(self) -> None:
+        _check(self.image in IMAGE_CONDITIONING,
+               f"image must be one of {', '.join(IMAGE_CONDITIONING)}, got {self.image!r}")
+        _check(self.image == "concat" or self.image_encoder.kind == "none",
+               f"image_encoder (kind {self.image_encoder.kind!r}) is for image 'concat' models, not {self.image!r}")
         for name in ("num_frames", "height", "width", "fps"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")

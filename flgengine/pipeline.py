@@ -82,14 +82,11 @@ def _build_parts(cfg: PipelineConfig, path: Path, device, dtype):
 
 
 def check_paths_inside(path: Path, cfg: PipelineConfig) -> None:
-    """pipeline.json's paths (text encoder, tokenizer, codec) must stay inside the bundle: no
-    `..`, absolute paths or symlinks leading out (a bundle from elsewhere cannot make us read
-    arbitrary files). `load(..., allow_outside_paths=True)` lifts this for bundles you trust."""
+    """pipeline.json's paths (text encoder, tokenizer, codec, image encoder) must stay inside the
+    bundle: no `..`, absolute paths or symlinks leading out (a bundle from elsewhere cannot make
+    us read arbitrary files). `load(..., allow_outside_paths=True)` lifts this for bundles you trust."""
     root = Path(path).resolve()
-    for key, value in (("text_encoder.path", cfg.text_encoder.path),
-                       ("text_encoder.tokenizer_path", cfg.text_encoder.tokenizer_path), ("codec.path", cfg.codec.path)):
-        if value is None:
-            continue
+    for key, value in cfg.part_paths():
         target = (Path(path) / value).resolve()
         if target != root and root not in target.parents:
             raise BundleError(f"{path}/pipeline.json: {key} = {value!r} leads outside the bundle (to {target}); "

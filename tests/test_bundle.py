@@ -1,5 +1,6 @@
 """Configs (strict json round trip) and bundles: save/load and every validation error."""
 
+import dataclasses
 import json
 import re
 import struct
@@ -27,24 +28,35 @@ def test_configs_round_trip_through_json(tmp_path):
 def test_model_config_of_an_older_bundle_loads_with_later_features_off():
     d = tiny_config().to_dict()
     d.pop("format_version")  # an older writer's file: no format_version
-    for key in ("pos_grid", "pooled_text", "velocity_skip", "attention"):  # added after the first bundles
+    for key in ("pos_grid", "pooled_text", "velocity_skip", "attention", "image_dim"):  # added after the first bundles
         d.pop(key)
     c = ModelConfig.from_dict(d, "old config.json")
     assert c == tiny_config() and not c.pooled_text and c.velocity_skip is None and c.pos_grid is None
+    assert c.image_dim is None
+    # format_version 2 named the keys of version 2, not those added in 3
+    v2 = {k: v for k, v in tiny_config().to_dict().items() if k != "image_dim"}
+    assert ModelConfig.from_dict({**v2, "format_version": 2}, "v2 config.json") == dataclasses.replace(
+        tiny_config(), format_version=2)
+    with pytest.raises(ConfigError, match="missing key 'attention'"):
+        ModelConfig.from_dict({**{k: v for k, v in v2.items() if k != "attention"}, "format_version": 2}, "config.json")
+    with pytest.raises(ConfigError, match="missing key 'image_dim'"):
+        ModelConfig.from_dict(v2, "config.json")  # format_version 3 names it
+    p = {k: v for k, v in PipelineConfig().to_dict().items() if k not in ("image", "image_encoder")}
+    assert PipelineConfig.from_dict({**p, "format_version": 2}, "pipeline.json").image == "none"
 
 
 def test_a_config_this_version_writes_must_name_every_key_with_its_type():
     d = tiny_config().to_dict()
-    assert d["format_version"] == 2
-    for key in ("velocity_skip", "pooled_text", "attention"):  # keys that change the model's function
+    assert d["format_version"] == 3
+    for key in ("velocity_skip", "pooled_text", "attention", "image_dim"):  # keys that change the model's function
         with pytest.raises(ConfigError, match=f"missing key '{key}'"):
             ModelConfig.from_dict({k: v for k, v in d.items() if k != key}, "config.json")
     for key, value, expected in (("pooled_text", "xxxxx", "true or false"), ("num_heads", 2.0, "an integer"),
                                  ("velocity_skip", float("nan"), "a finite number or null"),
                                  ("patch_size", [1, 2], "a list of 3"), ("block_ids", [0, True], "a list"),
-                                 ("format_version", 3, "an integer in 1..2")):
+                                 ("format_version", 4, "an integer in 1..3")):
         with pytest.raises(ConfigError, match=f"config.json: .*{key}.*{value!r}.*expected {expected}"
-                           if key != "format_version" else "format_version = 3: expected an integer in 1..2"):
+                           if key != "format_version" else "format_version = 4: expected an integer in 1..3"):
             ModelConfig.from_dict({**d, key: value}, "config.json")
     p = PipelineConfig().to_dict()
     with pytest.raises(ConfigError, match="key 'negative_prompt' = 1000000000000: expected a string"):

@@ -134,9 +134,20 @@ except OSError as e:
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_save_bundle_refuses_to_replace_a_directory_of_other_things(tmp_path):
+def test_save_bundle_keeps_the_parts_its_pipeline_names_and_refuses_other_things(tmp_path):
+    from flgengine.config import TextEncoderConfig
+
+    path = tmp_path / "b"
+    (path / "text_encoder").mkdir(parents=True)  # a part written before the DiT, as users assemble bundles
+    (path / "text_encoder" / "weights").write_bytes(b"part")
+    pipeline = PipelineConfig(text_encoder=TextEncoderConfig(kind="tokens", path="text_encoder"))
+    save_bundle(path, DiT(tiny_config()), pipeline)
+    save_bundle(path, DiT(tiny_config()), pipeline)  # again, over the bundle: the part stays
+    assert (path / "text_encoder" / "weights").read_bytes() == b"part"
+    assert sorted(p.name for p in path.iterdir()) == sorted(["text_encoder", "config.json", "model.safetensors",
+                                                             "pipeline.json", "provenance.json"])
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(BundleError, match="is not a bundle .it has no config.json.; refusing to replace it"):
+    with pytest.raises(BundleError, match="holds '.*', which is neither a bundle file nor a part"):
         save_bundle(tmp_path, DiT(tiny_config()))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

@@ -37,7 +37,7 @@ def test_block_pruned_student_equals_teacher_with_those_blocks_skipped():
     skipped = DiT(tiny_config()).eval()
     skipped.load_state_dict(teacher.state_dict())
     # block 1 bypassed: the stream and the previous block's pending residual pass through
-    skipped.blocks[1].forward = lambda x, context, t_mod, rope, pending, block_mask=None: (x, pending)
+    skipped.blocks[1].forward = lambda x, context, t_mod, rope, pending, **kw: (x, pending)
     with torch.no_grad():
         assert_close(student(x, t, c), skipped(x, t, c), 1e-6, "block pruning")
         assert (student(x, t, c) - teacher(x, t, c)).abs().max() > 1e-3  # and the block did matter
@@ -98,7 +98,7 @@ def test_position_table_per_token():
         base = model(x, t, c)
         # one token's vector moves only that token's output when the blocks are bypassed
         for block in model.blocks:
-            block.forward = lambda h, context, t_mod, rope, pending, block_mask=None: (h, pending)
+            block.forward = lambda h, context, t_mod, rope, pending, **kw: (h, pending)
         before = model(x, t, c)
         model.pos_table[1, 0, 1] += 1.0
         diff = (model(x, t, c) - before).abs().amax(dim=(0, 1))  # (F, H, W) pixels

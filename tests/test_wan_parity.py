@@ -121,10 +121,73 @@ def test_width_pruned_student_is_refused_by_to_diffusers(tmp_path):
         to_diffusers(DiT(config), tmp_path / "x")
 
 
-def test_i2v_transformer_is_refused_clearly():
-    cfg = dict(CONFIGS["h1_d16_p1"], image_dim=8, added_kv_proj_dim=16)
-    wan = WanTransformer3DModel(**cfg)
-    with pytest.raises(ValueError, match="image-to-video"):
+# Wan2.1-I2V: CLIP image tokens through the image embedder and the image K/V of every cross-attention;
+# diffusers splits its encoder_hidden_states into image and text by a text length of 512
+I2V = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=8, in_channels=9, out_channels=4,
+           text_dim=12, freq_dim=16, ffn_dim=30, num_layers=3, cross_attn_norm=True, rope_max_seq_len=32,
+           image_dim=10, added_kv_proj_dim=24)
+
+
+def _i2v_inputs(B=2, image_len=7):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, I2V["in_channels"], 3, 6, 10, generator=g)  # noise + mask + image latents on channels
+    t = torch.tensor([3.0, 731.5])[:B]
+    return x, t, torch.randn(B, 512, I2V["text_dim"], generator=g), torch.randn(B, image_len, I2V["image_dim"], generator=g)
+
+
+def test_i2v_transformer_matches_wan_forward():
+    wan = _random_wan(I2V)
+    config, sd = from_diffusers(wan)
+    assert config.image_dim == 10 and config.in_channels == 9
+    ours = DiT(config).eval()
+    ours.load_state_dict(sd)
+    x, t, c, img = _i2v_inputs()
+    with torch.no_grad():
+        want = wan(x, t, c, encoder_hidden_states_image=img, return_dict=False)[0]
+        assert_close(ours(x, t, c, img), want, 1e-5, "I2V")
+        ours.backend = "ref"
+        assert_close(ours(x, t, c, img), want, 1e-5, "I2V ref backend")
+        # the image matters: other image tokens, another output
+        assert (ours(x, t, c, torch.randn_like(img)) - want).abs().max() > 1e-3
+    # the state dict alone: image_dim and the image K/V width are read off the shapes
+    c2, sd2 = from_diffusers(wan.state_dict(), num_heads=3)
+    assert c2.image_dim == 10 and sorted(sd2) == sorted(sd)
+
+
+def test_i2v_block_pruned_student_round_trips_through_diffusers(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    wan = _random_wan(I2V)
+    config, sd = from_diffusers(wan)
+    student_cfg = dataclasses.replace(config, block_ids=[0, 2])
+    student = DiT(student_cfg).eval()
+    student.load_state_dict({("blocks.1." + k.split(".", 2)[2]) if k.startswith("blocks.2.") else k: v
+                             for k, v in sd.items() if not k.startswith("blocks.1.")})
+    out = to_diffusers(student, tmp_path / "i2v_student")
+    assert json.loads((out / "config.json").read_text())["added_kv_proj_dim"] == 24
+    loaded = WanTransformer3DModel.from_pretrained(out).eval()
+    x, t, c, img = _i2v_inputs()
+    with torch.no_grad():
+        assert_close(loaded(x, t, c, encoder_hidden_states_image=img, return_dict=False)[0], student(x, t, c, img),
+                     1e-5, "I2V student in diffusers")
+
+
+def test_i2v_inputs_are_checked_before_compute():
+    config, sd = from_diffusers(_random_wan(I2V))
+    ours = DiT(config).eval()
+    x, t, c, img = _i2v_inputs()
+    with pytest.raises(ValueError, match="reads CLIP image tokens: pass image_context of shape \\(2, Li, 10\\)"):
+        ours(x, t, c)
+    with pytest.raises(ValueError, match="image_context must be \\(2, Li, 10\\), got \\(2, 7, 9\\)"):
+        ours(x, t, c, img[..., :9])
+    t2v = DiT(dataclasses.replace(config, image_dim=None)).eval()
+    with pytest.raises(ValueError, match="takes no image tokens"):
+        t2v(x, t, c, img)
+
+
+def test_flf2v_transformer_is_refused_clearly():
+    wan = WanTransformer3DModel(**dict(I2V, pos_embed_seq_len=14))
+    with pytest.raises(ValueError, match="first-last-frame .FLF2V."):
         from_diffusers(wan)
-    with pytest.raises(ValueError, match="image-to-video"):
-        from_diffusers(wan.state_dict(), num_heads=1)
+    with pytest.raises(ValueError, match="first-last-frame .FLF2V."):
+        from_diffusers(wan.state_dict(), num_heads=3)

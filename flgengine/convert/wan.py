@@ -1,9 +1,10 @@
-"""Wan (diffusers `WanTransformer3DModel`, Wan2.1 / Wan2.2 T2V and TI2V) <-> our DiT.
+"""Wan (diffusers `WanTransformer3DModel`: Wan2.1 / Wan2.2 T2V, TI2V and I2V) <-> our DiT.
 
 The DiT is the Wan transformer architecture, so conversion is a renaming of the state
 dict plus a mapping of the config; `bundle_from_diffusers` also copies the umT5 text
 encoder, its tokenizer and the VAE of a diffusers Wan pipeline directory into the bundle.
-Image-to-video transformers (CLIP image tokens) are refused.
+Wan2.1-I2V's image branch (`image_dim`, `added_kv_proj_dim`: the CLIP image embedder and the
+image K/V of every cross-attention) converts; FLF2V's image position table is refused.
 """
 
 from __future__ import annotations
@@ -50,10 +51,17 @@ NAMES = [
     ("blocks.{i}.ffn.net.2.", "blocks.{i}.ffn.fc2."),
     ("scale_shift_table", "head.modulation"),
     ("proj_out.", "head.proj."),
+    # Wan2.1-I2V: the CLIP image embedder and the image K/V of each cross-attention
+    ("condition_embedder.image_embedder.norm1.", "image_embed.norm1."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "image_embed.fc1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "image_embed.fc2."),
+    ("condition_embedder.image_embedder.norm2.", "image_embed.norm2."),
+    ("blocks.{i}.attn2.add_k_proj.", "blocks.{i}.cross_attn.add_k."),
+    ("blocks.{i}.attn2.add_v_proj.", "blocks.{i}.cross_attn.add_v."),
+    ("blocks.{i}.attn2.norm_added_k.", "blocks.{i}.cross_attn.norm_added_k."),
 ]
-I2V_MARKERS = ("image_embedder", "add_k_proj", "add_v_proj", "norm_added_k", "norm_added_q")
-I2V_ERROR = ("Wan image-to-video (I2V/FLF2V) transformers (image_dim / added_kv_proj_dim, CLIP image tokens) are "
-             "not supported yet; Wan T2V and TI2V (per-token timesteps) are")
+FLF2V_ERROR = ("Wan first-last-frame (FLF2V) transformers (pos_embed_seq_len: a position table over two images' "
+               "CLIP tokens) are not supported yet; Wan T2V, TI2V and I2V are")
 
 
 def rename(key: str, to_ours: bool) -> str | None:
@@ -80,8 +88,8 @@ def owns_state_dict(sd: dict[str, torch.Tensor]) -> bool:
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -> dict:
     """Reads a diffusers Wan config off the shapes of its state dict (heads are not in the shapes)."""
-    if any(m in k for k in sd for m in I2V_MARKERS):
-        raise ValueError(I2V_ERROR)
+    if "condition_embedder.image_embedder.pos_embed" in sd:
+        raise ValueError(FLF2V_ERROR)
     w = sd["patch_embedding.weight"]  # (D, C, pt, ph, pw)
     dim = w.shape[0]
     if num_heads is None:
@@ -100,15 +108,20 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -
         "freq_dim": sd["condition_embedder.time_embedder.linear_1.weight"].shape[1],
         "num_layers": layers,
         "cross_attn_norm": "blocks.0.norm2.weight" in sd,
+        **({"image_dim": sd["condition_embedder.image_embedder.norm1.weight"].shape[0], "added_kv_proj_dim": dim}
+           if "condition_embedder.image_embedder.norm1.weight" in sd else {}),
     }
 
 
 def model_config(cfg: dict) -> ModelConfig:
     """Our ModelConfig of a diffusers WanTransformer3DModel config."""
-    if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-        raise ValueError(I2V_ERROR)
     if cfg.get("pos_embed_seq_len") is not None:
-        raise ValueError("Wan FLF2V transformers (pos_embed_seq_len) are not supported yet")
+        raise ValueError(FLF2V_ERROR)
+    image_dim, added_kv = cfg.get("image_dim"), cfg.get("added_kv_proj_dim")
+    dim = int(cfg.get("num_attention_heads", 40)) * int(cfg.get("attention_head_dim", 128))
+    if (image_dim is None) != (added_kv is None) or (added_kv is not None and added_kv != dim):
+        raise ValueError(f"a Wan image-to-video transformer has image_dim and added_kv_proj_dim = its width {dim} "
+                         f"together, got image_dim={image_dim!r} added_kv_proj_dim={added_kv!r}")
     qk = cfg.get("qk_norm", "rms_norm_across_heads")
     if qk != "rms_norm_across_heads":
         raise ValueError(f"unsupported Wan qk_norm {qk!r}; only 'rms_norm_across_heads' is supported")
@@ -125,6 +138,7 @@ def model_config(cfg: dict) -> ModelConfig:
         cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
         eps=float(cfg.get("eps", 1e-6)),
         rope_max_seq_len=int(cfg.get("rope_max_seq_len", 1024)),
+        image_dim=None if image_dim is None else int(image_dim),
     )
 
 
@@ -133,8 +147,8 @@ def from_diffusers(cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig,
     config = model_config(cfg)
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if any(m in key for m in I2V_MARKERS):
-            raise ValueError(I2V_ERROR)
+        if key == "condition_embedder.image_embedder.pos_embed":
+            raise ValueError(FLF2V_ERROR)
         new = rename(key, to_ours=True)
         if new is None:
             raise ValueError(f"unrecognised key {key!r} in the Wan state dict")
@@ -185,8 +199,8 @@ def to_diffusers(model, out_dir: Path) -> Path:
         "cross_attn_norm": c.cross_attn_norm,
         "qk_norm": "rms_norm_across_heads",
         "eps": c.eps,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": c.image_dim,
+        "added_kv_proj_dim": None if c.image_dim is None else c.dim,
         "rope_max_seq_len": c.rope_max_seq_len,
         "pos_embed_seq_len": None,
     }

@@ -3,7 +3,8 @@
     x (B, C, F, H, W) --patch_embed--> tokens (B, S, D), S = F' * H' * W'
     t (B,) --sinusoid--> time_embed --> temb (B, D) [+ text_pool(mean text), optional] --SiLU, time_proj--> (B, 6, D)
     context (B, L, text_dim) --text_embed--> (B, L, D)
-    per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn -> adaLN(FFN)
+    [image_context (B, Li, image_dim) --image_embed--> (B, Li, D): Wan2.1-I2V, ModelConfig.image_dim]
+    per block: adaLN(self-attn with q/k RMSNorm + 3D RoPE) -> cross-attn [+ image cross-attn] -> adaLN(FFN)
     head: adaLN with (shift, scale) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
     [+ c_skip(t) * x, optional: ModelConfig.velocity_skip]
     [or the output is x0_hat and v = (x - x0_hat) / max(t, floor): ModelConfig.x0_prediction]
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..config import ModelConfig
-from .embed import TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
+from .embed import ImageEmbedding, TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
 from .precision import quantize_activation
 from .sparsity import SparsePattern
 
@@ -35,7 +36,7 @@ def _tokens(m: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention with RMSNorm on q and k across all heads (Wan `rms_norm_across_heads`)."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, image_kv: bool = False):
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
@@ -45,9 +46,14 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, dim)
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
+        if image_kv:  # Wan2.1-I2V cross-attention: the image tokens get their own K / V (and k norm)
+            self.add_k = nn.Linear(dim, inner)
+            self.add_v = nn.Linear(dim, inner)
+            self.norm_added_k = nn.RMSNorm(inner, eps=eps)
         self.precision: str | None = None  # "fp8": attention in FP8 (model.precision.to_fp8)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, block_mask=None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, S, D); kv: (B, L, D) for cross-attention, else x. FP8 linears read an input
         # quantised once (x for q, k, v in self-attention; x for q and kv for k, v in cross)
         split = (self.num_heads, self.head_dim)
@@ -64,6 +70,9 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v)  # (B, S, H, Dh)
         else:
             out = ops.attention(q, k, v, block_mask=block_mask, precision=self.precision)
+        if image is not None:  # + attention of the same queries over the image tokens (B, Li, D)
+            k_img = ops.rms_norm(self.add_k(image), self.norm_added_k.weight, self.eps).unflatten(-1, split)
+            out = out + ops.attention(q, k_img, self.add_v(image).unflatten(-1, split))
         return self.o(out.flatten(2).type_as(x))
 
 
@@ -80,17 +89,19 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One Wan transformer block; `num_heads` and `ffn_dim` may be pruned below the teacher's."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, cross_attn_norm: bool, eps: float):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, cross_attn_norm: bool, eps: float,
+                 image_kv: bool = False):
         super().__init__()
         self.eps = eps
         self.modulation = nn.Parameter(torch.randn(6, dim) / dim**0.5)  # + temb -> 6 x (B, D)
         self.self_attn = Attention(dim, num_heads, head_dim, eps)
         self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
-        self.cross_attn = Attention(dim, num_heads, head_dim, eps)
+        self.cross_attn = Attention(dim, num_heads, head_dim, eps, image_kv=image_kv)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x, context, t_mod, rope, pending=None, block_mask=None):
+    def forward(self, x, context, t_mod, rope, pending=None, block_mask=None, image=None):
         """x: (B, S, D); context: (B, L, D); t_mod: (B, 6, D) or (B, S, 6, D) fp32;
+        image: the embedded image tokens (B, Li, D) of an image-conditioned model, or None;
         pending: the previous block's FFN residual (y, gate) not yet in x, or None;
         block_mask: self-attention's tiles (block-sparse attention), or None (dense).
 
@@ -113,8 +124,8 @@ class Block(nn.Module):
             x, h = ops.gated_residual_adaln(x, y, gate_sa, (w - 1).expand(B, D), b.expand(B, D), self.eps)
         else:
             x = h = (x.float() + y.float() * _tokens(gate_sa)).type_as(x)
-        # 3. cross-attention to the text; x += y (gate 1), fused with the FFN's adaLN
-        y = self.cross_attn(h, kv=context)
+        # 3. cross-attention to the text (+ to the image tokens); x += y (gate 1), fused with the FFN's adaLN
+        y = self.cross_attn(h, kv=context, image=image)
         one = torch.ones(1, D, dtype=torch.float32, device=x.device).expand(B, D)
         x, h = ops.gated_residual_adaln(x, y, one, scale_ff, shift_ff, self.eps)
         # 4. feed-forward; its gated residual x += gate_ff * y is pending
@@ -148,7 +159,7 @@ def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 class DiT(nn.Module):
-    """Wan2.1-architecture video DiT. forward(x, t, context) -> velocity, shaped like x."""
+    """Wan2.1-architecture video DiT. forward(x, t, context[, image_context]) -> velocity, shaped like x."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -171,10 +182,13 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(c.freq_dim, D)
         self.time_proj = nn.Linear(D, 6 * D)
         self.text_embed = TextProjection(c.text_dim, D)
+        if c.image_dim:  # Wan2.1-I2V: CLIP image tokens -> (B, Li, D), read by every cross-attention
+            self.image_embed = ImageEmbedding(c.image_dim, D)
         if c.pooled_text:  # pooled prompt -> temb, not in Wan: see ModelConfig
             self.text_pool = TextProjection(c.text_dim, D)
         self.blocks = nn.ModuleList(
-            Block(D, c.heads_of(i), c.head_dim, c.ffn_of(i), c.cross_attn_norm, c.eps) for i in range(len(c.kept_blocks))
+            Block(D, c.heads_of(i), c.head_dim, c.ffn_of(i), c.cross_attn_norm, c.eps, image_kv=c.image_dim is not None)
+            for i in range(len(c.kept_blocks))
         )
         self.head = Head(D, c.out_channels * math.prod(c.patch_size), c.eps)
 
@@ -194,7 +208,8 @@ class DiT(nn.Module):
         self.sparse = None if attention is None or attention.kind == "dense" else SparsePattern(attention, self.config.num_heads)
 
     # -- inputs --------------------------------------------------------------------
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple[int, int, int]:
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                     image_context: torch.Tensor | None = None) -> tuple[int, int, int]:
         """Validates shapes before any compute; returns the token grid (F', H', W')."""
         c = self.config
         if x.dim() != 5 or x.shape[1] != c.in_channels:
@@ -218,17 +233,27 @@ class DiT(nn.Module):
             raise ValueError(f"this model ({what}) takes one timestep per sample, t of shape ({B},); got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
+        if c.image_dim is None and image_context is not None:
+            raise ValueError("this model takes no image tokens (config.image_dim is null); pass image_context=None")
+        if c.image_dim is not None:
+            if image_context is None:
+                raise ValueError(f"this model reads CLIP image tokens: pass image_context of shape ({B}, Li, {c.image_dim})")
+            if image_context.dim() != 3 or image_context.shape[0] != B or image_context.shape[2] != c.image_dim:
+                raise ValueError(f"image_context must be ({B}, Li, {c.image_dim}), got {tuple(image_context.shape)}")
         return grid
 
     # -- forward -------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
         with ops.registry.prefer(self.backend):
-            return self._forward(x, t, context)
+            return self._forward(x, t, context, image_context)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, F, H, W); t: (B,) or (B, S) in timestep units; context: (B, L, text_dim)
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 image_context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, F, H, W); t: (B,) or (B, S) in timestep units; context: (B, L, text_dim);
+        # image_context: (B, Li, image_dim) CLIP image tokens of a Wan2.1-I2V model, else None
         c = self.config
-        grid = self.check_inputs(x, t, context)
+        grid = self.check_inputs(x, t, context, image_context)
         B, S = x.shape[0], math.prod(grid)
         rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device)  # 2 x (S, Dh/2)
 
@@ -263,13 +288,14 @@ class DiT(nn.Module):
             temb = temb + (pooled if t.dim() == 1 else pooled.unsqueeze(1))
         t_mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, c.dim)).float()
 
-        # 3. text: (B, L, text_dim) -> (B, L, D)
+        # 3. text: (B, L, text_dim) -> (B, L, D); image tokens: (B, Li, image_dim) -> (B, Li, D)
         ctx = self.text_embed(context)
+        img = self.image_embed(image_context).type_as(ctx) if image_context is not None else None
 
         # 4. blocks; each block's FFN residual is added by the next one, fused with its adaLN
         pending = None
         for block in self.blocks:
-            h, pending = block(h, ctx, t_mod, rope, pending, block_mask=block_mask)
+            h, pending = block(h, ctx, t_mod, rope, pending, block_mask=block_mask, image=img)
 
         # 5. head (the last FFN residual fused with its adaLN) and unpatchify:
         #    (B, S, C*pt*ph*pw) -> (B, C, F, H, W)

@@ -48,6 +48,26 @@ class TextProjection(nn.Module):
         return self.fc2(F.gelu(self.fc1(c), approximate="tanh"))
 
 
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens (B, Li, image_dim) -> (B, Li, D): LayerNorm, Linear, GELU (exact),
+    Linear, LayerNorm, both norms computed in fp32 (Wan2.1-I2V's image embedder)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim, eps=1e-5)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.fc2 = nn.Linear(image_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+
+    @staticmethod
+    def _fp32_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).type_as(x)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h = self._fp32_norm(self.norm1, image.to(self.fc1.weight.dtype))
+        return self._fp32_norm(self.norm2, self.fc2(F.gelu(self.fc1(h))))
+
+
 def mean_text(context: torch.Tensor) -> torch.Tensor:
     """Mean of a prompt's text states over its real tokens: (B, L, text_dim) -> (B, text_dim).
 

@@ -47,30 +47,33 @@ class TwoExpertDiT(nn.Module):
     def experts(self) -> tuple[DiT, DiT]:
         return self.high, self.low
 
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, image_context=None):
         if t.dim() != 1:
             raise ValueError(f"a two-expert model takes one timestep per sample, t of shape ({x.shape[0]},); "
                              f"got {tuple(t.shape)}")
-        return self.high.check_inputs(x, t, context)
+        return self.high.check_inputs(x, t, context, image_context)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
         with ops.registry.prefer(self.backend):
-            return self._forward(x, t, context)
+            return self._forward(x, t, context, image_context)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 image_context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, F, H, W); t: (B,) timesteps 0..1000; context: (B, L, text_dim)
-        self.check_inputs(x, t, context)
+        self.check_inputs(x, t, context, image_context)
         low = t <= 1000.0 * self.boundary  # (B,) bool
         n_low = int(low.sum())
         if n_low == 0:
-            return self.high(x, t, context)
+            return self.high(x, t, context, image_context)
         if n_low == len(t):
-            return self.low(x, t, context)
+            return self.low(x, t, context, image_context)
         hi = ~low
-        out_hi = self.high(x[hi], t[hi], context[hi])
+        img = (lambda m: None) if image_context is None else (lambda m: image_context[m])
+        out_hi = self.high(x[hi], t[hi], context[hi], img(hi))
         out = out_hi.new_empty((x.shape[0], *out_hi.shape[1:]))
         out[hi] = out_hi
-        out[low] = self.low(x[low], t[low], context[low]).to(out.dtype)
+        out[low] = self.low(x[low], t[low], context[low], img(low)).to(out.dtype)
         return out
 
     def num_params(self) -> int:
