@@ -1,0 +1,128 @@
+"""Image conditioning of the sampler: the two Wan image-to-video schemes (pipeline.json `image`).
+
+"first_frame" (Wan2.2-TI2V): the image's latent is the first latent frame, kept clean.
+
+    cond = codec.encode(image as a one-frame video)               # (B, C, 1, h, w)
+    mask = 0 on latent frame 0, 1 elsewhere                       # (1, 1, F, h, w)
+    every DiT call:  x_in = mask * x + (1 - mask) * cond,  t per token = t * mask (frame 0 at t = 0)
+    at the end:      x = mask * x + (1 - mask) * cond
+
+"concat" (Wan2.1-I2V, Wan2.2-I2V): the DiT reads the image on extra input channels.
+
+    y = codec.encode([image, then num_frames - 1 zero (mid-grey) frames])   # (B, C, F, h, w)
+    m = 1 on latent frame 0, 0 elsewhere, one channel per pixel frame a latent frame stands for
+        (the codec's temporal factor r: Wan's 4)                             # (B, r, F, h, w)
+    every DiT call:  v = DiT(cat([x, m, y], channels), t, context, image_context)
+    image_context = the CLIP vision encoder's penultimate hidden states of the image (Wan2.1-I2V;
+                    a bundle with `image_encoder`), else None
+
+Both follow diffusers' WanImageToVideoPipeline (expand_timesteps True / False). Classifier-free
+guidance keeps the image in both halves: only the text differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ImageEncoderConfig
+
+__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "image_condition"]
+
+
+class ClipImageEncoder:
+    """A transformers CLIPVisionModel + CLIPImageProcessor from local directories: images ->
+    the penultimate layer's hidden states (B, 1 + patches, hidden), as Wan2.1-I2V reads them."""
+
+    def __init__(self, path: Path, processor_path: Path, device=None, dtype=None):
+        try:
+            from transformers import CLIPImageProcessor, CLIPVisionModel
+        except ImportError as e:
+            raise ImportError("the clip image encoder needs transformers: pip install 'flgengine[diffusers]'") from e
+        for what, p in (("image encoder", path), ("image processor", processor_path)):
+            if not Path(p).is_dir():
+                raise FileNotFoundError(f"{what} directory not found: {p}")
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        self.model = CLIPVisionModel.from_pretrained(path, **kwargs).to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(processor_path)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """n x (H, W, 3) uint8 -> (n, L, hidden) in the encoder's dtype."""
+        pixels = self.processor(images=[im.numpy() for im in images], return_tensors="pt").pixel_values
+        p = next(self.model.parameters())
+        out = self.model(pixel_values=pixels.to(p.device, p.dtype), output_hidden_states=True)
+        return out.hidden_states[-2]
+
+
+def build_image_encoder(cfg: ImageEncoderConfig, root: Path, device=None, dtype=None) -> ClipImageEncoder | None:
+    """The image encoder `cfg` names (paths relative to `root`), or None for kind "none"."""
+    if cfg.kind == "none":
+        return None
+    resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(root) / p  # noqa: E731
+    return ClipImageEncoder(resolve(cfg.path), resolve(cfg.processor_path), device=device, dtype=dtype)
+
+
+class ImageCondition:
+    """A DiT with the image put in: `condition.model(dit)` is the VelocityFn the samplers call,
+    `condition.finish(latents)` the sampled latents with the image's frame put back."""
+
+    def __init__(self, kind: str, latents: torch.Tensor, mask: torch.Tensor, patch_size: tuple[int, int, int],
+                 image_context: torch.Tensor | None = None):
+        # first_frame: latents (B, C, 1, h, w), mask (1, 1, F, h, w) 0 on frame 0
+        # concat: latents = cat([m, y]) (B, r + C, F, h, w), mask unused
+        self.kind, self.latents, self.mask, self.patch = kind, latents, mask, patch_size
+        self.image_context = image_context
+
+    def _repeat(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Conditioning of B samples for a DiT batch of k * B (CFG doubles it)."""
+        return None if t is None else t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1)))
+
+    def model(self, dit):
+        def velocity(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            B = x.shape[0]
+            img = self._repeat(self.image_context, B)
+            kw = {} if img is None else {"image_context": img}
+            if self.kind == "concat":
+                return dit(torch.cat([x, self._repeat(self.latents, B).to(x.dtype)], dim=1), t, context, **kw)
+            cond = self._repeat(self.latents, B).to(x.dtype)
+            m = self.mask.to(x.dtype)
+            x_in = m * x + (1 - m) * cond  # frame 0 <- the image's latent
+            pt, ph, pw = self.patch
+            tokens = self.mask[0, 0, ::pt, ::ph, ::pw].flatten().to(t.dtype)  # (S,) 0 on the image's tokens
+            return dit(x_in, t[:, None] * tokens[None, :], context, **kw)  # t: (B, S)
+
+        return velocity
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.kind == "concat":
+            return latents
+        m = self.mask.to(latents.dtype)
+        return m * latents + (1 - m) * self.latents.to(latents.dtype)
+
+
+def image_condition(kind: str, frames: torch.Tensor, codec, num_frames: int, patch_size: tuple[int, int, int],
+                    device, dtype, image_context: torch.Tensor | None = None) -> ImageCondition:
+    """The ImageCondition of `frames` (B, 3, H, W) in [-1, 1] (fitted images, flgengine.image)
+    for a video of `num_frames` through `codec`."""
+    B, _, H, W = frames.shape
+    C, F, h, w = codec.latent_shape(num_frames, H, W)
+    video = frames.float().unsqueeze(2)  # (B, 3, 1, H, W)
+    if kind == "first_frame":
+        latents = codec.encode(video).to(device, dtype)  # (B, C, 1, h, w)
+        mask = torch.ones(1, 1, F, h, w, device=device, dtype=torch.float32)
+        mask[:, :, 0] = 0
+        return ImageCondition(kind, latents, mask, patch_size, image_context)
+    if kind != "concat":
+        raise ValueError(f"unknown image conditioning {kind!r}")
+    rest = video.new_zeros(B, 3, num_frames - 1, H, W)
+    y = codec.encode(torch.cat([video, rest], dim=2)).to(device, dtype)  # (B, C, F, h, w)
+    r = codec.temporal_factor
+    m = torch.zeros(B, r, F, h, w, device=device, dtype=dtype)
+    m[:, :, 0] = 1
+    return ImageCondition(kind, torch.cat([m, y], dim=1), None, patch_size, image_context)
