@@ -36,7 +36,7 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
                                 allow_outside_paths=allow_outside_paths)
 
 
-def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, num_frames: int | None = None,
+def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed: int = 0, num_frames: int | None = None,
              height: int | None = None, width: int | None = None, steps: int | None = None,
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
@@ -45,6 +45,9 @@ def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, n
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 
     Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
+    `image`: the first frame of an image-to-video model (a path, a PIL image, a uint8
+    `(H, W, 3)` array; one for all prompts or a list, one per prompt), fitted to the frame by
+    scaling to cover it and cropping the centre (`flgengine.image`).
     `output` (.mp4 / .gif) also writes the video (`name_i.mp4` per prompt when B > 1).
     A distilled student refuses other step counts and CFG unless `force=True`.
     `engine`: run the DiT through a built engine directory (see `load`). `cuda_graph`:
@@ -52,7 +55,7 @@ def generate(prompt, model: str | os.PathLike | None = None, *, seed: int = 0, n
     `precision`: "bf16" or "fp8" (see `load`).
     """
     pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision)
-    return pipe(prompt, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
+    return pipe(prompt, image=image, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
                 guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force,
                 cuda_graph=cuda_graph)
 

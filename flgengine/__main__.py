@@ -19,7 +19,7 @@ def _generate(args) -> int:
     pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,
                           precision=args.precision)
     t1 = time.perf_counter()
-    video = pipe(args.prompt, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
+    video = pipe(args.prompt, image=args.image, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
                  output=args.output, progress=not args.quiet, force=args.force, cuda_graph=args.cuda_graph)
     t2 = time.perf_counter()
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a video from a prompt",
                        description="Generate a video. Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.")
     g.add_argument("prompt", nargs="?", help="text prompt (quote it)")
+    g.add_argument("--image", default=None, metavar="PATH",
+                   help="first frame of an image-to-video model (scaled to cover the frame, centre-cropped)")
     g.add_argument("--prompts-file", default=None, help="file with one prompt per line: a batch, one video each")
     g.add_argument("-o", "--output", default="out.mp4", help="output video (.mp4 or .gif); with several prompts, name_i.mp4 (default: out.mp4)")
     g.add_argument("--model", default=None, help="bundle directory or shipped model name (default: the built-in default model)")

@@ -28,7 +28,7 @@ import torch
 
 from .config import ImageEncoderConfig
 
-__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "image_condition"]
+__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "image_condition"]
 
 
 class ClipImageEncoder:
@@ -66,6 +66,45 @@ def build_image_encoder(cfg: ImageEncoderConfig, root: Path, device=None, dtype=
         return None
     resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(root) / p  # noqa: E731
     return ClipImageEncoder(resolve(cfg.path), resolve(cfg.processor_path), device=device, dtype=dtype)
+
+
+def check_image_model(dit, cfg, codec, image_encoder, path) -> None:
+    """The DiT, codec and image encoder of a bundle fit its pipeline.json `image` scheme: a
+    BundleError naming the mismatch (at load, before any generation)."""
+    from .files import BundleError
+
+    where = f"{path}/pipeline.json"
+    experts = (dit.high, dit.low) if hasattr(dit, "low") else (dit,)
+    configs = [getattr(d, "config", None) for d in experts]
+    c = configs[0]
+    image_dim = getattr(c, "image_dim", None)
+    if cfg.image == "none":
+        if image_dim is not None:
+            raise BundleError(f"{where}: image is 'none' but the DiT reads CLIP image tokens (image_dim {image_dim}); "
+                              "an image-to-video bundle says image: 'concat' with an image_encoder")
+        return
+    if codec is None:
+        raise BundleError(f"{where}: image {cfg.image!r} needs a codec to encode the image")
+    C = codec.latent_channels
+    if cfg.image == "first_frame":
+        if len(experts) > 1 or getattr(c, "velocity_skip", None) or getattr(c, "x0_prediction", None):
+            raise BundleError(f"{where}: image 'first_frame' gives the image's tokens timestep 0 (one timestep per "
+                              "token), which a two-expert, velocity_skip or x0_prediction DiT does not take")
+        if c.in_channels != C:
+            raise BundleError(f"{where}: image 'first_frame' needs a DiT of {C} input channels (the codec's), "
+                              f"got {c.in_channels}")
+        return
+    want = C + codec.temporal_factor + C  # noise + mask + image latents
+    for conf in configs:
+        if conf.in_channels != want:
+            raise BundleError(f"{where}: image 'concat' needs a DiT of {want} input channels ({C} noise + "
+                              f"{codec.temporal_factor} mask + {C} image latents), got {conf.in_channels}")
+    if (image_encoder is None) != (image_dim is None):
+        raise BundleError(f"{where}: the DiT {'reads' if image_dim else 'takes no'} CLIP image tokens (image_dim "
+                          f"{image_dim}) but image_encoder is {cfg.image_encoder.kind!r}")
+    if image_encoder is not None and image_encoder.hidden_size != image_dim:
+        raise BundleError(f"{where}: the image encoder gives {image_encoder.hidden_size}-wide tokens, the DiT's "
+                          f"image_dim is {image_dim}")
 
 
 class ImageCondition:

@@ -22,7 +22,9 @@ import torch
 
 from .bundle import BundleError, load_bundle, read_model_config, read_provenance
 from .codec import build_codec, video_to_uint8
+from .conditioning import build_image_encoder, check_image_model, image_condition
 from .config import PipelineConfig, SamplerConfig, torch_dtype
+from .image import fit_image, read_images
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
 from .text import build_text_encoder
 
@@ -81,6 +83,14 @@ def _build_parts(cfg: PipelineConfig, path: Path, device, dtype):
     return text, codec
 
 
+def _build_image_encoder(cfg: PipelineConfig, path: Path, device, dtype):
+    try:
+        return build_image_encoder(cfg.image_encoder, path, device=device,
+                                   dtype=dtype if device.type == "cuda" else torch.float32)
+    except (FileNotFoundError, OSError) as e:
+        raise BundleError(f"{path}/pipeline.json: image_encoder: {e}") from None
+
+
 def check_paths_inside(path: Path, cfg: PipelineConfig) -> None:
     """pipeline.json's paths (text encoder, tokenizer, codec, image encoder) must stay inside the
     bundle: no `..`, absolute paths or symlinks leading out (a bundle from elsewhere cannot make
@@ -115,8 +125,10 @@ class Pipeline:
     call it like `flgengine.generate()` without the `model` argument."""
 
     def __init__(self, dit, text_encoder, codec, config: PipelineConfig, *, device: torch.device,
-                 dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None, engine=None):
+                 dtype: torch.dtype, path: Path | None = None, provenance: dict | None = None, engine=None,
+                 image_encoder=None):
         self.dit, self.text_encoder, self.codec, self.config = dit, text_encoder, codec, config
+        self.image_encoder = image_encoder  # CLIP vision encoder of a Wan2.1-I2V bundle, else None
         self.sampler = build_sampler(config.sampler, config.low_noise_boundary)
         self.device, self.dtype, self.path = device, dtype, path
         self.provenance = provenance or {}
@@ -154,7 +166,10 @@ class Pipeline:
             check_paths_inside(path, cfg)
         text, codec = _build_parts(cfg, path, device, dtype)
         _check_attention_fits(bundle.model, codec, cfg, path)
-        pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance)
+        image_encoder = _build_image_encoder(cfg, path, device, dtype)
+        check_image_model(bundle.model, cfg, codec, image_encoder, path)
+        pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance,
+                   image_encoder=image_encoder)
         pipe.precision = precision
         return pipe
 
@@ -180,6 +195,9 @@ class Pipeline:
             raise BundleError(f"{path}/model.safetensors: missing (it identifies the weights the engine was built from)")
         config = read_model_config(path)
         cfg = PipelineConfig.from_json(path / "pipeline.json")
+        if cfg.image != "none":
+            raise ValueError(f"{path} is an image-to-video model (pipeline.json image {cfg.image!r}); engines of "
+                             "image-to-video models are not supported yet: run it without engine=")
         if not allow_outside_paths:
             check_paths_inside(path, cfg)
         eng.check_bundle(path, config)
@@ -259,7 +277,7 @@ class Pipeline:
 
     # -- run ---------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt, *, seed: int = 0, num_frames: int | None = None, height: int | None = None,
+    def __call__(self, prompt, *, image=None, seed: int = 0, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance: float | None = None,
                  negative_prompt: str | None = None, output: str | os.PathLike | None = None,
                  progress: bool = True, force: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
@@ -268,6 +286,7 @@ class Pipeline:
         height = cfg.height if height is None else height
         width = cfg.width if width is None else width
         prompts = self.check(prompt, num_frames, height, width)
+        images = self._check_image(image, len(prompts), cuda_graph)
         sampler = self._sampler_for(steps, guidance, force)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -287,16 +306,27 @@ class Pipeline:
             neg = cfg.negative_prompt if negative_prompt is None else negative_prompt
             uncond = self.text_encoder.encode([neg] * B, device=self.device, dtype=self.dtype)
 
-        # 2. sample latents from seeded noise (drawn on the CPU: same video on every device)
+        # 2. the image: fitted to the frame, encoded (+ CLIP tokens), put into the DiT's input
+        dit, condition = self.dit, None
+        if images is not None:
+            frames = torch.stack([fit_image(im, height, width) for im in images])  # (B, 3, H, W) in [-1, 1]
+            tokens = self.image_encoder.encode(images).to(self.dtype) if self.image_encoder is not None else None
+            condition = image_condition(cfg.image, frames, self.codec, num_frames, self.dit.config.patch_size,
+                                        self.device, self.dtype, tokens)
+            dit = condition.model(self.dit)
+
+        # 3. sample latents from seeded noise (drawn on the CPU: same video on every device)
         gen = torch.Generator("cpu").manual_seed(seed)
         noise = randn(shape, gen, self.device, self.dtype)
         if use_graph:
             latents = self._graphed_loop(sampler, noise, context, uncond)(noise, context, uncond, gen)
         else:
             bar = _progress(progress, sampler.num_steps)
-            latents = sampler.sample(self.dit, noise, context, uncond, generator=gen, progress=bar)
+            latents = sampler.sample(dit, noise, context, uncond, generator=gen, progress=bar)
+        if condition is not None:
+            latents = condition.finish(latents)
 
-        # 3. decode to uint8 video (B, T, H, W, 3)
+        # 4. decode to uint8 video (B, T, H, W, 3)
         video = video_to_uint8(self.codec.decode(latents.float()).cpu())
         if output is not None:
             from .video import save_video
@@ -306,6 +336,21 @@ class Pipeline:
                 p = out if B == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
                 save_video(video[i], p, fps=cfg.fps)
         return video
+
+    def _check_image(self, image, n: int, cuda_graph) -> list[torch.Tensor] | None:
+        """The `n` images of an image-to-video call as (H, W, 3) uint8, None for a text-to-video
+        model; every mistake is a ValueError before compute."""
+        kind = self.config.image
+        if kind == "none":
+            if image is not None:
+                raise ValueError(f"model {self.path} is text-to-video (pipeline.json image 'none'): it takes no image")
+            return None
+        if image is None:
+            raise ValueError(f"model {self.path} is image-to-video (pipeline.json image {kind!r}): pass image= "
+                             "(a path, a PIL image or an (H, W, 3) uint8 array), one for all prompts or one per prompt")
+        if cuda_graph:
+            raise ValueError("cuda_graph=True is not supported for image-to-video models yet")
+        return read_images(image, n)
 
     # -- engines and CUDA graphs -----------------------------------------------------------
     def _check_engine(self, batch: int, latent: tuple, num_frames: int, height: int, width: int) -> None:
@@ -327,7 +372,8 @@ class Pipeline:
         """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
         fewstep = isinstance(sampler, FewStepSampler)
         if cuda_graph is None:
-            return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled
+            return (self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled
+                    and self.config.image == "none")
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
         if cuda_graph:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_WORDS", "make_tiny_umt5", "make_tiny_wan_vae", "make_tiny_wan_bundle"]
+__all__ = ["TINY_WORDS", "make_tiny_umt5", "make_tiny_wan_vae", "make_tiny_clip", "make_tiny_wan_bundle",
+           "make_tiny_wan_i2v_bundle"]
 
 # T5 layout: <pad> = 0, </s> = 1, <unk> = 2, then the words
 _SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -85,6 +86,59 @@ def make_tiny_wan_vae(dir: Path, z_dim: int = 4, base_dim: int = 8, seed: int = 
     dir = Path(dir)
     vae.eval().save_pretrained(dir / "vae")
     return dir / "vae"
+
+
+def make_tiny_clip(dir: Path, hidden: int = 16, image_size: int = 32, patch: int = 8, seed: int = 0) -> Path:
+    """Saves a tiny random `CLIPVisionModel` to `dir/image_encoder` and its `CLIPImageProcessor`
+    (shortest side to `image_size`, centre crop) to `dir/image_processor`, as Wan2.1-I2V repos
+    lay them out; its tokens are (image_size / patch)^2 + 1 wide `hidden`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch, projection_dim=hidden)
+    dir = Path(dir)
+    CLIPVisionModel(cfg).eval().save_pretrained(dir / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(dir / "image_processor")
+    return dir / "image_encoder"
+
+
+def make_tiny_wan_i2v_bundle(dir: Path, image: str, *, clip: bool = True, seed: int = 0) -> Path:
+    """A runnable image-to-video bundle of random tiny Wan parts: `image` "first_frame"
+    (Wan2.2-TI2V: a plain DiT, the image as the clean first latent frame) or "concat"
+    (Wan2.1-I2V: noise + mask + image latents on 4 + 4 + 4 input channels; `clip`: CLIP
+    image tokens through the DiT's image branch, text padded to 512 tokens as diffusers'
+    Wan2.1-I2V transformer needs). Euler, 4 steps, CFG 3; 5 frames of 32x48 at 8 fps."""
+    from flgengine.bundle import bundle_directory, write_bundle_files
+    from flgengine.config import (CodecConfig, ImageEncoderConfig, ModelConfig, PipelineConfig, SamplerConfig,
+                                  TextEncoderConfig)
+    from flgengine.model import DiT
+
+    clip = clip and image == "concat"
+    max_length = 512 if clip else 24
+    config = ModelConfig(in_channels=12 if image == "concat" else 4, out_channels=4, patch_size=(1, 2, 2), num_heads=2,
+                         head_dim=8, ffn_dim=32, text_dim=32, freq_dim=16, num_layers=2, image_dim=16 if clip else None)
+    torch.manual_seed(seed)
+    model = DiT(config)
+    with torch.no_grad():  # every weight off its init (norms at 1, biases at 0), as the parity tests do
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    encoder = ImageEncoderConfig(kind="clip", path="image_encoder", processor_path="image_processor") if clip \
+        else ImageEncoderConfig()
+    pipeline = PipelineConfig(
+        text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer",
+                                       max_length=max_length),
+        codec=CodecConfig(kind="wan_vae", path="vae"),
+        sampler=SamplerConfig(kind="euler", num_steps=4, shift=3.0, guidance=3.0),
+        num_frames=5, height=32, width=48, fps=8, image=image, image_encoder=encoder)
+    with bundle_directory(dir) as tmp:
+        make_tiny_umt5(tmp, d_model=32, max_length=max_length, seed=seed)
+        make_tiny_wan_vae(tmp, z_dim=4, seed=seed)
+        if clip:
+            make_tiny_clip(tmp, hidden=16, seed=seed)
+        write_bundle_files(tmp, model, pipeline, {"kind": f"tiny random Wan image-to-video ({image})", "seed": seed})
+    return Path(dir)
 
 
 def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 4, seed: int = 0) -> Path:
