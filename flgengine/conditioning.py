@@ -28,7 +28,8 @@ import torch
 
 from .config import ImageEncoderConfig
 
-__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "image_condition"]
+__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "image_condition",
+           "images_for"]
 
 
 class ClipImageEncoder:
@@ -66,6 +67,23 @@ def build_image_encoder(cfg: ImageEncoderConfig, root: Path, device=None, dtype=
         return None
     resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(root) / p  # noqa: E731
     return ClipImageEncoder(resolve(cfg.path), resolve(cfg.processor_path), device=device, dtype=dtype)
+
+
+def images_for(kind: str, image, n: int, path, cuda_graph=None) -> list[torch.Tensor] | None:
+    """The `n` images of a generate() call on a model of image scheme `kind`, as (H, W, 3) uint8;
+    None for a text-to-video model. Every mistake is a ValueError before compute."""
+    from .image import read_images
+
+    if kind == "none":
+        if image is not None:
+            raise ValueError(f"model {path} is text-to-video (pipeline.json image 'none'): it takes no image")
+        return None
+    if image is None:
+        raise ValueError(f"model {path} is image-to-video (pipeline.json image {kind!r}): pass image= "
+                         "(a path, a PIL image or an (H, W, 3) uint8 array), one for all prompts or one per prompt")
+    if cuda_graph:
+        raise ValueError("cuda_graph=True is not supported for image-to-video models yet")
+    return read_images(image, n)
 
 
 def check_image_model(dit, cfg, codec, image_encoder, path) -> None:

@@ -22,9 +22,9 @@ import torch
 
 from .bundle import BundleError, load_bundle, read_model_config, read_provenance
 from .codec import build_codec, video_to_uint8
-from .conditioning import build_image_encoder, check_image_model, image_condition
+from .conditioning import build_image_encoder, check_image_model, image_condition, images_for
 from .config import PipelineConfig, SamplerConfig, torch_dtype
-from .image import fit_image, read_images
+from .image import fit_image
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
 from .text import build_text_encoder
 
@@ -195,15 +195,15 @@ class Pipeline:
             raise BundleError(f"{path}/model.safetensors: missing (it identifies the weights the engine was built from)")
         config = read_model_config(path)
         cfg = PipelineConfig.from_json(path / "pipeline.json")
-        if cfg.image != "none":
-            raise ValueError(f"{path} is an image-to-video model (pipeline.json image {cfg.image!r}); engines of "
-                             "image-to-video models are not supported yet: run it without engine=")
         if not allow_outside_paths:
             check_paths_inside(path, cfg)
         eng.check_bundle(path, config)
         text, codec = _build_parts(cfg, path, device, dtype)
-        return cls(EngineDiT(eng, config), text, codec, cfg, device=device, dtype=dtype, path=path,
-                   provenance=read_provenance(path), engine=eng)
+        dit = EngineDiT(eng, config)
+        image_encoder = _build_image_encoder(cfg, path, device, dtype)
+        check_image_model(dit, cfg, codec, image_encoder, path)
+        return cls(dit, text, codec, cfg, device=device, dtype=dtype, path=path,
+                   provenance=read_provenance(path), engine=eng, image_encoder=image_encoder)
 
     # -- checks ---------------------------------------------------------------------------
     def _sampler_for(self, steps: int | None, guidance: float | None, force: bool):
@@ -286,7 +286,7 @@ class Pipeline:
         height = cfg.height if height is None else height
         width = cfg.width if width is None else width
         prompts = self.check(prompt, num_frames, height, width)
-        images = self._check_image(image, len(prompts), cuda_graph)
+        images = images_for(self.config.image, image, len(prompts), self.path, cuda_graph)
         sampler = self._sampler_for(steps, guidance, force)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -337,25 +337,11 @@ class Pipeline:
                 save_video(video[i], p, fps=cfg.fps)
         return video
 
-    def _check_image(self, image, n: int, cuda_graph) -> list[torch.Tensor] | None:
-        """The `n` images of an image-to-video call as (H, W, 3) uint8, None for a text-to-video
-        model; every mistake is a ValueError before compute."""
-        kind = self.config.image
-        if kind == "none":
-            if image is not None:
-                raise ValueError(f"model {self.path} is text-to-video (pipeline.json image 'none'): it takes no image")
-            return None
-        if image is None:
-            raise ValueError(f"model {self.path} is image-to-video (pipeline.json image {kind!r}): pass image= "
-                             "(a path, a PIL image or an (H, W, 3) uint8 array), one for all prompts or one per prompt")
-        if cuda_graph:
-            raise ValueError("cuda_graph=True is not supported for image-to-video models yet")
-        return read_images(image, n)
-
     # -- engines and CUDA graphs -----------------------------------------------------------
     def _check_engine(self, batch: int, latent: tuple, num_frames: int, height: int, width: int) -> None:
         """Refuses, before any compute, a request the engine was not built for."""
         m = self.engine.manifest
+        latent = (self.dit.config.in_channels, *latent[1:])  # an image "concat" DiT reads more channels
         if tuple(latent) != m.latent_shape:
             built = (f"{m.video['num_frames']} frames of {m.video['height']}x{m.video['width']}" if m.video
                      else f"latents {m.latent_shape}")

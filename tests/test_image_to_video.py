@@ -231,3 +231,40 @@ def test_cli_image(bundle, tmp_path):
     assert main(["generate", "a red cat runs", "--model", str(bundle), "--image", str(tmp_path / "first.png"),
                  "-o", str(out), "--quiet"]) == 0
     assert out.is_file()
+
+
+# ---- engines ------------------------------------------------------------------------------------
+
+def _engine_gives_the_pytorch_video(bundle, fmt, tmp_path):
+    """The engine takes what the DiT takes: t per token (first_frame), CLIP image tokens
+    (an image_context input) for a DiT with image_dim, the extra input channels (concat)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from flgengine.export import export_engine
+
+    manifest = export_engine(bundle, fmt, tmp_path / fmt, progress=False)
+    names = [s.name for s in manifest.inputs]
+    pipe = flgengine.load(bundle, device="cpu")
+    c = pipe.dit.config
+    assert names == ["x", "t", "context"] + (["image_context"] if c.image_dim else [])
+    assert manifest.input("x").shape[1] == c.in_channels
+    assert manifest.input("t").shape == (("batch", 12) if pipe.config.image == "first_frame" else ("batch",))
+    if c.image_dim:
+        assert manifest.input("image_context").shape == ("batch", 17, 16)  # (32 / 8)^2 + 1 CLIP tokens
+    kw = dict(image=_picture(), seed=2, progress=False)
+    want = pipe("a red cat runs", **kw)
+    got = flgengine.load(bundle, engine=tmp_path / fmt)("a red cat runs", **kw)
+    assert (got.float() - want.float()).abs().max() <= 1  # fp32 engines: the same video up to uint8 rounding
+
+
+def test_image_to_video_onnx_engines_give_the_pytorch_video(bundle, tmp_path):
+    _engine_gives_the_pytorch_video(bundle, "onnx", tmp_path)
+
+
+@pytest.mark.parametrize("image", ["first_frame", "concat"])
+def test_image_to_video_aoti_engines_give_the_pytorch_video(image, tmp_path):
+    """(AOTInductor compiles take ~15 s here: the two schemes with new inputs, per-token t and
+    CLIP image tokens)"""
+    from tiny_wan import make_tiny_wan_i2v_bundle
+
+    _engine_gives_the_pytorch_video(make_tiny_wan_i2v_bundle(tmp_path / "b", image, clip=True), "aoti", tmp_path)

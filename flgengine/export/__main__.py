@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-len", type=int, default=None, help="text tokens to optimise for (default: the text encoder's max_length)")
     s.add_argument("--min-text-len", type=int, default=None, help="fewest text tokens (dynamic; default 1)")
     s.add_argument("--max-text-len", type=int, default=None, help="most text tokens (dynamic; default --text-len)")
+    s.add_argument("--image-len", type=int, default=None,
+                   help="CLIP image tokens of a Wan2.1-I2V DiT (default: what the bundle's image encoder gives)")
     s.add_argument("--dynamic", type=_dims, default=DYNAMIC_DIMS, metavar="DIMS",
                    help=f"comma-separated dynamic dims among {','.join(DYNAMIC_DIMS)}, or 'none' (default: both)")
     e = p.add_argument_group("engine")
@@ -78,7 +80,8 @@ def _export(args) -> int:
         num_frames=args.frames, height=args.height, width=args.width, latent=args.latent, text_len=args.text_len,
         min_text_len=args.min_text_len, max_text_len=args.max_text_len, dynamic=args.dynamic, dtype=args.dtype,
         device=args.device, opset=args.opset, verify=args.verify, seed=args.seed, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, max_autotune=args.max_autotune, progress=not args.quiet)
+        timing_cache=args.timing_cache, max_autotune=args.max_autotune, image_len=args.image_len,
+        progress=not args.quiet)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     elif not args.quiet:

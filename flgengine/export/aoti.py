@@ -91,8 +91,9 @@ class AotiRunner:
     def metadata(self) -> dict[str, str]:
         return dict(self.model.get_metadata())
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(), t.contiguous(), context.contiguous())
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """(x, t, context[, image_context]), as the program was exported."""
+        return self.model(*(v.contiguous() for v in inputs))
 
 
 class AotiBuilder(EngineBuilder):

@@ -69,6 +69,23 @@ def _check_target(out: Path) -> None:
     check_replaceable(out, MANIFEST_NAME, "an engine directory", error=EngineError)
 
 
+def clip_tokens(bundle_path: Path, pipeline) -> int | None:
+    """How many tokens the bundle's CLIP image encoder gives: (image_size / patch_size)^2 + 1
+    (its config.json), or None without one."""
+    import json
+
+    enc = pipeline.image_encoder
+    if enc.kind != "clip":
+        return None
+    path = Path(enc.path) if Path(enc.path).is_absolute() else Path(bundle_path) / enc.path
+    try:
+        c = json.loads((path / "config.json").read_text())
+        return (int(c["image_size"]) // int(c["patch_size"])) ** 2 + 1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}/config.json: cannot read the CLIP image size and patch size ({e}); "
+                         "give --image-len") from None
+
+
 def latent_grid(bundle_path: Path, pipeline, num_frames, height, width) -> tuple[tuple[int, int, int], dict]:
     """The latent (F, H, W) of a num_frames x height x width video through the bundle's codec."""
     from ..codec import build_codec
@@ -93,14 +110,16 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
                   dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "fp32", device: str | None = None,
                   opset: int | None = None, verify: bool = True, seed: int = 0, workspace_gib: float = 8.0,
                   timing_cache: str | os.PathLike | None = None, max_autotune: bool = False,
-                  progress: bool = True) -> EngineManifest:
+                  image_len: int | None = None, progress: bool = True) -> EngineManifest:
     """Exports a bundle's DiT as an engine directory `out`; returns its manifest.
 
     Shapes: the video `num_frames x height x width` (default: the bundle's pipeline.json)
     through the codec, or `latent=(F, H, W)` directly; `text_len` defaults to the text
     encoder's max_length. `dynamic` names the dims with a (min, opt, max) range. `opset`
     (ONNX, TensorRT), `workspace_gib`, `timing_cache` (TensorRT) and `max_autotune` (AOTInductor)
-    go to the format's builder.
+    go to the format's builder. An image-to-video bundle's engine takes what its DiT takes: t per
+    token ("first_frame"), the CLIP image tokens (`image_len` of them; default: what the bundle's
+    image encoder gives) for a DiT with image_dim.
     """
     from ..bundle import load_bundle
     from ..config import TORCH_DTYPES
@@ -133,9 +152,12 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
             raise ValueError("give either the video size (frames, height, width) or the latent grid, not both")
         if text_len is None:
             text_len = b.pipeline.text_encoder.max_length if b.pipeline.text_encoder.kind != "none" else 512
+        if model.config.image_dim is not None and image_len is None:
+            image_len = clip_tokens(bundle_path, b.pipeline)
         spec = EngineSpec.from_options(model.config, latent, batch=batch, min_batch=min_batch, max_batch=max_batch,
                                        text_len=text_len, min_text_len=min_text_len, max_text_len=max_text_len,
-                                       dynamic=tuple(dynamic), dtype=trace_dtype)
+                                       dynamic=tuple(dynamic), dtype=trace_dtype,
+                                       per_token_t=b.pipeline.image == "first_frame", image_len=image_len)
         identity = BundleIdentity(path=str(bundle_path), weights_sha256=weights_sha256(bundle_path),
                                   model_config=model.config.to_dict())
 

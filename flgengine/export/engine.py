@@ -43,11 +43,17 @@ class Engine:
         return f"Engine({self.manifest.format}, {self.directory}, {self.manifest.describe_shapes()})"
 
     # -- checks ---------------------------------------------------------------------------
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
-        """EngineError unless (x, t, context) have the shapes, dtypes and device the engine takes."""
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                     image_context: torch.Tensor | None = None) -> None:
+        """EngineError unless (x, t, context[, image_context]) have the shapes, dtypes and device
+        the engine takes."""
         m = self.manifest
+        wants_image = any(s.name == "image_context" for s in m.inputs)
+        if wants_image != (image_context is not None):
+            raise EngineError(f"engine {self.directory} " + ("reads CLIP image tokens: pass image_context" if wants_image
+                                                            else "takes no image_context (a text-only DiT)"))
         dims: dict[str, int] = {}
-        for spec, tensor in zip(m.inputs, (x, t, context)):
+        for spec, tensor in zip(m.inputs, (x, t, context, image_context)):
             self._check_one(spec, tensor, dims)
 
     def _check_one(self, spec: TensorSpec, tensor: torch.Tensor, dims: dict[str, int]) -> None:
@@ -90,9 +96,10 @@ class Engine:
                               "export an engine from this bundle")
 
     # -- run -------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(x, t, context)
-        return self.runner(x, t, context)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 image_context: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(x, t, context, image_context)
+        return self.runner(x, t, context, *(() if image_context is None else (image_context,)))
 
 
 def load_engine(directory: str | os.PathLike) -> Engine:
@@ -112,7 +119,8 @@ class EngineDiT:
     def __init__(self, engine: Engine, config: ModelConfig):
         self.engine, self.config = engine, config
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.engine(x, t, context)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 image_context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(x, t, context, image_context)
 
     forward = __call__

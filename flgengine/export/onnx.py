@@ -61,7 +61,7 @@ def export_onnx(model, spec: EngineSpec, device, out_dir: Path, opset: int = DEF
         lg.setLevel(logging.ERROR)
     try:
         with traceable(model, example), torch.no_grad():
-            torch.onnx.export(model, example, f=str(path), input_names=["x", "t", "context"],
+            torch.onnx.export(model, example, f=str(path), input_names=spec.input_names,
                               output_names=["velocity"], opset_version=opset, dynamo=True, external_data=True,
                               dynamic_shapes=spec.torch_dynamic_shapes(), report=False, verbose=False)
     finally:
@@ -90,9 +90,10 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.device = torch.device("cpu")
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        feeds = {"x": x.detach().contiguous().numpy(), "t": t.detach().float().contiguous().numpy(),
-                 "context": context.detach().contiguous().numpy()}
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """(x, t, context[, image_context]) in the graph's input order."""
+        names = [i.name for i in self.session.get_inputs()]
+        feeds = {n: (v.float() if n == "t" else v).detach().contiguous().numpy() for n, v in zip(names, inputs)}
         (out,) = self.session.run(["velocity"], feeds)
         return torch.from_numpy(out)
 

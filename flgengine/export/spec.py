@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 
 from ..config import ModelConfig
@@ -51,7 +53,12 @@ def check_dynamic(dims) -> None:
 
 @dataclass
 class EngineSpec:
-    """Input shapes of one engine: a static latent grid, static or ranged batch / text length."""
+    """Input shapes of one engine: a static latent grid, static or ranged batch / text length.
+
+    Image-to-video DiTs take more: `t_tokens` = S (a "first_frame" model: one timestep per
+    token, t of shape (batch, S)), `image` = (image_len, image_dim) (a Wan2.1-I2V DiT: the
+    CLIP image tokens, a fourth input `image_context`). A "concat" model's extra channels are
+    just `in_channels`."""
 
     in_channels: int
     out_channels: int
@@ -61,6 +68,8 @@ class EngineSpec:
     text_len: DimRange
     dynamic: tuple[str, ...] = DYNAMIC_DIMS
     dtype: str = "float32"
+    t_tokens: int | None = None
+    image: tuple[int, int] | None = None
     ranges: dict[str, DimRange] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,9 +85,11 @@ class EngineSpec:
     def from_options(cls, config: ModelConfig, latent: tuple[int, int, int], *, batch: int = 1,
                      min_batch: int | None = None, max_batch: int | None = None, text_len: int = 512,
                      min_text_len: int | None = None, max_text_len: int | None = None,
-                     dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "float32") -> "EngineSpec":
+                     dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "float32", per_token_t: bool = False,
+                     image_len: int | None = None) -> "EngineSpec":
         """Ranges from the options: a dynamic batch defaults to 1..max(4, 2*batch) (CFG
-        doubles a teacher's batch), a dynamic text length to 1..text_len."""
+        doubles a teacher's batch), a dynamic text length to 1..text_len. `per_token_t`: t
+        is (batch, tokens); `image_len`: the CLIP image tokens of a DiT with image_dim."""
         latent = tuple(int(n) for n in latent)
         if len(latent) != 3 or any(n < 1 for n in latent):
             raise ValueError(f"latent grid must be 3 positive sizes (frames, height, width), got {latent}")
@@ -93,11 +104,16 @@ class EngineSpec:
                 return DimRange(opt, opt, opt)
             return DimRange(default_lo if lo is None else lo, opt, default_hi if hi is None else hi)
 
+        if config.image_dim is not None and not (isinstance(image_len, int) and image_len > 0):
+            raise ValueError(f"this DiT reads CLIP image tokens (image_dim {config.image_dim}): give their count "
+                             f"(--image-len; Wan2.1-I2V's CLIP gives 257), got {image_len!r}")
+        tokens = math.prod(n // p for n, p in zip(latent, config.patch_size))
         return cls(
             in_channels=config.in_channels, out_channels=config.out_channels, text_dim=config.text_dim, latent=latent,
             batch=rng("batch", batch, min_batch, max_batch, 1, max(4, 2 * batch)),
             text_len=rng("text_len", text_len, min_text_len, max_text_len, 1, text_len),
-            dynamic=tuple(dynamic), dtype=dtype,
+            dynamic=tuple(dynamic), dtype=dtype, t_tokens=tokens if per_token_t else None,
+            image=None if config.image_dim is None else (image_len, config.image_dim),
         )
 
     # -- tensors ---------------------------------------------------------------------------
@@ -114,9 +130,15 @@ class EngineSpec:
 
     def input_specs(self) -> tuple[TensorSpec, ...]:
         b, n = self._dim("batch", self.batch), self._dim("text_len", self.text_len)
+        t = (b,) if self.t_tokens is None else (b, self.t_tokens)
+        image = () if self.image is None else (TensorSpec("image_context", (b, *self.image), self.dtype),)
         return (TensorSpec("x", (b, self.in_channels, *self.latent), self.dtype),
-                TensorSpec("t", (b,), "float32"),
-                TensorSpec("context", (b, n, self.text_dim), self.dtype))
+                TensorSpec("t", t, "float32"),
+                TensorSpec("context", (b, n, self.text_dim), self.dtype), *image)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.input_specs()]
 
     def output_specs(self) -> tuple[TensorSpec, ...]:
         return (TensorSpec("velocity", (self._dim("batch", self.batch), self.out_channels, *self.latent), self.dtype),)
@@ -127,12 +149,14 @@ class EngineSpec:
         return {s.name: s.concrete(sizes) for s in self.input_specs()}
 
     def random_inputs(self, generator: torch.Generator, device="cpu", **dims: int) -> tuple[torch.Tensor, ...]:
-        """Fresh random (x, t, context): x, context ~ N(0, 1), t ~ U(0, 1000)."""
+        """Fresh random (x, t, context[, image_context]): x, context, image ~ N(0, 1), t ~ U(0, 1000)."""
         shp = self.shapes(**dims)
         x = torch.randn(shp["x"], generator=generator).to(device, self.torch_dtype)
         t = (torch.rand(shp["t"], generator=generator) * 1000).to(device)
         ctx = torch.randn(shp["context"], generator=generator).to(device, self.torch_dtype)
-        return x, t, ctx
+        if self.image is None:
+            return x, t, ctx
+        return x, t, ctx, torch.randn(shp["image_context"], generator=generator).to(device, self.torch_dtype)
 
     def check_shapes(self, batch: int, text_len: int) -> None:
         for name, n, r in (("batch", batch, self.batch), ("text_len", text_len, self.text_len)):
@@ -150,7 +174,10 @@ class EngineSpec:
         example = self.example_dims()
         dims = {n: Dim(n, min=1, max=max(self.ranges[n].max, example[n])) for n in self.dynamic}
         b, n = dims.get("batch"), dims.get("text_len")
-        return {"x": {0: b} if b else {}, "t": {0: b} if b else {}, "context": {k: v for k, v in ((0, b), (1, n)) if v}}
+        shapes = {"x": {0: b} if b else {}, "t": {0: b} if b else {}, "context": {k: v for k, v in ((0, b), (1, n)) if v}}
+        if self.image is not None:
+            shapes["image_context"] = {0: b} if b else {}
+        return shapes
 
     def example_dims(self) -> dict[str, int]:
         """Sizes to trace with: not 1 and not equal to each other, so no dim specialises."""

@@ -112,8 +112,9 @@ class TensorRTRunner:
             raise ValueError(f"{path}: TensorRT could not load this engine (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        inputs = {"x": x.float().contiguous(), "t": t.float().contiguous(), "context": context.float().contiguous()}
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """(x, t, context[, image_context]) in the ONNX graph's input order."""
+        inputs = {n: v.float().contiguous() for n, v in zip(("x", "t", "context", "image_context"), tensors)}
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())

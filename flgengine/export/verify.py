@@ -25,7 +25,7 @@ def verify_shapes(spec: EngineSpec) -> list[dict[str, int]]:
 
 @torch.no_grad()
 def verify_engine(run, model, spec: EngineSpec, device, *, seed: int = 0, tolerance: float | None = None) -> Verification:
-    """`run(x, t, context)` vs `model` (reference ops) on fresh random inputs; raises
+    """`run(x, t, context[, image_context])` vs `model` (reference ops) on fresh random inputs; raises
     VerificationError past `tolerance` (default: the spec dtype's)."""
     tol = spec.tolerance if tolerance is None else tolerance
     gen = torch.Generator().manual_seed(seed)
@@ -33,9 +33,9 @@ def verify_engine(run, model, spec: EngineSpec, device, *, seed: int = 0, tolera
     shapes = verify_shapes(spec)
     with reference_ops(model):
         for dims in shapes:
-            x, t, ctx = spec.random_inputs(gen, device, **dims)
-            want = model(x, t, ctx).double()
-            got = run(x, t, ctx).to(want.device).double()
+            inputs = spec.random_inputs(gen, device, **dims)
+            want = model(*inputs).double()
+            got = run(*inputs).to(want.device).double()
             if got.shape != want.shape:
                 raise VerificationError(f"engine output has shape {tuple(got.shape)}, PyTorch's {tuple(want.shape)}")
             if not torch.isfinite(got).all():
