@@ -62,18 +62,24 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         pipe = model
         precision = getattr(pipe, "precision", precision)
     prompts = [world.PROMPTS[i % len(world.PROMPTS)] for i in range(samples)]
-    videos, all_prompts = [], []
+    videos, all_prompts, firsts = [], [], []
+    image = getattr(getattr(pipe, "config", None), "image", "none") != "none"  # image to video: frame 0 given
     bar = tqdm(total=samples * len(seeds), desc="generating", unit="video", disable=not progress)
     t0 = time.time()
     for s in seeds:
         for k in range(batches):
             chunk = prompts[k * batch_size:(k + 1) * batch_size]
-            videos.append(as_uint8(pipe(chunk, seed=s * BATCH_SEED_STRIDE + k, progress=False, steps=steps,
-                                         **generate_kwargs)))
+            seed = s * BATCH_SEED_STRIDE + k
+            if image:  # the first frames of world clips of these prompts (size and start drawn from the seed)
+                first = world_first_frames(chunk, seed)
+                firsts.append(first)
+                generate_kwargs = {**generate_kwargs, "image": list(first)}
+            videos.append(as_uint8(pipe(chunk, seed=seed, progress=False, steps=steps, **generate_kwargs)))
             all_prompts += chunk
             bar.update(len(chunk))
     seconds = time.time() - t0
     bar.close()
+    generate_kwargs.pop("image", None)
     guidance = generate_kwargs.get("guidance")
     boundary = getattr(getattr(pipe, "config", None), "low_noise_boundary", None)
     experts = {} if boundary is None else {  # a two-expert model's split and the CFG scale below it
@@ -90,8 +96,21 @@ def evaluate_bundle(model, samples: int = 60, seeds: Sequence[int] = (0,), batch
         "seconds_per_video": seconds / len(all_prompts),
         "device": str(getattr(pipe, "device", "")), "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
         "precision": precision,
-        **evaluate_videos(torch.cat(videos), all_prompts, evaluator),
+        **evaluate_videos(torch.cat(videos), all_prompts, evaluator,
+                          first_frames=torch.cat(firsts) if firsts else None),
     }
+
+
+def world_first_frames(prompts, seed: int) -> torch.Tensor:
+    """Frame 0 of a world clip for each prompt (size and start drawn from `seed`), uint8 (N, H, W, 3):
+    what an image-to-video model is given."""
+    import numpy as np
+
+    from .evaluator import parse_prompts
+
+    rng = np.random.default_rng([seed, 7])
+    clips = [world.sample_clip(rng, colour=c, shape=s, direction=d) for c, s, d in parse_prompts(prompts)]
+    return torch.from_numpy(np.stack([world.render(c)[0] for c in clips]))
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -110,6 +129,11 @@ def format_table(result: dict) -> str:
                    f"static {m['static_fraction']:.1%}, blank frames {m['blank_frames']:.1%}"),
         ("FD", f"{result['fd']:.3f}  (real vs real floor {result['fd_real_vs_real']:.3f})"),
     ]
+    if "first_frame" in result:  # image to video
+        f = result["first_frame"]
+        rows.append(("frame 0", f"PSNR {f['frame0_psnr']:.1f} dB vs the given image; appearance kept "
+                                f"{f['appearance_kept']:.3f} (colour {f['colour_kept']:.3f}, shape {f['shape_kept']:.3f}, "
+                                f"size {f['size_kept']:.3f})"))
     return "\n".join(f"{k:<10} {v}" for k, v in rows)
 
 

@@ -17,7 +17,7 @@ from .evaluator import Evaluator, adherence, as_uint8, features, load_evaluator,
 from .worlds import shapes as world
 
 __all__ = ["real_videos", "gaussian_stats", "frechet_distance_gaussians", "frechet_distance", "centroids", "motion",
-           "evaluate_videos"]
+           "first_frame_metrics", "evaluate_videos"]
 
 
 def real_videos(prompts: Sequence[str], seed: int, size: int = world.SIZE,
@@ -95,13 +95,38 @@ def motion(videos, threshold: float = 0.25, static: float = 0.25) -> dict[str, f
             "blank_frames": float(np.isnan(centres[..., 0]).mean())}
 
 
+def first_frame_metrics(videos, first_frames, read: dict[str, list[str]], prompts: Sequence[str],
+                        threshold: float = 0.25, size_tolerance: float = 0.3) -> dict[str, float]:
+    """Image-to-video: how well videos (N, T, H, W, 3) keep their given first frames (N, H, W, 3).
+
+    `frame0_psnr`: mean PSNR (dB, peak 255; identical frames count 100) of frame 0 against the
+    given one. `appearance_kept`: fraction of videos whose colour and shape read (the evaluator's
+    labels `read`) as the image's (the prompt names them) and whose shape keeps its size: every
+    frame's area (pixels brighter than `threshold`) within `size_tolerance` of the given frame's.
+    `colour_kept`, `shape_kept`, `size_kept` alone."""
+    v = as_uint8(videos).numpy().astype(np.float64)
+    first = as_uint8(np.asarray(first_frames)[:, None]).numpy().astype(np.float64)[:, 0]  # (N, H, W, 3)
+    mse = ((v[:, 0] - first) ** 2).mean((1, 2, 3))
+    with np.errstate(divide="ignore"):
+        psnr = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
+    area = (v.max(-1) / 255 > threshold).sum((-2, -1))  # (N, T)
+    given = np.maximum((first.max(-1) / 255 > threshold).sum((-2, -1)), 1)  # (N,)
+    size_kept = (np.abs(area / given[:, None] - 1) <= size_tolerance).all(1)
+    wanted = parse_prompts(prompts)
+    colour = np.array([read["colour"][i] == w[0] for i, w in enumerate(wanted)])
+    shape = np.array([read["shape"][i] == w[1] for i, w in enumerate(wanted)])
+    return {"frame0_psnr": float(psnr.mean()), "appearance_kept": float((colour & shape & size_kept).mean()),
+            "colour_kept": float(colour.mean()), "shape_kept": float(shape.mean()), "size_kept": float(size_kept.mean())}
+
+
 def evaluate_videos(videos, prompts: Sequence[str], evaluator: Evaluator | None = None,
-                    real_seed: int = 12345) -> dict:
+                    real_seed: int = 12345, first_frames=None) -> dict:
     """All metrics of a video set (uint8 (N, T, H, W, 3)) generated for `prompts`.
 
     The Fréchet distance `fd` compares the videos' evaluator features with those of N
     real world clips for the same prompts (drawn from `real_seed`); `fd_real_vs_real` is
-    its floor at this N: that real set against another (`real_seed + 1`).
+    its floor at this N: that real set against another (`real_seed + 1`). `first_frames`
+    (N, H, W, 3): the images an image-to-video model was given (`first_frame_metrics`).
     """
     evaluator = evaluator or load_evaluator()
     v = as_uint8(videos)
@@ -109,10 +134,12 @@ def evaluate_videos(videos, prompts: Sequence[str], evaluator: Evaluator | None 
     real_a, real_b = (real_videos(prompts, real_seed + k, c.size, c.num_frames) for k in (0, 1))
     feats, read = read_videos(evaluator, v)
     fa, fb = features(evaluator, real_a), features(evaluator, real_b)
+    image = {} if first_frames is None else {"first_frame": first_frame_metrics(v, first_frames, read, prompts)}
     return {
         "videos": len(v),
         "prompt_adherence": adherence(read, prompts),
         "motion": motion(v),
         "fd": frechet_distance(feats, fa),
         "fd_real_vs_real": frechet_distance(fb, fa),
+        **image,
     }

@@ -26,7 +26,7 @@ from flgengine.bundle import (LOW_NOISE_DIR, STORAGE_DTYPES, load_bundle, read_m
                               storage_dtype_of, bundle_directory, write_bundle_files)
 from flgengine.codec import uint8_to_video
 from flgengine.config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
-from flgengine.model import DiT
+from flgengine.model import DiT, main_expert
 from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
 
@@ -108,6 +108,14 @@ class TeacherConfig:
     expert_of: str | None = None
     t_max: float = 1.0  # training t = t_max * shift(u): the noise levels this run learns
     boundary: float = 0.2  # sampling switches to the low-noise expert at t <= boundary (pipeline.json)
+    # -- image to video --
+    # the first frame is given (pipeline.json image "concat"): the DiT reads the noisy clip, a mask
+    # (1 on frame 0) and the clip of the first frame then zeros, 3 + 1 + 3 channels
+    image: bool = False
+    # a bundle to start from (its main DiT and text encoder; a two-expert bundle's high-noise DiT):
+    # with `image` its patch embedding gets the 4 new input channels at zero, so the run starts as
+    # that model exactly and learns to read the image. Architecture options come from it.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.t_max, (int, float)) and 0 < self.t_max <= 1):
@@ -118,12 +126,20 @@ class TeacherConfig:
             raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.expert_of and not (Path(self.expert_of) / "config.json").is_file():
             raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
+        if self.init_from is not None and self.expert_of:
+            raise ValueError("init_from and expert_of exclude each other (a low-noise expert starts from expert_of)")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ValueError(f"init_from {self.init_from!r} is not a bundle directory (no config.json)")
 
     def model_config(self) -> ModelConfig:
+        if self.init_from:
+            c = read_model_config(self.init_from)
+            return dataclasses.replace(c, in_channels=2 * c.out_channels + 1 if self.image else c.in_channels,
+                                       attention=None)
         if self.expert_of:
             return dataclasses.replace(read_model_config(self.expert_of), velocity_skip=None,
                                        x0_prediction=self.x0_prediction or 0.05)
-        return ModelConfig(in_channels=3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
+        return ModelConfig(in_channels=7 if self.image else 3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
                            pos_embed=self.pos_embed, pooled_text=self.pooled_text, velocity_skip=self.velocity_skip,
@@ -137,6 +153,7 @@ class TeacherConfig:
             codec=CodecConfig(kind="pixel"),
             sampler=SamplerConfig(kind="euler", num_steps=self.sample_steps, shift=self.shift, guidance=self.guidance),
             num_frames=shapes.NUM_FRAMES, height=shapes.SIZE, width=shapes.SIZE, fps=8,
+            image="concat" if self.image else "none",
         )
 
 
@@ -145,6 +162,17 @@ RUNTIME = ("threads", "compile", "checkpoint_every", "device", "workers", "stora
 
 def _build(cfg: TeacherConfig) -> tuple[DiT, TokenTextEncoder]:
     torch.manual_seed(cfg.seed)
+    if cfg.init_from:  # a bundle's main DiT (+ zero weights for the image channels) and its text encoder
+        start = main_expert(load_bundle(cfg.init_from, dtype=torch.float32).model)
+        model = DiT(cfg.model_config())
+        state = start.state_dict()
+        w = state["patch_embed.weight"]  # (D, C, pt, ph, pw)
+        if model.patch_embed.weight.shape[1] != w.shape[1]:
+            wide = torch.zeros_like(model.patch_embed.weight)
+            wide[:, : w.shape[1]] = w
+            state["patch_embed.weight"] = wide
+        model.load_state_dict(state)
+        return model.requires_grad_(True), TokenTextEncoder.load(Path(cfg.init_from) / "text_encoder")
     if cfg.expert_of:  # the low-noise expert: the teacher's weights under the x0 output, its text encoder frozen
         high = load_bundle(cfg.expert_of, dtype=torch.float32).model
         if not isinstance(high, DiT):
@@ -201,9 +229,22 @@ def param_groups(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig) -> list
             {"params": gains, "weight_decay": 0.0, "lr_mult": cfg.gain_lr_mult}]
 
 
+def first_frame_condition(videos: torch.Tensor) -> torch.Tensor:
+    """The "concat" conditioning channels of clips whose first frame is given (pixel codec:
+    one mask channel): (B, 3, T, H, W) -> (B, 1 + 3, T, H, W) = [mask (1 on frame 0), frame 0
+    then zeros], as flgengine.conditioning builds them at sampling time."""
+    B, _, T, H, W = videos.shape
+    cond = videos.new_zeros(B, 4, T, H, W)
+    cond[:, 0, 0] = 1
+    cond[:, 1:, 0] = videos[:, :, 0]
+    return cond
+
+
 def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts: list[str],
-              gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0, t_max: float = 1.0) -> torch.Tensor:
-    """Flow-matching loss on a batch. videos: (B, 3, T, H, W) in [-1, 1]."""
+              gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0, t_max: float = 1.0,
+              image: bool = False) -> torch.Tensor:
+    """Flow-matching loss on a batch. videos: (B, 3, T, H, W) in [-1, 1]. `image`: the model
+    also reads the first frame (first_frame_condition); dropout drops the prompt only."""
     B = videos.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
     context = text([("" if d else p) for p, d in zip(prompts, drop.tolist())])  # (B, L, text_dim)
@@ -211,6 +252,8 @@ def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts:
     eps = torch.randn(videos.shape, generator=gen).to(videos.device)
     tt = t.view(B, 1, 1, 1, 1)
     x_t = (1 - tt) * videos + tt * eps
+    if image:
+        x_t = torch.cat([x_t, first_frame_condition(videos)], dim=1)
     return F.mse_loss(model(x_t, t * 1000, context), eps - videos)
 
 
@@ -253,7 +296,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     for step in trainer:
         x0, prompts = next(batches)
         x0 = x0.to(cfg.device)  # (B, 3, T, H, W)
-        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift, cfg.t_max)
+        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift, cfg.t_max, cfg.image)
         grad_norm = trainer.update("main", loss)
         trainer.log(loss=loss.item(), grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
     seconds = trainer.close()

@@ -249,3 +249,32 @@ def test_run_evaluate_writes_provenance(evaluator, tmp_path, monkeypatch, capsys
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="--threads must be at least 1, got 0"):
         ev.run_evaluate(parser.parse_args([str(bundle), "--threads", "0"]))
+
+
+def test_first_frame_metrics_of_real_clips_and_of_broken_ones():
+    """Image to video: real clips keep their first frames exactly; a clip whose frame 0 is another
+    clip's, or whose shape grows, loses PSNR / size."""
+    import numpy as np
+
+    from distill.evaluate import world_first_frames
+    from distill.metrics import first_frame_metrics
+    from distill.worlds import shapes as world
+
+    prompts = [world.PROMPTS[i] for i in range(6)]
+    rng = np.random.default_rng([3, 7])
+    from distill.evaluator import parse_prompts
+
+    clips = [world.sample_clip(rng, colour=c, shape=s, direction=d) for c, s, d in parse_prompts(prompts)]
+    videos = np.stack([world.render(c) for c in clips])  # (6, T, H, W, 3)
+    first = world_first_frames(prompts, 3).numpy()
+    assert np.array_equal(first, videos[:, 0])  # the same draws: world_first_frames is frame 0 of these clips
+    read = {"colour": [p[0] for p in parse_prompts(prompts)], "shape": [p[1] for p in parse_prompts(prompts)]}
+    m = first_frame_metrics(videos, first, read, prompts)
+    assert m["frame0_psnr"] == 100.0 and m["appearance_kept"] == 1.0 and m["size_kept"] == 1.0
+    shifted = first_frame_metrics(videos, np.roll(first, 1, axis=0), read, prompts)
+    assert shifted["frame0_psnr"] < 30
+    grown = videos.copy()
+    grown[:, -1] = np.maximum(grown[:, -1], np.roll(grown[:, -1], 6, axis=2))  # last frame: the shape doubled
+    assert first_frame_metrics(grown, first, read, prompts)["size_kept"] < 1.0
+    read["colour"][0] = "nothing"
+    assert first_frame_metrics(videos, first, read, prompts)["appearance_kept"] == 5 / 6

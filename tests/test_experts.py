@@ -180,3 +180,30 @@ def test_distilling_a_two_expert_teacher_prunes_the_high_noise_expert(two_expert
     sampler = build_sampler(dataclasses.replace(bundle.pipeline.sampler, num_steps=4), bundle.pipeline.low_noise_boundary)
     expected = sampler.sample(bundle.model, noise, ctx, seen["data"].uncond.expand(2, -1, -1))
     assert_close(seen["target"](noise, ctx), expected, 1e-5, "regression target")
+
+
+def test_an_image_to_video_teacher_fine_tunes_from_a_text_to_video_one(two_expert_teacher, tmp_path):
+    """init_from + image: the main (high-noise) DiT with its patch embedding widened by the mask and
+    first-frame channels at zero (so it starts as that DiT exactly), trained on clips whose first
+    frame it is given; the bundle takes an image (pipeline.json image "concat")."""
+    from distill.teacher import TeacherConfig, _build, first_frame_condition, train_teacher
+
+    _, two = two_expert_teacher
+    cfg = TeacherConfig(steps=2, batch_size=2, init_from=str(two), image=True)
+    start, _ = _build(cfg)
+    high = load_bundle(two).model.high
+    g = torch.Generator().manual_seed(0)
+    x, clip = torch.randn(2, 3, 9, 32, 32, generator=g), torch.rand(2, 3, 9, 32, 32, generator=g) * 2 - 1
+    ctx = torch.randn(2, 8, high.config.text_dim, generator=g)
+    t = torch.tensor([900.0, 100.0])
+    with torch.no_grad():
+        assert torch.equal(start(torch.cat([x, first_frame_condition(clip)], 1), t, ctx), high(x, t, ctx))
+    cond = first_frame_condition(clip)
+    assert torch.equal(cond[:, 0, 0], torch.ones(2, 32, 32)) and not cond[:, 0, 1:].any()
+    assert torch.equal(cond[:, 1:, 0], clip[:, :, 0]) and not cond[:, 1:, 1:].any()
+    result = train_teacher(cfg, tmp_path / "i2v", progress=False)
+    pipe = flgengine.load(result["bundle"], device="cpu")
+    assert pipe.config.image == "concat" and pipe.dit.config.in_channels == 7 and pipe.config.low_noise_boundary is None
+    first = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+    video = pipe("a red circle moving left", image=first, seed=0, steps=2, progress=False)
+    assert video.shape == (1, 9, 32, 32, 3)

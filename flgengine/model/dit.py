@@ -306,11 +306,12 @@ class DiT(nn.Module):
         out = out.reshape(B, *grid, pt, ph, pw, c.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
         out = out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        x_t = x[:, :c.out_channels]  # the noisy sample (an image "concat" DiT reads conditioning channels after it)
         if c.velocity_skip:  # + c_skip(t) x: the network predicts only what the input does not carry
-            out = out + velocity_skip(t, c.velocity_skip).view(B, 1, 1, 1, 1).to(out.dtype) * x
+            out = out + velocity_skip(t, c.velocity_skip).view(B, 1, 1, 1, 1).to(out.dtype) * x_t
         if c.x0_prediction:  # out is x0_hat: the velocity it implies, v = (x_t - x0_hat) / t
             sigma = (t.float() / 1000.0).clamp(min=c.x0_prediction).view(B, 1, 1, 1, 1)
-            out = ((x.float() - out.float()) / sigma).to(out.dtype)
+            out = ((x_t.float() - out.float()) / sigma).to(out.dtype)
         return out
 
     # -- utilities -------------------------------------------------------------------
