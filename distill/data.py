@@ -26,13 +26,36 @@ from flgengine.codec import uint8_to_video
 from .worlds import shapes
 
 
+def with_condition(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The DiT input of noisy latents `x` (k * B, C, F, H, W): `x` itself for a text-to-video
+    model (`cond` None), else `x` with the B samples' image conditioning channels after it
+    (repeated k times: CFG doubles the batch)."""
+    if cond is None:
+        return x
+    return torch.cat([x, cond.to(x).repeat(x.shape[0] // cond.shape[0], 1, 1, 1, 1)], dim=1)
+
+
 class WorldData:
     """The shapes world as a bundle sees it: videos through its codec, prompts through its
-    (frozen) text encoder. The empty prompt's state is `uncond`."""
+    (frozen) text encoder. The empty prompt's state is `uncond`. `image`: the bundle is an
+    image-to-video one (pipeline.json image "concat"): `condition(x0)` gives the first-frame
+    channels of a batch (mask, frame 0 then zeros), which every DiT call on it reads."""
 
-    def __init__(self, text_encoder, codec, seed: int = 0):
-        self.text_encoder, self.codec, self.seed = text_encoder, codec, seed
+    def __init__(self, text_encoder, codec, seed: int = 0, image: bool = False):
+        self.text_encoder, self.codec, self.seed, self.image = text_encoder, codec, seed, image
         self.uncond = text_encoder.encode([""], dtype=torch.float32)  # (1, L, text_dim)
+        if image and codec.temporal_factor != 1:
+            raise ValueError("the shapes world's image conditioning is built for a codec of temporal factor 1")
+
+    def condition(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1 + C, F, H, W) conditioning channels of clean latents x0 (B, C, F, H, W), or None."""
+        if not self.image:
+            return None
+        B, C, F, H, W = x0.shape
+        cond = x0.new_zeros(B, 1 + C, F, H, W)
+        cond[:, 0, 0] = 1  # the mask: frame 0 is given
+        cond[:, 1:, 0] = x0[:, :, 0]
+        return cond
 
     @torch.no_grad()
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +66,11 @@ class WorldData:
 
 def world_data(pipe, seed: int = 0) -> WorldData:
     """WorldData of a loaded `flgengine.Pipeline` (a bundle of the shapes world)."""
-    return WorldData(pipe.text_encoder, pipe.codec, seed)
+    image = getattr(pipe.config, "image", "none")
+    if image not in ("none", "concat"):
+        raise ValueError(f"distilling a shapes-world bundle with image conditioning {image!r} is not supported "
+                         "(the shapes world's image models use 'concat')")
+    return WorldData(pipe.text_encoder, pipe.codec, seed, image=image == "concat")
 
 
 class ShardData:
@@ -86,6 +113,9 @@ class ShardData:
 
     def __len__(self) -> int:
         return len(self.latents)
+
+    def condition(self, x0: torch.Tensor) -> None:
+        return None  # shards of text-to-video data
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])

@@ -31,6 +31,7 @@ from flgengine.bundle import atomic_replace, atomic_write_text
 from flgengine.codec import uint8_to_video
 from flgengine.model import DiT, main_expert
 
+from .data import with_condition
 from .worlds import shapes
 
 __all__ = [
@@ -85,8 +86,8 @@ def skip_blocks(model: DiT, positions: Iterable[int]):
 
 def _check_calibration(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Sequence[float], batch_size: int) -> None:
     c = model.config
-    if x0.dim() != 5 or x0.shape[1] != c.in_channels:
-        raise ValueError(f"x0 must be (N, {c.in_channels}, F, H, W), got {tuple(x0.shape)}")
+    if x0.dim() != 5 or x0.shape[1] != c.out_channels:  # (an image "concat" DiT reads more channels)
+        raise ValueError(f"x0 must be (N, {c.out_channels}, F, H, W), got {tuple(x0.shape)}")
     if context.dim() != 3 or context.shape[0] != x0.shape[0] or context.shape[2] != c.text_dim:
         raise ValueError(f"context must be ({x0.shape[0]}, L, {c.text_dim}), got {tuple(context.shape)}")
     if not ts or not all(0.0 < float(t) < 1.0 for t in ts):
@@ -97,11 +98,12 @@ def _check_calibration(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: 
 
 @torch.no_grad()
 def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Sequence[float], seed: int = 0,
-                     batch_size: int = 16, progress: bool = True) -> dict:
+                     batch_size: int = 16, progress: bool = True, cond: torch.Tensor | None = None) -> dict:
     """Importance of every block of `model` (Stage I).
 
     x0: (N, C, F, H, W) clean latents; context: (N, L, text_dim) their prompt embeddings;
-    ts: noise levels in (0, 1). The N * len(ts) noisy inputs run `batch_size` at a time,
+    ts: noise levels in (0, 1); cond: (N, ...) image conditioning channels of an image-to-video
+    model (distill.data.with_condition), else None. The N * len(ts) noisy inputs run `batch_size` at a time,
     once with all blocks and once per bypassed block, on the noise `draw_noise(x0.shape, seed)`.
 
     Returns a json-ready dict:
@@ -139,7 +141,8 @@ def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Se
             x_t = (1 - t) * x0[n] + t * eps[n]  # (b, C, F, H, W)
             for row, skip in enumerate([()] + [(b,) for b in range(B)]):
                 with skip_blocks(model, skip):
-                    v = model(x_t.to(dtype), sigmas[k] * NUM_TRAIN_TIMESTEPS, context[n]).float()
+                    x_in = with_condition(x_t, None if cond is None else cond[n].to(device))
+                    v = model(x_in.to(dtype), sigmas[k] * NUM_TRAIN_TIMESTEPS, context[n]).float()
                 x0_hat = x_t - t * v  # Tweedie for flow matching
                 err = (x0[n] - x0_hat).pow(2).flatten(1).mean(1)  # (b,)
                 sq_err[row].index_add_(0, k, err.double())

@@ -39,6 +39,7 @@ from flgengine.sampling import build_sampler
 from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
+from .data import with_condition
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
 from .student import student_evaluator, student_pipeline_config, write_student
 from .trainer import init_distributed, rank0_decides, rank0_writes
@@ -193,6 +194,9 @@ def make_data(cfg: RunConfig, pipe):
     from .data import ShardData, world_data
 
     if cfg.data["kind"] == "shards":
+        if pipe.config.image != "none":
+            raise ValueError(f"teacher {cfg.teacher} is image-to-video (image {pipe.config.image!r}); distilling it "
+                             "from shards is not supported yet (shards hold no first-frame conditioning)")
         return ShardData(cfg.data["path"], seed=cfg.data["seed"])
     return world_data(pipe, seed=cfg.data["seed"])
 
@@ -206,7 +210,7 @@ def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True)
     c = cfg.importance
     x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
     result = block_importance(main_expert(pipe.dit), x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
-                              batch_size=c["batch_size"], progress=progress)
+                              batch_size=c["batch_size"], progress=progress, cond=data.condition(x0))
     out.mkdir(parents=True, exist_ok=True)
     rank0_writes(lambda: save_importance(result, done, out / "importance.png"))
     return result
@@ -280,8 +284,9 @@ class Run:
         device = self.cfg.stage3_config().device
         teacher, uncond = pipe.dit.to(device), self.data.uncond.to(device)
 
-        def sample(noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return sampler.sample(teacher, noise, context, uncond.expand(len(context), -1, -1)).to(noise.dtype)
+        def sample(noise: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+            model = teacher if cond is None else (lambda x, t, c: teacher(with_condition(x, cond), t, c))
+            return sampler.sample(model, noise, context, uncond.expand(len(context), -1, -1)).to(noise.dtype)
 
         return sample
 

@@ -39,6 +39,7 @@ from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 
+from .data import with_condition
 from .importance import skip_blocks
 from .plan import PruningPlan
 from .trainer import Trainer, cosine_lr, fsdp_shard, full_state_dict, is_sharded
@@ -107,15 +108,17 @@ def draw_skips(candidates: list[int], cfg: Stage2Config, gen: torch.Generator) -
 
 
 def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator,
-                t_shift: float, cond_dropout: float):
-    """(x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU)."""
+                t_shift: float, cond_dropout: float, cond: torch.Tensor | None = None):
+    """(DiT input x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU).
+    `cond`: an image-to-video model's conditioning channels (data.condition(x0)), put after x_t
+    (dropout drops the prompt only)."""
     B = x0.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
     context = torch.where(drop.view(B, 1, 1).to(context.device), uncond.to(context), context)
     t = shift_sigmas(torch.rand(B, generator=gen), t_shift).to(x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     tt = t.view(B, 1, 1, 1, 1)
-    return (1 - tt) * x0 + tt * eps, t, context, eps - x0
+    return with_condition((1 - tt) * x0 + tt * eps, cond), t, context, eps - x0
 
 
 def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: list[int], cfg: Stage2Config,
@@ -197,14 +200,15 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     # the held-out batch: data far past any training step, its own noise
     hx0, hctx = data.batch(10**9, cfg.eval_batch)
     heldout = noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
-                          cfg.t_shift, 0.0)
+                          cfg.t_shift, 0.0, data.condition(hx0.to(cfg.device)))
     if trainer.step == 0:
         trainer.extra["start"] = mode_losses(model, plan, heldout, uncond)
     for step in trainer:
         x0, context = data.batch(step, cfg.batch_size)
         # every rank draws the global batch's randomness, then keeps its slice (= one process)
+        x0 = x0.to(cfg.device)
         x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
-            x0.to(cfg.device), context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout))
+            x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout, data.condition(x0)))
         skip = draw_skips(plan.drop, cfg, trainer.gen)
         parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond)
         trainer.log(grad_norm=trainer.update("main", parts["loss"]), **{k: v.item() for k, v in parts.items()},

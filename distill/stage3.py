@@ -43,6 +43,7 @@ from flgengine.config import AttentionConfig, ConfigError, JsonConfig, dataclass
 from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
+from .data import with_condition
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
@@ -161,12 +162,14 @@ def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list
 
 @torch.no_grad()
 def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float | torch.Tensor, b2: float,
-                  mode: str) -> torch.Tensor:
+                  mode: str, cond: torch.Tensor | None = None) -> torch.Tensor:
     """The real score's velocity. mode "well-guided": v_p(u) + b1 (v_p(c) - v_p(u)) + b2 (v_u(c) - v_p(c))
     with p = `real` with the blocks `drop` skipped, u = `real` in full; "cfg": v(u) + b1 (v(c) - v(u)).
-    b1: a number, or per sample (B, 1, 1, 1, 1)."""
+    b1: a number, or per sample (B, 1, 1, 1, 1). `cond`: an image-to-video model's conditioning
+    channels (data.with_condition); guidance drops the prompt, never the image."""
     B = x_t.shape[0]
     unc = uncond.expand(B, -1, -1)
+    x_t = with_condition(x_t, cond)
     if mode == "cfg":
         v_c, v_u = real(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
         return v_u + b1 * (v_c - v_u)
@@ -281,20 +284,23 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     if trainer.step == 0 and "evals" not in trainer.extra:
         consider(0)
     for step in trainer:
-        _, context = data.batch(step, cfg.batch_size)
+        x0_data, context = data.batch(step, cfg.batch_size)
         context = trainer.shard(context.to(cfg.device))
+        cond = data.condition(x0_data)  # an image-to-video model's first frames (of this batch's clips), else None
+        cond = None if cond is None else trainer.shard(cond.to(cfg.device))
         B = context.shape[0]
         gen = trainer.gen
+        g_cond, f_cond = conditioned(g_net, cond), conditioned(f_net, cond)
         # 1. x = G(z) by backward simulation to a random student step
         k = int(torch.randint(cfg.num_steps, (), generator=gen))
         noise = _draw_global((B, *latent_shape(data)), gen, trainer).to(cfg.device)
-        x = student_x0(g_net, noise, context, sigmas, k, gen,
+        x = student_x0(g_cond, noise, context, sigmas, k, gen,
                        draw=lambda shape: _draw_global(shape, gen, trainer))  # (B, C, F, H, W)
         # 2. fake score: flow loss on the student's samples, several updates
         for _ in range(cfg.fake_updates):
             t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
             x_t = (1 - t) * x.detach() + t * eps
-            f_loss = F.mse_loss(f_net(x_t, 1000 * t.flatten(), context), eps - x.detach())
+            f_loss = F.mse_loss(f_cond(x_t, 1000 * t.flatten(), context), eps - x.detach())
             trainer.update("fake", f_loss)
         # 3. generator: DMD gradient from the fake and real x0 predictions
         t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
@@ -305,14 +311,14 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         x_t = (1 - t) * x.detach() + t * eps
         T = 1000 * t.flatten()
         with torch.no_grad():
-            x0_fake = x_t - t * fake(x_t, T, context)
-            x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score)
+            x0_fake = x_t - t * conditioned(fake, cond)(x_t, T, context)
+            x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score, cond)
         g_loss = dmd_loss(x, x0_fake, x0_real)
         extra = {}
         if cfg.regression > 0:  # the student's first step from z towards the teacher's sample from z
             with torch.no_grad():
-                target = regression_target(noise, context)
-            x_first = x if k == 0 else student_x0(g_net, noise, context, sigmas, 0, gen)
+                target = regression_target(noise, context) if cond is None else regression_target(noise, context, cond)
+            x_first = x if k == 0 else student_x0(g_cond, noise, context, sigmas, 0, gen)
             reg = F.mse_loss(x_first, target)
             g_loss = g_loss + cfg.regression * reg
             extra["regression"] = reg.item()
@@ -332,6 +338,14 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
               "evaluations": evals}
     return student.eval().requires_grad_(False), record
+
+
+def conditioned(net, cond: torch.Tensor | None):
+    """`net` as the stages call it, (x, t, context) -> v, with an image-to-video batch's
+    conditioning channels put after x (data.with_condition); `net` itself without one."""
+    if cond is None:
+        return net
+    return lambda x, t, context: net(with_condition(x, cond), t, context)
 
 
 def latent_shape(data) -> tuple[int, ...]:

@@ -37,7 +37,8 @@ def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict)
         return {"adherence": r["prompt_adherence"]["adherence"], **{k: v for k, v in r["prompt_adherence"].items()
                                                                     if k != "adherence"},
                 "motion_ratio": r["motion"]["ratio"], "frechet": r["fd"], "frechet_floor": r["fd_real_vs_real"],
-                "videos": r["videos"]}
+                "videos": r["videos"],
+                **({k: r["first_frame"][k] for k in ("frame0_psnr", "appearance_kept")} if "first_frame" in r else {})}
 
     return evaluate
 
@@ -49,7 +50,7 @@ def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, pr
     path = Path(path)
     with bundle_directory(path) as tmp:
         write_bundle_files(tmp, student, pipeline_config, provenance, storage_dtype=storage_dtype_of(storage_dtype))
-        for sub in ("text_encoder", "tokenizer", "vae"):
+        for sub in ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
             src = Path(pipe.path) / sub
             if src.is_dir():
                 shutil.copytree(src, tmp / sub)
