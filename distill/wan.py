@@ -122,10 +122,14 @@ def add_convert_args(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
     p.add_argument("--max-length", type=int, default=512, help="umT5 tokens (default 512)")
+    p.add_argument("--image", default=None, choices=["none", "first_frame", "concat"],
+                   help="image conditioning (default: read off the pipeline: concat for I2V transformers, "
+                        "first_frame when model_index.json sets expand_timesteps)")
 
 
 def run_convert(args) -> int:
     path = bundle_from_diffusers(args.src, args.out, num_frames=args.frames, height=args.height, width=args.width,
-                                 steps=args.steps, guidance=args.guidance, max_length=args.max_length)
+                                 steps=args.steps, guidance=args.guidance, max_length=args.max_length,
+                                 image=args.image)
     print(f"wrote {path}")
     return 0

@@ -268,3 +268,35 @@ def test_image_to_video_aoti_engines_give_the_pytorch_video(image, tmp_path):
     from tiny_wan import make_tiny_wan_i2v_bundle
 
     _engine_gives_the_pytorch_video(make_tiny_wan_i2v_bundle(tmp_path / "b", image, clip=True), "aoti", tmp_path)
+
+
+# ---- conversion ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["i2v", "ti2v"])
+def test_a_diffusers_image_to_video_pipeline_converts_to_a_bundle(kind, tmp_path):
+    """bundle_from_diffusers reads the scheme off the pipeline: concat (+ CLIP parts) for a
+    transformer with extra input channels, first_frame when model_index.json sets expand_timesteps."""
+    from flgengine.convert import bundle_from_diffusers, to_diffusers
+    from tiny_wan import make_tiny_wan_i2v_bundle
+
+    src = make_tiny_wan_i2v_bundle(tmp_path / "src", "concat" if kind == "i2v" else "first_frame")
+    wan = tmp_path / "wan"
+    import shutil
+
+    for sub in ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, wan / sub)
+    to_diffusers(flgengine.load(src, device="cpu").dit, wan / "transformer")
+    index = {"_class_name": "WanImageToVideoPipeline", "expand_timesteps": kind == "ti2v"}
+    (wan / "model_index.json").write_text(json.dumps(index))
+    (wan / "scheduler").mkdir()
+    (wan / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))  # the source's shift
+    bundle = bundle_from_diffusers(wan, tmp_path / "bundle", num_frames=5, height=32, width=48, steps=4, guidance=3.0,
+                                   max_length=512 if kind == "i2v" else 24)
+    cfg = json.loads((bundle / "pipeline.json").read_text())
+    assert cfg["image"] == ("concat" if kind == "i2v" else "first_frame")
+    assert cfg["image_encoder"]["kind"] == ("clip" if kind == "i2v" else "none")
+    kw = dict(image=_picture(), seed=4, progress=False)
+    want = flgengine.load(src, device="cpu")("a red cat runs", **kw)
+    got = flgengine.load(bundle, device="cpu")("a red cat runs", **kw)
+    assert torch.equal(got, want)  # the same parts and sampler: the same video

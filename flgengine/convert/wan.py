@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, bundle_directory, write_bundle_files
-from ..config import CodecConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from ..config import CodecConfig, ImageEncoderConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from ..model import DiT
 from .source import read_diffusers_dir
 
@@ -211,8 +211,12 @@ def to_diffusers(model, out_dir: Path) -> Path:
 
 
 def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 81, height: int = 480, width: int = 832,
-                          steps: int = 50, guidance: float = 5.0, max_length: int = 512) -> Path:
-    """A bundle of the Wan pipeline directory `src`: the sampler's shift from its scheduler
+                          steps: int = 50, guidance: float = 5.0, max_length: int = 512, image: str | None = None) -> Path:
+    """`image` (pipeline.json's scheme): None reads it off the pipeline: "concat" for a transformer
+    that reads more channels than the VAE gives (Wan2.1-I2V, Wan2.2-I2V; with CLIP when it has
+    image_dim, whose image_encoder/ and image_processor/ are copied), "first_frame" for a pipeline
+    whose model_index.json sets expand_timesteps (Wan2.2-TI2V), else "none".
+A bundle of the Wan pipeline directory `src`: the sampler's shift from its scheduler
     config, else 5.0; video size and sampling defaults are the Wan2.1 T2V ones unless given."""
     for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
         if not (src / sub).is_dir():
@@ -226,14 +230,28 @@ def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 81, height:
     sched = src / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         shift = float(json.loads(sched.read_text()).get("flow_shift", shift) or shift)
+    index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
+    z_dim = json.loads((src / "vae" / "config.json").read_text()).get("z_dim", 16) if (src / "vae" / "config.json").is_file() \
+        else config.out_channels
+    if image is None:
+        image = "concat" if config.in_channels > z_dim else "first_frame" if index.get("expand_timesteps") else "none"
+    parts = ["text_encoder", "tokenizer", "vae"]
+    encoder = ImageEncoderConfig()
+    if config.image_dim is not None:
+        for sub in ("image_encoder", "image_processor"):
+            if not (src / sub).is_dir():
+                raise BundleError(f"{src}/{sub}: missing (the transformer reads CLIP image tokens, image_dim "
+                                  f"{config.image_dim}: a Wan2.1-I2V pipeline holds image_encoder and image_processor)")
+        parts += ["image_encoder", "image_processor"]
+        encoder = ImageEncoderConfig(kind="clip", path="image_encoder", processor_path="image_processor")
     pipeline = PipelineConfig(
         text_encoder=TextEncoderConfig(kind="umt5", path="text_encoder", tokenizer_path="tokenizer", max_length=max_length),
         codec=CodecConfig(kind="wan_vae", path="vae"),
         sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=guidance),
-        num_frames=num_frames, height=height, width=width, fps=16,
+        num_frames=num_frames, height=height, width=width, fps=16, image=image, image_encoder=encoder,
     )
     with bundle_directory(out) as tmp:
-        for sub in ("text_encoder", "tokenizer", "vae"):
+        for sub in parts:
             shutil.copytree(src / sub, tmp / sub)
         write_bundle_files(tmp, model, pipeline, {"kind": "Wan teacher (converted from diffusers)", "source": str(src)})
     return Path(out)
