@@ -128,8 +128,12 @@ class TeacherConfig:
             raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
         if self.init_from is not None and self.expert_of:
             raise ValueError("init_from and expert_of exclude each other (a low-noise expert starts from expert_of)")
-        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
-            raise ValueError(f"init_from {self.init_from!r} is not a bundle directory (no config.json)")
+        if self.init_from is not None:
+            from flgengine.pipeline import resolve_model
+
+            self.init_from = str(resolve_model(self.init_from))  # a bundle path or a shipped model's name
+            if not (Path(self.init_from) / "config.json").is_file():
+                raise ValueError(f"init_from {self.init_from!r} is not a bundle directory (no config.json)")
 
     def model_config(self) -> ModelConfig:
         if self.init_from:
