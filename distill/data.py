@@ -26,6 +26,14 @@ from flgengine.codec import uint8_to_video
 from .worlds import shapes
 
 
+def condition_of(data, x0: torch.Tensor) -> torch.Tensor | None:
+    """The image conditioning channels `data` gives clean latents x0 (`data.condition(x0)`), or
+    None: text-to-video data, or a data object without `condition` (the stages' data interface
+    needs only `batch(step, n) -> (x0, context)` and `uncond`)."""
+    condition = getattr(data, "condition", None)
+    return None if condition is None else condition(x0)
+
+
 def with_condition(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """The DiT input of noisy latents `x` (k * B, C, F, H, W): `x` itself for a text-to-video
     model (`cond` None), else `x` with the B samples' image conditioning channels after it

@@ -39,7 +39,7 @@ from flgengine.sampling import build_sampler
 from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
-from .data import with_condition
+from .data import condition_of, with_condition
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
 from .student import student_evaluator, student_pipeline_config, write_student
 from .trainer import init_distributed, rank0_decides, rank0_writes
@@ -210,7 +210,7 @@ def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True)
     c = cfg.importance
     x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
     result = block_importance(main_expert(pipe.dit), x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
-                              batch_size=c["batch_size"], progress=progress, cond=data.condition(x0))
+                              batch_size=c["batch_size"], progress=progress, cond=condition_of(data, x0))
     out.mkdir(parents=True, exist_ok=True)
     rank0_writes(lambda: save_importance(result, done, out / "importance.png"))
     return result

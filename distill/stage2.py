@@ -39,7 +39,7 @@ from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 
-from .data import with_condition
+from .data import condition_of, with_condition
 from .importance import skip_blocks
 from .plan import PruningPlan
 from .trainer import Trainer, cosine_lr, fsdp_shard, full_state_dict, is_sharded
@@ -110,7 +110,7 @@ def draw_skips(candidates: list[int], cfg: Stage2Config, gen: torch.Generator) -
 def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator,
                 t_shift: float, cond_dropout: float, cond: torch.Tensor | None = None):
     """(DiT input x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU).
-    `cond`: an image-to-video model's conditioning channels (data.condition(x0)), put after x_t
+    `cond`: an image-to-video model's conditioning channels (condition_of(data, x0)), put after x_t
     (dropout drops the prompt only)."""
     B = x0.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
@@ -200,7 +200,7 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     # the held-out batch: data far past any training step, its own noise
     hx0, hctx = data.batch(10**9, cfg.eval_batch)
     heldout = noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
-                          cfg.t_shift, 0.0, data.condition(hx0.to(cfg.device)))
+                          cfg.t_shift, 0.0, condition_of(data, hx0.to(cfg.device)))
     if trainer.step == 0:
         trainer.extra["start"] = mode_losses(model, plan, heldout, uncond)
     for step in trainer:
@@ -208,7 +208,7 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
         # every rank draws the global batch's randomness, then keeps its slice (= one process)
         x0 = x0.to(cfg.device)
         x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
-            x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout, data.condition(x0)))
+            x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout, condition_of(data, x0)))
         skip = draw_skips(plan.drop, cfg, trainer.gen)
         parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond)
         trainer.log(grad_norm=trainer.update("main", parts["loss"]), **{k: v.item() for k, v in parts.items()},

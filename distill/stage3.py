@@ -43,7 +43,7 @@ from flgengine.config import AttentionConfig, ConfigError, JsonConfig, dataclass
 from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
-from .data import with_condition
+from .data import condition_of, with_condition
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
@@ -286,7 +286,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     for step in trainer:
         x0_data, context = data.batch(step, cfg.batch_size)
         context = trainer.shard(context.to(cfg.device))
-        cond = data.condition(x0_data)  # an image-to-video model's first frames (of this batch's clips), else None
+        cond = condition_of(data, x0_data)  # an image-to-video model's first frames (of this batch's clips), else None
         cond = None if cond is None else trainer.shard(cond.to(cfg.device))
         B = context.shape[0]
         gen = trainer.gen

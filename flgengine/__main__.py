@@ -84,6 +84,7 @@ def _describe_bundle(path: str) -> dict:
         "defaults": {"num_frames": p.num_frames, "height": p.height, "width": p.width, "fps": p.fps},
         "text_encoder": p.text_encoder.kind,
         "codec": p.codec.kind,
+        "image": p.image if p.image_encoder.kind == "none" else f"{p.image} + {p.image_encoder.kind} image tokens",
         "attention": _attention_info(b),
         "config": c.to_dict(),
         "provenance": b.provenance,

@@ -176,13 +176,14 @@ def test_shipped_run_configs_are_valid():
     from pathlib import Path
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) == 4
+    assert len(configs) == 5
     kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
     # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network; its
     # sparse-aware continuation: Stage III from it, on the teacher's CFG
     assert kinds == {"runs/shapes-4step": (False, "cfg", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
-                     "runs/shapes-dmd2": (True, "cfg", False), "runs/shapes-4step-sparse": (True, "cfg", False)}
+                     "runs/shapes-dmd2": (True, "cfg", False), "runs/shapes-4step-sparse": (True, "cfg", False),
+                     "runs/shapes-i2v-4step": (False, "cfg", True)}  # the image-to-video student: the same recipe
     sparse = RunConfig.load(configs[0].parent / "shapes-4step-sparse.yaml").stage3_config()
     assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "tile_window"
 
