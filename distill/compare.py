@@ -19,7 +19,7 @@ import json
 import numpy as np
 import torch
 
-from .evaluate import evaluate_bundle, set_threads
+from .evaluate import evaluate_bundle, set_threads, world_first_frames
 from .evaluator import load_evaluator
 
 
@@ -42,7 +42,13 @@ def video_grid(runs, prompts=GRID_PROMPTS, seed: int = 0, scale: int = 3) -> np.
     (T, H, W, 3) uint8 with the model names on the left and the prompts on top."""
     from PIL import Image, ImageDraw, ImageFont
 
-    videos = [np.asarray(pipe(list(prompts), seed=seed, progress=False, **kw)) for _, pipe, kw in runs]  # (P, T, h, w, 3)
+    def image_of(pipe) -> dict:  # image-to-video models get world first frames (the same for every row)
+        if getattr(pipe.config, "image", "none") == "none":
+            return {}
+        return {"image": list(world_first_frames(list(prompts), seed))}
+
+    videos = [np.asarray(pipe(list(prompts), seed=seed, progress=False, **kw, **image_of(pipe)))
+              for _, pipe, kw in runs]  # (P, T, h, w, 3)
     P, T, h, w, _ = videos[0].shape
     cell, gap, left, top = (h * scale, w * scale), 4, 190, 40
     H, W = top + len(runs) * (cell[0] + gap), left + P * (cell[1] + gap)
@@ -88,7 +94,8 @@ def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, se
         nfe = dit_calls(pipe, r["steps"], r["guidance"])
         rows.append({"name": name, "nfe": nfe, "params": pipe.dit.num_params(), "adherence": r["prompt_adherence"],
                      "fd": r["fd"], "fd_floor": r["fd_real_vs_real"], "motion": r["motion"]["ratio"],
-                     "seconds_per_video": r["seconds_per_video"], "path": r["model"]})
+                     "seconds_per_video": r["seconds_per_video"], "path": r["model"],
+                     **({"first_frame": r["first_frame"]} if "first_frame" in r else {})})
     base = rows[0]["seconds_per_video"]
     for row in rows:
         row["speedup"] = base / row["seconds_per_video"]
@@ -100,14 +107,18 @@ def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, se
 
 
 def markdown(rows: list[dict]) -> str:
+    image = all("first_frame" in r for r in rows)  # image-to-video models: frame 0 PSNR, appearance kept
     head = ("| model | NFE | DiT params | adherence | colour / shape / direction | FD (floor) | motion / true "
-            "| s / video (CPU) | speedup |\n|---|---|---|---|---|---|---|---|---|")
+            + ("| frame 0 PSNR | appearance kept " if image else "")
+            + "| s / video (CPU) | speedup |\n|---|---|---|---|---|---|---|" + ("---|---|" if image else "") + "---|---|")
     lines = [head]
     for r in rows:
         a = r["adherence"]
+        f = (f"{r['first_frame']['frame0_psnr']:.1f} dB | {r['first_frame']['appearance_kept']:.3f} | "
+             if image else "")
         lines.append(f"| {r['name']} | {r['nfe']} | {r['params'] / 1e6:.2f}M | {a['adherence']:.3f} | "
                      f"{a['colour']:.3f} / {a['shape']:.3f} / {a['direction']:.3f} | {r['fd']:.1f} ({r['fd_floor']:.1f}) | "
-                     f"{r['motion']:.2f} | {r['seconds_per_video']:.3f} | {r['speedup']:.1f}x |")
+                     f"{r['motion']:.2f} | {f}{r['seconds_per_video']:.3f} | {r['speedup']:.1f}x |")
     return "\n".join(lines)
 
 

@@ -259,6 +259,13 @@ def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path):
         pipe("a red circle moving left", progress=False)
     evals = result["provenance"]["stages"][-1]["evaluations"]
     assert evals and all("frame0_psnr" in e["metrics"] for e in evals)
+    # the comparison table and grid of image-to-video models give them world first frames
+    from distill.compare import compare, markdown
+
+    rows = compare(i2v, [("FastLightGen", result["bundle"])], samples=2, seeds=(0,), batch_size=2, teacher_few_steps=2,
+                   progress=False, grid=str(tmp_path / "grid.gif"))
+    assert all(0 <= r["first_frame"]["appearance_kept"] <= 1 for r in rows) and (tmp_path / "grid.gif").is_file()
+    assert "| frame 0 PSNR | appearance kept |" in markdown(rows)
 
 
 def test_the_stages_put_a_batch_s_condition_after_x_also_under_cfg():
