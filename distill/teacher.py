@@ -108,13 +108,14 @@ class TeacherConfig:
     expert_of: str | None = None
     t_max: float = 1.0  # training t = t_max * shift(u): the noise levels this run learns
     boundary: float = 0.2  # sampling switches to the low-noise expert at t <= boundary (pipeline.json)
-    # -- image to video --
-    # the first frame is given (pipeline.json image "concat"): the DiT reads the noisy clip, a mask
-    # (1 on frame 0) and the clip of the first frame then zeros, 3 + 1 + 3 channels
-    image: bool = False
+    # -- image to video: the first frame is given (pipeline.json `image`) --
+    # "concat": the DiT reads the noisy clip, a mask (1 on frame 0) and the first frame then zeros,
+    # 3 + 1 + 3 channels; "first_frame": frame 0 is the clean frame itself, its tokens at t = 0
+    # (one timestep per token), the loss on the other frames; "none": text to video
+    image: str = "none"
     # a bundle to start from (its main DiT and text encoder; a two-expert bundle's high-noise DiT):
-    # with `image` its patch embedding gets the 4 new input channels at zero, so the run starts as
-    # that model exactly and learns to read the image. Architecture options come from it.
+    # with image "concat" its patch embedding gets the 4 new input channels at zero, so the run starts
+    # as that model exactly and learns to read the image. Architecture options come from it.
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class TeacherConfig:
             raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.expert_of and not (Path(self.expert_of) / "config.json").is_file():
             raise ValueError(f"expert_of {self.expert_of!r} is not a bundle directory (no config.json)")
+        if self.image not in ("none", "concat", "first_frame"):
+            raise ValueError(f"image must be none, concat or first_frame, got {self.image!r}")
         if self.init_from is not None and self.expert_of:
             raise ValueError("init_from and expert_of exclude each other (a low-noise expert starts from expert_of)")
         if self.init_from is not None:
@@ -138,12 +141,12 @@ class TeacherConfig:
     def model_config(self) -> ModelConfig:
         if self.init_from:
             c = read_model_config(self.init_from)
-            return dataclasses.replace(c, in_channels=2 * c.out_channels + 1 if self.image else c.in_channels,
+            return dataclasses.replace(c, in_channels=2 * c.out_channels + 1 if self.image == "concat" else c.in_channels,
                                        attention=None)
         if self.expert_of:
             return dataclasses.replace(read_model_config(self.expert_of), velocity_skip=None,
                                        x0_prediction=self.x0_prediction or 0.05)
-        return ModelConfig(in_channels=7 if self.image else 3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
+        return ModelConfig(in_channels=7 if self.image == "concat" else 3, out_channels=3, patch_size=(1, self.patch, self.patch), num_heads=self.num_heads,
                            head_dim=self.head_dim, ffn_dim=self.ffn_dim, text_dim=self.text_dim,
                            freq_dim=self.freq_dim, num_layers=self.num_layers, rope_max_seq_len=64,
                            pos_embed=self.pos_embed, pooled_text=self.pooled_text, velocity_skip=self.velocity_skip,
@@ -157,7 +160,7 @@ class TeacherConfig:
             codec=CodecConfig(kind="pixel"),
             sampler=SamplerConfig(kind="euler", num_steps=self.sample_steps, shift=self.shift, guidance=self.guidance),
             num_frames=shapes.NUM_FRAMES, height=shapes.SIZE, width=shapes.SIZE, fps=8,
-            image="concat" if self.image else "none",
+            image=self.image,
         )
 
 
@@ -246,9 +249,11 @@ def first_frame_condition(videos: torch.Tensor) -> torch.Tensor:
 
 def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts: list[str],
               gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0, t_max: float = 1.0,
-              image: bool = False) -> torch.Tensor:
-    """Flow-matching loss on a batch. videos: (B, 3, T, H, W) in [-1, 1]. `image`: the model
-    also reads the first frame (first_frame_condition); dropout drops the prompt only."""
+              image: str = "none", patch: tuple[int, int, int] = (1, 1, 1)) -> torch.Tensor:
+    """Flow-matching loss on a batch. videos: (B, 3, T, H, W) in [-1, 1]. `image` "concat": the
+    model also reads the first frame (first_frame_condition); "first_frame": frame 0 is given
+    clean with its tokens at t = 0 (`patch`: the DiT's, to count them) and the loss covers the
+    other frames. Dropout drops the prompt only."""
     B = videos.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
     context = text([("" if d else p) for p, d in zip(prompts, drop.tolist())])  # (B, L, text_dim)
@@ -256,9 +261,19 @@ def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts:
     eps = torch.randn(videos.shape, generator=gen).to(videos.device)
     tt = t.view(B, 1, 1, 1, 1)
     x_t = (1 - tt) * videos + tt * eps
-    if image:
+    target = eps - videos
+    if image == "concat":
         x_t = torch.cat([x_t, first_frame_condition(videos)], dim=1)
-    return F.mse_loss(model(x_t, t * 1000, context), eps - videos)
+    if image == "first_frame":
+        _, _, T, H, W = videos.shape
+        pt, ph, pw = patch
+        per_frame = (H // ph) * (W // pw)  # tokens of one latent frame (pt = 1)
+        tokens = torch.ones(T // pt * per_frame, device=videos.device)
+        tokens[:per_frame] = 0  # (S,) 0 on frame 0's tokens
+        x_t = torch.cat([videos[:, :, :1], x_t[:, :, 1:]], dim=2)
+        v = model(x_t, (t * 1000)[:, None] * tokens[None, :], context)  # t: (B, S)
+        return F.mse_loss(v[:, :, 1:], target[:, :, 1:])
+    return F.mse_loss(model(x_t, t * 1000, context), target)
 
 
 class _WorldBatches(torch.utils.data.Dataset):
@@ -300,7 +315,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, bundle: str | Path | None
     for step in trainer:
         x0, prompts = next(batches)
         x0 = x0.to(cfg.device)  # (B, 3, T, H, W)
-        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift, cfg.t_max, cfg.image)
+        loss = flow_loss(net, text, x0, prompts, trainer.gen, cfg.cond_dropout, cfg.t_shift, cfg.t_max, cfg.image,
+                         model.config.patch_size)
         grad_norm = trainer.update("main", loss)
         trainer.log(loss=loss.item(), grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
     seconds = trainer.close()

@@ -263,10 +263,10 @@ class ModelConfig(JsonConfig):
       MLP, is added to the timestep embedding (a pooled text vector, as in SD3 and Flux).
     - `velocity_skip` = sigma_data: the velocity is `c_skip(t) * x_t + network(x_t)` with
       EDM's least-squares skip for flow matching, `c_skip = (t - (1 - t) sd^2) / ((1 - t)^2 sd^2 + t^2)`.
-      Per-sample timesteps only.
+      With per-token timesteps, each token's own c_skip.
     - `x0_prediction` = a sigma floor: the network predicts the clean sample x0 and the DiT
       returns the velocity it implies, `v = (x_t - x0_hat) / max(t, floor)` (t in 0..1).
-      Per-sample timesteps only; not with `velocity_skip`.
+      Per-token timesteps: each token's own t. Not with `velocity_skip`.
     - `attention`: a block-sparse self-attention pattern (`AttentionConfig`); None = dense.
     """
 

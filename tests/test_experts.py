@@ -189,7 +189,7 @@ def test_an_image_to_video_teacher_fine_tunes_from_a_text_to_video_one(two_exper
     from distill.teacher import TeacherConfig, _build, first_frame_condition, train_teacher
 
     _, two = two_expert_teacher
-    cfg = TeacherConfig(steps=2, batch_size=2, init_from=str(two), image=True)
+    cfg = TeacherConfig(steps=2, batch_size=2, init_from=str(two), image="concat")
     start, _ = _build(cfg)
     high = load_bundle(two).model.high
     g = torch.Generator().manual_seed(0)
@@ -207,3 +207,32 @@ def test_an_image_to_video_teacher_fine_tunes_from_a_text_to_video_one(two_exper
     first = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
     video = pipe("a red circle moving left", image=first, seed=0, steps=2, progress=False)
     assert video.shape == (1, 9, 32, 32, 3)
+
+
+def test_a_first_frame_teacher_keeps_its_inputs_and_learns_the_other_frames(two_expert_teacher, tmp_path):
+    """image "first_frame": no new channels (the run starts as the teacher's DiT), frame 0 given
+    clean at t = 0, the loss on frames 1..; the bundle samples with frame 0 kept exactly."""
+    from distill.teacher import TeacherConfig, flow_loss, train_teacher
+
+    _, two = two_expert_teacher
+    cfg = TeacherConfig(steps=2, batch_size=2, init_from=str(two), image="first_frame")
+    assert cfg.model_config().in_channels == 3 and cfg.pipeline_config().image == "first_frame"
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, context):
+            seen.update(x=x, t=t)
+            return torch.zeros_like(x)
+
+    text = lambda prompts: torch.zeros(len(prompts), 8, 16)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    clip = torch.rand(2, 3, 9, 32, 32, generator=g) * 2 - 1
+    loss = flow_loss(Spy(), text, clip, ["a", "b"], g, 0.0, image="first_frame", patch=(1, 8, 8))
+    assert torch.equal(seen["x"][:, :, 0], clip[:, :, 0]) and seen["t"].shape == (2, 9 * 16)
+    assert (seen["t"][:, :16] == 0).all() and (seen["t"][:, 16:] > 0).all()
+    assert loss > 0
+    result = train_teacher(cfg, tmp_path / "ff", progress=False)
+    pipe = flgengine.load(result["bundle"], device="cpu")
+    first = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+    video = pipe("a red circle moving left", image=first, seed=0, steps=2, progress=False)
+    assert torch.equal(video[0, 0], first)  # pixel codec: frame 0 is the image itself

@@ -242,7 +242,7 @@ def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path):
     from distill.data import world_data
     from distill.teacher import TeacherConfig, train_teacher
 
-    i2v = train_teacher(TeacherConfig(steps=2, batch_size=2, init_from=tiny_teacher, image=True, warmup=1,
+    i2v = train_teacher(TeacherConfig(steps=2, batch_size=2, init_from=tiny_teacher, image="concat", warmup=1,
                                       checkpoint_every=2), tmp_path / "i2v-teacher", progress=False)["bundle"]
     teacher = flgengine.load(i2v)
     data = world_data(teacher)

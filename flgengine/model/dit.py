@@ -228,9 +228,6 @@ class DiT(nn.Module):
             raise ValueError("t must be (B,) or (B, S), got a scalar; use t.expand(B)")
         if t.shape[0] != B or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != S):
             raise ValueError(f"t must be ({B},) or ({B}, {S}) (one per token), got {tuple(t.shape)}")
-        if (c.velocity_skip or c.x0_prediction) and t.dim() != 1:
-            what = "velocity_skip" if c.velocity_skip else "x0_prediction"
-            raise ValueError(f"this model ({what}) takes one timestep per sample, t of shape ({B},); got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
         if c.image_dim is None and image_context is not None:
@@ -308,11 +305,20 @@ class DiT(nn.Module):
         out = out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
         x_t = x[:, :c.out_channels]  # the noisy sample (an image "concat" DiT reads conditioning channels after it)
         if c.velocity_skip:  # + c_skip(t) x: the network predicts only what the input does not carry
-            out = out + velocity_skip(t, c.velocity_skip).view(B, 1, 1, 1, 1).to(out.dtype) * x_t
+            out = out + self._per_position(velocity_skip(t, c.velocity_skip), grid).to(out.dtype) * x_t
         if c.x0_prediction:  # out is x0_hat: the velocity it implies, v = (x_t - x0_hat) / t
-            sigma = (t.float() / 1000.0).clamp(min=c.x0_prediction).view(B, 1, 1, 1, 1)
+            sigma = self._per_position((t.float() / 1000.0).clamp(min=c.x0_prediction), grid)
             out = ((x_t.float() - out.float()) / sigma).to(out.dtype)
         return out
+
+    def _per_position(self, v: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """A per-sample (B,) or per-token (B, S) quantity as (B, 1, F, H, W)-broadcastable: one
+        value per sample, or each token's value over the latent positions of its patch."""
+        if v.dim() == 1:
+            return v.view(-1, 1, 1, 1, 1)
+        pt, ph, pw = self.config.patch_size
+        v = v.view(v.shape[0], 1, *grid)  # (B, 1, F', H', W') in row-major token order
+        return v.repeat_interleave(pt, 2).repeat_interleave(ph, 3).repeat_interleave(pw, 4)
 
     # -- utilities -------------------------------------------------------------------
     def num_params(self) -> int:
