@@ -22,48 +22,56 @@ import torch
 
 from flgengine.bundle import BundleError, load_safetensors
 from flgengine.codec import uint8_to_video
+from flgengine.model import main_expert
 
 from .worlds import shapes
 
 
-def condition_of(data, x0: torch.Tensor) -> torch.Tensor | None:
-    """The image conditioning channels `data` gives clean latents x0 (`data.condition(x0)`), or
-    None: text-to-video data, or a data object without `condition` (the stages' data interface
-    needs only `batch(step, n) -> (x0, context)` and `uncond`)."""
+def condition_of(data, x0: torch.Tensor):
+    """The image condition (flgengine.conditioning.ImageCondition) `data` gives clean latents x0
+    (`data.condition(x0)`), or None: text-to-video data, or a data object without `condition`
+    (the stages' data interface needs only `batch(step, n) -> (x0, context)` and `uncond`)."""
     condition = getattr(data, "condition", None)
     return None if condition is None else condition(x0)
 
 
-def with_condition(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """The DiT input of noisy latents `x` (k * B, C, F, H, W): `x` itself for a text-to-video
-    model (`cond` None), else `x` with the B samples' image conditioning channels after it
-    (repeated k times: CFG doubles the batch)."""
-    if cond is None:
-        return x
-    return torch.cat([x, cond.to(x).repeat(x.shape[0] // cond.shape[0], 1, 1, 1, 1)], dim=1)
+def conditioned(net, cond):
+    """`net` as the stages call it, (x, t, context) -> v, with an image-to-video batch's condition
+    put in (ImageCondition.model: concat channels, or the clean first frame at t = 0); `net`
+    itself without one."""
+    return net if cond is None else cond.model(net)
 
 
 class WorldData:
     """The shapes world as a bundle sees it: videos through its codec, prompts through its
-    (frozen) text encoder. The empty prompt's state is `uncond`. `image`: the bundle is an
-    image-to-video one (pipeline.json image "concat"): `condition(x0)` gives the first-frame
-    channels of a batch (mask, frame 0 then zeros), which every DiT call on it reads."""
+    (frozen) text encoder. The empty prompt's state is `uncond`. `image` (pipeline.json's scheme
+    of an image-to-video bundle, "concat" or "first_frame"; `patch` its DiT's patch size):
+    `condition(x0)` gives a batch's first frames as the ImageCondition every DiT call on it reads."""
 
-    def __init__(self, text_encoder, codec, seed: int = 0, image: bool = False):
-        self.text_encoder, self.codec, self.seed, self.image = text_encoder, codec, seed, image
+    def __init__(self, text_encoder, codec, seed: int = 0, image: str = "none",
+                 patch: tuple[int, int, int] = (1, 1, 1)):
+        self.text_encoder, self.codec, self.seed, self.image, self.patch = text_encoder, codec, seed, image, patch
         self.uncond = text_encoder.encode([""], dtype=torch.float32)  # (1, L, text_dim)
-        if image and codec.temporal_factor != 1:
+        if image != "none" and codec.temporal_factor != 1:
             raise ValueError("the shapes world's image conditioning is built for a codec of temporal factor 1")
 
-    def condition(self, x0: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1 + C, F, H, W) conditioning channels of clean latents x0 (B, C, F, H, W), or None."""
-        if not self.image:
+    def condition(self, x0: torch.Tensor):
+        """The ImageCondition of clean latents x0 (B, C, F, H, W): frame 0 given; None for text to video.
+        concat: [mask (1 on frame 0), frame 0 then zeros] as (B, 1 + C, F, H, W) input channels;
+        first_frame: frame 0 (B, C, 1, H, W) put in place, its tokens at t = 0."""
+        from flgengine.conditioning import ImageCondition
+
+        if self.image == "none":
             return None
         B, C, F, H, W = x0.shape
+        if self.image == "first_frame":
+            mask = x0.new_ones(1, 1, F, H, W)
+            mask[:, :, 0] = 0
+            return ImageCondition("first_frame", x0[:, :, :1].clone(), mask, self.patch)
         cond = x0.new_zeros(B, 1 + C, F, H, W)
         cond[:, 0, 0] = 1  # the mask: frame 0 is given
         cond[:, 1:, 0] = x0[:, :, 0]
-        return cond
+        return ImageCondition("concat", cond, None, self.patch)
 
     @torch.no_grad()
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +82,8 @@ class WorldData:
 
 def world_data(pipe, seed: int = 0) -> WorldData:
     """WorldData of a loaded `flgengine.Pipeline` (a bundle of the shapes world)."""
-    image = getattr(pipe.config, "image", "none")
-    if image not in ("none", "concat"):
-        raise ValueError(f"distilling a shapes-world bundle with image conditioning {image!r} is not supported "
-                         "(the shapes world's image models use 'concat')")
-    return WorldData(pipe.text_encoder, pipe.codec, seed, image=image == "concat")
+    return WorldData(pipe.text_encoder, pipe.codec, seed, image=getattr(pipe.config, "image", "none"),
+                     patch=tuple(main_expert(pipe.dit).config.patch_size))
 
 
 class ShardData:

@@ -31,7 +31,7 @@ from flgengine.bundle import atomic_replace, atomic_write_text
 from flgengine.codec import uint8_to_video
 from flgengine.model import DiT, main_expert
 
-from .data import with_condition
+from .data import conditioned
 from .worlds import shapes
 
 __all__ = [
@@ -102,8 +102,8 @@ def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Se
     """Importance of every block of `model` (Stage I).
 
     x0: (N, C, F, H, W) clean latents; context: (N, L, text_dim) their prompt embeddings;
-    ts: noise levels in (0, 1); cond: (N, ...) image conditioning channels of an image-to-video
-    model (distill.data.with_condition), else None. The N * len(ts) noisy inputs run `batch_size` at a time,
+    ts: noise levels in (0, 1); cond: the image condition of the N clips for an image-to-video
+    model (distill.data.condition_of), else None. The N * len(ts) noisy inputs run `batch_size` at a time,
     once with all blocks and once per bypassed block, on the noise `draw_noise(x0.shape, seed)`.
 
     Returns a json-ready dict:
@@ -141,8 +141,8 @@ def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Se
             x_t = (1 - t) * x0[n] + t * eps[n]  # (b, C, F, H, W)
             for row, skip in enumerate([()] + [(b,) for b in range(B)]):
                 with skip_blocks(model, skip):
-                    x_in = with_condition(x_t, None if cond is None else cond[n].to(device))
-                    v = model(x_in.to(dtype), sigmas[k] * NUM_TRAIN_TIMESTEPS, context[n]).float()
+                    run = conditioned(model, None if cond is None else cond.map(lambda z: z[n].to(device)))
+                    v = run(x_t.to(dtype), sigmas[k] * NUM_TRAIN_TIMESTEPS, context[n]).float()
                 x0_hat = x_t - t * v  # Tweedie for flow matching
                 err = (x0[n] - x0_hat).pow(2).flatten(1).mean(1)  # (b,)
                 sq_err[row].index_add_(0, k, err.double())

@@ -39,7 +39,7 @@ from flgengine.sampling import build_sampler
 from . import stage2 as s2
 from . import stage3 as s3
 from .importance import block_importance, load_importance, save_importance, save_importance_png, sigma_grid
-from .data import condition_of, with_condition
+from .data import condition_of, conditioned
 from .plan import DEFAULT_BUDGET, PruningPlan, make_plan
 from .student import student_evaluator, student_pipeline_config, write_student
 from .trainer import init_distributed, rank0_decides, rank0_writes
@@ -284,9 +284,9 @@ class Run:
         device = self.cfg.stage3_config().device
         teacher, uncond = pipe.dit.to(device), self.data.uncond.to(device)
 
-        def sample(noise: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-            model = teacher if cond is None else (lambda x, t, c: teacher(with_condition(x, cond), t, c))
-            return sampler.sample(model, noise, context, uncond.expand(len(context), -1, -1)).to(noise.dtype)
+        def sample(noise: torch.Tensor, context: torch.Tensor, cond=None) -> torch.Tensor:
+            x = sampler.sample(conditioned(teacher, cond), noise, context, uncond.expand(len(context), -1, -1))
+            return (x if cond is None else cond.finish(x)).to(noise.dtype)
 
         return sample
 

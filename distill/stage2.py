@@ -39,7 +39,7 @@ from flgengine.config import ConfigError, JsonConfig
 from flgengine.model import DiT
 from flgengine.sampling import shift_sigmas
 
-from .data import condition_of, with_condition
+from .data import condition_of, conditioned
 from .importance import skip_blocks
 from .plan import PruningPlan
 from .trainer import Trainer, cosine_lr, fsdp_shard, full_state_dict, is_sharded
@@ -108,25 +108,27 @@ def draw_skips(candidates: list[int], cfg: Stage2Config, gen: torch.Generator) -
 
 
 def noisy_batch(x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator,
-                t_shift: float, cond_dropout: float, cond: torch.Tensor | None = None):
-    """(DiT input x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU).
-    `cond`: an image-to-video model's conditioning channels (condition_of(data, x0)), put after x_t
-    (dropout drops the prompt only)."""
+                t_shift: float, cond_dropout: float):
+    """(x_t, t, context with dropout, target v = eps - x0); randomness from `gen` (CPU). (An
+    image-to-video model's condition is put in at each call: data.conditioned; dropout drops the
+    prompt only.)"""
     B = x0.shape[0]
     drop = torch.rand(B, generator=gen) < cond_dropout
     context = torch.where(drop.view(B, 1, 1).to(context.device), uncond.to(context), context)
     t = shift_sigmas(torch.rand(B, generator=gen), t_shift).to(x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     tt = t.view(B, 1, 1, 1, 1)
-    return with_condition((1 - tt) * x0 + tt * eps, cond), t, context, eps - x0
+    return (1 - tt) * x0 + tt * eps, t, context, eps - x0
 
 
 def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: list[int], cfg: Stage2Config,
-                net=None, uncond: torch.Tensor | None = None) -> dict:
+                net=None, uncond: torch.Tensor | None = None, cond=None) -> dict:
     """The Stage II objective on one batch; returns the loss and its parts. `net` is the
     module to run forward passes with gradients through (`model` or its DDP wrapper);
-    `uncond` (1, L, text_dim) is needed when cfg.guidance > 1."""
-    net = model if net is None else net
+    `uncond` (1, L, text_dim) is needed when cfg.guidance > 1; `cond`: an image-to-video
+    batch's condition (data.condition_of), put into every call."""
+    net = conditioned(model if net is None else net, cond)
+    teacher_run, model_run = conditioned(teacher, cond), conditioned(model, cond)
     B, T = x_t.shape[0], 1000 * t
     guided = cfg.guidance > 1
     if guided:  # [cond; uncond] in one batch: (2B, ...)
@@ -137,12 +139,12 @@ def stage2_loss(model: DiT, teacher: DiT | None, x_t, t, context, target, skip: 
     if cfg.anchor > 0:
         v_full = net(x_t, T, context)
         with torch.no_grad():
-            v_teacher = teacher(x_t, T, context)
+            v_teacher = teacher_run(x_t, T, context)
         anchor = F.mse_loss(v_full, v_teacher)
         v_full = v_full.detach()
     else:
         with torch.no_grad():
-            v_full = model(x_t, T, context)
+            v_full = model_run(x_t, T, context)
         anchor = torch.zeros(())
     with skip_blocks(model, skip):
         v_pruned = net(x_t, T, context)
@@ -161,16 +163,17 @@ def mode_losses(model: DiT, plan: PruningPlan, heldout, uncond: torch.Tensor | N
     """Flow loss of full mode and of the final architecture (all candidates off) on a fixed batch;
     with `uncond`, also how far the final architecture's conditional and unconditional velocities
     are from the full mode's (mean squared gap; CFG scales their difference)."""
-    x_t, t, context, target = heldout
-    full = model(x_t, 1000 * t, context)
+    x_t, t, context, target, cond = heldout
+    run = conditioned(model, cond)
+    full = run(x_t, 1000 * t, context)
     with skip_blocks(model, plan.drop):
-        pruned = model(x_t, 1000 * t, context)
+        pruned = run(x_t, 1000 * t, context)
     out = {"eval_full": F.mse_loss(full, target).item(), "eval_pruned": F.mse_loss(pruned, target).item()}
     if uncond is not None:
         unc = uncond.to(context).expand(len(context), -1, -1)
-        full_u = model(x_t, 1000 * t, unc)
+        full_u = run(x_t, 1000 * t, unc)
         with skip_blocks(model, plan.drop):
-            pruned_u = model(x_t, 1000 * t, unc)
+            pruned_u = run(x_t, 1000 * t, unc)
         out.update(gap_cond=F.mse_loss(pruned, full).item(), gap_uncond=F.mse_loss(pruned_u, full_u).item())
     return out
 
@@ -199,8 +202,8 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     uncond = data.uncond.to(cfg.device)
     # the held-out batch: data far past any training step, its own noise
     hx0, hctx = data.batch(10**9, cfg.eval_batch)
-    heldout = noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
-                          cfg.t_shift, 0.0, condition_of(data, hx0.to(cfg.device)))
+    heldout = (*noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
+                            cfg.t_shift, 0.0), condition_of(data, hx0.to(cfg.device)))
     if trainer.step == 0:
         trainer.extra["start"] = mode_losses(model, plan, heldout, uncond)
     for step in trainer:
@@ -208,9 +211,11 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
         # every rank draws the global batch's randomness, then keeps its slice (= one process)
         x0 = x0.to(cfg.device)
         x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
-            x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout, condition_of(data, x0)))
+            x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout))
+        cond = condition_of(data, x0)
+        cond = None if cond is None else cond.map(trainer.shard)
         skip = draw_skips(plan.drop, cfg, trainer.gen)
-        parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond)
+        parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond, cond=cond)
         trainer.log(grad_norm=trainer.update("main", parts["loss"]), **{k: v.item() for k, v in parts.items()},
                     skipped=len(skip))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

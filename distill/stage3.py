@@ -43,7 +43,7 @@ from flgengine.config import AttentionConfig, ConfigError, JsonConfig, dataclass
 from flgengine.model import DiT, TwoExpertDiT
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
-from .data import condition_of, with_condition
+from .data import condition_of, conditioned
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
@@ -162,20 +162,20 @@ def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list
 
 @torch.no_grad()
 def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float | torch.Tensor, b2: float,
-                  mode: str, cond: torch.Tensor | None = None) -> torch.Tensor:
+                  mode: str, cond=None) -> torch.Tensor:
     """The real score's velocity. mode "well-guided": v_p(u) + b1 (v_p(c) - v_p(u)) + b2 (v_u(c) - v_p(c))
     with p = `real` with the blocks `drop` skipped, u = `real` in full; "cfg": v(u) + b1 (v(c) - v(u)).
-    b1: a number, or per sample (B, 1, 1, 1, 1). `cond`: an image-to-video model's conditioning
-    channels (data.with_condition); guidance drops the prompt, never the image."""
+    b1: a number, or per sample (B, 1, 1, 1, 1). `cond`: an image-to-video batch's condition
+    (data.conditioned); guidance drops the prompt, never the image."""
     B = x_t.shape[0]
     unc = uncond.expand(B, -1, -1)
-    x_t = with_condition(x_t, cond)
+    run = conditioned(real, cond)
     if mode == "cfg":
-        v_c, v_u = real(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
+        v_c, v_u = run(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
         return v_u + b1 * (v_c - v_u)
     with skip_blocks(real, drop):
-        vp_c, vp_u = real(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
-    vu_c = real(x_t, T, context)
+        vp_c, vp_u = run(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
+    vu_c = run(x_t, T, context)
     return vp_u + b1 * (vp_c - vp_u) + b2 * (vu_c - vp_c)
 
 
@@ -286,8 +286,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     for step in trainer:
         x0_data, context = data.batch(step, cfg.batch_size)
         context = trainer.shard(context.to(cfg.device))
-        cond = condition_of(data, x0_data)  # an image-to-video model's first frames (of this batch's clips), else None
-        cond = None if cond is None else trainer.shard(cond.to(cfg.device))
+        cond = condition_of(data, x0_data.to(cfg.device))  # an image-to-video model's first frames, else None
+        cond = None if cond is None else cond.map(trainer.shard)
         B = context.shape[0]
         gen = trainer.gen
         g_cond, f_cond = conditioned(g_net, cond), conditioned(f_net, cond)
@@ -296,6 +296,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         noise = _draw_global((B, *latent_shape(data)), gen, trainer).to(cfg.device)
         x = student_x0(g_cond, noise, context, sigmas, k, gen,
                        draw=lambda shape: _draw_global(shape, gen, trainer))  # (B, C, F, H, W)
+        if cond is not None:
+            x = cond.finish(x)  # first_frame: frame 0 is the image's (no gradient there); concat: as it is
         # 2. fake score: flow loss on the student's samples, several updates
         for _ in range(cfg.fake_updates):
             t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
@@ -319,6 +321,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             with torch.no_grad():
                 target = regression_target(noise, context) if cond is None else regression_target(noise, context, cond)
             x_first = x if k == 0 else student_x0(g_cond, noise, context, sigmas, 0, gen)
+            if cond is not None:
+                x_first = cond.finish(x_first)
             reg = F.mse_loss(x_first, target)
             g_loss = g_loss + cfg.regression * reg
             extra["regression"] = reg.item()
@@ -338,14 +342,6 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
               "evaluations": evals}
     return student.eval().requires_grad_(False), record
-
-
-def conditioned(net, cond: torch.Tensor | None):
-    """`net` as the stages call it, (x, t, context) -> v, with an image-to-video batch's
-    conditioning channels put after x (data.with_condition); `net` itself without one."""
-    if cond is None:
-        return net
-    return lambda x, t, context: net(with_condition(x, cond), t, context)
 
 
 def latent_shape(data) -> tuple[int, ...]:

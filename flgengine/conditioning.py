@@ -136,6 +136,11 @@ class ImageCondition:
         self.kind, self.latents, self.mask, self.patch = kind, latents, mask, patch_size
         self.image_context = image_context
 
+    def map(self, fn) -> "ImageCondition":
+        """The condition with `fn` applied to its per-sample tensors (rows of a batch, a device)."""
+        img = None if self.image_context is None else fn(self.image_context)
+        return ImageCondition(self.kind, fn(self.latents), self.mask, self.patch, img)
+
     def _repeat(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """Conditioning of B samples for a DiT batch of k * B (CFG doubles it)."""
         return None if t is None else t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1)))

@@ -236,25 +236,35 @@ def test_probe_ideal_gaps_rank_the_words_as_the_world_does():
     assert 0.015 < gaps["colour"] < 0.025 and 0.008 < gaps["direction"] < 0.016
 
 
-def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("image", ["concat", "first_frame"])
+def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path, image):
     """The whole run on an image-conditioned teacher: every stage gives its DiTs the batch's first
-    frames (mask + frame 0 channels); the 4-step student is an image-to-video bundle."""
+    frames (concat: mask + frame 0 channels; first_frame: frame 0 in place at t = 0); the 4-step
+    student is an image-to-video bundle."""
     from distill.data import world_data
     from distill.teacher import TeacherConfig, train_teacher
 
-    i2v = train_teacher(TeacherConfig(steps=2, batch_size=2, init_from=tiny_teacher, image="concat", warmup=1,
+    i2v = train_teacher(TeacherConfig(steps=2, batch_size=2, init_from=tiny_teacher, image=image, warmup=1,
                                       checkpoint_every=2), tmp_path / "i2v-teacher", progress=False)["bundle"]
     teacher = flgengine.load(i2v)
     data = world_data(teacher)
     x0, _ = data.batch(0, 2)
     cond = data.condition(x0)
-    assert cond.shape == (2, 4, 9, 32, 32) and torch.equal(cond[:, 1:, 0], x0[:, :, 0]) and not cond[:, :, 1:].any()
+    assert cond.kind == image
+    if image == "concat":
+        assert cond.latents.shape == (2, 4, 9, 32, 32) and torch.equal(cond.latents[:, 1:, 0], x0[:, :, 0])
+        assert not cond.latents[:, :, 1:].any()
+    else:
+        assert torch.equal(cond.latents, x0[:, :, :1]) and torch.equal(cond.finish(torch.zeros_like(x0))[:, :, 0], x0[:, :, 0])
     result = run(RunConfig(**_config(i2v, tmp_path / "run", plan={"budget": 0.25})), progress=False)
     pipe = flgengine.load(result["bundle"])
-    assert pipe.config.image == "concat" and pipe.config.distilled and pipe.dit.config.in_channels == 7
+    assert pipe.config.image == image and pipe.config.distilled
+    assert pipe.dit.config.in_channels == (7 if image == "concat" else 3)
     first = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     video = pipe("a red circle moving left", image=first, seed=1, progress=False)
     assert video.shape == (1, 9, 32, 32, 3)
+    if image == "first_frame":
+        assert torch.equal(video[0, 0], first)  # the pixel codec keeps the given frame exactly
     with pytest.raises(ValueError, match="is image-to-video"):
         pipe("a red circle moving left", progress=False)
     evals = result["provenance"]["stages"][-1]["evaluations"]
@@ -268,23 +278,31 @@ def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path):
     assert "| frame 0 PSNR | appearance kept |" in markdown(rows)
 
 
-def test_the_stages_put_a_batch_s_condition_after_x_also_under_cfg():
-    from distill.data import with_condition
-    from distill.stage3 import conditioned, real_velocity
+def test_the_stages_put_a_batch_s_condition_in_also_under_cfg():
+    from distill.data import conditioned
+    from distill.stage3 import real_velocity
+    from flgengine.conditioning import ImageCondition
 
     seen = []
 
     class Net(torch.nn.Module):
         def forward(self, x, t, context):
-            seen.append(x)
-            return x[:, :3] * t.view(-1, 1, 1, 1, 1) / 1000
+            seen.append((x, t))
+            return x[:, :3] * 0.5
 
-    x, cond = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
-    assert torch.equal(with_condition(x, None), x)
-    assert torch.equal(with_condition(torch.cat([x, x]), cond), torch.cat([torch.cat([x, cond], 1)] * 2))
+    x, y = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
     net, T, ctx = Net(), torch.tensor([500.0, 250.0]), torch.zeros(2, 3, 8)
     assert conditioned(net, None) is net
-    conditioned(net, cond)(x, T, ctx)
-    assert torch.equal(seen[-1], torch.cat([x, cond], 1))
-    v = real_velocity(net, [], x, T, ctx, torch.zeros(1, 3, 8), 2.0, 0.0, "cfg", cond)  # cond and uncond in one batch
-    assert torch.equal(seen[-1], torch.cat([torch.cat([x, cond], 1)] * 2)) and v.shape == x.shape
+    concat = ImageCondition("concat", y, None, (1, 2, 2))
+    conditioned(net, concat)(x, T, ctx)
+    assert torch.equal(seen[-1][0], torch.cat([x, y], 1))
+    v = real_velocity(net, [], x, T, ctx, torch.zeros(1, 3, 8), 2.0, 0.0, "cfg", concat)  # cond and uncond in one batch
+    assert torch.equal(seen[-1][0], torch.cat([torch.cat([x, y], 1)] * 2)) and v.shape == x.shape
+    mask = torch.ones(1, 1, 2, 4, 4)
+    mask[:, :, 0] = 0
+    first = ImageCondition("first_frame", y[:, :3, :1], mask, (1, 2, 2))
+    conditioned(net, first)(x, T, ctx)
+    x_in, t_in = seen[-1]
+    assert torch.equal(x_in[:, :, 0], y[:, :3, 0]) and torch.equal(x_in[:, :, 1], x[:, :, 1])
+    assert t_in.shape == (2, 8) and (t_in[:, :4] == 0).all() and torch.equal(t_in[:, 4:], T[:, None].expand(2, 4))
+    assert torch.equal(first.map(lambda z: z[1:]).latents, y[1:, :3, :1])
