@@ -96,14 +96,15 @@ def motion(videos, threshold: float = 0.25, static: float = 0.25) -> dict[str, f
 
 
 def first_frame_metrics(videos, first_frames, read: dict[str, list[str]], prompts: Sequence[str],
-                        threshold: float = 0.25, size_tolerance: float = 0.3) -> dict[str, float]:
+                        threshold: float = 0.5, size_tolerance: float = 0.3) -> dict[str, float]:
     """Image-to-video: how well videos (N, T, H, W, 3) keep their given first frames (N, H, W, 3).
 
     `frame0_psnr`: mean PSNR (dB, peak 255; identical frames count 100) of frame 0 against the
     given one. `appearance_kept`: fraction of videos whose colour and shape read (the evaluator's
     labels `read`) as the image's (the prompt names them) and whose shape keeps its size: every
-    frame's area (pixels brighter than `threshold`) within `size_tolerance` of the given frame's.
-    `colour_kept`, `shape_kept`, `size_kept` alone."""
+    frame's area (pixels brighter than `threshold`, half the world's full brightness: the shape's
+    half-maximum edge, so a dim haze around it does not count as shape; haze shows in FD) within
+    `size_tolerance` of the given frame's. `colour_kept`, `shape_kept`, `size_kept` alone."""
     v = as_uint8(videos).numpy().astype(np.float64)
     first = as_uint8(np.asarray(first_frames)[:, None]).numpy().astype(np.float64)[:, 0]  # (N, H, W, 3)
     mse = ((v[:, 0] - first) ** 2).mean((1, 2, 3))
