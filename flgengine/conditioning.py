@@ -105,9 +105,6 @@ def check_image_model(dit, cfg, codec, image_encoder, path) -> None:
         raise BundleError(f"{where}: image {cfg.image!r} needs a codec to encode the image")
     C = codec.latent_channels
     if cfg.image == "first_frame":
-        if len(experts) > 1:
-            raise BundleError(f"{where}: image 'first_frame' gives the image's tokens timestep 0 (one timestep per "
-                              "token), which a two-expert DiT does not take (it picks its expert per sample)")
         if c.in_channels != C:
             raise BundleError(f"{where}: image 'first_frame' needs a DiT of {C} input channels (the codec's), "
                               f"got {c.in_channels}")

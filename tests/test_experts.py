@@ -37,8 +37,6 @@ def test_each_sample_runs_on_the_expert_of_its_noise_level():
         mp.setattr(ops.registry, "pick", lambda *a: picked.append(pick(*a)) or picked[-1])
         model(x, t, ctx)
     assert {name for name, _ in picked} == {"ref"} and high.backend is None and low.backend is None
-    with pytest.raises(ValueError, match="one timestep per sample"):
-        model(x, t[:, None].expand(4, 3 * 4 * 4), ctx)
     with pytest.raises(ValueError, match="boundary"):
         TwoExpertDiT(high, low, 1.5)
     with pytest.raises(ValueError, match="text_dim"):
@@ -236,3 +234,19 @@ def test_a_first_frame_teacher_keeps_its_inputs_and_learns_the_other_frames(two_
     first = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
     video = pipe("a red circle moving left", image=first, seed=0, steps=2, progress=False)
     assert torch.equal(video[0, 0], first)  # pixel codec: frame 0 is the image itself
+
+
+def test_two_experts_take_per_token_timesteps_by_their_noisiest_token(two_expert_teacher):
+    """first_frame image models: frame 0's tokens at t = 0 beside noisy ones; the noisy tokens'
+    level picks the expert, which gets the per-token t."""
+    _, two = two_expert_teacher
+    model = load_bundle(two).model
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 3, 9, 32, 32, generator=g), torch.randn(2, 8, model.config.text_dim, generator=g)
+    S = 9 * 16
+    t = torch.tensor([[900.0], [100.0]]).expand(2, S).clone()
+    t[:, :16] = 0.0  # frame 0
+    with torch.no_grad():
+        out = model(x, t, ctx)
+        assert torch.equal(out[:1], model.high(x[:1], t[:1], ctx[:1]))  # max 900 > 1000 * 0.25: high
+        assert torch.equal(out[1:], model.low(x[1:], t[1:], ctx[1:]))  # max 100: low

@@ -48,9 +48,6 @@ class TwoExpertDiT(nn.Module):
         return self.high, self.low
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, image_context=None):
-        if t.dim() != 1:
-            raise ValueError(f"a two-expert model takes one timestep per sample, t of shape ({x.shape[0]},); "
-                             f"got {tuple(t.shape)}")
         return self.high.check_inputs(x, t, context, image_context)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -62,7 +59,10 @@ class TwoExpertDiT(nn.Module):
                  image_context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, F, H, W); t: (B,) timesteps 0..1000; context: (B, L, text_dim)
         self.check_inputs(x, t, context, image_context)
-        low = t <= 1000.0 * self.boundary  # (B,) bool
+        # a sample's noise level: its t, or its noisiest token's (per-token t: an image's clean
+        # first frame sits at t = 0 beside the noisy frames, which decide the expert)
+        level = t if t.dim() == 1 else t.amax(dim=1)
+        low = level <= 1000.0 * self.boundary  # (B,) bool
         n_low = int(low.sum())
         if n_low == 0:
             return self.high(x, t, context, image_context)
