@@ -42,6 +42,32 @@ def conditioned(net, cond):
     return net if cond is None else cond.model(net)
 
 
+def first_frame_condition(videos: torch.Tensor) -> torch.Tensor:
+    """The "concat" conditioning channels of clips whose first frame is given (one mask channel:
+    a codec of temporal factor 1): (B, C, T, H, W) -> (B, 1 + C, T, H, W) = [mask (1 on frame 0),
+    frame 0 then zeros], as flgengine.conditioning builds them at sampling time."""
+    B, C, T, H, W = videos.shape
+    cond = videos.new_zeros(B, 1 + C, T, H, W)
+    cond[:, 0, 0] = 1
+    cond[:, 1:, 0] = videos[:, :, 0]
+    return cond
+
+
+def clip_condition(x0: torch.Tensor, image: str, patch: tuple[int, int, int]):
+    """The ImageCondition of clean clips x0 (B, C, F, H, W) whose frame 0 is given; None for
+    `image` "none". concat: first_frame_condition's channels; first_frame: frame 0 put in place,
+    its tokens at t = 0."""
+    from flgengine.conditioning import ImageCondition
+
+    if image == "none":
+        return None
+    if image == "first_frame":
+        mask = x0.new_ones(1, 1, *x0.shape[2:])
+        mask[:, :, 0] = 0
+        return ImageCondition("first_frame", x0[:, :, :1].clone(), mask, patch)
+    return ImageCondition("concat", first_frame_condition(x0), None, patch)
+
+
 class WorldData:
     """The shapes world as a bundle sees it: videos through its codec, prompts through its
     (frozen) text encoder. The empty prompt's state is `uncond`. `image` (pipeline.json's scheme
@@ -56,22 +82,8 @@ class WorldData:
             raise ValueError("the shapes world's image conditioning is built for a codec of temporal factor 1")
 
     def condition(self, x0: torch.Tensor):
-        """The ImageCondition of clean latents x0 (B, C, F, H, W): frame 0 given; None for text to video.
-        concat: [mask (1 on frame 0), frame 0 then zeros] as (B, 1 + C, F, H, W) input channels;
-        first_frame: frame 0 (B, C, 1, H, W) put in place, its tokens at t = 0."""
-        from flgengine.conditioning import ImageCondition
-
-        if self.image == "none":
-            return None
-        B, C, F, H, W = x0.shape
-        if self.image == "first_frame":
-            mask = x0.new_ones(1, 1, F, H, W)
-            mask[:, :, 0] = 0
-            return ImageCondition("first_frame", x0[:, :, :1].clone(), mask, self.patch)
-        cond = x0.new_zeros(B, 1 + C, F, H, W)
-        cond[:, 0, 0] = 1  # the mask: frame 0 is given
-        cond[:, 1:, 0] = x0[:, :, 0]
-        return ImageCondition("concat", cond, None, self.patch)
+        """The ImageCondition of clean latents x0 (clip_condition), None for text to video."""
+        return clip_condition(x0, self.image, self.patch)
 
     @torch.no_grad()
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from flgengine.sampling import shift_sigmas
 from flgengine.text import TokenTextEncoder
 
 from .checkpoint import CHECKPOINT, load_checkpoint
+from .data import clip_condition, conditioned
 from .trainer import Trainer, cosine_lr
 from .worlds import shapes
 
@@ -236,17 +237,6 @@ def param_groups(model: DiT, text: TokenTextEncoder, cfg: TeacherConfig) -> list
             {"params": gains, "weight_decay": 0.0, "lr_mult": cfg.gain_lr_mult}]
 
 
-def first_frame_condition(videos: torch.Tensor) -> torch.Tensor:
-    """The "concat" conditioning channels of clips whose first frame is given (pixel codec:
-    one mask channel): (B, 3, T, H, W) -> (B, 1 + 3, T, H, W) = [mask (1 on frame 0), frame 0
-    then zeros], as flgengine.conditioning builds them at sampling time."""
-    B, _, T, H, W = videos.shape
-    cond = videos.new_zeros(B, 4, T, H, W)
-    cond[:, 0, 0] = 1
-    cond[:, 1:, 0] = videos[:, :, 0]
-    return cond
-
-
 def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts: list[str],
               gen: torch.Generator, cond_dropout: float, t_shift: float = 1.0, t_max: float = 1.0,
               image: str = "none", patch: tuple[int, int, int] = (1, 1, 1)) -> torch.Tensor:
@@ -262,18 +252,10 @@ def flow_loss(model: DiT, text: TokenTextEncoder, videos: torch.Tensor, prompts:
     tt = t.view(B, 1, 1, 1, 1)
     x_t = (1 - tt) * videos + tt * eps
     target = eps - videos
-    if image == "concat":
-        x_t = torch.cat([x_t, first_frame_condition(videos)], dim=1)
-    if image == "first_frame":
-        _, _, T, H, W = videos.shape
-        pt, ph, pw = patch
-        per_frame = (H // ph) * (W // pw)  # tokens of one latent frame (pt = 1)
-        tokens = torch.ones(T // pt * per_frame, device=videos.device)
-        tokens[:per_frame] = 0  # (S,) 0 on frame 0's tokens
-        x_t = torch.cat([videos[:, :, :1], x_t[:, :, 1:]], dim=2)
-        v = model(x_t, (t * 1000)[:, None] * tokens[None, :], context)  # t: (B, S)
+    v = conditioned(model, clip_condition(videos, image, patch))(x_t, t * 1000, context)
+    if image == "first_frame":  # frame 0 is given: no loss there
         return F.mse_loss(v[:, :, 1:], target[:, :, 1:])
-    return F.mse_loss(model(x_t, t * 1000, context), target)
+    return F.mse_loss(v, target)
 
 
 class _WorldBatches(torch.utils.data.Dataset):

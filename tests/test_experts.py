@@ -184,7 +184,8 @@ def test_an_image_to_video_teacher_fine_tunes_from_a_text_to_video_one(two_exper
     """init_from + image: the main (high-noise) DiT with its patch embedding widened by the mask and
     first-frame channels at zero (so it starts as that DiT exactly), trained on clips whose first
     frame it is given; the bundle takes an image (pipeline.json image "concat")."""
-    from distill.teacher import TeacherConfig, _build, first_frame_condition, train_teacher
+    from distill.data import first_frame_condition
+    from distill.teacher import TeacherConfig, _build, train_teacher
 
     _, two = two_expert_teacher
     cfg = TeacherConfig(steps=2, batch_size=2, init_from=str(two), image="concat")
