@@ -191,13 +191,10 @@ def load_teacher(cfg: RunConfig):
 
 
 def make_data(cfg: RunConfig, pipe):
-    from .data import ShardData, world_data
+    from .data import shard_data, world_data
 
     if cfg.data["kind"] == "shards":
-        if pipe.config.image != "none":
-            raise ValueError(f"teacher {cfg.teacher} is image-to-video (image {pipe.config.image!r}); distilling it "
-                             "from shards is not supported yet (shards hold no first-frame conditioning)")
-        return ShardData(cfg.data["path"], seed=cfg.data["seed"])
+        return shard_data(pipe, cfg.data["path"], seed=cfg.data["seed"])
     return world_data(pipe, seed=cfg.data["seed"])
 
 
@@ -208,9 +205,10 @@ def run_importance(cfg: RunConfig, pipe, data, out: Path, progress: bool = True)
     if rank0_decides(done.is_file()):
         return load_importance(done)
     c = cfg.importance
-    x0, context = data.batch(10**9 + 7, c["samples"])  # clips the stages never train on
+    held_out = 10**9 + 7  # clips the stages never train on
+    x0, context = data.batch(held_out, c["samples"])
     result = block_importance(main_expert(pipe.dit), x0, context, sigma_grid(c["num_t"]), seed=c["seed"],
-                              batch_size=c["batch_size"], progress=progress, cond=condition_of(data, x0))
+                              batch_size=c["batch_size"], progress=progress, cond=condition_of(data, x0, held_out))
     out.mkdir(parents=True, exist_ok=True)
     rank0_writes(lambda: save_importance(result, done, out / "importance.png"))
     return result

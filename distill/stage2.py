@@ -201,9 +201,10 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
     net = trainer.wrap(model)
     uncond = data.uncond.to(cfg.device)
     # the held-out batch: data far past any training step, its own noise
-    hx0, hctx = data.batch(10**9, cfg.eval_batch)
+    held_out = 10**9
+    hx0, hctx = data.batch(held_out, cfg.eval_batch)
     heldout = (*noisy_batch(hx0.to(cfg.device), hctx.to(cfg.device), uncond, torch.Generator().manual_seed(cfg.seed + 1),
-                            cfg.t_shift, 0.0), condition_of(data, hx0.to(cfg.device)))
+                            cfg.t_shift, 0.0), condition_of(data, hx0.to(cfg.device), held_out))
     if trainer.step == 0:
         trainer.extra["start"] = mode_losses(model, plan, heldout, uncond)
     for step in trainer:
@@ -212,7 +213,7 @@ def train_stage2(teacher: DiT, plan: PruningPlan, data, cfg: Stage2Config, out: 
         x0 = x0.to(cfg.device)
         x_t, t, context, target = (trainer.shard(z) for z in noisy_batch(
             x0, context.to(cfg.device), uncond, trainer.gen, cfg.t_shift, cfg.cond_dropout))
-        cond = condition_of(data, x0)
+        cond = condition_of(data, x0, step)
         cond = None if cond is None else cond.map(trainer.shard)
         skip = draw_skips(plan.drop, cfg, trainer.gen)
         parts = stage2_loss(model, frozen, x_t, t, context, target, skip, cfg, net=net, uncond=uncond, cond=cond)

@@ -286,7 +286,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     for step in trainer:
         x0_data, context = data.batch(step, cfg.batch_size)
         context = trainer.shard(context.to(cfg.device))
-        cond = condition_of(data, x0_data.to(cfg.device))  # an image-to-video model's first frames, else None
+        cond = condition_of(data, x0_data.to(cfg.device), step)  # an image-to-video model's first frames, else None
         cond = None if cond is None else cond.map(trainer.shard)
         B = context.shape[0]
         gen = trainer.gen

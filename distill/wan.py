@@ -14,6 +14,9 @@ caption in a text file of the same stem (`clip.mp4` + `clip.txt`), takes the fir
 `num_frames` frames, resizes them to the bundle's height x width, and writes shards of
 `shard_size` clips (the format in `distill/data.py`): `latents` (N, C, F, H, W) from the
 VAE, `context` (N, L, text_dim) from umT5, `uncond` (1, L, text_dim) for the empty prompt.
+For an image-to-video bundle each clip's first frame (resized with the clip) is its image:
+`image_latents` as the bundle's scheme encodes it (flgengine.conditioning.encode_image) and,
+for a bundle with a CLIP image encoder, `image_context`, its tokens of that frame (as uint8).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from flgengine.bundle import atomic_save_safetensors
+from flgengine.conditioning import encode_image
 from flgengine.convert import bundle_from_diffusers, is_diffusers_pipeline
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
@@ -74,25 +78,33 @@ def precompute(model: str | Path, videos: str | Path, out: str | Path, shard_siz
     clips = find_clips(videos)
     out = Path(out)
     uncond = pipe.text_encoder.encode([""], dtype=torch.float32)
-    paths, latents, context = [], [], []
+    paths = []
+    rows: dict[str, list[torch.Tensor]] = {"latents": [], "context": [], "image_latents": [], "image_context": []}
 
     def flush():
         path = out / f"shard-{len(paths):05d}.safetensors"
-        atomic_save_safetensors(path, {"latents": torch.cat(latents).contiguous(), "context": torch.cat(context).contiguous(),
-                                       "uncond": uncond.contiguous()})
+        shard = {k: torch.cat(v).contiguous() for k, v in rows.items() if v}
+        atomic_save_safetensors(path, {**shard, "uncond": uncond.contiguous()})
         paths.append(path)
-        latents.clear(), context.clear()
+        for v in rows.values():
+            v.clear()
 
     bar = tqdm(total=len(clips), desc="precompute", unit="clip", disable=not progress)
     for i in range(0, len(clips), batch_size):
         chunk = clips[i:i + batch_size]
         video = torch.stack([read_video(v, c.num_frames, c.height, c.width) for v, _ in chunk])  # (B, 3, T, H, W)
-        latents.append(pipe.codec.encode(video).float())
-        context.append(pipe.text_encoder.encode([cap for _, cap in chunk], dtype=torch.float32))
+        rows["latents"].append(pipe.codec.encode(video).float())
+        rows["context"].append(pipe.text_encoder.encode([cap for _, cap in chunk], dtype=torch.float32))
+        if c.image != "none":
+            frames = video[:, :, 0]  # (B, 3, H, W) in [-1, 1]: the clips' images
+            rows["image_latents"].append(encode_image(c.image, frames, pipe.codec, c.num_frames).float())
+            if pipe.image_encoder is not None:
+                pixels = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+                rows["image_context"].append(pipe.image_encoder.encode(list(pixels)).float())
         bar.update(len(chunk))
-        if sum(len(x) for x in latents) >= shard_size:
+        if sum(len(x) for x in rows["latents"]) >= shard_size:
             flush()
-    if latents:
+    if rows["latents"]:
         flush()
     bar.close()
     return paths

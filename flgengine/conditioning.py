@@ -28,8 +28,8 @@ import torch
 
 from .config import ImageEncoderConfig
 
-__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "image_condition",
-           "images_for"]
+__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "encode_image",
+           "image_condition", "images_for", "latent_condition"]
 
 
 class ClipImageEncoder:
@@ -169,19 +169,35 @@ def image_condition(kind: str, frames: torch.Tensor, codec, num_frames: int, pat
                     device, dtype, image_context: torch.Tensor | None = None) -> ImageCondition:
     """The ImageCondition of `frames` (B, 3, H, W) in [-1, 1] (fitted images, flgengine.image)
     for a video of `num_frames` through `codec`."""
-    B, _, H, W = frames.shape
-    C, F, h, w = codec.latent_shape(num_frames, H, W)
+    _, F, _, _ = codec.latent_shape(num_frames, *frames.shape[-2:])
+    latents = encode_image(kind, frames, codec, num_frames).to(device, dtype)
+    return latent_condition(kind, latents, F, codec.temporal_factor, patch_size, image_context)
+
+
+def encode_image(kind: str, frames: torch.Tensor, codec, num_frames: int) -> torch.Tensor:
+    """The image latents scheme `kind` reads, of `frames` (B, 3, H, W) in [-1, 1]: first_frame
+    (B, C, 1, h, w), the frame alone; concat (B, C, F, h, w), the frame then num_frames - 1 zero
+    (mid-grey) frames."""
     video = frames.float().unsqueeze(2)  # (B, 3, 1, H, W)
     if kind == "first_frame":
-        latents = codec.encode(video).to(device, dtype)  # (B, C, 1, h, w)
-        mask = torch.ones(1, 1, F, h, w, device=device, dtype=torch.float32)
+        return codec.encode(video)
+    if kind != "concat":
+        raise ValueError(f"unknown image conditioning {kind!r}")
+    rest = video.new_zeros(video.shape[0], 3, num_frames - 1, *video.shape[-2:])
+    return codec.encode(torch.cat([video, rest], dim=2))
+
+
+def latent_condition(kind: str, latents: torch.Tensor, num_latent_frames: int, temporal_factor: int,
+                     patch_size: tuple[int, int, int], image_context: torch.Tensor | None = None) -> ImageCondition:
+    """The ImageCondition of image latents (encode_image's; what `distill precompute` stores)."""
+    B, _, _, h, w = latents.shape
+    F = num_latent_frames
+    if kind == "first_frame":
+        mask = torch.ones(1, 1, F, h, w, device=latents.device, dtype=torch.float32)
         mask[:, :, 0] = 0
         return ImageCondition(kind, latents, mask, patch_size, image_context)
     if kind != "concat":
         raise ValueError(f"unknown image conditioning {kind!r}")
-    rest = video.new_zeros(B, 3, num_frames - 1, H, W)
-    y = codec.encode(torch.cat([video, rest], dim=2)).to(device, dtype)  # (B, C, F, h, w)
-    r = codec.temporal_factor
-    m = torch.zeros(B, r, F, h, w, device=device, dtype=dtype)
+    m = latents.new_zeros(B, temporal_factor, F, h, w)
     m[:, :, 0] = 1
-    return ImageCondition(kind, torch.cat([m, y], dim=1), None, patch_size, image_context)
+    return ImageCondition(kind, torch.cat([m, latents], dim=1), None, patch_size, image_context)

@@ -24,7 +24,6 @@ import pickle
 import random
 import shutil
 import struct
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -273,7 +272,9 @@ def test_mutated_run_configs_load_well_typed_or_fail_with_config_errors(tmp_path
 
 # ---- training shards ----------------------------------------------------------------------------
 
-def test_mutated_shards_load_finite_or_fail_with_bundle_errors(tmp_path):
+@pytest.mark.parametrize("image", ["none", "concat"])
+def test_mutated_shards_load_finite_or_fail_with_bundle_errors(image, tmp_path):
+    """Shards of a text-to-video teacher, and of a Wan2.1-I2V one (+ image latents, CLIP tokens)."""
     from safetensors.torch import save_file
 
     from distill.data import ShardData
@@ -282,8 +283,12 @@ def test_mutated_shards_load_finite_or_fail_with_bundle_errors(tmp_path):
     clean.mkdir()
     g = torch.Generator().manual_seed(0)
     for n in range(2):
-        save_file({"latents": torch.randn(3, 4, 2, 4, 4, generator=g), "context": torch.randn(3, 5, 8, generator=g),
-                   "uncond": torch.zeros(1, 5, 8)}, clean / f"shard-{n}.safetensors")
+        shard = {"latents": torch.randn(3, 4, 2, 4, 4, generator=g), "context": torch.randn(3, 5, 8, generator=g),
+                 "uncond": torch.zeros(1, 5, 8)}
+        if image == "concat":
+            shard |= {"image_latents": torch.randn(3, 4, 2, 4, 4, generator=g),
+                      "image_context": torch.randn(3, 3, 6, generator=g)}
+        save_file(shard, clean / f"shard-{n}.safetensors")
     rng = random.Random(5)
     problems = []
     for i in range(MUTANTS):
@@ -294,10 +299,14 @@ def test_mutated_shards_load_finite_or_fail_with_bundle_errors(tmp_path):
         what = _mutate_weights(mutant / f"shard-{rng.randrange(2)}.safetensors", rng, kinds=9)
         with watchdog(what):
             try:
-                data = ShardData(mutant)
+                data = ShardData(mutant, image=image, patch=(1, 2, 2), temporal_factor=4)
                 x0, ctx = data.batch(0, 4)
                 if not (torch.isfinite(x0).all() and torch.isfinite(ctx).all() and torch.isfinite(data.uncond).all()):
                     problems.append(f"mutant {i} ({what}): non-finite batch")
+                cond = data.condition(x0, 0)
+                if image == "concat" and not (cond.latents.shape == (4, 8, 2, 4, 4) and cond.image_context.shape[0] == 4
+                                              and torch.isfinite(cond.latents).all()):
+                    problems.append(f"mutant {i} ({what}): condition {tuple(cond.latents.shape)}")
                 if data.uncond.shape != (1, *ctx.shape[1:]):
                     problems.append(f"mutant {i} ({what}): uncond {tuple(data.uncond.shape)}")
             except BundleError:

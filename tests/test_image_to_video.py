@@ -276,21 +276,12 @@ def test_image_to_video_aoti_engines_give_the_pytorch_video(image, tmp_path):
 def test_a_diffusers_image_to_video_pipeline_converts_to_a_bundle(kind, tmp_path):
     """bundle_from_diffusers reads the scheme off the pipeline: concat (+ CLIP parts) for a
     transformer with extra input channels, first_frame when model_index.json sets expand_timesteps."""
-    from flgengine.convert import bundle_from_diffusers, to_diffusers
-    from tiny_wan import make_tiny_wan_i2v_bundle
+    from flgengine.convert import bundle_from_diffusers
+    from tiny_wan import make_tiny_wan_i2v_bundle, make_tiny_wan_i2v_pipeline
 
-    src = make_tiny_wan_i2v_bundle(tmp_path / "src", "concat" if kind == "i2v" else "first_frame")
-    wan = tmp_path / "wan"
-    import shutil
-
-    for sub in ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
-        if (src / sub).is_dir():
-            shutil.copytree(src / sub, wan / sub)
-    to_diffusers(flgengine.load(src, device="cpu").dit, wan / "transformer")
-    index = {"_class_name": "WanImageToVideoPipeline", "expand_timesteps": kind == "ti2v"}
-    (wan / "model_index.json").write_text(json.dumps(index))
-    (wan / "scheduler").mkdir()
-    (wan / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))  # the source's shift
+    image = "concat" if kind == "i2v" else "first_frame"
+    src = make_tiny_wan_i2v_bundle(tmp_path / "src", image)
+    wan = make_tiny_wan_i2v_pipeline(tmp_path / "wan", image)
     bundle = bundle_from_diffusers(wan, tmp_path / "bundle", num_frames=5, height=32, width=48, steps=4, guidance=3.0,
                                    max_length=512 if kind == "i2v" else 24)
     cfg = json.loads((bundle / "pipeline.json").read_text())

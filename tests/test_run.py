@@ -176,14 +176,15 @@ def test_shipped_run_configs_are_valid():
     from pathlib import Path
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) == 5
+    assert len(configs) == 7
     kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
     # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network; its
     # sparse-aware continuation: Stage III from it, on the teacher's CFG
     assert kinds == {"runs/shapes-4step": (False, "cfg", True), "runs/shapes-prune-dmd2": (True, "cfg", True),
                      "runs/shapes-dmd2": (True, "cfg", False), "runs/shapes-4step-sparse": (True, "cfg", False),
-                     "runs/shapes-i2v-4step": (False, "cfg", True)}  # the image-to-video student: the same recipe
+                     "runs/shapes-i2v-4step": (False, "cfg", True),  # the image-to-video student: the same recipe
+                     "runs/shapes-i2v-prune-dmd2": (True, "cfg", True), "runs/shapes-i2v-dmd2": (True, "cfg", False)}
     sparse = RunConfig.load(configs[0].parent / "shapes-4step-sparse.yaml").stage3_config()
     assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "tile_window"
 
@@ -249,7 +250,7 @@ def test_run_distills_an_image_to_video_teacher(tiny_teacher, tmp_path, image):
     teacher = flgengine.load(i2v)
     data = world_data(teacher)
     x0, _ = data.batch(0, 2)
-    cond = data.condition(x0)
+    cond = data.condition(x0, 0)
     assert cond.kind == image
     if image == "concat":
         assert cond.latents.shape == (2, 4, 9, 32, 32) and torch.equal(cond.latents[:, 1:, 0], x0[:, :, 0])

@@ -97,3 +97,97 @@ def test_wan_teacher_to_student_to_diffusers(wan_dir, videos, tmp_path):
     x, t, c = torch.randn(1, 4, 3, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 24, 32, generator=g)
     with torch.no_grad():
         assert_close(wan(x, t, c, return_dict=False)[0], student.dit(x, t, c), 1e-5, "student in diffusers")
+
+
+# ---- image to video: the first frame of every clip is its image ---------------------------------
+
+I2V_SIZE = dict(num_frames=5, height=32, width=48, steps=4, guidance=3.0)
+
+
+@pytest.fixture(scope="module", params=["concat", "first_frame"])
+def i2v_dir(request, tmp_path_factory):
+    """A diffusers WanImageToVideoPipeline directory of tiny random parts: Wan2.1-I2V (concat,
+    CLIP tokens) or Wan2.2-TI2V (first_frame)."""
+    from tiny_wan import make_tiny_wan_i2v_pipeline
+
+    return make_tiny_wan_i2v_pipeline(tmp_path_factory.mktemp(request.param) / "wan", request.param, num_layers=4)
+
+
+def _i2v_convert(i2v_dir):
+    max_length = 512 if (i2v_dir / "image_encoder").is_dir() else 24  # diffusers' Wan2.1-I2V pads text to 512
+    return {**I2V_SIZE, "max_length": max_length}
+
+
+def test_precompute_stores_the_first_frame_as_the_teachers_image(i2v_dir, videos, tmp_path):
+    from distill.data import shard_data
+    from distill.wan import read_video
+    from flgengine.bundle import BundleError
+    from flgengine.conditioning import image_condition
+
+    bundle = bundle_from_diffusers(i2v_dir, tmp_path / "teacher", **_i2v_convert(i2v_dir))
+    pipe = flgengine.load(bundle)
+    kind, clip = pipe.config.image, pipe.image_encoder is not None
+    precompute(bundle, videos, tmp_path / "shards", shard_size=2, batch_size=2, progress=False)
+    data = shard_data(pipe, tmp_path / "shards")
+    assert data.image_latents.shape == ((5, 4, 1, 4, 6) if kind == "first_frame" else (5, 4, 2, 4, 6))
+    assert (data.image_context is not None) == clip
+    # a batch's condition is the one generate() builds from those clips' first frames
+    step, n = 3, 4
+    x0, _ = data.batch(step, n)
+    got = data.condition(x0, step)
+    clips = sorted(videos.glob("*.gif"))
+    idx = data._rows(step, n)
+    frames = torch.stack([read_video(clips[i], 5, 32, 48)[:, 0] for i in idx])  # (n, 3, H, W)
+    tokens = None
+    if clip:
+        pixels = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        tokens = pipe.image_encoder.encode(list(pixels)).float()
+    want = image_condition(kind, frames, pipe.codec, 5, (1, 2, 2), "cpu", torch.float32, tokens)
+    assert_close(got.latents, want.latents, 1e-5, "image latents")
+    if clip:
+        assert_close(got.image_context, want.image_context, 1e-5, "image tokens")
+    if kind == "first_frame":  # a causal VAE: the clip's first latent frame is its first frame's latent
+        assert_close(got.latents, x0[:, :, :1], 1e-4, "first latent frame")
+    # shards and teacher must agree on the scheme
+    text_shards = tmp_path / "text-shards"
+    text_shards.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"latents": data.latents, "context": data.context}, text_shards / "shard-0.safetensors")
+    with pytest.raises(BundleError, match="no image_latents; precompute them"):
+        shard_data(pipe, text_shards)
+    with pytest.raises(BundleError, match="teacher is text-to-video"):
+        ShardData(tmp_path / "shards")
+
+
+def test_wan_i2v_teacher_to_student_to_diffusers(i2v_dir, videos, tmp_path):
+    """convert -> precompute -> Stages I-III -> bundle -> generate(image=) -> to_diffusers."""
+    convert = _i2v_convert(i2v_dir)
+    bundle = bundle_from_diffusers(i2v_dir, tmp_path / "teacher", **convert)
+    precompute(bundle, videos, tmp_path / "shards", progress=False)
+    cfg = RunConfig(teacher=str(i2v_dir), out=str(tmp_path / "run"), convert=convert,
+                    data={"kind": "shards", "path": str(tmp_path / "shards")},
+                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.2},
+                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
+                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
+    result = run(cfg, progress=False)
+    student = flgengine.load(result["bundle"])
+    kind = student.config.image
+    assert student.config.distilled and kind == flgengine.load(bundle).config.image and len(student.dit.blocks) < 4
+    picture = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    video = flgengine.generate("a red square moving right", model=result["bundle"], image=picture, seed=0,
+                               progress=False)
+    assert video.shape == (1, 5, 32, 48, 3)
+    # the student loads in diffusers and computes the same function, image inputs included
+    wan = WanTransformer3DModel.from_pretrained(to_diffusers(result["bundle"], tmp_path / "diffusers")).eval()
+    g = torch.Generator().manual_seed(0)
+    C = student.dit.config.in_channels
+    x, t = torch.randn(1, C, 2, 4, 6, generator=g), torch.tensor([500.0])
+    c = torch.randn(1, convert["max_length"], 32, generator=g)
+    kw = {}
+    if student.dit.config.image_dim is not None:
+        kw = {"image_context": torch.randn(1, 17, student.dit.config.image_dim, generator=g)}
+    with torch.no_grad():
+        want = student.dit(x, t, c, **kw)
+        got = wan(x, t, c, encoder_hidden_states_image=kw.get("image_context"), return_dict=False)[0]
+    assert_close(got, want, 1e-5, f"{kind} student in diffusers")

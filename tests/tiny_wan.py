@@ -104,7 +104,7 @@ def make_tiny_clip(dir: Path, hidden: int = 16, image_size: int = 32, patch: int
     return dir / "image_encoder"
 
 
-def make_tiny_wan_i2v_bundle(dir: Path, image: str, *, clip: bool = True, seed: int = 0) -> Path:
+def make_tiny_wan_i2v_bundle(dir: Path, image: str, *, clip: bool = True, num_layers: int = 2, seed: int = 0) -> Path:
     """A runnable image-to-video bundle of random tiny Wan parts: `image` "first_frame"
     (Wan2.2-TI2V: a plain DiT, the image as the clean first latent frame) or "concat"
     (Wan2.1-I2V: noise + mask + image latents on 4 + 4 + 4 input channels; `clip`: CLIP
@@ -118,7 +118,8 @@ def make_tiny_wan_i2v_bundle(dir: Path, image: str, *, clip: bool = True, seed: 
     clip = clip and image == "concat"
     max_length = 512 if clip else 24
     config = ModelConfig(in_channels=12 if image == "concat" else 4, out_channels=4, patch_size=(1, 2, 2), num_heads=2,
-                         head_dim=8, ffn_dim=32, text_dim=32, freq_dim=16, num_layers=2, image_dim=16 if clip else None)
+                         head_dim=8, ffn_dim=32, text_dim=32, freq_dim=16, num_layers=num_layers,
+                         image_dim=16 if clip else None)
     torch.manual_seed(seed)
     model = DiT(config)
     with torch.no_grad():  # every weight off its init (norms at 1, biases at 0), as the parity tests do
@@ -139,6 +140,29 @@ def make_tiny_wan_i2v_bundle(dir: Path, image: str, *, clip: bool = True, seed: 
             make_tiny_clip(tmp, hidden=16, seed=seed)
         write_bundle_files(tmp, model, pipeline, {"kind": f"tiny random Wan image-to-video ({image})", "seed": seed})
     return Path(dir)
+
+
+def make_tiny_wan_i2v_pipeline(dir: Path, image: str, *, num_layers: int = 2, seed: int = 0) -> Path:
+    """make_tiny_wan_i2v_bundle's parts as a diffusers WanImageToVideoPipeline directory:
+    "concat" (Wan2.1-I2V, with CLIP) or "first_frame" (Wan2.2-TI2V: expand_timesteps)."""
+    import json
+    import shutil
+
+    import flgengine
+    from flgengine.convert import to_diffusers
+
+    dir = Path(dir)
+    src = make_tiny_wan_i2v_bundle(dir.parent / f".{dir.name}-bundle", image, num_layers=num_layers, seed=seed)
+    for sub in ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dir / sub)
+    to_diffusers(flgengine.load(src, device="cpu").dit, dir / "transformer")
+    index = {"_class_name": "WanImageToVideoPipeline", "expand_timesteps": image == "first_frame"}
+    (dir / "model_index.json").write_text(json.dumps(index))
+    (dir / "scheduler").mkdir()
+    (dir / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))  # the bundle's shift
+    shutil.rmtree(src)
+    return dir
 
 
 def make_tiny_wan_bundle(dir: Path, *, student: bool = False, num_layers: int = 4, seed: int = 0) -> Path:
