@@ -1,7 +1,7 @@
 """Bundles: one directory = one runnable model.
 
 A bundle holds
-    config.json        ModelConfig
+    config.json        the model config (ModelConfig; another family's names it: "family")
     model.safetensors  DiT weights (safetensors only, never pickle)
     pipeline.json      PipelineConfig: text encoder, codec, sampler, defaults
     provenance.json    where the weights came from (teacher hash, stages, metrics)
@@ -27,12 +27,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import TORCH_DTYPES, ConfigError, ModelConfig, PipelineConfig, torch_dtype
+from .config import TORCH_DTYPES, ConfigError, PipelineConfig, torch_dtype
 from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
                     check_replaceable, check_safetensors_file, check_state_dict, file_sha256, load_safetensors,
                     replace_directory, staged_directory)
 from . import files
-from .model import DiT, TwoExpertDiT
+from .model import TwoExpertDiT, build, model_config_from_json
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
 from .version import __version__
 
@@ -255,11 +255,12 @@ def _non_finite(value, key: str) -> tuple[str, float] | None:
     return None
 
 
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of the bundle directory `path` (its config.json), or a BundleError."""
+def read_model_config(path: str | Path):
+    """The model config of the bundle directory `path` (its config.json: a ModelConfig, or the
+    config class of the family it names), or a BundleError."""
     path = Path(path)
     try:
-        return ModelConfig.from_json(path / "config.json")
+        return model_config_from_json(path / "config.json")
     except ConfigError as e:
         raise BundleError(str(e)) from None
 
@@ -308,8 +309,12 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
     return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
 
 
-def implied_params(c: ModelConfig) -> int:
-    """About how many parameters `c` describes (the blocks' linears and the embeddings)."""
+def implied_params(c) -> int:
+    """About how many parameters `c` describes (the blocks' linears and the embeddings). A
+    family other than Wan's: counted exactly on a model built on the meta device."""
+    if c.family != "wan":
+        with torch.device("meta"):
+            return build(c).num_params()
     D = c.num_heads * c.head_dim
     patch = c.in_channels * math.prod(c.patch_size) * D + c.out_channels * math.prod(c.patch_size) * D
     blocks = sum(8 * D * c.heads_of(i) * c.head_dim + 2 * D * c.ffn_of(i) for i in range(len(c.kept_blocks)))
@@ -317,7 +322,7 @@ def implied_params(c: ModelConfig) -> int:
     return patch + blocks + pos + 2 * c.text_dim * D + c.freq_dim * D + 6 * D * D
 
 
-def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "bf16") -> DiT:
+def _load_dit(path: Path, config, device, dtype, precision: str = "bf16"):
     """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
     where = f"{path}/model.safetensors"
     state = dequantize_int8(load_safetensors(path / "model.safetensors", where), where)
@@ -333,7 +338,7 @@ def _load_dit(path: Path, config: ModelConfig, device, dtype, precision: str = "
     # check below then refuses it without allocating what it claims
     small = size < META_FROM and implied_params(config) <= 4 * size + 1_000_000
     with contextlib.nullcontext() if small else torch.device("meta"):
-        model = DiT(config)
+        model = build(config)
         if precision == "fp8":
             to_fp8(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}

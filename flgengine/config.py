@@ -20,6 +20,7 @@ from .files import atomic_write_text
 
 __all__ = [
     "ConfigError",
+    "read_json",
     "JsonConfig",
     "dataclass_from_dict",
     "check_known_keys",
@@ -38,9 +39,9 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
-# config.json / pipeline.json written by this version name every key (format_version 3); files
-# of older writers (format_version 2, or none) read the keys added since as off
-FORMAT_VERSION = 3
+# config.json / pipeline.json written by this version name every key (format_version 4); files
+# of older writers (format_version 3, 2, or none) read the keys added since as off
+FORMAT_VERSION = 4
 # names users and configs may give a dtype by
 TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -191,12 +192,16 @@ class JsonConfig:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path), str(path))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value of a file; a ConfigError naming the file if it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -300,12 +305,16 @@ class ModelConfig(JsonConfig):
     # added_kv_proj_dim); None = a text-only DiT
     image_dim: int | None = None
 
+    # the model family (flgengine.model.FAMILIES); this class describes Wan's architecture
+    family: str = "wan"
+
     # optional DiT features that bundles written before them do not name: absent = off.
     # key -> the format_version from which files must name it
     _ADDED_LATER: ClassVar[dict[str, int]] = {"pos_grid": 2, "pooled_text": 2, "velocity_skip": 2, "x0_prediction": 2,
-                                              "attention": 2, "image_dim": 3}
+                                              "attention": 2, "image_dim": 3, "family": 4}
 
     def __post_init__(self) -> None:
+        _check(self.family == "wan", f"family must be 'wan' for this config class, got {self.family!r}")
         if isinstance(self.attention, dict):
             self.attention = dataclass_from_dict(AttentionConfig, self.attention, "attention")
         _check(self.attention is None or isinstance(self.attention, AttentionConfig),

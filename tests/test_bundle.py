@@ -28,35 +28,39 @@ def test_configs_round_trip_through_json(tmp_path):
 def test_model_config_of_an_older_bundle_loads_with_later_features_off():
     d = tiny_config().to_dict()
     d.pop("format_version")  # an older writer's file: no format_version
-    for key in ("pos_grid", "pooled_text", "velocity_skip", "attention", "image_dim"):  # added after the first bundles
+    for key in ("pos_grid", "pooled_text", "velocity_skip", "attention", "image_dim", "family"):  # added later
         d.pop(key)
     c = ModelConfig.from_dict(d, "old config.json")
     assert c == tiny_config() and not c.pooled_text and c.velocity_skip is None and c.pos_grid is None
     assert c.image_dim is None
     # format_version 2 named the keys of version 2, not those added in 3
-    v2 = {k: v for k, v in tiny_config().to_dict().items() if k != "image_dim"}
+    v2 = {k: v for k, v in tiny_config().to_dict().items() if k not in ("image_dim", "family")}
     assert ModelConfig.from_dict({**v2, "format_version": 2}, "v2 config.json") == dataclasses.replace(
         tiny_config(), format_version=2)
     with pytest.raises(ConfigError, match="missing key 'attention'"):
         ModelConfig.from_dict({**{k: v for k, v in v2.items() if k != "attention"}, "format_version": 2}, "config.json")
     with pytest.raises(ConfigError, match="missing key 'image_dim'"):
-        ModelConfig.from_dict(v2, "config.json")  # format_version 3 names it
+        ModelConfig.from_dict({**v2, "format_version": 3}, "config.json")  # format_version 3 names it
+    v3 = {k: v for k, v in tiny_config().to_dict().items() if k != "family"}
+    assert ModelConfig.from_dict({**v3, "format_version": 3}, "v3 config.json").family == "wan"  # family came in 4
+    with pytest.raises(ConfigError, match="missing key 'family'"):
+        ModelConfig.from_dict(v3, "config.json")
     p = {k: v for k, v in PipelineConfig().to_dict().items() if k not in ("image", "image_encoder")}
     assert PipelineConfig.from_dict({**p, "format_version": 2}, "pipeline.json").image == "none"
 
 
 def test_a_config_this_version_writes_must_name_every_key_with_its_type():
     d = tiny_config().to_dict()
-    assert d["format_version"] == 3
-    for key in ("velocity_skip", "pooled_text", "attention", "image_dim"):  # keys that change the model's function
+    assert d["format_version"] == 4
+    for key in ("velocity_skip", "pooled_text", "attention", "image_dim", "family"):  # keys that change the model's function
         with pytest.raises(ConfigError, match=f"missing key '{key}'"):
             ModelConfig.from_dict({k: v for k, v in d.items() if k != key}, "config.json")
     for key, value, expected in (("pooled_text", "xxxxx", "true or false"), ("num_heads", 2.0, "an integer"),
                                  ("velocity_skip", float("nan"), "a finite number or null"),
                                  ("patch_size", [1, 2], "a list of 3"), ("block_ids", [0, True], "a list"),
-                                 ("format_version", 4, "an integer in 1..3")):
+                                 ("format_version", 5, "an integer in 1..4")):
         with pytest.raises(ConfigError, match=f"config.json: .*{key}.*{value!r}.*expected {expected}"
-                           if key != "format_version" else "format_version = 4: expected an integer in 1..3"):
+                           if key != "format_version" else "format_version = 5: expected an integer in 1..4"):
             ModelConfig.from_dict({**d, key: value}, "config.json")
     p = PipelineConfig().to_dict()
     with pytest.raises(ConfigError, match="key 'negative_prompt' = 1000000000000: expected a string"):

@@ -4,7 +4,8 @@
     bundle_from_diffusers(pipeline_dir, "bundle")  # a whole diffusers pipeline directory -> a bundle
     to_diffusers(model_or_bundle, "out")           # a DiT (or a bundle path) -> a diffusers transformer directory
 
-Each model family is one module here (`wan`: WanTransformer3DModel) with the same few
+Each model family is one module here (`wan`: WanTransformer3DModel, `hunyuan`:
+HunyuanVideoTransformer3DModel) with the same few
 functions: `from_diffusers(cfg, sd)`, `to_diffusers(model, out_dir)`,
 `bundle_from_diffusers(src, out, **options)`, `config_from_state_dict(sd, num_heads)` and
 `owns_state_dict(sd)`. The functions here pick the family by the diffusers class name
@@ -22,16 +23,19 @@ import torch
 
 from ..bundle import BundleError, load_bundle
 from ..config import ModelConfig
-from . import wan
+from . import hunyuan, wan
 from .source import is_diffusers_pipeline, read_diffusers_dir
 
 __all__ = ["from_diffusers", "to_diffusers", "bundle_from_diffusers", "is_diffusers_pipeline", "FAMILIES"]
 
 # diffusers transformer class -> family module
-FAMILIES: dict[str, ModuleType] = {wan.TRANSFORMER_CLASS: wan}
+FAMILIES: dict[str, ModuleType] = {wan.TRANSFORMER_CLASS: wan, hunyuan.TRANSFORMER_CLASS: hunyuan}
 # diffusers pipeline class -> family module (a pipeline's transformer/config.json names its class too)
-PIPELINES: dict[str, ModuleType] = {name: wan for name in ("WanPipeline", "WanImageToVideoPipeline",
-                                                            "WanVideoToVideoPipeline", "WanVACEPipeline")}
+PIPELINES: dict[str, ModuleType] = {**{name: wan for name in ("WanPipeline", "WanImageToVideoPipeline",
+                                                               "WanVideoToVideoPipeline", "WanVACEPipeline")},
+                                    **{name: hunyuan for name in hunyuan.PIPELINE_CLASSES}}
+# our config.json "family" -> family module
+BY_FAMILY: dict[str, ModuleType] = {"wan": wan, "hunyuan_video": hunyuan}
 
 
 def family_of_class(name: str) -> ModuleType:
@@ -50,15 +54,14 @@ def family_of_state_dict(sd: dict[str, torch.Tensor]) -> ModuleType:
     raise ValueError(f"a state dict of no supported diffusers transformer ({', '.join(FAMILIES)})")
 
 
-def family_of_model(config: ModelConfig) -> ModuleType:
-    """The family whose diffusers transformer a DiT of `config` converts to. ModelConfig
-    describes the Wan architecture, so today this is always `wan`; a second family adds a
-    field to ModelConfig that names it."""
-    return wan
+def family_of_model(config) -> ModuleType:
+    """The family module whose diffusers transformer a model of `config` converts to."""
+    return BY_FAMILY[config.family]
 
 
 def from_diffusers(source, *, num_heads: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Converts a diffusers transformer to (ModelConfig, state dict of our DiT).
+    """Converts a diffusers transformer to (its family's config, state dict of our module):
+    (ModelConfig, DiT state) for Wan, (HunyuanVideoConfig, HunyuanVideoDiT state) for HunyuanVideo.
 
     `source`: a transformer instance (e.g. a WanTransformer3DModel), a directory (the
     transformer folder or a whole pipeline folder), or a diffusers state dict (`num_heads`

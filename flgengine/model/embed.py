@@ -1,4 +1,4 @@
-"""Embeddings of the Wan DiT: sinusoidal timesteps, the time/text MLPs and 3D RoPE.
+"""Embeddings of the DiTs: sinusoidal timesteps, the time/text MLPs and 3D RoPE.
 
 Patchify is the DiT's Conv3d (`patch_embed`); unpatchify lives with the output head.
 """
@@ -86,10 +86,11 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=32)
-def _rope_table(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_table(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int,
+                split: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     f, h, w = grid
     angles = []
-    for n_pos, n_ch, axis in zip(grid, rope_split(head_dim), range(3)):
+    for n_pos, n_ch, axis in zip(grid, split or rope_split(head_dim), range(3)):
         inv = 1.0 / theta ** (torch.arange(0, n_ch, 2, dtype=torch.float64)[: n_ch // 2] / n_ch)  # (n_ch/2,)
         a = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv)  # (n_pos, n_ch/2)
         shape = [1, 1, 1, -1]
@@ -99,19 +100,23 @@ def _rope_table(head_dim: int, grid: tuple[int, int, int], theta: float, max_len
     return torch.cos(a).float(), torch.sin(a).float()
 
 
-def rope_3d(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (S, head_dim/2) fp32 for a (frames, height, width) token grid."""
+def rope_3d(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int, device,
+            split: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (S, head_dim/2) fp32 for a (frames, height, width) token grid. `split`:
+    the channels of a head given to (frame, height, width), summing to head_dim (HunyuanVideo's
+    rope_axes); None = Wan's (rope_split)."""
     if max(grid) > max_len:
         raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={max_len} along one axis")
-    return _rope_on_device(head_dim, tuple(grid), float(theta), max_len, torch.device(device))
+    return _rope_on_device(head_dim, tuple(grid), float(theta), max_len, torch.device(device),
+                           None if split is None else tuple(split))
 
 
 @lru_cache(maxsize=32)
 def _rope_on_device(head_dim: int, grid: tuple[int, int, int], theta: float, max_len: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device, split: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The tables kept on `device`: no host-to-device copy per forward, which also lets a
     CUDA graph capture the forward (a pageable copy cannot be captured)."""
-    cos, sin = _rope_table(head_dim, grid, theta, max_len)
+    cos, sin = _rope_table(head_dim, grid, theta, max_len, split)
     return cos.to(device), sin.to(device)
 
 

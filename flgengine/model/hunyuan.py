@@ -1,0 +1,372 @@
+"""HunyuanVideo's transformer (diffusers `HunyuanVideoTransformer3DModel`), one class for
+teacher, student and runtime, with the DiT interface the engine and the stages use.
+
+    x (B, C, F, H, W) --patch_embed--> video tokens (B, S, D), S = F' * H' * W'
+    t (B,) --sinusoid--> time_embed (+ guidance_embed(guidance)) + pooled_embed(pooled_text) = temb (B, D)
+    context (B, L, text_dim), context_mask (B, L) --text_refiner--> text tokens (B, L', D), L' = real tokens
+    blocks[:num_layers]   dual-stream: video and text keep their own weights (adaLN-zero, q/k/v,
+                          FFN) and meet in one attention over [video, text]
+    blocks[num_layers:]   single-stream: [video, text] as one stream, attention and MLP in parallel
+    head: adaLN (scale, shift) from temb -> Linear -> unpatchify -> (B, C, F, H, W)
+
+Every block maps (video, text) -> (video, text), so `blocks` is one list of both kinds: Stage I
+skips any of them, a pruned student keeps `config.block_ids` (teacher indices over the two
+kinds, dual first). RoPE (3D, `rope_axes` channels of a head per axis) rotates the video
+tokens' q and k; q and k are RMSNorm'd per head.
+
+The text mask. The reference masks padded text tokens as keys of every attention; the
+tokens that are real come first, so attention over the real ones only is the same function
+for the video tokens (the output). The forward therefore drops each sample's padding (samples
+with different real lengths run one after another) and runs the fused attention unmasked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import DTYPES, FORMAT_VERSION, JsonConfig, _check
+from .embed import TimeEmbedding, rope_3d, timestep_embedding
+
+FREQ_DIM = 256  # sinusoid width of timesteps and guidance
+
+
+@dataclass
+class HunyuanVideoConfig(JsonConfig):
+    """HunyuanVideo's transformer (diffusers' HunyuanVideoTransformer3DModel config, our names).
+
+    `num_layers` dual-stream then `num_single_layers` single-stream blocks; a student keeps
+    `block_ids`, teacher indices over both kinds (dual-stream blocks are 0..num_layers-1).
+    `guidance_embed`: the guidance-distilled variant (HunyuanVideo 13B) reads the CFG scale as
+    an input (`guidance`, in the model's units: scale * 1000) and is sampled without CFG.
+    """
+
+    family: str = "hunyuan_video"
+    in_channels: int = 16
+    out_channels: int = 16
+    num_heads: int = 24
+    head_dim: int = 128
+    num_layers: int = 20
+    num_single_layers: int = 40
+    num_refiner_layers: int = 2
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    pooled_dim: int = 768
+    guidance_embed: bool = True
+    rope_theta: float = 256.0
+    rope_axes: tuple[int, int, int] = (16, 56, 56)
+    rope_max_seq_len: int = 1024
+    eps: float = 1e-6
+    block_ids: list[int] | None = None
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+
+    _ADDED_LATER: ClassVar[dict[str, int]] = {}
+
+    def __post_init__(self) -> None:
+        _check(self.family == "hunyuan_video", f"family must be 'hunyuan_video', got {self.family!r}")
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.rope_axes = tuple(self.rope_axes)
+        for name, top in (("in_channels", 4096), ("out_channels", 4096), ("num_heads", 1024), ("head_dim", 1024),
+                          ("num_layers", 1024), ("num_single_layers", 1024), ("num_refiner_layers", 64),
+                          ("text_dim", 1 << 16), ("pooled_dim", 1 << 16), ("rope_max_seq_len", 1 << 20)):
+            v = getattr(self, name)
+            low = 0 if name in ("num_layers", "num_single_layers", "num_refiner_layers") else 1
+            _check(type(v) is int and low <= v <= top, f"{name} must be an integer in {low}..{top}, got {v!r}")
+        _check(self.num_layers + self.num_single_layers > 0, "the model needs at least one block")
+        _check(len(self.patch_size) == 3 and all(0 < p <= 64 for p in self.patch_size)
+               and self.patch_size[1] == self.patch_size[2],
+               f"patch_size must be (t, p, p) with integers in 1..64, got {list(self.patch_size)}")
+        _check(len(self.rope_axes) == 3 and all(type(n) is int and n >= 0 and n % 2 == 0 for n in self.rope_axes)
+               and sum(self.rope_axes) == self.head_dim,
+               f"rope_axes must be 3 even channel counts summing to head_dim {self.head_dim}, got {list(self.rope_axes)}")
+        _check(isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio <= 64,
+               f"mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        ids = self.kept_blocks
+        n = self.num_layers + self.num_single_layers
+        _check(len(ids) > 0 and all(type(i) is int and 0 <= i < n for i in ids),
+               f"block_ids must be teacher block indices in [0, {n}), at least one, got {ids}")
+        _check(list(ids) == sorted(set(ids)), f"block_ids must be strictly increasing, got {ids}")
+
+    # -- derived ----------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    @property
+    def kept_blocks(self) -> list[int]:
+        return list(range(self.num_layers + self.num_single_layers)) if self.block_ids is None else list(self.block_ids)
+
+    def kind_of(self, teacher_index: int) -> str:
+        """"dual" or "single": the kind of the teacher's block `teacher_index`."""
+        return "dual" if teacher_index < self.num_layers else "single"
+
+    @property
+    def is_pruned(self) -> bool:
+        return len(self.kept_blocks) < self.num_layers + self.num_single_layers
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim_in, hidden), nn.Linear(hidden, dim_out), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.unflatten(-1, (n, -1))  # (B, S, H*Dh) -> (B, S, H, Dh)
+
+
+class RefinerBlock(nn.Module):
+    """The token refiner's block: pre-LayerNorm self-attention and SiLU MLP over the text,
+    each residual gated per sample by temb."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dim, F.silu)
+        self.gate = nn.Linear(dim, 2 * dim)  # SiLU(temb) -> (gate_attn, gate_mlp)
+
+    def forward(self, c: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        # c: (B, L, D) real text tokens; temb: (B, D)
+        gate_attn, gate_mlp = self.gate(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        h = self.norm1(c)
+        a = ops.attention(_heads(self.q(h), self.num_heads), _heads(self.k(h), self.num_heads),
+                          _heads(self.v(h), self.num_heads))
+        c = c + self.o(a.flatten(2).type_as(c)) * gate_attn
+        return c + self.mlp(self.norm2(c)) * gate_mlp
+
+
+class TextRefiner(nn.Module):
+    """Text states (B, L, text_dim) -> (B, L, D): a projection, then refiner blocks conditioned
+    on the timestep and on the mean of the text (its own temb)."""
+
+    def __init__(self, text_dim: int, dim: int, num_heads: int, num_layers: int, mlp_ratio: float):
+        super().__init__()
+        self.time_embed = TimeEmbedding(FREQ_DIM, dim)
+        self.pooled_embed = MLP(text_dim, dim, dim, F.silu)
+        self.proj_in = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads, mlp_ratio) for _ in range(num_layers))
+
+    def forward(self, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # context: (B, L, text_dim), real tokens only; t: (B,)
+        freq = timestep_embedding(t, FREQ_DIM).to(context.dtype)
+        temb = self.time_embed(freq) + self.pooled_embed(context.mean(dim=1))  # (B, D)
+        c = self.proj_in(context)
+        for block in self.blocks:
+            c = block(c, temb)
+        return c
+
+
+class JointAttention(nn.Module):
+    """q, k, v of video tokens (and, in a dual-stream block, of text tokens with their own
+    weights), per-head RMSNorm on q and k, RoPE on the video's, one attention over
+    [video, text]."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, text_weights: bool):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        if text_weights:
+            self.add_q, self.add_k, self.add_v = (nn.Linear(dim, dim) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+
+    def _qkv(self, x, q, k, v, norm_q, norm_k):
+        H = self.num_heads
+        return (ops.rms_norm(_heads(q(x), H), norm_q.weight, self.eps), ops.rms_norm(_heads(k(x), H), norm_k.weight, self.eps),
+                _heads(v(x), H))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
+        # x: (B, S, D) video; c: (B, L, D) text -> (B, S + L, H*Dh) attention output, [video, text]
+        S = x.shape[1]
+        if hasattr(self, "add_q"):  # dual-stream: text through its own projections
+            q, k, v = self._qkv(x, self.q, self.k, self.v, self.norm_q, self.norm_k)  # (B, S, H, Dh) each
+            qc, kc, vc = self._qkv(c, self.add_q, self.add_k, self.add_v, self.norm_added_q, self.norm_added_k)
+            q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
+            q, k, v = torch.cat([q, qc], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1)
+        else:  # single-stream: one set of projections over [video, text]
+            q, k, v = self._qkv(torch.cat([x, c], 1), self.q, self.k, self.v, self.norm_q, self.norm_k)
+            q = torch.cat([ops.apply_rope(q[:, :S], *rope), q[:, S:]], 1)
+            k = torch.cat([ops.apply_rope(k[:, :S], *rope), k[:, S:]], 1)
+        return ops.attention(q, k, v).flatten(2).type_as(x)  # (B, S + L, D)
+
+
+class DualBlock(nn.Module):
+    """Dual-stream block: adaLN-zero, joint attention and FFN, each with video and text weights."""
+
+    kind = "dual"
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.mod_x, self.mod_c = nn.Linear(dim, 6 * dim), nn.Linear(dim, 6 * dim)
+        self.attn = JointAttention(dim, num_heads, head_dim, eps, text_weights=True)
+        self.o, self.add_o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.ffn_x, self.ffn_c = MLP(dim, ffn_dim, dim, gelu_tanh), MLP(dim, ffn_dim, dim, gelu_tanh)
+
+    def forward(self, x, c, temb, rope):
+        # x: (B, S, D) video, c: (B, L, D) text, temb: (B, D)
+        e = F.silu(temb)
+        mx = self.mod_x(e).unflatten(-1, (6, -1)).unbind(1)  # shift, scale, gate (attn), shift, scale, gate (FFN)
+        mc = self.mod_c(e).unflatten(-1, (6, -1)).unbind(1)
+        S = x.shape[1]
+        a = self.attn(ops.adaln_modulate(x, mx[1], mx[0], self.eps), ops.adaln_modulate(c, mc[1], mc[0], self.eps), rope)
+        x, h = ops.gated_residual_adaln(x, self.o(a[:, :S]), mx[2], mx[4], mx[3], self.eps)
+        c, hc = ops.gated_residual_adaln(c, self.add_o(a[:, S:]), mc[2], mc[4], mc[3], self.eps)
+        return x + mx[5].unsqueeze(1) * self.ffn_x(h), c + mc[5].unsqueeze(1) * self.ffn_c(hc)
+
+
+class SingleBlock(nn.Module):
+    """Single-stream block over [video, text]: attention and a GELU MLP from one adaLN, their
+    outputs concatenated through one projection, one gated residual."""
+
+    kind = "single"
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.mod = nn.Linear(dim, 3 * dim)  # shift, scale, gate
+        self.attn = JointAttention(dim, num_heads, head_dim, eps, text_weights=False)
+        self.fc_mlp = nn.Linear(dim, ffn_dim)
+        self.proj_out = nn.Linear(dim + ffn_dim, dim)
+
+    def forward(self, x, c, temb, rope):
+        S = x.shape[1]
+        shift, scale, gate = self.mod(F.silu(temb)).unflatten(-1, (3, -1)).unbind(1)  # (B, D) each
+        xc = torch.cat([x, c], 1)  # (B, S + L, D)
+        h = ops.adaln_modulate(xc, scale, shift, self.eps)
+        a = self.attn(h[:, :S], h[:, S:], rope)  # (B, S + L, D)
+        y = self.proj_out(torch.cat([a, gelu_tanh(self.fc_mlp(h))], -1))
+        xc = xc + gate.unsqueeze(1) * y
+        return xc[:, :S], xc[:, S:]
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+class HunyuanVideoDiT(nn.Module):
+    """forward(x, t, context, context_mask=None, pooled_text=None, guidance=None) -> velocity."""
+
+    def __init__(self, config: HunyuanVideoConfig):
+        super().__init__()
+        c = self.config = config
+        D = c.dim
+        self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
+        self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
+        self.time_embed = TimeEmbedding(FREQ_DIM, D)
+        if c.guidance_embed:
+            self.guidance_embed = TimeEmbedding(FREQ_DIM, D)
+        self.pooled_embed = MLP(c.pooled_dim, D, D, F.silu)
+        self.text_refiner = TextRefiner(c.text_dim, D, c.num_heads, c.num_refiner_layers, 4.0)  # 4x always, as the reference
+        self.blocks = nn.ModuleList(
+            (DualBlock if c.kind_of(i) == "dual" else SingleBlock)(D, c.num_heads, c.head_dim, c.ffn_dim, c.eps)
+            for i in c.kept_blocks)
+        self.head_mod = nn.Linear(D, 2 * D)  # SiLU(temb) -> (scale, shift)
+        self.head = nn.Linear(D, c.out_channels * math.prod(c.patch_size))
+
+    # -- inputs --------------------------------------------------------------------
+    def check_inputs(self, x, t, context, context_mask=None, pooled_text=None, guidance=None) -> tuple[int, int, int]:
+        """Validates shapes before any compute; returns the token grid (F', H', W')."""
+        c = self.config
+        if x.dim() != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, F, H, W), got {tuple(x.shape)}")
+        B = x.shape[0]
+        for name, n, p in zip(("frames", "height", "width"), x.shape[2:], c.patch_size):
+            if n % p:
+                raise ValueError(f"latent {name} {n} is not divisible by the patch size {p} (patch_size={c.patch_size})")
+        if t.dim() != 1 or t.shape[0] != B:
+            raise ValueError(f"t must be ({B},), got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
+            raise ValueError(f"context must be ({B}, L, {c.text_dim}), got {tuple(context.shape)}")
+        if context_mask is not None:
+            if tuple(context_mask.shape) != tuple(context.shape[:2]):
+                raise ValueError(f"context_mask must be {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}")
+            real = context_mask.bool()
+            if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
+                raise ValueError("context_mask must mark each prompt's real tokens first (1...1 0...0), "
+                                 "at least one per prompt")
+        if pooled_text is None or tuple(pooled_text.shape) != (B, c.pooled_dim):
+            raise ValueError(f"pooled_text must be ({B}, {c.pooled_dim}) (CLIP's pooled prompt), got "
+                             f"{None if pooled_text is None else tuple(pooled_text.shape)}")
+        if c.guidance_embed and (guidance is None or tuple(guidance.shape) != (B,)):
+            raise ValueError(f"this model embeds the guidance scale: pass guidance of shape ({B},) (scale * 1000), "
+                             f"got {None if guidance is None else tuple(guidance.shape)}")
+        if not c.guidance_embed and guidance is not None:
+            raise ValueError("this model takes no guidance input (config.guidance_embed is false)")
+        return tuple(n // p for n, p in zip(x.shape[2:], c.patch_size))
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+                pooled_text: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        grid = self.check_inputs(x, t, context, context_mask, pooled_text, guidance)
+        lengths = [context.shape[1]] * x.shape[0] if context_mask is None else context_mask.sum(1).tolist()
+        with ops.registry.prefer(self.backend):
+            if len(set(lengths)) == 1:  # one real text length: the batch at once
+                return self._forward(x, t, context[:, :lengths[0]], pooled_text, guidance, grid)
+            # the samples one by one, each with its own real text (see the module docstring)
+            return torch.cat([self._forward(x[i:i + 1], t[i:i + 1], context[i:i + 1, :n], pooled_text[i:i + 1],
+                                            None if guidance is None else guidance[i:i + 1], grid)
+                              for i, n in enumerate(lengths)])
+
+    def _forward(self, x, t, context, pooled_text, guidance, grid):
+        # x: (B, C, F, H, W); t: (B,) in 0..1000; context: (B, L, text_dim) real tokens only;
+        # pooled_text: (B, pooled_dim); guidance: (B,) or None
+        c = self.config
+        B = x.shape[0]
+        rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device, c.rope_axes)  # 2 x (S, Dh/2)
+        # 1. conditioning vector: timestep (+ guidance) + pooled text -> temb (B, D)
+        dtype = self.time_embed.fc1.weight.dtype
+        temb = self.time_embed(timestep_embedding(t, FREQ_DIM).to(dtype))
+        if c.guidance_embed:
+            temb = temb + self.guidance_embed(timestep_embedding(guidance, FREQ_DIM).to(dtype))
+        temb = temb + self.pooled_embed(pooled_text.to(dtype))
+        # 2. tokens: video (B, S, D), text (B, L, D)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        txt = self.text_refiner(context.to(dtype), t)
+        # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
+        for block in self.blocks:
+            h, txt = block(h, txt, temb, rope)
+        # 4. head: adaLN (scale, shift) -> Linear -> unpatchify (B, S, C*pt*p*p) -> (B, C, F, H, W)
+        scale, shift = self.head_mod(F.silu(temb)).chunk(2, dim=-1)
+        out = self.head(ops.adaln_modulate(h, scale, shift, c.eps))
+        pt, ph, pw = c.patch_size
+        out = out.reshape(B, *grid, c.out_channels, pt, ph, pw)
+        out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', pt, H', ph, W', pw)
+        return out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    # -- utilities -------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def cast(self, dtype: torch.dtype) -> "HunyuanVideoDiT":
+        """Casts weights to `dtype`, keeping the timestep / guidance MLPs in fp32."""
+        self.to(dtype)
+        self.time_embed.float()
+        if self.config.guidance_embed:
+            self.guidance_embed.float()
+        return self
