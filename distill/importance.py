@@ -169,7 +169,8 @@ def block_importance(model: DiT, x0: torch.Tensor, context: torch.Tensor, ts: Se
             "num_samples": N,
             "sample_shape": list(x0.shape[1:]),
             "kept_blocks": teacher_ids,
-            "num_layers": model.config.num_layers,
+            "num_layers": model.config.num_blocks,
+            "protected": list(model.config.protected_blocks),
             "timestep_scale": NUM_TRAIN_TIMESTEPS,
             "dtype": str(dtype).removeprefix("torch."),
             "noise": "one eps per clip (draw_noise(x0.shape, seed)), shared by every block and every t",
@@ -238,7 +239,8 @@ def render_importance(result: dict, drop: list[int] | None = None) -> np.ndarray
     from PIL import Image, ImageDraw, ImageFont
 
     blocks = sorted(result["importance"], key=int)
-    ends, dropped = (0, result["settings"]["num_layers"] - 1), set(drop or [])
+    ends = tuple(result["settings"].get("protected", (0, result["settings"]["num_layers"] - 1)))
+    dropped = set(drop or [])
     values = np.array([result["importance"][b] for b in blocks], dtype=np.float64)
     top, bottom = max(values.max(), 0.0), min(values.min(), 0.0)
     span = (top - bottom) or 1.0

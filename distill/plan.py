@@ -12,7 +12,6 @@ the budget counts parameters, not blocks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -94,8 +93,8 @@ class PruningPlan(JsonConfig):
 
 def _check_full_model(model: DiT) -> None:
     c = model.config
-    if c.kept_blocks != list(range(c.num_layers)):
-        raise ValueError(f"a pruning plan is made on and applied to a model with all {c.num_layers} teacher blocks; "
+    if c.kept_blocks != list(range(c.num_blocks)):
+        raise ValueError(f"a pruning plan is made on and applied to a model with all {c.num_blocks} teacher blocks; "
                          f"this one keeps {c.kept_blocks}")
 
 
@@ -115,7 +114,7 @@ def plan_from_drop(model: DiT, drop: list[int], importance: dict[int, float], bu
     """The plan that drops exactly `drop` (teacher indices) from `model`, with its
     parameter counts measured on the model. Also recounts a hand-edited plan."""
     _check_full_model(model)
-    n = model.config.num_layers
+    n = model.config.num_blocks
     bad = [b for b in drop if not (_is_int(b) and 0 <= b < n)]
     if bad:
         raise ValueError(f"drop: {bad[0]!r} is not a teacher block index in [0, {n})")
@@ -132,8 +131,8 @@ def make_plan(model: DiT, importance: dict[int, float], budget: float = DEFAULT_
     """Drops the least important blocks of `model` until `budget` of its parameters are gone.
 
     `importance`: {teacher block index: I_b} for every block (`block_importance`'s
-    "importance"). Candidates are all blocks but the first and the last, taken in order
-    of rising importance (ties: lower index first). A budget that falls between two
+    "importance"). Candidates are all blocks but the first and the last (of each kind, for a
+    model of two block kinds: `config.protected_blocks`), taken in order of rising importance (ties: lower index first). A budget that falls between two
     counts stops at the first removed fraction >= budget, so the plan removes at
     least the budget and overshoots it by less than one block. A budget out of reach
     (more than all candidates hold) is a ValueError.
@@ -141,10 +140,11 @@ def make_plan(model: DiT, importance: dict[int, float], budget: float = DEFAULT_
     _check_full_model(model)
     if not (_is_number(budget) and 0 <= budget < 1):
         raise ValueError(f"budget must be a fraction in [0, 1), got {budget!r}")
-    n = model.config.num_layers
+    n = model.config.num_blocks
     _check_importance(importance, n)
     sizes, total = block_params(model), model.num_params()
-    candidates = sorted(range(1, n - 1), key=lambda b: (importance[b], b))
+    protected = set(model.config.protected_blocks)
+    candidates = sorted((b for b in range(n) if b not in protected), key=lambda b: (importance[b], b))
     drop, removed = [], 0
     for b in candidates:
         if removed / total >= budget:
@@ -152,7 +152,7 @@ def make_plan(model: DiT, importance: dict[int, float], budget: float = DEFAULT_
         drop.append(b)
         removed += sizes[b]
     if removed / total < budget:
-        raise ValueError(f"budget {budget:.0%} is out of reach: dropping every block but the first and the last "
+        raise ValueError(f"budget {budget:.0%} is out of reach: dropping every block but {sorted(protected)} "
                          f"removes {removed / total:.1%} of the {total} parameters")
     return plan_from_drop(model, drop, importance, budget, source)
 
@@ -169,16 +169,11 @@ def apply_plan(model: DiT, plan: PruningPlan) -> DiT:
     """
     _check_full_model(model)
     c = model.config
-    if plan.num_blocks != c.num_layers or plan.total_params != model.num_params():
+    if plan.num_blocks != c.num_blocks or plan.total_params != model.num_params():
         raise ValueError(f"the plan is for a teacher of {plan.num_blocks} blocks and {plan.total_params} parameters, "
-                         f"this model has {c.num_layers} blocks and {model.num_params()}")
+                         f"this model has {c.num_blocks} blocks and {model.num_params()}")
     # 1. the student's config: kept blocks, with their widths
-    config = dataclasses.replace(
-        c,
-        block_ids=list(plan.keep),
-        block_num_heads=None if c.block_num_heads is None else [c.block_num_heads[b] for b in plan.keep],
-        block_ffn_dim=None if c.block_ffn_dim is None else [c.block_ffn_dim[b] for b in plan.keep],
-    )
+    config = c.with_blocks(plan.keep)
     # 2. weights: kept blocks renumbered, everything else as is
     state = {}
     for key, value in model.state_dict().items():

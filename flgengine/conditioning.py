@@ -28,7 +28,7 @@ import torch
 
 from .config import ImageEncoderConfig
 
-__all__ = ["ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "encode_image",
+__all__ = ["ExtraInputs", "ImageCondition", "ClipImageEncoder", "build_image_encoder", "check_image_model", "encode_image",
            "image_condition", "images_for", "latent_condition"]
 
 
@@ -163,6 +163,30 @@ class ImageCondition:
             return latents
         m = self.mask.to(latents.dtype)
         return m * latents + (1 - m) * self.latents.to(latents.dtype)
+
+
+class ExtraInputs:
+    """A model family's keyword inputs beyond (x, t, context), per sample (HunyuanVideo's
+    context_mask, pooled_text, guidance): `model(net)` is the (x, t, context) -> v function the
+    samplers and distillation stages call, with them put in (repeated for a batch of k * B, as
+    CFG doubles it); `map` and `finish` as ImageCondition's."""
+
+    def __init__(self, **inputs: torch.Tensor):
+        self.inputs = inputs
+
+    def map(self, fn) -> "ExtraInputs":
+        return ExtraInputs(**{k: fn(v) for k, v in self.inputs.items()})
+
+    def model(self, net):
+        def velocity(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            B = x.shape[0]
+            kw = {k: v.repeat(B // v.shape[0], *([1] * (v.dim() - 1))) for k, v in self.inputs.items()}
+            return net(x, t, context, **kw)
+
+        return velocity
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
 
 
 def image_condition(kind: str, frames: torch.Tensor, codec, num_frames: int, patch_size: tuple[int, int, int],

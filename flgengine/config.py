@@ -388,6 +388,24 @@ class ModelConfig(JsonConfig):
     def is_pruned(self) -> bool:
         return len(self.kept_blocks) < self.num_layers or not self.is_uniform
 
+    # -- the blocks pruning acts on (every family's config has these) -----------
+    @property
+    def num_blocks(self) -> int:
+        """The teacher's blocks, which block_ids index."""
+        return self.num_layers
+
+    @property
+    def protected_blocks(self) -> tuple[int, ...]:
+        """Teacher blocks a pruning plan always keeps: the first and the last."""
+        return (0, self.num_layers - 1)
+
+    def with_blocks(self, keep: list[int]) -> "ModelConfig":
+        """The config of the student keeping teacher blocks `keep` (of this full model), with their widths."""
+        return dataclasses.replace(
+            self, block_ids=list(keep),
+            block_num_heads=None if self.block_num_heads is None else [self.block_num_heads[b] for b in keep],
+            block_ffn_dim=None if self.block_ffn_dim is None else [self.block_ffn_dim[b] for b in keep])
+
 
 SAMPLER_KINDS = ("euler", "fewstep")
 

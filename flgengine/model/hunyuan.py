@@ -22,6 +22,7 @@ with different real lengths run one after another) and runs the fused attention 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -107,7 +108,7 @@ class HunyuanVideoConfig(JsonConfig):
 
     @property
     def kept_blocks(self) -> list[int]:
-        return list(range(self.num_layers + self.num_single_layers)) if self.block_ids is None else list(self.block_ids)
+        return list(range(self.num_blocks)) if self.block_ids is None else list(self.block_ids)
 
     def kind_of(self, teacher_index: int) -> str:
         """"dual" or "single": the kind of the teacher's block `teacher_index`."""
@@ -115,7 +116,23 @@ class HunyuanVideoConfig(JsonConfig):
 
     @property
     def is_pruned(self) -> bool:
-        return len(self.kept_blocks) < self.num_layers + self.num_single_layers
+        return len(self.kept_blocks) < self.num_blocks
+
+    # -- the blocks pruning acts on (every family's config has these) -----------
+    @property
+    def num_blocks(self) -> int:
+        """The teacher's blocks of both kinds, which block_ids index (dual-stream first)."""
+        return self.num_layers + self.num_single_layers
+
+    @property
+    def protected_blocks(self) -> tuple[int, ...]:
+        """Teacher blocks a pruning plan always keeps: the first and the last of each kind."""
+        L, n = self.num_layers, self.num_blocks
+        return tuple(sorted({b for b in (0, L - 1, L, n - 1) if 0 <= b < n}))
+
+    def with_blocks(self, keep: list[int]) -> "HunyuanVideoConfig":
+        """The config of the student keeping teacher blocks `keep`."""
+        return dataclasses.replace(self, block_ids=list(keep))
 
 
 # ---- pieces ------------------------------------------------------------------------------------
