@@ -1,7 +1,8 @@
 """Latent codecs: video `(B, 3, T, H, W)` in [-1, 1] <-> latents `(B, C, F, h, w)`.
 
 `WanVAECodec` is diffusers' `AutoencoderKLWan` with the Wan pipelines' latent
-normalisation; `PixelCodec` uses the frames themselves as latents. `build_codec` turns
+normalisation, `HunyuanVAECodec` its `AutoencoderKLHunyuanVideo` with the scaling factor;
+`PixelCodec` uses the frames themselves as latents. `build_codec` turns
 a `CodecConfig` into a codec through the `CODECS` registry (kind -> factory). Also the
 video <-> uint8 frame conversions.
 """
@@ -15,7 +16,7 @@ import torch
 
 from .config import CodecConfig
 
-__all__ = ["Codec", "PixelCodec", "WanVAECodec", "CODECS", "build_codec", "video_to_uint8", "uint8_to_video"]
+__all__ = ["Codec", "PixelCodec", "DiffusersVAECodec", "WanVAECodec", "HunyuanVAECodec", "CODECS", "build_codec", "video_to_uint8", "uint8_to_video"]
 
 
 class Codec:
@@ -79,32 +80,27 @@ class PixelCodec(Codec):
         return latents.float().clamp(-1.0, 1.0)
 
 
-class WanVAECodec(Codec):
-    """diffusers `AutoencoderKLWan` from a local dir, latents normalised as in the Wan
-    pipelines: `(mean - latents_mean) * (1 / latents_std)` on encode (posterior mode,
-    as pipeline_wan_video2video / _i2v with sample_mode="argmax"), and
-    `z / (1 / latents_std) + latents_mean` before the VAE on decode (pipeline_wan)."""
+class DiffusersVAECodec(Codec):
+    """A diffusers video VAE from a local directory: encode = the posterior's mode, then
+    `(z - shift) * scale`; decode = the VAE of `z / scale + shift`. Subclasses name the VAE class
+    and read their factors, shift and scale off its config (`_setup`)."""
 
-    name = "Wan VAE"
+    vae_class = ""  # the diffusers class name
 
     def __init__(self, path: str | Path, device=None, dtype=None):
         try:
-            from diffusers import AutoencoderKLWan
+            import diffusers
         except ImportError as e:
-            raise ImportError("the wan_vae codec needs diffusers: pip install 'flgengine[diffusers]'") from e
+            raise ImportError(f"the {self.name} codec needs diffusers: pip install 'flgengine[diffusers]'") from e
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"Wan VAE directory not found: {path}")
+            raise FileNotFoundError(f"{self.name} directory not found: {path}")
         kwargs = {} if dtype is None else {"torch_dtype": dtype}
-        self.vae = AutoencoderKLWan.from_pretrained(path, **kwargs).to(device).eval()
-        cfg = self.vae.config
-        self.latent_channels = cfg.z_dim
-        self.temporal_factor = 2 ** sum(self.vae.temperal_downsample)
-        # Wan2.2's VAE also patchifies pixels before the encoder
-        self.spatial_factor = 2 ** len(self.vae.temperal_downsample) * (cfg.patch_size or 1)
-        # (1, C, 1, 1, 1), float32 like diffusers builds them; cast at use
-        self._mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        self.vae = getattr(diffusers, self.vae_class).from_pretrained(path, **kwargs).to(device).eval()
+        self._setup(self.vae.config)
+
+    def _setup(self, cfg) -> None:
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
@@ -114,29 +110,63 @@ class WanVAECodec(Codec):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, F, h, w), VAE dtype."""
         self._check_video(video)
-        video = video.to(self.device, self.vae.dtype)
-        z = self.vae.encode(video).latent_dist.mode()
-        mean, inv_std = self._mean.to(z.device, z.dtype), self._inv_std.to(z.device, z.dtype)
-        return (z - mean) * inv_std
+        z = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return (z - self._shift.to(z.device, z.dtype)) * self._scale.to(z.device, z.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents (B, C, F, h, w) -> video (B, 3, T, H, W) float32 in [-1, 1]."""
         z = latents.to(self.device, self.vae.dtype)
-        mean, inv_std = self._mean.to(z.device, z.dtype), self._inv_std.to(z.device, z.dtype)
-        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
-        return video.float().clamp(-1.0, 1.0)
+        z = z / self._scale.to(z.device, z.dtype) + self._shift.to(z.device, z.dtype)
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1.0, 1.0)
 
 
-def _build_wan_vae(cfg: CodecConfig, root: Path, device=None, dtype=None) -> WanVAECodec:
-    if cfg.path is None:
-        raise ValueError("codec kind 'wan_vae' needs a path (the vae directory)")
-    path = Path(cfg.path)
-    return WanVAECodec(path if path.is_absolute() else Path(root) / path, device=device, dtype=dtype)
+class WanVAECodec(DiffusersVAECodec):
+    """diffusers `AutoencoderKLWan`, latents normalised as in the Wan pipelines:
+    `(mean - latents_mean) * (1 / latents_std)` on encode (posterior mode, as
+    pipeline_wan_video2video / _i2v with sample_mode="argmax"), and
+    `z / (1 / latents_std) + latents_mean` before the VAE on decode (pipeline_wan)."""
+
+    name = "Wan VAE"
+    vae_class = "AutoencoderKLWan"
+
+    def _setup(self, cfg) -> None:
+        self.latent_channels = cfg.z_dim
+        self.temporal_factor = 2 ** sum(self.vae.temperal_downsample)
+        # Wan2.2's VAE also patchifies pixels before the encoder
+        self.spatial_factor = 2 ** len(self.vae.temperal_downsample) * (cfg.patch_size or 1)
+        # (1, C, 1, 1, 1), float32 like diffusers builds them; cast at use
+        self._shift = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        self._scale = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+
+
+class HunyuanVAECodec(DiffusersVAECodec):
+    """diffusers `AutoencoderKLHunyuanVideo`, latents times its `scaling_factor` (as
+    HunyuanVideo's pipelines: encode takes the posterior mode, decode divides first)."""
+
+    name = "HunyuanVideo VAE"
+    vae_class = "AutoencoderKLHunyuanVideo"
+
+    def _setup(self, cfg) -> None:
+        self.latent_channels = cfg.latent_channels
+        self.temporal_factor = cfg.temporal_compression_ratio
+        self.spatial_factor = cfg.spatial_compression_ratio
+        self._shift, self._scale = torch.zeros(()), torch.tensor(float(cfg.scaling_factor))
+
+
+def _vae_builder(kind: str, cls):
+    def build(cfg: CodecConfig, root: Path, device=None, dtype=None):
+        if cfg.path is None:
+            raise ValueError(f"codec kind {kind!r} needs a path (the vae directory)")
+        path = Path(cfg.path)
+        return cls(path if path.is_absolute() else Path(root) / path, device=device, dtype=dtype)
+
+    return build
 
 
 CODECS: dict[str, Callable[..., Codec | None]] = {
-    "wan_vae": _build_wan_vae,
+    "wan_vae": _vae_builder("wan_vae", WanVAECodec),
+    "hunyuan_vae": _vae_builder("hunyuan_vae", HunyuanVAECodec),
     "pixel": lambda cfg, root, device=None, dtype=None: PixelCodec(),
     "none": lambda cfg, root, device=None, dtype=None: None,
 }

@@ -467,8 +467,9 @@ class TextEncoderConfig(JsonConfig):
 
 @dataclass
 class CodecConfig(JsonConfig):
-    """`kind`: "wan_vae" (diffusers AutoencoderKLWan in `path`), "pixel" (latents are
-    the frames scaled to [-1, 1]) or "none" (a DiT-only bundle)."""
+    """`kind`: "wan_vae" (diffusers AutoencoderKLWan in `path`), "hunyuan_vae" (its
+    AutoencoderKLHunyuanVideo), "pixel" (latents are the frames scaled to [-1, 1]) or "none"
+    (a DiT-only bundle)."""
 
     kind: str = "none"
     path: str | None = None

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .config import TextEncoderConfig
 
-__all__ = ["TextEncoder", "UMT5TextEncoder", "TokenTextEncoder", "TEXT_ENCODERS", "build_text_encoder", "clean_prompt"]
+__all__ = ["TextEncoder", "UMT5TextEncoder", "HunyuanTextEncoder", "TokenTextEncoder", "TEXT_ENCODERS", "build_text_encoder", "clean_prompt"]
 
 _EXTRA_HINT = "pip install 'flgengine[diffusers]'"
 
@@ -47,12 +47,17 @@ def clean_prompt(text: str) -> str:
 
 
 class TextEncoder:
-    """Base: `encode(prompts)` -> `(B, L, text_dim)` float tensor, no gradients."""
+    """Base: `encode(prompts)` -> `(B, L, text_dim)` float tensor, no gradients;
+    `encode_inputs(prompts)` -> that and the model family's other text inputs (a dict of
+    per-prompt tensors: HunyuanVideo's context_mask and pooled_text; none for Wan)."""
 
     text_dim: int
 
     def encode(self, prompts: list[str], device=None, dtype=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def encode_inputs(self, prompts: list[str], device=None, dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.encode(prompts, device=device, dtype=dtype), {}
 
 
 @contextlib.contextmanager
@@ -111,6 +116,72 @@ class UMT5TextEncoder(TextEncoder):
         seq_lens = mask.gt(0).sum(dim=1).to(emb.device)  # (B,)
         keep = torch.arange(emb.shape[1], device=emb.device)[None, :] < seq_lens[:, None]  # (B, L)
         return emb.masked_fill(~keep[..., None], 0.0)
+
+
+# HunyuanVideo's prompt template (its diffusers pipeline's default); the tokens before the
+# prompt (95 with its Llama tokenizer) are cropped off the hidden states
+HUNYUAN_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+HUNYUAN_CROP_START = 95
+
+
+class HunyuanTextEncoder(TextEncoder):
+    """HunyuanVideo's two text encoders from local dirs, as its diffusers pipeline runs them:
+
+        context      Llama (`text_encoder/`, `tokenizer/`): the prompt put in `template`, padded
+                     and truncated to crop_start + max_length tokens, hidden states of the layer
+                     `skip_layers + 1` from the end, the template's first crop_start tokens cut off
+                     -> (B, max_length, text_dim)
+        context_mask the Llama attention mask of those tokens -> (B, max_length), real tokens first
+        pooled_text  CLIP-L (`text_encoder_2/`, `tokenizer_2/`): the pooled output of the prompt
+                     itself, 77 tokens -> (B, pooled_dim)
+    """
+
+    def __init__(self, path: str | Path, tokenizer_path: str | Path, clip_path: str | Path,
+                 clip_tokenizer_path: str | Path, max_length: int = 256, template: str = HUNYUAN_TEMPLATE,
+                 crop_start: int = HUNYUAN_CROP_START, skip_layers: int = 2, device=None, dtype=None):
+        try:
+            from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+        except ImportError as e:
+            raise ImportError(f"the hunyuan text encoder needs transformers: {_EXTRA_HINT}") from e
+        if "{}" not in template:
+            raise ValueError("the prompt template must hold {} where the prompt goes")
+        dirs = [_need_dir(Path(p), what) for p, what in ((path, "Llama text encoder"), (tokenizer_path, "Llama tokenizer"),
+                                                         (clip_path, "CLIP text encoder"),
+                                                         (clip_tokenizer_path, "CLIP tokenizer"))]
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        self.tokenizer, self.clip_tokenizer = AutoTokenizer.from_pretrained(dirs[1]), AutoTokenizer.from_pretrained(dirs[3])
+        with _quiet_transformers():
+            self.model = AutoModel.from_pretrained(dirs[0], **kwargs).to(device).eval()
+            self.clip = CLIPTextModel.from_pretrained(dirs[2], **kwargs).to(device).eval()
+        self.max_length, self.template, self.crop_start, self.skip_layers = max_length, template, crop_start, skip_layers
+        self.text_dim, self.pooled_dim = self.model.config.hidden_size, self.clip.config.hidden_size
+
+    @torch.no_grad()
+    def encode_inputs(self, prompts: str | list[str], device=None, dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        dev = self.model.device
+        tokens = self.tokenizer([self.template.format(p) for p in prompts], max_length=self.max_length + self.crop_start,
+                                padding="max_length", truncation=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(dev), tokens.attention_mask.to(dev)  # (B, crop_start + max_length)
+        states = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        context = states[-(self.skip_layers + 1)][:, self.crop_start:]  # (B, max_length, text_dim)
+        clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                                       return_tensors="pt").input_ids.to(self.clip.device)
+        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output  # (B, pooled_dim)
+        out = dict(device=device or dev, dtype=dtype or self.model.dtype)
+        return context.to(**out), {"context_mask": mask[:, self.crop_start:].to(device or dev),
+                                   "pooled_text": pooled.to(**out)}
+
+    def encode(self, prompts: str | list[str], device=None, dtype=None) -> torch.Tensor:
+        return self.encode_inputs(prompts, device=device, dtype=dtype)[0]
 
 
 class WordMixer(nn.Module):
