@@ -422,6 +422,10 @@ class SamplerConfig(JsonConfig):
     `low_noise_guidance` (two-expert bundles, Wan2.2's guidance_scale_2): the CFG scale of
     the steps the low-noise expert runs (sigma <= pipeline.json's low_noise_boundary);
     null uses `guidance` throughout.
+
+    `embedded_guidance` (guidance-distilled models, HunyuanVideo's guidance_embeds): the
+    guidance scale the DiT reads as an input (given as scale * 1000); such a model is sampled
+    without CFG (`guidance` 1). null for models without that input.
     """
 
     kind: str = "euler"
@@ -431,17 +435,19 @@ class SamplerConfig(JsonConfig):
     sigmas: list[float] | None = None
     num_train_timesteps: int = 1000
     low_noise_guidance: float | None = None
+    embedded_guidance: float | None = None
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("low_noise_guidance",)
+    _ADDED_LATER: ClassVar[dict[str, int]] = {"low_noise_guidance": 2, "embedded_guidance": 4}
 
     def __post_init__(self) -> None:
         _check(self.kind in SAMPLER_KINDS, f"sampler kind must be one of {SAMPLER_KINDS}, got {self.kind!r}")
         _check(isinstance(self.num_steps, int) and self.num_steps >= 1, f"num_steps must be an integer >= 1, got {self.num_steps!r}")
         _check(math.isfinite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
         _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance!r}")
-        g2 = self.low_noise_guidance
-        _check(g2 is None or (isinstance(g2, (int, float)) and not isinstance(g2, bool) and math.isfinite(g2) and g2 >= 0),
-               f"low_noise_guidance must be a number >= 0 or null, got {g2!r}")
+        for name in ("low_noise_guidance", "embedded_guidance"):
+            g = getattr(self, name)
+            _check(g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0),
+                   f"{name} must be a number >= 0 or null, got {g!r}")
         if self.kind == "fewstep":
             _check(self.sigmas is not None, "a fewstep sampler needs an explicit sigmas list")
         if self.sigmas is not None:
@@ -455,14 +461,30 @@ class SamplerConfig(JsonConfig):
 @dataclass
 class TextEncoderConfig(JsonConfig):
     """`kind`: "umt5" (Wan's umT5 via transformers; `path` = text encoder dir,
-    `tokenizer_path` = tokenizer dir), "tokens" (the learned word-embedding encoder of
-    built-in worlds, `path` = its dir) or "none" (a DiT-only bundle). Relative paths
-    are resolved against the bundle directory."""
+    `tokenizer_path` = tokenizer dir), "hunyuan" (HunyuanVideo's Llama in `path` /
+    `tokenizer_path` and CLIP-L in `clip_path` / `clip_tokenizer_path`; the prompt goes into
+    `template` (null: HunyuanVideo's) at "{}", and the first `crop_start` tokens (null: 95) are
+    cut off), "tokens" (the learned word-embedding encoder of built-in worlds, `path` = its dir)
+    or "none" (a DiT-only bundle). `max_length`: the prompt's tokens. Relative paths are
+    resolved against the bundle directory."""
 
     kind: str = "none"
     path: str | None = None
     tokenizer_path: str | None = None
     max_length: int = 512
+    clip_path: str | None = None
+    clip_tokenizer_path: str | None = None
+    template: str | None = None
+    crop_start: int | None = None
+
+    _ADDED_LATER: ClassVar[dict[str, int]] = {"clip_path": 4, "clip_tokenizer_path": 4, "template": 4, "crop_start": 4}
+
+    def __post_init__(self) -> None:
+        _check(type(self.max_length) is int and self.max_length > 0, f"max_length must be a positive integer, got "
+               f"{self.max_length!r}")
+        _check(self.template is None or "{}" in self.template, "template must hold {} where the prompt goes")
+        _check(self.crop_start is None or (type(self.crop_start) is int and self.crop_start >= 0),
+               f"crop_start must be an integer >= 0 or null, got {self.crop_start!r}")
 
 
 @dataclass
@@ -530,7 +552,9 @@ class PipelineConfig(JsonConfig):
     def part_paths(self) -> list[tuple[str, str]]:
         """(key, path) of every part this pipeline names (text encoder, tokenizer, codec, image
         encoder and its processor), relative to the bundle unless absolute."""
-        named = (("text_encoder.path", self.text_encoder.path), ("text_encoder.tokenizer_path", self.text_encoder.tokenizer_path),
+        t = self.text_encoder
+        named = (("text_encoder.path", t.path), ("text_encoder.tokenizer_path", t.tokenizer_path),
+                 ("text_encoder.clip_path", t.clip_path), ("text_encoder.clip_tokenizer_path", t.clip_tokenizer_path),
                  ("codec.path", self.codec.path), ("image_encoder.path", self.image_encoder.path),
                  ("image_encoder.processor_path", self.image_encoder.processor_path))
         return [(k, v) for k, v in named if v is not None]

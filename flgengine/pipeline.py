@@ -22,7 +22,7 @@ import torch
 
 from .bundle import BundleError, load_bundle, read_model_config, read_provenance
 from .codec import build_codec, video_to_uint8
-from .conditioning import build_image_encoder, check_image_model, image_condition, images_for
+from .conditioning import ExtraInputs, build_image_encoder, check_image_model, image_condition, images_for
 from .config import PipelineConfig, SamplerConfig, torch_dtype
 from .image import fit_image
 from .sampling import FewStepSampler, build_sampler, randn, shift_sigmas
@@ -299,21 +299,26 @@ class Pipeline:
             self._check_engine(dit_batch, shape[1:], num_frames, height, width)
         use_graph = self._use_cuda_graph(cuda_graph, sampler)
 
-        # 1. text
-        context = self.text_encoder.encode(prompts, device=self.device, dtype=self.dtype)  # (B, L, text_dim)
-        uncond = None
+        # 1. text: (B, L, text_dim) states, + the family's other text inputs (HunyuanVideo: mask, pooled)
+        context, extra = self.text_encoder.encode_inputs(prompts, device=self.device, dtype=self.dtype)
+        uncond, extra_u = None, None
         if sampler.guidance > 1:
             neg = cfg.negative_prompt if negative_prompt is None else negative_prompt
-            uncond = self.text_encoder.encode([neg] * B, device=self.device, dtype=self.dtype)
+            uncond, extra_u = self.text_encoder.encode_inputs([neg] * B, device=self.device, dtype=self.dtype)
+        if cfg.sampler.embedded_guidance is not None:  # a guidance-distilled DiT reads the scale (x 1000)
+            scale = torch.full((B,), cfg.sampler.embedded_guidance * 1000.0, device=self.device, dtype=self.dtype)
+            extra = {**extra, "guidance": scale}
+            extra_u = None if extra_u is None else {**extra_u, "guidance": scale}
+        dit = ExtraInputs(extra, extra_u).model(self.dit) if extra else self.dit
 
         # 2. the image: fitted to the frame, encoded (+ CLIP tokens), put into the DiT's input
-        dit, condition = self.dit, None
+        condition = None
         if images is not None:
             frames = torch.stack([fit_image(im, height, width) for im in images])  # (B, 3, H, W) in [-1, 1]
             tokens = self.image_encoder.encode(images).to(self.dtype) if self.image_encoder is not None else None
             condition = image_condition(cfg.image, frames, self.codec, num_frames, self.dit.config.patch_size,
                                         self.device, self.dtype, tokens)
-            dit = condition.model(self.dit)
+            dit = condition.model(dit)
 
         # 3. sample latents from seeded noise (drawn on the CPU: same video on every device)
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -357,9 +362,11 @@ class Pipeline:
     def _use_cuda_graph(self, cuda_graph: bool | None, sampler) -> bool:
         """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
         fewstep = isinstance(sampler, FewStepSampler)
+        # the graphed loop calls the DiT with (x, t, context) alone
+        plain = self.config.image == "none" and not self.text_encoder.extra_inputs \
+            and self.config.sampler.embedded_guidance is None
         if cuda_graph is None:
-            return (self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled
-                    and self.config.image == "none")
+            return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled and plain
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
         if cuda_graph:
@@ -370,6 +377,9 @@ class Pipeline:
                                  f"{type(sampler).__name__} (a teacher): run it with cuda_graph=False")
             if self.engine is not None:
                 raise ValueError("cuda_graph=True captures the PyTorch DiT; it is not supported with an engine")
+            if not plain:
+                raise ValueError("cuda_graph=True captures a DiT called with (x, t, context) alone; this model also "
+                                 "reads other inputs (an image, a text mask, pooled text or a guidance scale)")
         return cuda_graph
 
     def _graphed_loop(self, sampler, noise, context, uncond):

@@ -52,6 +52,7 @@ class TextEncoder:
     per-prompt tensors: HunyuanVideo's context_mask and pooled_text; none for Wan)."""
 
     text_dim: int
+    extra_inputs: tuple[str, ...] = ()  # the names of encode_inputs' dict
 
     def encode(self, prompts: list[str], device=None, dtype=None) -> torch.Tensor:
         raise NotImplementedError
@@ -143,6 +144,8 @@ class HunyuanTextEncoder(TextEncoder):
         pooled_text  CLIP-L (`text_encoder_2/`, `tokenizer_2/`): the pooled output of the prompt
                      itself, 77 tokens -> (B, pooled_dim)
     """
+
+    extra_inputs = ("context_mask", "pooled_text")
 
     def __init__(self, path: str | Path, tokenizer_path: str | Path, clip_path: str | Path,
                  clip_tokenizer_path: str | Path, max_length: int = 256, template: str = HUNYUAN_TEMPLATE,
@@ -323,6 +326,16 @@ def _build_umt5(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -> 
     return UMT5TextEncoder(path, tokenizer_path, cfg.max_length, device=device, dtype=dtype)
 
 
+def _build_hunyuan(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -> HunyuanTextEncoder:
+    missing = [k for k in ("path", "tokenizer_path", "clip_path", "clip_tokenizer_path") if getattr(cfg, k) is None]
+    if missing:
+        raise ValueError(f"text encoder kind 'hunyuan' needs {', '.join(missing)} (Llama and CLIP-L directories)")
+    paths = [_resolve(root, getattr(cfg, k)) for k in ("path", "tokenizer_path", "clip_path", "clip_tokenizer_path")]
+    return HunyuanTextEncoder(*paths, max_length=cfg.max_length, template=cfg.template or HUNYUAN_TEMPLATE,
+                              crop_start=HUNYUAN_CROP_START if cfg.crop_start is None else cfg.crop_start,
+                              device=device, dtype=dtype)
+
+
 def _build_tokens(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -> TokenTextEncoder:
     if cfg.path is None:
         raise ValueError("text encoder kind 'tokens' needs a path (its directory in the bundle)")
@@ -331,6 +344,7 @@ def _build_tokens(cfg: TextEncoderConfig, root: Path, device=None, dtype=None) -
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder | None]] = {
     "umt5": _build_umt5,
+    "hunyuan": _build_hunyuan,
     "tokens": _build_tokens,
     "none": lambda cfg, root, device=None, dtype=None: None,
 }

@@ -10,7 +10,7 @@ import torch
 
 from tiny_wan import TINY_WORDS
 
-__all__ = ["make_tiny_hunyuan_text", "make_tiny_hunyuan_vae", "tiny_crop_start"]
+__all__ = ["make_tiny_hunyuan_text", "make_tiny_hunyuan_vae", "make_tiny_hunyuan_pipeline", "tiny_crop_start"]
 
 LLAMA_SPECIALS = ("<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>")
 CLIP_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>", "<unk>")
@@ -74,3 +74,29 @@ def make_tiny_hunyuan_vae(dir: Path, latent_channels: int = 4, seed: int = 0) ->
                                     norm_num_groups=4, scaling_factor=0.6)
     vae.eval().save_pretrained(Path(dir) / "vae")
     return Path(dir) / "vae"
+
+
+def make_tiny_hunyuan_pipeline(dir: Path, *, guidance_embeds: bool = True, num_layers: int = 2,
+                               num_single_layers: int = 3, seed: int = 0) -> Path:
+    """A diffusers HunyuanVideoPipeline directory of tiny random parts: the text encoders, the
+    VAE, a HunyuanVideoTransformer3DModel (2 heads of 8, every weight off its init) and a
+    flow-matching scheduler of shift 7."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    dir = Path(dir)
+    make_tiny_hunyuan_text(dir, seed=seed)
+    make_tiny_hunyuan_vae(dir, seed=seed)
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0, guidance_embeds=guidance_embeds,
+        text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 2, 4)).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    transformer.save_pretrained(dir / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(dir / "scheduler")
+    (dir / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    return dir

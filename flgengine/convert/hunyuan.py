@@ -1,6 +1,7 @@
 """HunyuanVideo (diffusers `HunyuanVideoTransformer3DModel`) <-> our HunyuanVideoDiT.
 
-A renaming of the state dict plus a mapping of the config. Our `blocks` list holds both
+A renaming of the state dict plus a mapping of the config; `bundle_from_diffusers` also copies
+the Llama and CLIP-L text encoders, their tokenizers and the VAE. Our `blocks` list holds both
 kinds (dual-stream first); diffusers keeps them apart (`transformer_blocks`,
 `single_transformer_blocks`), so a pruned student converts to a transformer with fewer
 layers of each kind. The image-to-video variants (`image_condition_type`) are refused.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text
-from ..model.hunyuan import HunyuanVideoConfig
+from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, bundle_directory, write_bundle_files
+from ..config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
+from ..model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
+from .source import read_diffusers_dir
 
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
 PIPELINE_CLASSES = ("HunyuanVideoPipeline",)
@@ -201,6 +205,37 @@ def to_diffusers(model, out_dir: Path) -> Path:
     return out_dir
 
 
-def bundle_from_diffusers(src: Path, out: Path, **options) -> Path:
-    raise BundleError(f"{src}: a HunyuanVideo pipeline; its transformer converts (flgengine.convert.from_diffusers), "
-                      "but its text encoders (Llama + CLIP) and VAE do not load in a bundle yet")
+def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 129, height: int = 720, width: int = 1280,
+                          steps: int = 50, guidance: float = 6.0, max_length: int = 256, image: str | None = None) -> Path:
+    """A bundle of the HunyuanVideo pipeline directory `src`: the transformer converted, the
+    Llama and CLIP-L text encoders, their tokenizers and the VAE copied. `guidance`: the
+    embedded guidance scale of a guidance-distilled transformer (sampled without CFG), else the
+    CFG scale. The sampler's shift comes from the scheduler config (else 7.0); the defaults are
+    HunyuanVideo's (129 frames of 720x1280 at 24 fps, 50 steps, guidance 6, 256 prompt tokens)."""
+    if image not in (None, "none"):
+        raise ValueError(f"image {image!r}: HunyuanVideo image-to-video pipelines are not supported yet")
+    parts = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
+    for sub in parts:
+        if not (src / sub).is_dir():
+            raise BundleError(f"{src}/{sub}: missing (a diffusers HunyuanVideo pipeline holds {', '.join(parts)})")
+    config, state = from_diffusers(*read_diffusers_dir(src))
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config)
+    model.load_state_dict(state, assign=True)
+    shift = 7.0
+    sched = src / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        shift = float(json.loads(sched.read_text()).get("shift", shift) or shift)
+    embedded = guidance if config.guidance_embed else None
+    pipeline = PipelineConfig(
+        text_encoder=TextEncoderConfig(kind="hunyuan", path="text_encoder", tokenizer_path="tokenizer",
+                                       clip_path="text_encoder_2", clip_tokenizer_path="tokenizer_2", max_length=max_length),
+        codec=CodecConfig(kind="hunyuan_vae", path="vae"),
+        sampler=SamplerConfig(kind="euler", num_steps=steps, shift=shift, guidance=1.0 if embedded is not None else guidance,
+                              embedded_guidance=embedded),
+        num_frames=num_frames, height=height, width=width, fps=24)
+    with bundle_directory(out) as tmp:
+        for sub in parts[1:]:
+            shutil.copytree(src / sub, tmp / sub)
+        write_bundle_files(tmp, model, pipeline, {"kind": "HunyuanVideo teacher (converted from diffusers)", "source": str(src)})
+    return Path(out)
