@@ -126,22 +126,26 @@ def run_precompute(args) -> int:
 
 
 def add_convert_args(p) -> None:
-    p.add_argument("src", help="diffusers Wan pipeline directory (model_index.json, transformer/, text_encoder/, ...)")
+    p.add_argument("src", help="diffusers pipeline directory (model_index.json, transformer/, text_encoder/, ...): "
+                               "Wan or HunyuanVideo")
     p.add_argument("-o", "--out", required=True, help="bundle directory to write")
-    p.add_argument("--frames", type=int, default=81, help="video frames the bundle generates (default 81)")
-    p.add_argument("--height", type=int, default=480, help="default 480")
-    p.add_argument("--width", type=int, default=832, help="default 832")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
-    p.add_argument("--max-length", type=int, default=512, help="umT5 tokens (default 512)")
+    p.add_argument("--frames", type=int, default=None, help="video frames the bundle generates (default: the family's, "
+                                                            "Wan 81, HunyuanVideo 129)")
+    p.add_argument("--height", type=int, default=None, help="default: Wan 480, HunyuanVideo 720")
+    p.add_argument("--width", type=int, default=None, help="default: Wan 832, HunyuanVideo 1280")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale, or the embedded scale of a guidance-distilled HunyuanVideo (default: Wan 5, "
+                        "HunyuanVideo 6)")
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: Wan 512, HunyuanVideo 256)")
     p.add_argument("--image", default=None, choices=["none", "first_frame", "concat"],
                    help="image conditioning (default: read off the pipeline: concat for I2V transformers, "
                         "first_frame when model_index.json sets expand_timesteps)")
 
 
 def run_convert(args) -> int:
-    path = bundle_from_diffusers(args.src, args.out, num_frames=args.frames, height=args.height, width=args.width,
-                                 steps=args.steps, guidance=args.guidance, max_length=args.max_length,
-                                 image=args.image)
+    options = dict(num_frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                   guidance=args.guidance, max_length=args.max_length, image=args.image)
+    path = bundle_from_diffusers(args.src, args.out, **{k: v for k, v in options.items() if v is not None})
     print(f"wrote {path}")
     return 0
