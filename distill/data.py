@@ -43,6 +43,25 @@ def condition_of(data, x0: torch.Tensor, step: int):
     return None if condition is None else condition(x0, step)
 
 
+def model_inputs(pipe) -> dict[str, float]:
+    """Inputs of the teacher's DiT that are the same for every sample: a guidance-distilled
+    DiT's embedded guidance (pipeline.json's sampler.embedded_guidance, x 1000), else none."""
+    g = getattr(pipe.config.sampler, "embedded_guidance", None)
+    return {} if g is None else {"guidance": g * 1000.0}
+
+
+def with_inputs(cond, inputs: dict[str, float], x0: torch.Tensor):
+    """`cond` (an ImageCondition or None) with the constant `inputs` of a batch of clean latents
+    x0 put in too (flgengine.conditioning.ExtraInputs)."""
+    if not inputs:
+        return cond
+    if cond is not None:
+        raise ValueError("image conditioning of a DiT with extra inputs (embedded guidance) is not supported yet")
+    from flgengine.conditioning import ExtraInputs
+
+    return ExtraInputs({k: torch.full((len(x0),), v, device=x0.device, dtype=x0.dtype) for k, v in inputs.items()})
+
+
 def conditioned(net, cond):
     """`net` as the stages call it, (x, t, context) -> v, with an image-to-video batch's condition
     put in (ImageCondition.model: concat channels, or the clean first frame at t = 0); `net`
@@ -83,9 +102,11 @@ class WorldData:
         if image != "none" and codec.temporal_factor != 1:
             raise ValueError("the shapes world's image conditioning is built for a codec of temporal factor 1")
 
+    inputs: dict[str, float] = {}  # constant DiT inputs (model_inputs)
+
     def condition(self, x0: torch.Tensor, step: int | None = None):
         """The ImageCondition of clean latents x0 (clip_condition), None for text to video."""
-        return clip_condition(x0, self.image, self.patch)
+        return with_inputs(clip_condition(x0, self.image, self.patch), self.inputs, x0)
 
     @torch.no_grad()
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +117,10 @@ class WorldData:
 
 def world_data(pipe, seed: int = 0) -> WorldData:
     """WorldData of a loaded `flgengine.Pipeline` (a bundle of the shapes world)."""
-    return WorldData(pipe.text_encoder, pipe.codec, seed, image=getattr(pipe.config, "image", "none"),
+    data = WorldData(pipe.text_encoder, pipe.codec, seed, image=getattr(pipe.config, "image", "none"),
                      patch=tuple(main_expert(pipe.dit).config.patch_size))
+    data.inputs = model_inputs(pipe)
+    return data
 
 
 class ShardData:
@@ -106,6 +129,7 @@ class ShardData:
     `patch` and `temporal_factor`: its DiT's patch size and its codec's temporal factor."""
 
     KEYS = ("latents", "context", "uncond", "image_latents", "image_context")
+    inputs: dict[str, float] = {}  # constant DiT inputs (model_inputs), set by shard_data
 
     def __init__(self, directory: str | Path, seed: int = 0, image: str = "none",
                  patch: tuple[int, int, int] = (1, 1, 1), temporal_factor: int = 1):
@@ -191,11 +215,11 @@ class ShardData:
         """The ImageCondition of batch `step` (x0 = its latents, on the device wanted), None for
         text to video."""
         if self.image == "none":
-            return None
+            return with_inputs(None, self.inputs, x0)
         idx = self._rows(step, len(x0))
         ctx = None if self.image_context is None else self.image_context[idx].to(x0.device)
-        return latent_condition(self.image, self.image_latents[idx].to(x0.device), x0.shape[2], self.temporal_factor,
-                                self.patch, ctx)
+        return with_inputs(latent_condition(self.image, self.image_latents[idx].to(x0.device), x0.shape[2],
+                                            self.temporal_factor, self.patch, ctx), self.inputs, x0)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self._rows(step, batch_size)
@@ -212,4 +236,5 @@ def shard_data(pipe, directory: str | Path, seed: int = 0) -> ShardData:
     if image != "none" and reads_tokens != (data.image_context is not None):
         raise BundleError(f"{directory}: the teacher {'reads' if reads_tokens else 'takes no'} CLIP image tokens but "
                           f"the shards {'lack' if reads_tokens else 'hold'} image_context; precompute them with it")
+    data.inputs = model_inputs(pipe)
     return data

@@ -16,7 +16,8 @@ from . import stage3 as s3
 def student_pipeline_config(teacher: PipelineConfig, stage3: s3.Stage3Config) -> PipelineConfig:
     """The teacher's pipeline with the student's few-step sampler (no CFG, marked distilled)."""
     sampler = SamplerConfig(kind="fewstep", num_steps=stage3.num_steps, shift=stage3.shift, guidance=0.0,
-                            sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps)
+                            sigmas=stage3.sigmas(), num_train_timesteps=teacher.sampler.num_train_timesteps,
+                            embedded_guidance=teacher.sampler.embedded_guidance)
     return dataclasses.replace(teacher, sampler=sampler, distilled=True, low_noise_boundary=None)
 
 
@@ -45,12 +46,14 @@ def student_evaluator(pipe, pipeline_config: PipelineConfig, evaluate_cfg: dict)
 
 def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, provenance: dict,
                   storage_dtype: str | None = None) -> Path:
-    """A student bundle: the DiT, the teacher's text encoder / codec files, the few-step pipeline;
+    """A student bundle: the DiT, the parts its pipeline names (copied from the teacher's bundle),
+    the few-step pipeline;
     weights stored in `storage_dtype` (e.g. "fp16") when given."""
     path = Path(path)
+    parts = {Path(p).parts[0] for _, p in pipeline_config.part_paths() if not Path(p).is_absolute()}
     with bundle_directory(path) as tmp:
         write_bundle_files(tmp, student, pipeline_config, provenance, storage_dtype=storage_dtype_of(storage_dtype))
-        for sub in ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
+        for sub in sorted(parts):  # the teacher's text encoder(s), tokenizer(s), codec, image encoder
             src = Path(pipe.path) / sub
             if src.is_dir():
                 shutil.copytree(src, tmp / sub)

@@ -184,7 +184,12 @@ class HunyuanTextEncoder(TextEncoder):
                                    "pooled_text": pooled.to(**out)}
 
     def encode(self, prompts: str | list[str], device=None, dtype=None) -> torch.Tensor:
-        return self.encode_inputs(prompts, device=device, dtype=dtype)[0]
+        """The packed text (flgengine.model.hunyuan.pack_text): (B, max_length + 1, text_dim), the
+        one tensor training shards and the distillation stages carry."""
+        from .model.hunyuan import pack_text
+
+        context, extra = self.encode_inputs(prompts, device=device, dtype=dtype)
+        return pack_text(context, extra["context_mask"], extra["pooled_text"])
 
 
 class WordMixer(nn.Module):

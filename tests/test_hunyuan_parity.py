@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 from flgengine.convert import hunyuan as hy  # noqa: E402
-from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT  # noqa: E402
+from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT, pack_text  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 CONFIGS = {
@@ -74,6 +74,8 @@ def test_from_diffusers_matches_hunyuan_forward(key):
         with torch.no_grad():
             want = _theirs(theirs, i)
             assert_close(_ours(ours, i), want, 1e-5, f"{key} lengths {lengths}")
+            packed = pack_text(i["context"], i["mask"], i["pooled"])  # one tensor: the same function
+            assert_close(ours(i["x"], i["t"], packed, guidance=i["guidance"]), want, 1e-5, f"{key} packed text")
             ours.backend = "ref"
             assert_close(_ours(ours, i), want, 1e-5, f"{key} lengths {lengths}, ref backend")
             ours.backend = None
@@ -126,7 +128,9 @@ def test_bad_inputs_are_clear_errors_before_compute():
     x, t, c, pooled = torch.randn(1, 2, 1, 4, 4), torch.tensor([10.0]), torch.randn(1, 5, 6), torch.randn(1, 3)
     g = torch.tensor([5000.0])
     with pytest.raises(ValueError, match="pooled_text must be"):
-        m(x, t, c, guidance=g)
+        m(x, t, c, pooled_text=torch.randn(1, 4), guidance=g)
+    with pytest.raises(ValueError, match="real tokens first"):  # packed text whose first row is padding
+        m(x, t, torch.cat([torch.zeros(1, 1, 6), c], 1), guidance=g)
     with pytest.raises(ValueError, match="embeds the guidance scale"):
         m(x, t, c, pooled_text=pooled)
     with pytest.raises(ValueError, match="real tokens first"):

@@ -50,7 +50,12 @@ def test_text_encoders_match_the_pipelines_encode_prompt(parts):
     assert torch.equal(extra["context_mask"], mask)
     assert extra["context_mask"].sum(1).tolist() == [6, 3, 13]  # the prompt's words + <|eot_id|>
     assert_close(extra["pooled_text"], pooled, 1e-6, "CLIP pooled")
-    assert torch.equal(ours.encode(prompts), context)
+    # the packed text the distillation stages carry: the same inputs, read back
+    from flgengine.model.hunyuan import unpack_text
+
+    c2, m2, p2 = unpack_text(ours.encode(prompts), 12)
+    assert torch.equal(m2, extra["context_mask"]) and torch.equal(p2, extra["pooled_text"])
+    assert torch.equal(c2, context * m2[..., None])
 
 
 def test_vae_codec_matches_the_pipelines_latents(parts):

@@ -18,6 +18,11 @@ The text mask. The reference masks padded text tokens as keys of every attention
 tokens that are real come first, so attention over the real ones only is the same function
 for the video tokens (the output). The forward therefore drops each sample's padding (samples
 with different real lengths run one after another) and runs the fused attention unmasked.
+
+Packed text. Tools that move one text tensor around (training shards, the distillation
+stages' CFG and condition dropout) pass `pack_text`'s (B, L + 1, text_dim): the Llama states
+with the padding rows zeroed, then one row holding the pooled CLIP vector. Called without
+`pooled_text`, the forward reads the mask (the non-zero rows) and the pooled vector off it.
 """
 
 from __future__ import annotations
@@ -284,6 +289,26 @@ class SingleBlock(nn.Module):
         return xc[:, :S], xc[:, S:]
 
 
+# ---- packed text -------------------------------------------------------------------------------
+
+def pack_text(context: torch.Tensor, context_mask: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) states, (B, L) mask (real tokens first), (B, P) pooled, P <= D -> (B, L + 1, D):
+    the states with padding rows zeroed, then [pooled, zeros]."""
+    B, L, D = context.shape
+    if pooled_text.shape[-1] > D:
+        raise ValueError(f"pooled text of {pooled_text.shape[-1]} does not fit a row of {D}")
+    rows = context * context_mask.to(context.dtype).unsqueeze(-1)  # padding rows exactly zero
+    pooled = torch.nn.functional.pad(pooled_text.to(context.dtype), (0, D - pooled_text.shape[-1]))
+    return torch.cat([rows, pooled.unsqueeze(1)], dim=1)
+
+
+def unpack_text(packed: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_text's inverse: (context (B, L, D), context_mask (B, L), pooled_text (B, pooled_dim))."""
+    context = packed[:, :-1]
+    mask = context.abs().amax(dim=-1).gt(0).to(torch.int64)  # (B, L) 1 = a real token
+    return context, mask, packed[:, -1, :pooled_dim]
+
+
 # ---- the model ---------------------------------------------------------------------------------
 
 class HunyuanVideoDiT(nn.Module):
@@ -328,7 +353,8 @@ class HunyuanVideoDiT(nn.Module):
                 raise ValueError("context_mask must mark each prompt's real tokens first (1...1 0...0), "
                                  "at least one per prompt")
         if pooled_text is None or tuple(pooled_text.shape) != (B, c.pooled_dim):
-            raise ValueError(f"pooled_text must be ({B}, {c.pooled_dim}) (CLIP's pooled prompt), got "
+            raise ValueError(f"pooled_text must be ({B}, {c.pooled_dim}) (CLIP's pooled prompt; or pass pack_text's "
+                             f"packed context without context_mask and pooled_text), got "
                              f"{None if pooled_text is None else tuple(pooled_text.shape)}")
         if c.guidance_embed and (guidance is None or tuple(guidance.shape) != (B,)):
             raise ValueError(f"this model embeds the guidance scale: pass guidance of shape ({B},) (scale * 1000), "
@@ -340,6 +366,8 @@ class HunyuanVideoDiT(nn.Module):
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 pooled_text: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        if pooled_text is None and context_mask is None and context.dim() == 3 and context.shape[1] > 1:
+            context, context_mask, pooled_text = unpack_text(context, self.config.pooled_dim)  # packed text
         grid = self.check_inputs(x, t, context, context_mask, pooled_text, guidance)
         lengths = [context.shape[1]] * x.shape[0] if context_mask is None else context_mask.sum(1).tolist()
         with ops.registry.prefer(self.backend):

@@ -1,0 +1,92 @@
+"""The HunyuanVideo path end to end on tiny random HunyuanVideo parts, as the Wan path is
+tested: a diffusers pipeline directory -> bundle -> precompute -> importance -> plan -> stage2
+-> stage3 -> student bundle -> generate() -> to_diffusers loaded in diffusers."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+
+import flgengine  # noqa: E402
+from distill.data import shard_data  # noqa: E402
+from distill.run import RunConfig, run  # noqa: E402
+from distill.wan import precompute  # noqa: E402
+from flgengine.config import PipelineConfig  # noqa: E402
+from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
+from flgengine.model.hunyuan import HunyuanVideoDiT, pack_text  # noqa: E402
+from flgengine.text import HUNYUAN_TEMPLATE  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from tiny_hunyuan import make_tiny_hunyuan_pipeline, tiny_crop_start  # noqa: E402
+
+SIZE = dict(num_frames=5, height=16, width=32, steps=4, guidance=6.0, max_length=12)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A guidance-distilled tiny HunyuanVideo teacher bundle (3 dual + 4 single blocks)."""
+    d = tmp_path_factory.mktemp("hunyuan")
+    src = make_tiny_hunyuan_pipeline(d / "hf", num_layers=3, num_single_layers=4)
+    bundle = bundle_from_diffusers(src, d / "teacher", **SIZE)
+    p = PipelineConfig.from_json(bundle / "pipeline.json")  # the tiny tokenizer's crop (HunyuanVideo's: 95)
+    p = dataclasses.replace(p, text_encoder=dataclasses.replace(p.text_encoder, crop_start=tiny_crop_start(
+        src, HUNYUAN_TEMPLATE)))
+    p.to_json(bundle / "pipeline.json")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    import imageio.v3 as iio
+
+    d = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        frames = np.zeros((6, 24, 40, 3), np.uint8)  # a square drifting right, resized to 16x32 by precompute
+        for f in range(6):
+            frames[f, 6:14, 2 + 3 * f:10 + 3 * f] = rng.integers(60, 255, 3)
+        iio.imwrite(d / f"clip{i}.gif", frames)
+        (d / f"clip{i}.txt").write_text(["a red cat runs", "the dog walks near the river"][i % 2])
+    return d
+
+
+def test_precompute_carries_the_text_mask_and_pooled_text(teacher, videos, tmp_path):
+    pipe = flgengine.load(teacher)
+    precompute(teacher, videos, tmp_path / "shards", progress=False)
+    data = shard_data(pipe, tmp_path / "shards")
+    assert data.context.shape == (4, 13, 24)  # 12 prompt tokens + the pooled row
+    context, extra = pipe.text_encoder.encode_inputs(["a red cat runs"])
+    assert torch.equal(data.context[0:1], pack_text(context, extra["context_mask"], extra["pooled_text"]))
+    assert data.inputs == {"guidance": 6000.0}  # the embedded guidance, for every DiT call of the stages
+    cond = data.condition(*data.batch(0, 3)[:1], 0)
+    assert torch.equal(cond.of_batch(3)["guidance"], torch.full((3,), 6000.0))
+
+
+def test_hunyuan_teacher_to_student_to_diffusers(teacher, videos, tmp_path):
+    precompute(teacher, videos, tmp_path / "shards", progress=False)
+    cfg = RunConfig(teacher=str(teacher), out=str(tmp_path / "run"),
+                    data={"kind": "shards", "path": str(tmp_path / "shards")},
+                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.15},
+                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
+                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
+    result = run(cfg, progress=False)
+    student = flgengine.load(result["bundle"])
+    kept = student.dit.config.block_ids
+    assert isinstance(student.dit, HunyuanVideoDiT) and student.config.distilled and len(kept) < 7
+    assert {0, 2, 3, 6} <= set(kept)  # the first and last block of each kind stay
+    assert student.config.sampler.embedded_guidance == 6.0 and student.config.text_encoder.kind == "hunyuan"
+    video = flgengine.generate("a red cat runs", model=result["bundle"], seed=0, progress=False)
+    assert video.shape == (1, 5, 16, 32, 3)
+    # the student loads in diffusers, with fewer blocks of a kind, and computes the same function
+    hf = HunyuanVideoTransformer3DModel.from_pretrained(to_diffusers(result["bundle"], tmp_path / "diffusers")).eval()
+    assert hf.config.num_layers + hf.config.num_single_layers == len(kept)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 2, 2, 4, generator=g), torch.tensor([500.0, 80.0])
+    c, mask = torch.randn(2, 6, 24, generator=g), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    pooled, guidance = torch.randn(2, 12, generator=g), torch.tensor([6000.0, 6000.0])
+    with torch.no_grad():
+        want = student.dit(x, t, c, context_mask=mask, pooled_text=pooled, guidance=guidance)
+        assert_close(hf(x, t, c, mask, pooled, guidance=guidance, return_dict=False)[0], want, 1e-5, "student in diffusers")
