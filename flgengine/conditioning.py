@@ -166,29 +166,21 @@ class ImageCondition:
 
 
 class ExtraInputs:
-    """A model family's keyword inputs beyond (x, t, context), per sample (HunyuanVideo's
-    context_mask, pooled_text, guidance): `model(net)` is the (x, t, context) -> v function the
-    samplers and distillation stages call, with them put in. `uncond`: the same inputs of the
-    unconditional prompts, for a CFG batch [cond, uncond] (twice the samples: the samplers'
-    order); a batch of k times the samples otherwise repeats them (the same inputs for every
-    copy). `map` and `finish` as ImageCondition's."""
+    """A model's keyword inputs beyond (x, t, context) that are the same whatever the prompt
+    (a guidance-distilled HunyuanVideo's embedded guidance), per sample: `model(net)` is the
+    (x, t, context) -> v function the samplers and distillation stages call, with them put in
+    (repeated for a batch of k times the samples, as CFG doubles it); `map` and `finish` as
+    ImageCondition's."""
 
-    def __init__(self, inputs: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None):
-        if uncond is not None and set(uncond) != set(inputs):
-            raise ValueError(f"uncond inputs {sorted(uncond)} differ from the inputs {sorted(inputs)}")
-        self.inputs, self.uncond = inputs, uncond
+    def __init__(self, inputs: dict[str, torch.Tensor]):
+        self.inputs = inputs
 
     def map(self, fn) -> "ExtraInputs":
-        return ExtraInputs({k: fn(v) for k, v in self.inputs.items()},
-                           None if self.uncond is None else {k: fn(v) for k, v in self.uncond.items()})
+        return ExtraInputs({k: fn(v) for k, v in self.inputs.items()})
 
     def of_batch(self, batch: int) -> dict[str, torch.Tensor]:
         """The inputs of a DiT batch of `batch` samples."""
         n = next(iter(self.inputs.values())).shape[0] if self.inputs else batch
-        if batch == n:
-            return self.inputs
-        if self.uncond is not None and batch == 2 * n:
-            return {k: torch.cat([v, self.uncond[k]]) for k, v in self.inputs.items()}
         if batch % n:
             raise ValueError(f"a DiT batch of {batch} for inputs of {n} samples")
         return {k: v.repeat(batch // n, *([1] * (v.dim() - 1))) for k, v in self.inputs.items()}

@@ -486,6 +486,11 @@ class TextEncoderConfig(JsonConfig):
         _check(self.crop_start is None or (type(self.crop_start) is int and self.crop_start >= 0),
                f"crop_start must be an integer >= 0 or null, got {self.crop_start!r}")
 
+    @property
+    def context_length(self) -> int:
+        """Rows of the context this encoder gives: max_length (+ the pooled row of "hunyuan"'s packed text)."""
+        return self.max_length + (1 if self.kind == "hunyuan" else 0)
+
 
 @dataclass
 class CodecConfig(JsonConfig):

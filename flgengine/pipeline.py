@@ -299,17 +299,16 @@ class Pipeline:
             self._check_engine(dit_batch, shape[1:], num_frames, height, width)
         use_graph = self._use_cuda_graph(cuda_graph, sampler)
 
-        # 1. text: (B, L, text_dim) states, + the family's other text inputs (HunyuanVideo: mask, pooled)
-        context, extra = self.text_encoder.encode_inputs(prompts, device=self.device, dtype=self.dtype)
-        uncond, extra_u = None, None
+        # 1. text: (B, L, text_dim) (HunyuanVideo's: its packed text, mask and pooled vector in it)
+        context = self.text_encoder.encode(prompts, device=self.device, dtype=self.dtype)
+        uncond = None
         if sampler.guidance > 1:
             neg = cfg.negative_prompt if negative_prompt is None else negative_prompt
-            uncond, extra_u = self.text_encoder.encode_inputs([neg] * B, device=self.device, dtype=self.dtype)
+            uncond = self.text_encoder.encode([neg] * B, device=self.device, dtype=self.dtype)
+        dit = self.dit
         if cfg.sampler.embedded_guidance is not None:  # a guidance-distilled DiT reads the scale (x 1000)
-            scale = torch.full((B,), cfg.sampler.embedded_guidance * 1000.0, device=self.device, dtype=self.dtype)
-            extra = {**extra, "guidance": scale}
-            extra_u = None if extra_u is None else {**extra_u, "guidance": scale}
-        dit = ExtraInputs(extra, extra_u).model(self.dit) if extra else self.dit
+            scale = torch.full((B,), cfg.sampler.embedded_guidance * 1000.0, device=self.device, dtype=torch.float32)
+            dit = ExtraInputs({"guidance": scale}).model(dit)
 
         # 2. the image: fitted to the frame, encoded (+ CLIP tokens), put into the DiT's input
         condition = None
@@ -363,8 +362,7 @@ class Pipeline:
         """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
         fewstep = isinstance(sampler, FewStepSampler)
         # the graphed loop calls the DiT with (x, t, context) alone
-        plain = self.config.image == "none" and not self.text_encoder.extra_inputs \
-            and self.config.sampler.embedded_guidance is None
+        plain = self.config.image == "none" and self.config.sampler.embedded_guidance is None
         if cuda_graph is None:
             return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled and plain
         if not isinstance(cuda_graph, bool):
@@ -379,7 +377,7 @@ class Pipeline:
                 raise ValueError("cuda_graph=True captures the PyTorch DiT; it is not supported with an engine")
             if not plain:
                 raise ValueError("cuda_graph=True captures a DiT called with (x, t, context) alone; this model also "
-                                 "reads other inputs (an image, a text mask, pooled text or a guidance scale)")
+                                 "reads other inputs (an image or a guidance scale)")
         return cuda_graph
 
     def _graphed_loop(self, sampler, noise, context, uncond):

@@ -47,18 +47,13 @@ def clean_prompt(text: str) -> str:
 
 
 class TextEncoder:
-    """Base: `encode(prompts)` -> `(B, L, text_dim)` float tensor, no gradients;
-    `encode_inputs(prompts)` -> that and the model family's other text inputs (a dict of
-    per-prompt tensors: HunyuanVideo's context_mask and pooled_text; none for Wan)."""
+    """Base: `encode(prompts)` -> `(B, L, text_dim)` float tensor, no gradients: what the DiT
+    reads as `context` (HunyuanVideo's: its packed text)."""
 
     text_dim: int
-    extra_inputs: tuple[str, ...] = ()  # the names of encode_inputs' dict
 
     def encode(self, prompts: list[str], device=None, dtype=None) -> torch.Tensor:
         raise NotImplementedError
-
-    def encode_inputs(self, prompts: list[str], device=None, dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.encode(prompts, device=device, dtype=dtype), {}
 
 
 @contextlib.contextmanager
@@ -145,8 +140,6 @@ class HunyuanTextEncoder(TextEncoder):
                      itself, 77 tokens -> (B, pooled_dim)
     """
 
-    extra_inputs = ("context_mask", "pooled_text")
-
     def __init__(self, path: str | Path, tokenizer_path: str | Path, clip_path: str | Path,
                  clip_tokenizer_path: str | Path, max_length: int = 256, template: str = HUNYUAN_TEMPLATE,
                  crop_start: int = HUNYUAN_CROP_START, skip_layers: int = 2, device=None, dtype=None):
@@ -185,7 +178,7 @@ class HunyuanTextEncoder(TextEncoder):
 
     def encode(self, prompts: str | list[str], device=None, dtype=None) -> torch.Tensor:
         """The packed text (flgengine.model.hunyuan.pack_text): (B, max_length + 1, text_dim), the
-        one tensor training shards and the distillation stages carry."""
+        one tensor the pipeline, engines, training shards and the distillation stages carry."""
         from .model.hunyuan import pack_text
 
         context, extra = self.encode_inputs(prompts, device=device, dtype=dtype)

@@ -89,7 +89,7 @@ def test_exported_program_keeps_every_tensor_on_the_inputs_device(dynamic):
 
     with torch.device("meta"):
         model = DiT(tiny_config(in_channels=3, out_channels=3, block_ids=[0, 1, 3])).eval()
-    spec = EngineSpec.from_options(model.config, (8, 16, 16), batch=1, max_batch=2, text_len=6, dynamic=dynamic,
+    spec = EngineSpec.from_options(model, (8, 16, 16), batch=1, max_batch=2, text_len=6, dynamic=dynamic,
                                    dtype="float32")
     program = export_program(model, spec, torch.device("meta"))
     elsewhere = [(node.name, str(node.target)) for node in program.graph.nodes
@@ -346,7 +346,7 @@ def test_verification_fails_past_the_tolerance():
     from flgengine.export.verify import verify_engine
 
     model = DiT(tiny_config()).eval()
-    spec = EngineSpec.from_options(model.config, (3, 8, 8), text_len=5)
+    spec = EngineSpec.from_options(model, (3, 8, 8), text_len=5)
     exact = verify_engine(lambda *a: model(*a), model, spec, "cpu")
     assert exact.rel_error == 0.0 and exact.shapes == [{"batch": 1, "text_len": 5}, {"batch": 2, "text_len": 1}]
     with pytest.raises(VerificationError, match="relative error .* > tolerance 1.0e-05"):
@@ -356,7 +356,7 @@ def test_verification_fails_past_the_tolerance():
 # ---- TensorRT (without TensorRT) -------------------------------------------------------------
 
 def test_tensorrt_profile_from_the_options():
-    cfg = tiny_config()
+    cfg = DiT(tiny_config())
     spec = EngineSpec.from_options(cfg, (3, 8, 8), batch=2, max_batch=6, text_len=16, min_text_len=4)
     assert spec.profiles() == {
         "x": ((1, 4, 3, 8, 8), (2, 4, 3, 8, 8), (6, 4, 3, 8, 8)),
@@ -418,7 +418,7 @@ def test_the_onnx_tensorrt_consumes(tmp_path):
     from flgengine.export.tensorrt import TENSORRT_OPSET
 
     model = DiT(tiny_config()).eval()
-    spec = EngineSpec.from_options(model.config, (3, 8, 8), text_len=6, max_batch=3)
+    spec = EngineSpec.from_options(model, (3, 8, 8), text_len=6, max_batch=3)
     files = export_onnx(model, spec, "cpu", tmp_path, TENSORRT_OPSET)
     path = tmp_path / files[0]
     check_onnx_spec(path, spec)

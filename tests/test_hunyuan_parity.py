@@ -76,6 +76,9 @@ def test_from_diffusers_matches_hunyuan_forward(key):
             assert_close(_ours(ours, i), want, 1e-5, f"{key} lengths {lengths}")
             packed = pack_text(i["context"], i["mask"], i["pooled"])  # one tensor: the same function
             assert_close(ours(i["x"], i["t"], packed, guidance=i["guidance"]), want, 1e-5, f"{key} packed text")
+            ours.text_mask = "attention"  # one masked pass (what engines trace): the same function
+            assert_close(_ours(ours, i), want, 1e-5, f"{key} lengths {lengths}, attention mask")
+            ours.text_mask = "truncate"
             ours.backend = "ref"
             assert_close(_ours(ours, i), want, 1e-5, f"{key} lengths {lengths}, ref backend")
             ours.backend = None

@@ -90,3 +90,27 @@ def test_hunyuan_teacher_to_student_to_diffusers(teacher, videos, tmp_path):
     with torch.no_grad():
         want = student.dit(x, t, c, context_mask=mask, pooled_text=pooled, guidance=guidance)
         assert_close(hf(x, t, c, mask, pooled, guidance=guidance, return_dict=False)[0], want, 1e-5, "student in diffusers")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "aoti"])
+def test_a_pruned_hunyuan_student_exports_as_an_engine(fmt, teacher, tmp_path):
+    """ONNX and AOTInductor engines of a pruned student: inputs (x, t, packed text, guidance),
+    the text mask traced as attention masking; the engine's video is the PyTorch one."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from distill.plan import apply_plan, plan_from_drop
+    from distill.student import write_student
+    from flgengine.export import export_engine
+
+    pipe = flgengine.load(teacher)
+    plan = plan_from_drop(pipe.dit, [1, 4], {b: 0.0 for b in range(7)})  # a dual and a single block
+    student = apply_plan(pipe.dit, plan).eval()
+    bundle = write_student(tmp_path / "student", student, pipe, pipe.config, {"kind": "test student"})
+    manifest = export_engine(bundle, fmt, tmp_path / fmt, max_batch=2, progress=False)
+    assert [s.name for s in manifest.inputs] == ["x", "t", "context", "guidance"]
+    assert manifest.input("context").shape == ("batch", "text_len", 24) and manifest.input("guidance").dtype == "float32"
+    assert manifest.verification.rel_error <= 1e-5  # random inputs at two shapes, against the PyTorch DiT
+    prompts = ["a red cat runs", "the dog walks near the river"]  # two real lengths in one batch
+    want = flgengine.load(bundle)(prompts, seed=1, progress=False)
+    got = flgengine.load(bundle, engine=tmp_path / fmt)(prompts, seed=1, progress=False)
+    assert (got.float() - want.float()).abs().max() <= 1  # fp32 engines: the same video up to uint8 rounding

@@ -9,7 +9,7 @@ import torch
 from distill.importance import block_importance, skip_blocks
 from distill.plan import apply_plan, make_plan
 from flgengine.conditioning import ExtraInputs
-from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
+from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT, pack_text
 from helpers import assert_close
 
 
@@ -29,10 +29,10 @@ def test_stage_one_scores_both_kinds_and_keeps_the_ends_of_each():
     teacher = _teacher()
     g = torch.Generator().manual_seed(1)
     N = 3
-    x0, context = torch.randn(N, 4, 2, 4, 4, generator=g), torch.randn(N, 5, 6, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
-    extra = ExtraInputs({"context_mask": mask, "pooled_text": torch.randn(N, 3, generator=g),
-                         "guidance": torch.full((N,), 4000.0)})
+    x0 = torch.randn(N, 4, 2, 4, 4, generator=g)
+    context = pack_text(torch.randn(N, 5, 6, generator=g), mask, torch.randn(N, 3, generator=g))  # (N, 6, 6)
+    extra = ExtraInputs({"guidance": torch.full((N,), 4000.0)})
     result = block_importance(teacher, x0, context, [0.3, 0.8], batch_size=4, progress=False, cond=extra)
     assert sorted(result["importance"]) == list(range(9)) and result["settings"]["protected"] == [0, 3, 4, 8]
     assert all(math.isfinite(v) and v != 0 for v in result["importance"].values())  # every skip changes x0_hat

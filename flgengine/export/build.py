@@ -151,10 +151,10 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
         elif any(v is not None for v in (num_frames, height, width)):
             raise ValueError("give either the video size (frames, height, width) or the latent grid, not both")
         if text_len is None:
-            text_len = b.pipeline.text_encoder.max_length if b.pipeline.text_encoder.kind != "none" else 512
-        if model.config.image_dim is not None and image_len is None:
-            image_len = clip_tokens(bundle_path, b.pipeline)
-        spec = EngineSpec.from_options(model.config, latent, batch=batch, min_batch=min_batch, max_batch=max_batch,
+            text_len = b.pipeline.text_encoder.context_length if b.pipeline.text_encoder.kind != "none" else 512
+        if image_len is None:
+            image_len = clip_tokens(bundle_path, b.pipeline)  # None without a CLIP image encoder
+        spec = EngineSpec.from_options(model, latent, batch=batch, min_batch=min_batch, max_batch=max_batch,
                                        text_len=text_len, min_text_len=min_text_len, max_text_len=max_text_len,
                                        dynamic=tuple(dynamic), dtype=trace_dtype,
                                        per_token_t=b.pipeline.image == "first_frame", image_len=image_len)

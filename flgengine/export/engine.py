@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from ..files import cached_sha256
-from ..config import ModelConfig
 from .formats import BUILDERS
 from .manifest import EngineError, EngineManifest, TensorSpec, check_file_hashes, read_manifest
 from .spec import DTYPE_NAMES
@@ -43,17 +42,21 @@ class Engine:
         return f"Engine({self.manifest.format}, {self.directory}, {self.manifest.describe_shapes()})"
 
     # -- checks ---------------------------------------------------------------------------
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     image_context: torch.Tensor | None = None) -> None:
-        """EngineError unless (x, t, context[, image_context]) have the shapes, dtypes and device
-        the engine takes."""
-        m = self.manifest
-        wants_image = any(s.name == "image_context" for s in m.inputs)
-        if wants_image != (image_context is not None):
-            raise EngineError(f"engine {self.directory} " + ("reads CLIP image tokens: pass image_context" if wants_image
-                                                            else "takes no image_context (a text-only DiT)"))
+    @property
+    def extra_names(self) -> list[str]:
+        """The inputs after (x, t, context): what the DiT's `engine_inputs` named (Wan2.1-I2V's
+        image_context, HunyuanVideo's guidance)."""
+        return [s.name for s in self.manifest.inputs[3:]]
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor) -> None:
+        """EngineError unless (x, t, context, *extras) have the shapes, dtypes and device the
+        engine takes."""
+        names = self.extra_names
+        if len(extras) != len(names):
+            raise EngineError(f"engine {self.directory} takes (x, t, context{''.join(', ' + n for n in names)}), "
+                              f"got {3 + len(extras)} inputs")
         dims: dict[str, int] = {}
-        for spec, tensor in zip(m.inputs, (x, t, context, image_context)):
+        for spec, tensor in zip(self.manifest.inputs, (x, t, context, *extras)):
             self._check_one(spec, tensor, dims)
 
     def _check_one(self, spec: TensorSpec, tensor: torch.Tensor, dims: dict[str, int]) -> None:
@@ -81,7 +84,7 @@ class Engine:
         if tensor.device.type != m.device:
             raise EngineError(f"engine input {spec.name!r} must be on {m.device}, got {tensor.device} ({self.directory})")
 
-    def check_bundle(self, bundle: str | os.PathLike, config: ModelConfig) -> None:
+    def check_bundle(self, bundle: str | os.PathLike, config) -> None:
         """EngineError unless the engine was built from this bundle's weights and config."""
         b = self.manifest.bundle
         if b.model_config != config.to_dict():
@@ -96,10 +99,9 @@ class Engine:
                               "export an engine from this bundle")
 
     # -- run -------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_inputs(x, t, context, image_context)
-        return self.runner(x, t, context, *(() if image_context is None else (image_context,)))
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, context, *extras)
+        return self.runner(x, t, context, *extras)
 
 
 def load_engine(directory: str | os.PathLike) -> Engine:
@@ -116,11 +118,18 @@ def load_engine(directory: str | os.PathLike) -> Engine:
 class EngineDiT:
     """An engine in the DiT's place: `dit(x, t, context)`, `.config`, `.engine`."""
 
-    def __init__(self, engine: Engine, config: ModelConfig):
+    def __init__(self, engine: Engine, config):
         self.engine, self.config = engine, config
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(x, t, context, image_context)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The DiT's call: its keyword inputs (image_context, guidance) go in the engine's order."""
+        names = self.engine.extra_names
+        unknown = sorted(k for k, v in inputs.items() if v is not None and k not in names)
+        if unknown:
+            raise EngineError(f"engine {self.engine.directory} takes no {unknown[0]!r} input")
+        missing = [n for n in names if inputs.get(n) is None]
+        if missing:
+            raise EngineError(f"engine {self.engine.directory} needs the input {missing[0]!r}")
+        return self.engine(x, t, context, *(inputs[n] for n in names))
 
     forward = __call__

@@ -4,7 +4,9 @@ The DiT's inputs and output:
 
     x         (batch, C, F, H, W)     latents, engine dtype
     t         (batch,)                timesteps in the teacher's units (0..1000), float32
-    context   (batch, text_len, text_dim)   text encoder states, engine dtype
+    context   (batch, text_len, text_dim)   text encoder states, engine dtype (HunyuanVideo: packed text)
+    ...       what the DiT's `engine_inputs` names: Wan2.1-I2V's image_context (batch, image_len,
+              image_dim), engine dtype; a guidance-distilled HunyuanVideo's guidance (batch,), float32
     velocity  (batch, C, F, H, W)     output, engine dtype
 
 `batch` and `text_len` may be dynamic (a min/opt/max range). The latent grid (F, H, W)
@@ -20,7 +22,6 @@ import math
 
 import torch
 
-from ..config import ModelConfig
 from .manifest import ENGINE_DTYPES, DimRange, TensorSpec
 
 __all__ = ["DYNAMIC_DIMS", "EngineSpec", "DTYPE_NAMES"]
@@ -55,10 +56,10 @@ def check_dynamic(dims) -> None:
 class EngineSpec:
     """Input shapes of one engine: a static latent grid, static or ranged batch / text length.
 
-    Image-to-video DiTs take more: `t_tokens` = S (a "first_frame" model: one timestep per
-    token, t of shape (batch, S)), `image` = (image_len, image_dim) (a Wan2.1-I2V DiT: the
-    CLIP image tokens, a fourth input `image_context`). A "concat" model's extra channels are
-    just `in_channels`."""
+    Some DiTs take more: `t_tokens` = S (a "first_frame" model: one timestep per token, t of
+    shape (batch, S)); `extras`, the DiT's `engine_inputs` after (x, t, context): (name,
+    per-sample shape, "engine" or "float32"), e.g. Wan2.1-I2V's CLIP image tokens or
+    HunyuanVideo's embedded guidance. A "concat" model's extra channels are just `in_channels`."""
 
     in_channels: int
     out_channels: int
@@ -69,7 +70,7 @@ class EngineSpec:
     dynamic: tuple[str, ...] = DYNAMIC_DIMS
     dtype: str = "float32"
     t_tokens: int | None = None
-    image: tuple[int, int] | None = None
+    extras: tuple[tuple[str, tuple[int, ...], str], ...] = ()
     ranges: dict[str, DimRange] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,14 +83,17 @@ class EngineSpec:
         self.ranges = {n: r for n, r in (("batch", self.batch), ("text_len", self.text_len)) if n in self.dynamic}
 
     @classmethod
-    def from_options(cls, config: ModelConfig, latent: tuple[int, int, int], *, batch: int = 1,
+    def from_options(cls, model, latent: tuple[int, int, int], *, batch: int = 1,
                      min_batch: int | None = None, max_batch: int | None = None, text_len: int = 512,
                      min_text_len: int | None = None, max_text_len: int | None = None,
                      dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "float32", per_token_t: bool = False,
                      image_len: int | None = None) -> "EngineSpec":
-        """Ranges from the options: a dynamic batch defaults to 1..max(4, 2*batch) (CFG
-        doubles a teacher's batch), a dynamic text length to 1..text_len. `per_token_t`: t
-        is (batch, tokens); `image_len`: the CLIP image tokens of a DiT with image_dim."""
+        """Ranges from the options for `model` (a DiT of any family): a dynamic batch defaults to
+        1..max(4, 2*batch) (CFG doubles a teacher's batch), a dynamic text length to
+        model.min_text_len (1 unless the DiT says otherwise)..text_len.
+        `per_token_t`: t is (batch, tokens); `image_len`: the CLIP image tokens of a DiT with
+        image_dim."""
+        config = model.config
         latent = tuple(int(n) for n in latent)
         if len(latent) != 3 or any(n < 1 for n in latent):
             raise ValueError(f"latent grid must be 3 positive sizes (frames, height, width), got {latent}")
@@ -104,16 +108,13 @@ class EngineSpec:
                 return DimRange(opt, opt, opt)
             return DimRange(default_lo if lo is None else lo, opt, default_hi if hi is None else hi)
 
-        if config.image_dim is not None and not (isinstance(image_len, int) and image_len > 0):
-            raise ValueError(f"this DiT reads CLIP image tokens (image_dim {config.image_dim}): give their count "
-                             f"(--image-len; Wan2.1-I2V's CLIP gives 257), got {image_len!r}")
+        extras = model.engine_inputs(image_len)
         tokens = math.prod(n // p for n, p in zip(latent, config.patch_size))
         return cls(
             in_channels=config.in_channels, out_channels=config.out_channels, text_dim=config.text_dim, latent=latent,
             batch=rng("batch", batch, min_batch, max_batch, 1, max(4, 2 * batch)),
-            text_len=rng("text_len", text_len, min_text_len, max_text_len, 1, text_len),
-            dynamic=tuple(dynamic), dtype=dtype, t_tokens=tokens if per_token_t else None,
-            image=None if config.image_dim is None else (image_len, config.image_dim),
+            text_len=rng("text_len", text_len, min_text_len, max_text_len, getattr(model, "min_text_len", 1), text_len),
+            dynamic=tuple(dynamic), dtype=dtype, t_tokens=tokens if per_token_t else None, extras=tuple(extras),
         )
 
     # -- tensors ---------------------------------------------------------------------------
@@ -131,10 +132,11 @@ class EngineSpec:
     def input_specs(self) -> tuple[TensorSpec, ...]:
         b, n = self._dim("batch", self.batch), self._dim("text_len", self.text_len)
         t = (b,) if self.t_tokens is None else (b, self.t_tokens)
-        image = () if self.image is None else (TensorSpec("image_context", (b, *self.image), self.dtype),)
+        extras = tuple(TensorSpec(name, (b, *shape), self.dtype if kind == "engine" else kind)
+                       for name, shape, kind in self.extras)
         return (TensorSpec("x", (b, self.in_channels, *self.latent), self.dtype),
                 TensorSpec("t", t, "float32"),
-                TensorSpec("context", (b, n, self.text_dim), self.dtype), *image)
+                TensorSpec("context", (b, n, self.text_dim), self.dtype), *extras)
 
     @property
     def input_names(self) -> list[str]:
@@ -149,14 +151,16 @@ class EngineSpec:
         return {s.name: s.concrete(sizes) for s in self.input_specs()}
 
     def random_inputs(self, generator: torch.Generator, device="cpu", **dims: int) -> tuple[torch.Tensor, ...]:
-        """Fresh random (x, t, context[, image_context]): x, context, image ~ N(0, 1), t ~ U(0, 1000)."""
+        """Fresh random (x, t, context, *extras): x, context and engine-dtype extras ~ N(0, 1);
+        t and float32 extras (a guidance scale x 1000) ~ U(0, 1000) and U(1000, 10000)."""
         shp = self.shapes(**dims)
         x = torch.randn(shp["x"], generator=generator).to(device, self.torch_dtype)
         t = (torch.rand(shp["t"], generator=generator) * 1000).to(device)
         ctx = torch.randn(shp["context"], generator=generator).to(device, self.torch_dtype)
-        if self.image is None:
-            return x, t, ctx
-        return x, t, ctx, torch.randn(shp["image_context"], generator=generator).to(device, self.torch_dtype)
+        extras = tuple(torch.randn(shp[name], generator=generator).to(device, self.torch_dtype) if kind == "engine"
+                       else (1000 + 9000 * torch.rand(shp[name], generator=generator)).to(device)
+                       for name, _, kind in self.extras)
+        return (x, t, ctx, *extras)
 
     def check_shapes(self, batch: int, text_len: int) -> None:
         for name, n, r in (("batch", batch, self.batch), ("text_len", text_len, self.text_len)):
@@ -172,11 +176,13 @@ class EngineSpec:
         from torch.export import Dim
 
         example = self.example_dims()
-        dims = {n: Dim(n, min=1, max=max(self.ranges[n].max, example[n])) for n in self.dynamic}
+        # batch from 1; text from the DiT's shortest text (1, or 3 for HunyuanVideo's packed text)
+        low = {"batch": 1, "text_len": self.text_len.min}
+        dims = {n: Dim(n, min=low[n], max=max(self.ranges[n].max, example[n])) for n in self.dynamic}
         b, n = dims.get("batch"), dims.get("text_len")
         shapes = {"x": {0: b} if b else {}, "t": {0: b} if b else {}, "context": {k: v for k, v in ((0, b), (1, n)) if v}}
-        if self.image is not None:
-            shapes["image_context"] = {0: b} if b else {}
+        for name, _, _ in self.extras:
+            shapes[name] = {0: b} if b else {}
         return shapes
 
     def example_dims(self) -> dict[str, int]:

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ..model.embed import clear_rope_cache, rope_3d
+from ..model.embed import clear_rope_cache
 from ..ops import registry
 from .spec import EngineSpec
 
@@ -37,13 +37,17 @@ def traceable(model, example_inputs):
     emptied afterwards. No forward runs: at Wan sizes one eager CPU forward is most of an
     hour.
     """
-    c = model.config
+    text_mask = getattr(model, "text_mask", None)  # a DiT that drops padded text per sample masks it in one pass
     try:
         with reference_ops(model):
             grid = model.check_inputs(*example_inputs)
-            rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, example_inputs[0].device)  # the forward's call
+            model.rope(grid, example_inputs[0].device)  # the forward's call
+            if text_mask is not None:
+                model.text_mask = "attention"
             yield model
     finally:
+        if text_mask is not None:
+            model.text_mask = text_mask
         clear_rope_cache()
 
 

@@ -252,7 +252,7 @@ class DiT(nn.Module):
         c = self.config
         grid = self.check_inputs(x, t, context, image_context)
         B, S = x.shape[0], math.prod(grid)
-        rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device)  # 2 x (S, Dh/2)
+        rope = self.rope(grid, x.device)  # 2 x (S, Dh/2)
 
         # self-attention's pattern: tokens in tile-major order (perm), back at the end (inv)
         perm = inv = None
@@ -319,6 +319,22 @@ class DiT(nn.Module):
         pt, ph, pw = self.config.patch_size
         v = v.view(v.shape[0], 1, *grid)  # (B, 1, F', H', W') in row-major token order
         return v.repeat_interleave(pt, 2).repeat_interleave(ph, 3).repeat_interleave(pw, 4)
+
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3D RoPE tables (cos, sin), (S, head_dim / 2) each, of a token grid (cached)."""
+        c = self.config
+        return rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, device)
+
+    def engine_inputs(self, image_len: int | None = None) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """Inputs an engine of this DiT takes after (x, t, context): (name, per-sample shape,
+        "engine" or "float32" dtype): a Wan2.1-I2V DiT's `image_len` CLIP image tokens."""
+        c = self.config
+        if c.image_dim is None:
+            return ()
+        if not (isinstance(image_len, int) and image_len > 0):
+            raise ValueError(f"this DiT reads CLIP image tokens (image_dim {c.image_dim}): give their count "
+                             f"(--image-len; Wan2.1-I2V's CLIP gives 257), got {image_len!r}")
+        return (("image_context", (image_len, c.image_dim), "engine"),)
 
     # -- utilities -------------------------------------------------------------------
     def num_params(self) -> int:

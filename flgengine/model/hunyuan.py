@@ -161,6 +161,17 @@ def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unflatten(-1, (n, -1))  # (B, S, H*Dh) -> (B, S, H, Dh)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, Sq, H, Dh) attention; `key_mask` (B, Skv) bool, False = a padded key no query sees
+    (the "attention" text mask: standard PyTorch attention with a mask, which exporters take)."""
+    if key_mask is None:
+        return ops.attention(q, k, v)
+    B, Sq, Skv = q.shape[0], q.shape[1], k.shape[1]
+    mask = key_mask[:, None, None, :].expand(B, 1, Sq, Skv)  # every query's row spelled out (ONNX Runtime wants it)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
 class RefinerBlock(nn.Module):
     """The token refiner's block: pre-LayerNorm self-attention and SiLU MLP over the text,
     each residual gated per sample by temb."""
@@ -174,12 +185,12 @@ class RefinerBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dim, F.silu)
         self.gate = nn.Linear(dim, 2 * dim)  # SiLU(temb) -> (gate_attn, gate_mlp)
 
-    def forward(self, c: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # c: (B, L, D) real text tokens; temb: (B, D)
+    def forward(self, c: torch.Tensor, temb: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # c: (B, L, D) text tokens (real ones only, or all with key_mask (B, L)); temb: (B, D)
         gate_attn, gate_mlp = self.gate(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         h = self.norm1(c)
-        a = ops.attention(_heads(self.q(h), self.num_heads), _heads(self.k(h), self.num_heads),
-                          _heads(self.v(h), self.num_heads))
+        a = _attention(_heads(self.q(h), self.num_heads), _heads(self.k(h), self.num_heads),
+                       _heads(self.v(h), self.num_heads), key_mask)
         c = c + self.o(a.flatten(2).type_as(c)) * gate_attn
         return c + self.mlp(self.norm2(c)) * gate_mlp
 
@@ -195,13 +206,18 @@ class TextRefiner(nn.Module):
         self.proj_in = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads, mlp_ratio) for _ in range(num_layers))
 
-    def forward(self, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # context: (B, L, text_dim), real tokens only; t: (B,)
+    def forward(self, context: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # context: (B, L, text_dim), real tokens only (or all, with mask (B, L) bool); t: (B,)
         freq = timestep_embedding(t, FREQ_DIM).to(context.dtype)
-        temb = self.time_embed(freq) + self.pooled_embed(context.mean(dim=1))  # (B, D)
+        if mask is None:
+            mean = context.mean(dim=1)
+        else:  # the mean over the real tokens
+            m = mask.to(context.dtype).unsqueeze(-1)
+            mean = (context * m).sum(dim=1) / m.sum(dim=1)
+        temb = self.time_embed(freq) + self.pooled_embed(mean)  # (B, D)
         c = self.proj_in(context)
         for block in self.blocks:
-            c = block(c, temb)
+            c = block(c, temb, mask)
         return c
 
 
@@ -224,8 +240,9 @@ class JointAttention(nn.Module):
         return (ops.rms_norm(_heads(q(x), H), norm_q.weight, self.eps), ops.rms_norm(_heads(k(x), H), norm_k.weight, self.eps),
                 _heads(v(x), H))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
-        # x: (B, S, D) video; c: (B, L, D) text -> (B, S + L, H*Dh) attention output, [video, text]
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, S, D) video; c: (B, L, D) text -> (B, S + L, H*Dh) attention output, [video, text];
+        # key_mask: (B, S + L) bool or None
         S = x.shape[1]
         if hasattr(self, "add_q"):  # dual-stream: text through its own projections
             q, k, v = self._qkv(x, self.q, self.k, self.v, self.norm_q, self.norm_k)  # (B, S, H, Dh) each
@@ -236,7 +253,7 @@ class JointAttention(nn.Module):
             q, k, v = self._qkv(torch.cat([x, c], 1), self.q, self.k, self.v, self.norm_q, self.norm_k)
             q = torch.cat([ops.apply_rope(q[:, :S], *rope), q[:, S:]], 1)
             k = torch.cat([ops.apply_rope(k[:, :S], *rope), k[:, S:]], 1)
-        return ops.attention(q, k, v).flatten(2).type_as(x)  # (B, S + L, D)
+        return _attention(q, k, v, key_mask).flatten(2).type_as(x)  # (B, S + L, D)
 
 
 class DualBlock(nn.Module):
@@ -252,13 +269,14 @@ class DualBlock(nn.Module):
         self.o, self.add_o = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.ffn_x, self.ffn_c = MLP(dim, ffn_dim, dim, gelu_tanh), MLP(dim, ffn_dim, dim, gelu_tanh)
 
-    def forward(self, x, c, temb, rope):
-        # x: (B, S, D) video, c: (B, L, D) text, temb: (B, D)
+    def forward(self, x, c, temb, rope, key_mask=None):
+        # x: (B, S, D) video, c: (B, L, D) text, temb: (B, D); key_mask: (B, S + L) bool or None
         e = F.silu(temb)
         mx = self.mod_x(e).unflatten(-1, (6, -1)).unbind(1)  # shift, scale, gate (attn), shift, scale, gate (FFN)
         mc = self.mod_c(e).unflatten(-1, (6, -1)).unbind(1)
         S = x.shape[1]
-        a = self.attn(ops.adaln_modulate(x, mx[1], mx[0], self.eps), ops.adaln_modulate(c, mc[1], mc[0], self.eps), rope)
+        a = self.attn(ops.adaln_modulate(x, mx[1], mx[0], self.eps), ops.adaln_modulate(c, mc[1], mc[0], self.eps), rope,
+                      key_mask)
         x, h = ops.gated_residual_adaln(x, self.o(a[:, :S]), mx[2], mx[4], mx[3], self.eps)
         c, hc = ops.gated_residual_adaln(c, self.add_o(a[:, S:]), mc[2], mc[4], mc[3], self.eps)
         return x + mx[5].unsqueeze(1) * self.ffn_x(h), c + mc[5].unsqueeze(1) * self.ffn_c(hc)
@@ -278,12 +296,12 @@ class SingleBlock(nn.Module):
         self.fc_mlp = nn.Linear(dim, ffn_dim)
         self.proj_out = nn.Linear(dim + ffn_dim, dim)
 
-    def forward(self, x, c, temb, rope):
+    def forward(self, x, c, temb, rope, key_mask=None):
         S = x.shape[1]
         shift, scale, gate = self.mod(F.silu(temb)).unflatten(-1, (3, -1)).unbind(1)  # (B, D) each
         xc = torch.cat([x, c], 1)  # (B, S + L, D)
         h = ops.adaln_modulate(xc, scale, shift, self.eps)
-        a = self.attn(h[:, :S], h[:, S:], rope)  # (B, S + L, D)
+        a = self.attn(h[:, :S], h[:, S:], rope, key_mask)  # (B, S + L, D)
         y = self.proj_out(torch.cat([a, gelu_tanh(self.fc_mlp(h))], -1))
         xc = xc + gate.unsqueeze(1) * y
         return xc[:, :S], xc[:, S:]
@@ -312,13 +330,21 @@ def unpack_text(packed: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, to
 # ---- the model ---------------------------------------------------------------------------------
 
 class HunyuanVideoDiT(nn.Module):
-    """forward(x, t, context, context_mask=None, pooled_text=None, guidance=None) -> velocity."""
+    """forward(x, t, context, guidance=None, context_mask=None, pooled_text=None) -> velocity.
+
+    `context`: the Llama states (B, L, text_dim) with `context_mask` (B, L) and `pooled_text`
+    (B, pooled_dim), or pack_text's packed text alone; `guidance` (B,): the embedded guidance
+    scale x 1000 of a guidance-distilled model."""
 
     def __init__(self, config: HunyuanVideoConfig):
         super().__init__()
         c = self.config = config
         D = c.dim
         self.backend: str | None = None  # preferred ops backend (ops.registry.prefer); None = automatic
+        # how padded text is left out: "truncate" (each sample's real tokens only, fused attention;
+        # samples of different lengths one after another) or "attention" (one batched pass with a
+        # key mask in standard PyTorch attention: what engines are traced with)
+        self.text_mask = "truncate"
         self.patch_embed = nn.Conv3d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
         self.time_embed = TimeEmbedding(FREQ_DIM, D)
         if c.guidance_embed:
@@ -332,9 +358,16 @@ class HunyuanVideoDiT(nn.Module):
         self.head = nn.Linear(D, c.out_channels * math.prod(c.patch_size))
 
     # -- inputs --------------------------------------------------------------------
-    def check_inputs(self, x, t, context, context_mask=None, pooled_text=None, guidance=None) -> tuple[int, int, int]:
+    def _text(self, context, context_mask, pooled_text):
+        """(context, context_mask, pooled_text), read off packed text when only context is given."""
+        if pooled_text is None and context_mask is None and context.dim() == 3:
+            return unpack_text(context, self.config.pooled_dim)
+        return context, context_mask, pooled_text
+
+    def check_inputs(self, x, t, context, guidance=None, context_mask=None, pooled_text=None) -> tuple[int, int, int]:
         """Validates shapes before any compute; returns the token grid (F', H', W')."""
         c = self.config
+        context, context_mask, pooled_text = self._text(context, context_mask, pooled_text)
         if x.dim() != 5 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (B, {c.in_channels}, F, H, W), got {tuple(x.shape)}")
         B = x.shape[0]
@@ -348,6 +381,7 @@ class HunyuanVideoDiT(nn.Module):
         if context_mask is not None:
             if tuple(context_mask.shape) != tuple(context.shape[:2]):
                 raise ValueError(f"context_mask must be {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}")
+        if context_mask is not None and not torch.compiler.is_exporting():  # a check of values: not traced
             real = context_mask.bool()
             if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
                 raise ValueError("context_mask must mark each prompt's real tokens first (1...1 0...0), "
@@ -364,13 +398,16 @@ class HunyuanVideoDiT(nn.Module):
         return tuple(n // p for n, p in zip(x.shape[2:], c.patch_size))
 
     # -- forward -------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-                pooled_text: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        if pooled_text is None and context_mask is None and context.dim() == 3 and context.shape[1] > 1:
-            context, context_mask, pooled_text = unpack_text(context, self.config.pooled_dim)  # packed text
-        grid = self.check_inputs(x, t, context, context_mask, pooled_text, guidance)
-        lengths = [context.shape[1]] * x.shape[0] if context_mask is None else context_mask.sum(1).tolist()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, pooled_text: torch.Tensor | None = None) -> torch.Tensor:
+        context, context_mask, pooled_text = self._text(context, context_mask, pooled_text)  # packed text?
+        grid = self.check_inputs(x, t, context, guidance, context_mask, pooled_text)
         with ops.registry.prefer(self.backend):
+            if self.text_mask == "attention":
+                mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device) if context_mask is None \
+                    else context_mask.bool()
+                return self._forward(x, t, context, pooled_text, guidance, grid, mask)
+            lengths = [context.shape[1]] * x.shape[0] if context_mask is None else context_mask.sum(1).tolist()
             if len(set(lengths)) == 1:  # one real text length: the batch at once
                 return self._forward(x, t, context[:, :lengths[0]], pooled_text, guidance, grid)
             # the samples one by one, each with its own real text (see the module docstring)
@@ -378,12 +415,12 @@ class HunyuanVideoDiT(nn.Module):
                                             None if guidance is None else guidance[i:i + 1], grid)
                               for i, n in enumerate(lengths)])
 
-    def _forward(self, x, t, context, pooled_text, guidance, grid):
-        # x: (B, C, F, H, W); t: (B,) in 0..1000; context: (B, L, text_dim) real tokens only;
-        # pooled_text: (B, pooled_dim); guidance: (B,) or None
+    def _forward(self, x, t, context, pooled_text, guidance, grid, mask=None):
+        # x: (B, C, F, H, W); t: (B,) in 0..1000; context: (B, L, text_dim) real tokens only, or
+        # all of them with mask (B, L) bool; pooled_text: (B, pooled_dim); guidance: (B,) or None
         c = self.config
         B = x.shape[0]
-        rope = rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, x.device, c.rope_axes)  # 2 x (S, Dh/2)
+        rope = self.rope(grid, x.device)  # 2 x (S, Dh/2)
         # 1. conditioning vector: timestep (+ guidance) + pooled text -> temb (B, D)
         dtype = self.time_embed.fc1.weight.dtype
         temb = self.time_embed(timestep_embedding(t, FREQ_DIM).to(dtype))
@@ -392,10 +429,11 @@ class HunyuanVideoDiT(nn.Module):
         temb = temb + self.pooled_embed(pooled_text.to(dtype))
         # 2. tokens: video (B, S, D), text (B, L, D)
         h = self.patch_embed(x).flatten(2).transpose(1, 2)
-        txt = self.text_refiner(context.to(dtype), t)
+        txt = self.text_refiner(context.to(dtype), t, mask)
         # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
+        key_mask = None if mask is None else torch.cat([mask.new_ones(B, h.shape[1]), mask], dim=1)  # (B, S + L)
         for block in self.blocks:
-            h, txt = block(h, txt, temb, rope)
+            h, txt = block(h, txt, temb, rope, key_mask)
         # 4. head: adaLN (scale, shift) -> Linear -> unpatchify (B, S, C*pt*p*p) -> (B, C, F, H, W)
         scale, shift = self.head_mod(F.silu(temb)).chunk(2, dim=-1)
         out = self.head(ops.adaln_modulate(h, scale, shift, c.eps))
@@ -403,6 +441,22 @@ class HunyuanVideoDiT(nn.Module):
         out = out.reshape(B, *grid, c.out_channels, pt, ph, pw)
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', pt, H', ph, W', pw)
         return out.reshape(B, c.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3D RoPE tables (cos, sin), (S, head_dim / 2) each, of a token grid (cached)."""
+        c = self.config
+        return rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, device, c.rope_axes)
+
+    # the shortest packed text an engine takes: two tokens and the pooled row (torch.export treats
+    # a text of one token, a dim of size 1, as a special case it will not trace)
+    min_text_len = 3
+
+    def engine_inputs(self, image_len: int | None = None) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """Inputs an engine of this DiT takes after (x, t, context): (name, per-sample shape,
+        "engine" or "float32" dtype). The context is the packed text."""
+        if image_len is not None:
+            raise ValueError("a HunyuanVideo DiT reads no image tokens (image_len)")
+        return (("guidance", (), "float32"),) if self.config.guidance_embed else ()
 
     # -- utilities -------------------------------------------------------------------
     def num_params(self) -> int:
