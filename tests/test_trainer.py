@@ -31,14 +31,28 @@ STAGE2 = textwrap.dedent("""
             g = torch.Generator().manual_seed(1000 + step)
             return torch.randn(n, 4, 2, 4, 4, generator=g), torch.randn(n, 3, 12, generator=g)
 
-    def tiny_stage2(out, steps=6, checkpoint_every=2, fsdp=False):
+    class PackedData(FakeData):  # HunyuanVideo's packed text: the empty prompt has a real token too
+        uncond = torch.full((1, 3, 12), 0.1)
+
+    def tiny_teacher(family="wan"):
         torch.manual_seed(0)
-        teacher = DiT(ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=8,
-                                  ffn_dim=24, text_dim=12, freq_dim=16, num_layers=4))
+        if family == "hunyuan_video":  # 2 dual- + 2 single-stream blocks; the context is packed text
+            from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
+
+            return HunyuanVideoDiT(HunyuanVideoConfig(in_channels=4, out_channels=4, num_heads=2, head_dim=8,
+                                                      num_layers=2, num_single_layers=2, num_refiner_layers=1,
+                                                      mlp_ratio=1.5, text_dim=12, pooled_dim=5, rope_axes=(2, 2, 4),
+                                                      guidance_embed=False))
+        return DiT(ModelConfig(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_heads=2, head_dim=8,
+                               ffn_dim=24, text_dim=12, freq_dim=16, num_layers=4))
+
+    def tiny_stage2(out, steps=6, checkpoint_every=2, fsdp=False, family="wan"):
+        teacher = tiny_teacher(family)
         plan = plan_from_drop(teacher, [1, 2], {b: 0.0 for b in range(4)})
         cfg = Stage2Config(steps=steps, batch_size=8, lr=1e-3, warmup=0, eval_every=100, eval_batch=4,
                            checkpoint_every=checkpoint_every, threads=1, fsdp=fsdp)
-        model, _ = train_stage2(teacher, plan, FakeData(), cfg, out, progress=False)
+        data = PackedData() if family == "hunyuan_video" else FakeData()
+        model, _ = train_stage2(teacher, plan, data, cfg, out, progress=False)
         return model.state_dict()
 
     def tiny_stage3(out, fsdp=False):
@@ -73,7 +87,7 @@ def stage2_module(tmp_path_factory):
     sys.path.remove(str(d))
 
 
-def _ddp_worker(rank, world, init_file, out, result, fsdp=False, stage="tiny_stage2"):
+def _ddp_worker(rank, world, init_file, out, result, fsdp=False, stage="tiny_stage2", family="wan"):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -81,7 +95,8 @@ def _ddp_worker(rank, world, init_file, out, result, fsdp=False, stage="tiny_sta
     try:
         import tiny_stage2_run
 
-        state = getattr(tiny_stage2_run, stage)(out, fsdp=fsdp)
+        kw = {"family": family} if stage == "tiny_stage2" else {}
+        state = getattr(tiny_stage2_run, stage)(out, fsdp=fsdp, **kw)
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -90,15 +105,17 @@ def _ddp_worker(rank, world, init_file, out, result, fsdp=False, stage="tiny_sta
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_gloo_processes_match_one_process(stage2_module, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,family", [(False, "wan"), (True, "wan"), (True, "hunyuan_video")],
+                         ids=["ddp", "fsdp2", "fsdp2-hunyuan"])
+def test_two_gloo_processes_match_one_process(stage2_module, tmp_path, fsdp, family):
+    """FSDP2 shards every entry of `blocks`: both of HunyuanVideo's block kinds."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    single = stage2_module.tiny_stage2(tmp_path / "single")
+    single = stage2_module.tiny_stage2(tmp_path / "single", family=family)
     result = tmp_path / "ddp.safetensors"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result), fsdp), nprocs=2,
-             join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result), fsdp, "tiny_stage2",
+                                family), nprocs=2, join=True)
     ddp = load_file(result)
     assert ddp.keys() == single.keys()
     for k, v in single.items():
