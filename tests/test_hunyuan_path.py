@@ -114,3 +114,29 @@ def test_a_pruned_hunyuan_student_exports_as_an_engine(fmt, teacher, tmp_path):
     want = flgengine.load(bundle)(prompts, seed=1, progress=False)
     got = flgengine.load(bundle, engine=tmp_path / fmt)(prompts, seed=1, progress=False)
     assert (got.float() - want.float()).abs().max() <= 1  # fp32 engines: the same video up to uint8 rounding
+
+
+def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
+    import json
+    import shutil
+
+    from flgengine.bundle import BundleError
+
+    # a bundle missing its CLIP text encoder: refused at load, naming the directory
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(BundleError, match="CLIP text encoder directory not found: .*text_encoder_2"):
+        flgengine.load(broken)
+    # a diffusers directory of another family, and HunyuanVideo's image-to-video variant
+    other = tmp_path / "other"
+    (other / "transformer").mkdir(parents=True)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(ValueError, match="supported family .*got 'CogVideoXPipeline'"):
+        bundle_from_diffusers(other, tmp_path / "b1")
+    i2v = tmp_path / "i2v"
+    shutil.copytree(teacher.parent / "hf", i2v)
+    cfg = json.loads((i2v / "transformer" / "config.json").read_text())
+    (i2v / "transformer" / "config.json").write_text(json.dumps({**cfg, "image_condition_type": "latent_concat"}))
+    with pytest.raises(ValueError, match="image_condition_type 'latent_concat'"):
+        bundle_from_diffusers(i2v, tmp_path / "b2")
