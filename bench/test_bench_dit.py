@@ -77,3 +77,68 @@ def test_dit_forward(benchmark, size, pruned):
         benchmark.extra_info["x_roofline"] = {k: v / roofline for k, v in results.items()}
         line += f"; roofline {roofline * 1e3:.1f} ms: " + ", ".join(f"{k} {v / roofline:.2f}x" for k, v in results.items())
     print(line)
+
+
+# HunyuanVideo-13B-shaped: 20 dual- + 40 single-stream blocks, width 3072 (24 heads x 128), 256 text tokens
+HUNYUAN_13B = dict(in_channels=16, out_channels=16, num_heads=24, head_dim=128, num_layers=20, num_single_layers=40,
+                   num_refiner_layers=2, text_dim=4096, pooled_dim=768, guidance_embed=True)
+# 480p x 61 frames: latent (16, 16, 60, 104) -> 16 x 30 x 52 = 24960 video tokens
+HUNYUAN_LATENT = (1, 16, 16, 60, 104)
+HUNYUAN_SMALL = dict(in_channels=4, out_channels=4, num_heads=4, head_dim=32, num_layers=3, num_single_layers=5,
+                     num_refiner_layers=1, text_dim=64, pooled_dim=32, rope_axes=(8, 12, 12), guidance_embed=True)
+
+
+def _keep_70_percent_per_kind(num_dual: int, num_single: int) -> list[int]:
+    """Drop 30% of each kind's blocks, never the first or last of a kind (spread evenly)."""
+    return (_keep_70_percent(num_dual)
+            + [num_dual + i for i in _keep_70_percent(num_single)])
+
+
+@pytest.mark.parametrize("size", [pytest.param("small", id="cpu-small"),
+                                  pytest.param("hunyuan13b", id="cuda-hunyuan13b-480p-61f", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("pruned", [False, True], ids=["full", "pruned30"])
+def test_hunyuan_forward(benchmark, size, pruned):
+    """HunyuanVideo's DiT per backend, and its multiple of the roofline (GPU): FLOPs are
+    2 x block params x (video + text tokens) + 4 x (S + L)^2 x D per block."""
+    from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
+
+    big = size == "hunyuan13b"
+    base, latent = (HUNYUAN_13B, HUNYUAN_LATENT) if big else (HUNYUAN_SMALL, (1, 4, 5, 16, 16))
+    device = torch.device("cuda" if big else "cpu")
+    dtype = torch.bfloat16 if big else torch.float32
+    keep = _keep_70_percent_per_kind(base["num_layers"], base["num_single_layers"]) if pruned else None
+    cfg = HunyuanVideoConfig(**base, block_ids=keep)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HunyuanVideoDiT(cfg).cast(dtype).eval()
+    L = 256 if big else 16
+    x = torch.randn(latent, device=device, dtype=dtype)
+    t, g = torch.tensor([500.0], device=device), torch.tensor([6000.0], device=device)
+    ctx, pooled = torch.randn(1, L, cfg.text_dim, device=device, dtype=dtype), torch.randn(1, cfg.pooled_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, L, dtype=torch.int64, device=device)
+    S = latent[2] * latent[3] * latent[4] // 4
+
+    def run():
+        return model(x, t, ctx, g, context_mask=mask, pooled_text=pooled)
+
+    results = {}
+    with torch.no_grad():
+        for backend in ("ref", "auto", "cuda", "triton") if big else ("ref", "cpu"):
+            model.backend = None if backend == "auto" else backend
+            results[backend] = median_seconds(run, device, repeat=3 if big else 10, warmup=1 if big else 2)
+        benchmark.pedantic(run, rounds=2 if big else 3, iterations=1, warmup_rounds=1)
+    block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and p.dim() == 2)
+    fl = 2 * block_params * (S + L) + 4 * (S + L) ** 2 * cfg.dim * len(cfg.kept_blocks)
+    fast = min(results.values())
+    benchmark.extra_info.update({"blocks": len(cfg.kept_blocks), "params": model.num_params(), "tokens": S + L,
+                                 "seconds": results, "TFLOPs": fl / 1e12, "TFLOP_per_s": fl / fast / 1e12})
+    line = (f"\nDiT hunyuan {size} {'pruned' if pruned else 'full'} ({len(cfg.kept_blocks)} blocks, "
+            f"{model.num_params() / 1e6:.1f}M params, {S} + {L} tokens): "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results.items()) + f"; {fl / fast / 1e12:.1f} TFLOP/s")
+    if big:
+        import ceilings
+
+        roofline = fl / (ceilings.measured("cuda")["matmul_TFLOPs"] * 1e12)
+        benchmark.extra_info["x_roofline"] = {k: v / roofline for k, v in results.items()}
+        line += f"; roofline {roofline * 1e3:.1f} ms: " + ", ".join(f"{k} {v / roofline:.2f}x" for k, v in results.items())
+    print(line)
