@@ -17,7 +17,8 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
-         engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False):
+         engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False,
+         lora=None, lora_scale=None, lora_mode: str = "merge"):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
@@ -29,11 +30,17 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     self-attention: real on GPUs of compute capability >= 8.9, emulated on the CPU; see
     docs/architecture.md). allow_outside_paths: let pipeline.json name text encoder / codec
     directories outside the bundle (refused by default: a bundle cannot point us elsewhere).
+    lora: a LoRA file or a list of them (safetensors; diffusers/PEFT, original Wan or kohya keys),
+    `lora_scale` one strength or one per file (default 1.0). A teacher's LoRA maps onto a pruned
+    student; `lora_mode` "merge" (default: into the weights, before FP8 quantisation) or
+    "unmerged" (beside them: `pipe.dit.set_lora_scale(s)` switches them). `pipe.lora` reports the
+    layers changed and any keys that matched nothing (see flgengine/lora.py).
     """
     from .pipeline import Pipeline
 
     return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision,
-                                allow_outside_paths=allow_outside_paths)
+                                allow_outside_paths=allow_outside_paths, lora=lora, lora_scale=lora_scale,
+                                lora_mode=lora_mode)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed: int = 0, num_frames: int | None = None,
@@ -41,7 +48,7 @@ def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
              progress: bool = True, force: bool = False, engine: str | os.PathLike | None = None,
-             cuda_graph: bool | None = None, precision: str = "bf16"):
+             cuda_graph: bool | None = None, precision: str = "bf16", lora=None, lora_scale=None):
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 
     Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
@@ -52,9 +59,10 @@ def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed
     A distilled student refuses other step counts and CFG unless `force=True`.
     `engine`: run the DiT through a built engine directory (see `load`). `cuda_graph`:
     capture a student's whole few-step loop as one CUDA graph (None: on for students on CUDA).
-    `precision`: "bf16" or "fp8" (see `load`).
+    `precision`: "bf16" or "fp8"; `lora`, `lora_scale`: LoRAs merged into the DiT (see `load`).
     """
-    pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision)
+    pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision, lora=lora,
+                lora_scale=lora_scale)
     return pipe(prompt, image=image, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
                 guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force,
                 cuda_graph=cuda_graph)

@@ -16,8 +16,9 @@ def _generate(args) -> int:
     import flgengine
 
     t0 = time.perf_counter()
+    scales = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
     pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,
-                          precision=args.precision)
+                          precision=args.precision, lora=args.lora, lora_scale=scales)
     t1 = time.perf_counter()
     video = pipe(args.prompt, image=args.image, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the DiT through an engine built from this bundle by python -m flgengine.export")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture a student's whole few-step loop as one CUDA graph (default: on for students on CUDA)")
+    g.add_argument("--lora", action="append", default=None, metavar="PATH",
+                   help="a LoRA (.safetensors: diffusers/PEFT, original Wan or kohya keys) merged into the DiT; "
+                        "repeat for several. A teacher's LoRA maps onto a pruned student (removed blocks' deltas "
+                        "dropped, with a warning)")
+    g.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                   help="LoRA strength (default 1.0); one for all LoRAs, or one per --lora in order")
     g.add_argument("--force", action="store_true", help="allow step counts / CFG a student was not distilled for")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     g.set_defaults(func=_generate)

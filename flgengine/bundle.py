@@ -56,6 +56,7 @@ class Bundle:
     model: Any  # flgengine.model.DiT, or TwoExpertDiT for a two-expert bundle
     pipeline: PipelineConfig
     provenance: dict
+    lora: Any = None  # flgengine.lora.LoraReport of the LoRAs loaded with it, or None
 
 
 # ---- storage dtypes ----------------------------------------------------------------------
@@ -266,11 +267,19 @@ def read_model_config(path: str | Path):
 
 
 def load_bundle(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                precision: str = "bf16") -> Bundle:
+                precision: str = "bf16", lora=None, lora_scale=None, lora_mode: str = "merge") -> Bundle:
     """Loads and validates a bundle; returns a `Bundle` with the DiT in eval mode (a
     `TwoExpertDiT` when pipeline.json sets low_noise_boundary). precision "fp8": the block
     linears as FP8Linear (from e4m3-stored weights as they are, or quantised from the stored
-    ones), FP8 self-attention (model/precision.py)."""
+    ones), FP8 self-attention (model/precision.py). `lora` (a path or a list; `lora_scale` one
+    number or one per file): LoRAs merged into the weights before any FP8 quantisation
+    (`lora_mode` "merge"), or kept beside them, switchable (`"unmerged"`; flgengine/lora.py);
+    `Bundle.lora` reports what they changed."""
+    from .lora import LORA_MODES, LoraReport, lora_list
+
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode={lora_mode!r} is not one of {', '.join(LORA_MODES)}")
+    loras = lora_list(lora, lora_scale)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     path = Path(path)
@@ -294,7 +303,10 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
         raise BundleError(str(e)) from None
     provenance = read_provenance(path)
 
-    model = _load_dit(path, config, device, dtype, precision)
+    report = LoraReport() if loras else None
+    if loras and pipeline.low_noise_boundary is not None:
+        raise ValueError(f"{path} has two DiTs (high / low noise): LoRAs on two-expert bundles are not supported yet")
+    model = _load_dit(path, config, device, dtype, precision, loras, lora_mode, report)
     if pipeline.low_noise_boundary is not None:  # two experts: the low-noise DiT in low_noise/
         low_dir = path / LOW_NOISE_DIR
         for name in ("config.json", "model.safetensors"):
@@ -306,7 +318,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
             model = TwoExpertDiT(model, low, pipeline.low_noise_boundary)
         except ValueError as e:
             raise BundleError(f"{path}: {e}") from None
-    return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance)
+    return Bundle(path=path, model=model.eval().requires_grad_(False), pipeline=pipeline, provenance=provenance,
+                  lora=report)
 
 
 def implied_params(c) -> int:
@@ -322,13 +335,27 @@ def implied_params(c) -> int:
     return patch + blocks + pos + 2 * c.text_dim * D + c.freq_dim * D + 6 * D * D
 
 
-def _load_dit(path: Path, config, device, dtype, precision: str = "bf16"):
-    """The DiT of `path`/model.safetensors, checked against `config`, cast and moved."""
+def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=(), lora_mode: str = "merge",
+              report=None):
+    """The DiT of `path`/model.safetensors, checked against `config`, cast and moved; `loras`
+    [(file, scale)] merged into the weights before FP8 quantisation, or attached."""
+    from .lora import attach_lora, lora_deltas, merge_lora_state
+
     where = f"{path}/model.safetensors"
     state = dequantize_int8(load_safetensors(path / "model.safetensors", where), where)
     reason = check_fp8_state(state, where)
     if reason:
         raise BundleError(reason)
+    deltas = []
+    if loras:  # read and checked against the model's layers (built on meta) before any weight changes
+        with torch.device("meta"):
+            probe = build(config)
+        deltas = [(lora_deltas(p, probe, report), scale) for p, scale in loras]
+    if deltas and lora_mode == "merge":
+        state = dequantize_state(state)
+        for d, scale in deltas:
+            merge_lora_state(state, d, scale)
+        deltas = []
     state = quantize_state(state) if precision == "fp8" else dequantize_state(state)
     # a large model is built on the meta device (no memory, no init) and gets the loaded tensors;
     # a small one (under META_FROM parameters, the stored count) is built on the CPU: the meta
@@ -347,4 +374,7 @@ def _load_dit(path: Path, config, device, dtype, precision: str = "bf16"):
     model.cast(dtype if dtype is not None else torch_dtype(config.dtype))
     if device is not None:
         model.to(device)
+    for i, (d, scale) in enumerate(deltas):  # lora_mode "unmerged"
+        attach_lora(model, d, scale, lora_id=i)
     return model
+

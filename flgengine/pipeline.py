@@ -135,16 +135,21 @@ class Pipeline:
         self.engine = engine  # a flgengine.export.Engine running the DiT, or None (PyTorch)
         self._graphs: dict = {}  # captured few-step loops (GraphedFewStepLoop), one per shape
         self.precision = "bf16"  # the DiT's: "bf16" (its dtype) or "fp8" (model/precision.py)
+        self.lora = None  # flgengine.lora.LoraReport of the LoRAs loaded with the DiT, or None
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
                     engine: str | os.PathLike | None = None, precision: str = "bf16",
-                    allow_outside_paths: bool = False) -> "Pipeline":
+                    allow_outside_paths: bool = False, lora=None, lora_scale=None, lora_mode: str = "merge") -> "Pipeline":
         from .model.precision import PRECISIONS, fp8_unavailable
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         path = resolve_model(path)
+        if engine is not None and lora is not None:
+            raise ValueError(f"lora: an engine (engine={str(engine)!r}) runs the weights it was built from, and a "
+                             "LoRA changes them; run without the engine, or export one from a bundle with the LoRA "
+                             "merged (save_bundle of the loaded pipeline's dit)")
         if engine is not None:
             if precision != "bf16":
                 raise ValueError(f"precision={precision!r}: an engine (engine={str(engine)!r}) runs in "
@@ -159,7 +164,8 @@ class Pipeline:
             from .ops.registry import requested_backend
 
             requested_backend(backend)  # validates the name before loading anything
-        bundle = load_bundle(path, device=device, dtype=dtype, precision=precision)
+        bundle = load_bundle(path, device=device, dtype=dtype, precision=precision, lora=lora, lora_scale=lora_scale,
+                             lora_mode=lora_mode)
         bundle.model.backend = backend
         cfg = bundle.pipeline
         if not allow_outside_paths:
@@ -171,6 +177,7 @@ class Pipeline:
         pipe = cls(bundle.model, text, codec, cfg, device=device, dtype=dtype, path=path, provenance=bundle.provenance,
                    image_encoder=image_encoder)
         pipe.precision = precision
+        pipe.lora = bundle.lora
         return pipe
 
     @classmethod

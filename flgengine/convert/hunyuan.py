@@ -109,6 +109,13 @@ def rename(key: str, to_ours: bool, num_dual: int) -> str | None:
     return None
 
 
+def module_name(name: str, config) -> str | None:
+    """Our module name (teacher block indices) of a diffusers HunyuanVideoTransformer3DModel
+    module name (LoRA keys), or None."""
+    renamed = rename(name + ".", to_ours=True, num_dual=config.num_layers)
+    return None if renamed is None else renamed[:-1]
+
+
 def owns_state_dict(sd: dict[str, torch.Tensor]) -> bool:
     """Whether a diffusers state dict (without its config) is a HunyuanVideo transformer's."""
     return "x_embedder.proj.weight" in sd and any(k.startswith("context_embedder.token_refiner.") for k in sd)

@@ -81,6 +81,12 @@ def rename(key: str, to_ours: bool) -> str | None:
     return None
 
 
+def module_name(name: str, config) -> str | None:
+    """Our module name of a diffusers WanTransformer3DModel module name (LoRA keys), or None."""
+    renamed = rename(name + ".", to_ours=True)
+    return None if renamed is None else renamed[:-1]
+
+
 def owns_state_dict(sd: dict[str, torch.Tensor]) -> bool:
     """Whether a diffusers state dict (without its config) is a Wan transformer's."""
     return "patch_embedding.weight" in sd and any(k.startswith("condition_embedder.") for k in sd)
