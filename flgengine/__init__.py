@@ -18,7 +18,7 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
          engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False,
-         lora=None, lora_scale=None, lora_mode: str = "merge"):
+         lora=None, lora_scale=None, lora_mode: str = "merge", parallel: str | None = None):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
@@ -35,12 +35,16 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     student; `lora_mode` "merge" (default: into the weights, before FP8 quantisation) or
     "unmerged" (beside them: `pipe.dit.set_lora_scale(s)` switches them). `pipe.lora` reports the
     layers changed and any keys that matched nothing (see flgengine/lora.py).
+    parallel: "sequence" (the video tokens split across the process group's ranks, all-to-all
+    around self-attention) or "cfg" (a teacher's conditional and unconditional halves on
+    different ranks); needs an initialised process group (torchrun). Every rank gets the same
+    video; rank 0 writes `output` (see flgengine/parallel.py).
     """
     from .pipeline import Pipeline
 
     return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision,
                                 allow_outside_paths=allow_outside_paths, lora=lora, lora_scale=lora_scale,
-                                lora_mode=lora_mode)
+                                lora_mode=lora_mode, parallel=parallel)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed: int = 0, num_frames: int | None = None,
@@ -48,7 +52,8 @@ def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
              progress: bool = True, force: bool = False, engine: str | os.PathLike | None = None,
-             cuda_graph: bool | None = None, precision: str = "bf16", lora=None, lora_scale=None):
+             cuda_graph: bool | None = None, precision: str = "bf16", lora=None, lora_scale=None,
+             parallel: str | None = None):
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 
     Defaults (frames, size, steps, guidance) come from the bundle's pipeline.json.
@@ -59,10 +64,11 @@ def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed
     A distilled student refuses other step counts and CFG unless `force=True`.
     `engine`: run the DiT through a built engine directory (see `load`). `cuda_graph`:
     capture a student's whole few-step loop as one CUDA graph (None: on for students on CUDA).
-    `precision`: "bf16" or "fp8"; `lora`, `lora_scale`: LoRAs merged into the DiT (see `load`).
+    `precision`: "bf16" or "fp8"; `lora`, `lora_scale`: LoRAs merged into the DiT; `parallel`:
+    "sequence" / "cfg" over a process group (see `load`).
     """
     pipe = load(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision, lora=lora,
-                lora_scale=lora_scale)
+                lora_scale=lora_scale, parallel=parallel)
     return pipe(prompt, image=image, seed=seed, num_frames=num_frames, height=height, width=width, steps=steps,
                 guidance=guidance, negative_prompt=negative_prompt, output=output, progress=progress, force=force,
                 cuda_graph=cuda_graph)

@@ -12,19 +12,40 @@ import time
 from pathlib import Path
 
 
+def _init_process_group(kind: str | None) -> None:
+    """--parallel: the process group torchrun's environment describes (NCCL on CUDA, else gloo)."""
+    if kind is None:
+        return
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--parallel {kind} runs one process per rank: launch with "
+                         "torchrun --nproc_per_node N -m flgengine generate ...")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
 def _generate(args) -> int:
     import flgengine
 
+    _init_process_group(args.parallel)
     t0 = time.perf_counter()
     scales = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
     pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,
-                          precision=args.precision, lora=args.lora, lora_scale=scales)
+                          precision=args.precision, lora=args.lora, lora_scale=scales, parallel=args.parallel)
     t1 = time.perf_counter()
     video = pipe(args.prompt, image=args.image, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
                  output=args.output, progress=not args.quiet, force=args.force, cuda_graph=args.cuda_graph)
     t2 = time.perf_counter()
-    if not args.quiet:
+    if not args.quiet and pipe._writes():
         B, T, H, W, _ = video.shape
         print(f"{B} video(s) of {T} frames {H}x{W} in {t2 - t1:.2f} s (load {t1 - t0:.2f} s; {pipe.precision} "
               f"on {pipe.device.type}) -> {args.output}")
@@ -185,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, with a warning)")
     g.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
                    help="LoRA strength (default 1.0); one for all LoRAs, or one per --lora in order")
+    g.add_argument("--parallel", default=None, choices=["sequence", "cfg"],
+                   help="run the DiT over torchrun's processes: sequence (video tokens split, all-to-all around "
+                        "self-attention) or cfg (a teacher's two CFG halves on two ranks); rank 0 writes the video")
     g.add_argument("--force", action="store_true", help="allow step counts / CFG a student was not distilled for")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     g.set_defaults(func=_generate)

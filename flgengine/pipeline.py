@@ -136,15 +136,29 @@ class Pipeline:
         self._graphs: dict = {}  # captured few-step loops (GraphedFewStepLoop), one per shape
         self.precision = "bf16"  # the DiT's: "bf16" (its dtype) or "fp8" (model/precision.py)
         self.lora = None  # flgengine.lora.LoraReport of the LoRAs loaded with the DiT, or None
+        self.parallel: str | None = None  # "sequence" / "cfg": the DiT runs over the process group's ranks
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
                     engine: str | os.PathLike | None = None, precision: str = "bf16",
-                    allow_outside_paths: bool = False, lora=None, lora_scale=None, lora_mode: str = "merge") -> "Pipeline":
+                    allow_outside_paths: bool = False, lora=None, lora_scale=None, lora_mode: str = "merge",
+                    parallel: str | None = None) -> "Pipeline":
         from .model.precision import PRECISIONS, fp8_unavailable
+        from .parallel import PARALLEL_KINDS
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        if parallel is not None:
+            import torch.distributed as dist
+
+            if parallel not in PARALLEL_KINDS:
+                raise ValueError(f"parallel={parallel!r} is not one of {', '.join(PARALLEL_KINDS)}")
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(f"parallel={parallel!r} needs an initialised process group: launch with torchrun "
+                                 "(the CLI's --parallel then sets it up) or call torch.distributed.init_process_group")
+            if engine is not None:
+                raise ValueError(f"parallel={parallel!r} runs the PyTorch DiT over several processes; an engine "
+                                 f"(engine={str(engine)!r}) runs in one")
         path = resolve_model(path)
         if engine is not None and lora is not None:
             raise ValueError(f"lora: an engine (engine={str(engine)!r}) runs the weights it was built from, and a "
@@ -178,6 +192,11 @@ class Pipeline:
                    image_encoder=image_encoder)
         pipe.precision = precision
         pipe.lora = bundle.lora
+        if parallel is not None:
+            from .parallel import set_parallel
+
+            pipe.dit = set_parallel(bundle.model, parallel)
+            pipe.parallel = parallel
         return pipe
 
     @classmethod
@@ -337,9 +356,9 @@ class Pipeline:
         if condition is not None:
             latents = condition.finish(latents)
 
-        # 4. decode to uint8 video (B, T, H, W, 3)
+        # 4. decode to uint8 video (B, T, H, W, 3); with several ranks every one has it, rank 0 writes it
         video = video_to_uint8(self.codec.decode(latents.float()).cpu())
-        if output is not None:
+        if output is not None and self._writes():
             from .video import save_video
 
             out = Path(output)
@@ -347,6 +366,14 @@ class Pipeline:
                 p = out if B == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
                 save_video(video[i], p, fps=cfg.fps)
         return video
+
+    def _writes(self) -> bool:
+        """Whether this process writes outputs: the only one, or rank 0 of a parallel run."""
+        if self.parallel is None:
+            return True
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
 
     # -- engines and CUDA graphs -----------------------------------------------------------
     def _check_engine(self, batch: int, latent: tuple, num_frames: int, height: int, width: int) -> None:
@@ -369,7 +396,7 @@ class Pipeline:
         """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
         fewstep = isinstance(sampler, FewStepSampler)
         # the graphed loop calls the DiT with (x, t, context) alone
-        plain = self.config.image == "none" and self.config.sampler.embedded_guidance is None
+        plain = self.config.image == "none" and self.config.sampler.embedded_guidance is None and self.parallel is None
         if cuda_graph is None:
             return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled and plain
         if not isinstance(cuda_graph, bool):
@@ -383,8 +410,8 @@ class Pipeline:
             if self.engine is not None:
                 raise ValueError("cuda_graph=True captures the PyTorch DiT; it is not supported with an engine")
             if not plain:
-                raise ValueError("cuda_graph=True captures a DiT called with (x, t, context) alone; this model also "
-                                 "reads other inputs (an image or a guidance scale)")
+                raise ValueError("cuda_graph=True captures a DiT called with (x, t, context) alone in one process; this "
+                                 "model also reads other inputs (an image or a guidance scale), or runs over ranks")
         return cuda_graph
 
     def _graphed_loop(self, sampler, noise, context, uncond):

@@ -51,6 +51,7 @@ class Attention(nn.Module):
             self.add_v = nn.Linear(dim, inner)
             self.norm_added_k = nn.RMSNorm(inner, eps=eps)
         self.precision: str | None = None  # "fp8": attention in FP8 (model.precision.to_fp8)
+        self.sequence_parallel = None  # self-attention over ranks' tokens (flgengine.parallel), or None
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, rope=None, block_mask=None,
                 image: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +67,10 @@ class Attention(nn.Module):
             q = ops.rms_norm(self.q(xq), self.norm_q.weight, self.eps).unflatten(-1, split)
             k = ops.rms_norm(self.k(kvq), self.norm_k.weight, self.eps).unflatten(-1, split)
         v = self.v(kvq).unflatten(-1, split)  # (B, L, H, Dh)
-        if block_mask is None and self.precision is None:
+        if self.sequence_parallel is not None and kv is None:  # this rank's tokens: all-to-all over heads
+            out = self.sequence_parallel.attention(q, k, v, lambda *qkv: ops.attention(*qkv, precision=self.precision)
+                                                   if self.precision else ops.attention(*qkv))
+        elif block_mask is None and self.precision is None:
             out = ops.attention(q, k, v)  # (B, S, H, Dh)
         else:
             out = ops.attention(q, k, v, block_mask=block_mask, precision=self.precision)
@@ -261,6 +265,13 @@ class DiT(nn.Module):
             perm, inv, block_mask = self.sparse.for_grid(grid, x.device)
             rope = tuple(r[perm] for r in rope)  # positions follow the tokens
 
+        sp = self.sequence_parallel  # several ranks, each with its own S_r of the S tokens (flgengine.parallel)
+        if sp is not None:
+            if perm is not None or block_mask is not None:
+                raise ValueError("sequence parallel inference with block-sparse attention is not supported yet")
+            sp.begin(S)
+            rope = tuple(sp.local(r, 0) for r in rope)
+
         # 1. patchify: (B, C, F, H, W) -> (B, S, D)
         h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         if c.pos_embed:  # + pos_table[f, i, j], or pos_frame[f] + pos_row[i] + pos_col[j], for token (f, i, j)
@@ -272,6 +283,8 @@ class DiT(nn.Module):
             h = h + pos.reshape(S, c.dim).to(h.dtype)
         if perm is not None:
             h = h[:, perm]
+        if sp is not None:
+            h = sp.local(h, 1)  # (B, S_r, D)
 
         # 2. timestep: temb (B, D) [or (B, S, D)], t_mod (B, 6, D) [or (B, S, 6, D)] fp32
         freq = timestep_embedding(t.flatten(), c.freq_dim).to(self.time_embed.fc1.weight.dtype)
@@ -283,6 +296,8 @@ class DiT(nn.Module):
         if c.pooled_text:  # + MLP(mean of the prompt's real text states)
             pooled = self.text_pool(mean_text(context).to(self.text_pool.fc1.weight.dtype)).type_as(temb)  # (B, D)
             temb = temb + (pooled if t.dim() == 1 else pooled.unsqueeze(1))
+        if sp is not None and temb.dim() == 3:
+            temb = sp.local(temb, 1)  # per-token: this rank's tokens
         t_mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, c.dim)).float()
 
         # 3. text: (B, L, text_dim) -> (B, L, D); image tokens: (B, Li, image_dim) -> (B, Li, D)
@@ -297,6 +312,8 @@ class DiT(nn.Module):
         # 5. head (the last FFN residual fused with its adaLN) and unpatchify:
         #    (B, S, C*pt*ph*pw) -> (B, C, F, H, W)
         out = self.head(h, temb, pending)
+        if sp is not None:
+            out = sp.gather(out, 1)  # (B, S, C*pt*ph*pw) on every rank
         if inv is not None:
             out = out[:, inv]  # back to row-major tokens
         pt, ph, pw = c.patch_size
@@ -324,6 +341,17 @@ class DiT(nn.Module):
         """The 3D RoPE tables (cos, sin), (S, head_dim / 2) each, of a token grid (cached)."""
         c = self.config
         return rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, device)
+
+    @property
+    def sequence_parallel(self):
+        return self.__dict__.get("_sequence_parallel")
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Runs the forward on this rank's share of the tokens (`flgengine.parallel.SequenceParallel`),
+        or on all of them (None)."""
+        self.__dict__["_sequence_parallel"] = sp
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sp
 
     def engine_inputs(self, image_len: int | None = None) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         """Inputs an engine of this DiT takes after (x, t, context): (name, per-sample shape,

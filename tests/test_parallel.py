@@ -1,0 +1,98 @@
+"""Several gloo processes on one request give what one process gives: sequence parallel (the
+shipped student, 4 heads on 2 and 3 ranks), CFG-parallel (the shipped two-expert teacher), and
+the DiT's velocity itself; mistakes are clear errors before compute."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import flgengine
+from flgengine.parallel import split_sizes
+
+PROMPTS = ["a red circle moving left", "a blue square moving up"]
+
+
+def _worker(rank, world, init, job, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        kind, model, kw = job
+        pipe = flgengine.load(model, device="cpu", parallel=kind)
+        video = pipe(PROMPTS, seed=3, progress=False, output=os.path.join(out, "v.gif"), **kw)
+        torch.save(video, os.path.join(out, f"video{rank}.pt"))  # a test artefact: each rank's frames
+        if kind == "sequence":  # the velocity itself, random inputs, odd per-token timesteps
+            g = torch.Generator().manual_seed(0)
+            dit = pipe.dit
+            x = torch.randn(2, dit.config.in_channels, 9, 32, 32, generator=g)
+            S = 9 * (32 // dit.config.patch_size[1]) * (32 // dit.config.patch_size[2]) // dit.config.patch_size[0]
+            ctx = pipe.text_encoder.encode(PROMPTS)
+            with torch.no_grad():
+                v = dit(x, torch.tensor([3.0, 711.0]), ctx)
+                v_tok = dit(x, torch.rand(2, S, generator=g) * 1000, ctx)
+            torch.save((v, v_tok), os.path.join(out, f"velocity{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world, job):
+    out = tempfile.mkdtemp()
+    mp.spawn(_worker, args=(world, os.path.join(out, "init"), job, out), nprocs=world, join=True)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_gives_one_process_video(world):
+    """4 heads on 3 ranks: an uneven head split (2, 1, 1); 36 tokens per frame set split 12 x 3."""
+    out = _run(world, ("sequence", "shapes-4step", {}))
+    pipe = flgengine.load("shapes-4step", device="cpu")
+    want = pipe(PROMPTS, seed=3, progress=False)
+    for r in range(world):
+        got = torch.load(os.path.join(out, f"video{r}.pt"))
+        assert (got.float() - want.float()).abs().max() <= 1, r  # within 1/255, on every rank
+    assert os.path.exists(os.path.join(out, "v_0.gif"))  # rank 0 wrote the videos
+    g = torch.Generator().manual_seed(0)
+    dit = pipe.dit
+    x = torch.randn(2, dit.config.in_channels, 9, 32, 32, generator=g)
+    S = 9 * (32 // dit.config.patch_size[1]) * (32 // dit.config.patch_size[2]) // dit.config.patch_size[0]
+    ctx = pipe.text_encoder.encode(PROMPTS)
+    with torch.no_grad():
+        v, v_tok = dit(x, torch.tensor([3.0, 711.0]), ctx), dit(x, torch.rand(2, S, generator=g) * 1000, ctx)
+    for r in range(world):
+        pv, pv_tok = torch.load(os.path.join(out, f"velocity{r}.pt"))
+        torch.testing.assert_close(pv, v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pv_tok, v_tok, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_parallel_two_expert_teacher_gives_one_process_video():
+    kw = {"steps": 6}
+    out = _run(2, ("cfg", "shapes-teacher", kw))
+    want = flgengine.load("shapes-teacher", device="cpu")(PROMPTS, seed=3, progress=False, **kw)
+    for r in range(2):
+        got = torch.load(os.path.join(out, f"video{r}.pt"))
+        assert (got.float() - want.float()).abs().max() <= 1, r
+
+
+def test_split_sizes_and_clear_errors(capsys):
+    assert split_sizes(4, 3) == [2, 1, 1] and split_sizes(36, 3) == [12, 12, 12] and split_sizes(1, 2) == [1, 0]
+    with pytest.raises(ValueError, match="needs an initialised process group"):
+        flgengine.load("shapes-4step", device="cpu", parallel="sequence")
+    with pytest.raises(ValueError, match="parallel='rings' is not one of sequence, cfg"):
+        flgengine.load("shapes-4step", device="cpu", parallel="rings")
+    from flgengine.__main__ import main
+
+    assert main(["generate", "a red circle moving left", "--parallel", "sequence", "--quiet"]) == 2  # bad input
+    assert "launch with torchrun --nproc_per_node N" in capsys.readouterr().err
+
+
+def test_more_ranks_than_tokens_is_a_clear_error():
+    from flgengine.parallel import SequenceParallel
+
+    sp = SequenceParallel.__new__(SequenceParallel)
+    sp.world, sp.rank, sp.sizes = 8, 0, []
+    with pytest.raises(ValueError, match="over 8 ranks needs at least 8 tokens, this forward has 6"):
+        sp.begin(6)
