@@ -16,6 +16,8 @@
 #       SWEEP_ARGS="--skip-elementwise --fp8-attention" SWEEP_TIMEOUT=150 bash bench/device_check.sh
 #   the HunyuanVideo-13B-shaped forward (full and 30% pruned per kind, 480p x 61 frames) per backend
 #   vs the roofline, pending too: PARTS="dit" DIT_K="hunyuan" bash bench/device_check.sh
+#   block offload of a Wan-14B-shaped pruned student under a 24 GiB cap (tests/test_offload.py's gpu
+#   test and the benchmark), pending: PARTS="tests offload" TESTS="tests/test_offload.py" bash bench/device_check.sh
 #
 # PARTS (default: all) picks the sections: build (flgengine._C; without it the repo runs from
 # PYTHONPATH with the Triton and PyTorch backends only), then after the ceilings: sweep (tile sweep of
@@ -88,9 +90,10 @@ bench_part() {  # NAME FILE [pytest args...]: one benchmark process, JSON to $OU
 want sparse_fp8 && BENCH_TIMEOUT=${SPARSE_TIMEOUT:-330} bench_part sparse_fp8 test_bench_sparse_fp8.py
 want loop && bench_part loop test_bench_export.py -k "not aoti"
 want dit && bench_part dit test_bench_dit.py ${DIT_K:+-k "$DIT_K"}
+want offload && bench_part offload test_bench_offload.py
 want ops && bench_part ops test_bench_ops.py ${OPS_K:+-k "$OPS_K"}
 want aoti && bench_part aoti test_bench_export.py -k aoti_engine
-grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
+grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|offload|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
 if want export; then
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny DiT, verified by loading it back"

@@ -18,7 +18,8 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
          engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False,
-         lora=None, lora_scale=None, lora_mode: str = "merge", parallel: str | None = None):
+         lora=None, lora_scale=None, lora_mode: str = "merge", parallel: str | None = None,
+         offload: str | None = None):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
 
     device: "cpu" / "cuda" / None (CUDA when available); dtype: None (bf16 on CUDA, fp32
@@ -38,13 +39,15 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     parallel: "sequence" (the video tokens split across the process group's ranks, all-to-all
     around self-attention) or "cfg" (a teacher's conditional and unconditional halves on
     different ranks); needs an initialised process group (torchrun). Every rank gets the same
-    video; rank 0 writes `output` (see flgengine/parallel.py).
+    video; rank 0 writes `output` (see flgengine/parallel.py). offload: "blocks" keeps the DiT's
+    block weights in pinned CPU memory and streams each to the GPU one block ahead (at most two
+    blocks on the GPU: models larger than the card; flgengine/offload.py).
     """
     from .pipeline import Pipeline
 
     return Pipeline.from_bundle(model, device=device, dtype=dtype, backend=backend, engine=engine, precision=precision,
                                 allow_outside_paths=allow_outside_paths, lora=lora, lora_scale=lora_scale,
-                                lora_mode=lora_mode, parallel=parallel)
+                                lora_mode=lora_mode, parallel=parallel, offload=offload)
 
 
 def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed: int = 0, num_frames: int | None = None,

@@ -32,6 +32,17 @@ def _init_process_group(kind: str | None) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
+def peak_memory(device) -> str:
+    """The process's peak memory: the GPU's (allocated by PyTorch) on CUDA, else resident (RSS)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {torch.cuda.get_device_name(device)} (allocated)"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (CPU)"
+
+
 def _generate(args) -> int:
     import flgengine
 
@@ -39,7 +50,8 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     scales = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
     pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,
-                          precision=args.precision, lora=args.lora, lora_scale=scales, parallel=args.parallel)
+                          precision=args.precision, lora=args.lora, lora_scale=scales, parallel=args.parallel,
+                          offload=args.offload)
     t1 = time.perf_counter()
     video = pipe(args.prompt, image=args.image, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
                  steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
@@ -49,6 +61,8 @@ def _generate(args) -> int:
         B, T, H, W, _ = video.shape
         print(f"{B} video(s) of {T} frames {H}x{W} in {t2 - t1:.2f} s (load {t1 - t0:.2f} s; {pipe.precision} "
               f"on {pipe.device.type}) -> {args.output}")
+        if args.verbose:
+            print(f"peak memory: {peak_memory(pipe.device)}")
     return 0
 
 
@@ -209,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", default=None, choices=["sequence", "cfg"],
                    help="run the DiT over torchrun's processes: sequence (video tokens split, all-to-all around "
                         "self-attention) or cfg (a teacher's two CFG halves on two ranks); rank 0 writes the video")
+    g.add_argument("--offload", default=None, choices=["blocks"],
+                   help="keep the DiT's block weights in CPU memory and stream them to the GPU one block ahead "
+                        "(models larger than the card; CUDA only)")
+    g.add_argument("--verbose", action="store_true", help="also print the peak memory of the generation")
     g.add_argument("--force", action="store_true", help="allow step counts / CFG a student was not distilled for")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     g.set_defaults(func=_generate)

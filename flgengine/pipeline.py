@@ -137,12 +137,13 @@ class Pipeline:
         self.precision = "bf16"  # the DiT's: "bf16" (its dtype) or "fp8" (model/precision.py)
         self.lora = None  # flgengine.lora.LoraReport of the LoRAs loaded with the DiT, or None
         self.parallel: str | None = None  # "sequence" / "cfg": the DiT runs over the process group's ranks
+        self.offload: str | None = None  # "blocks": block weights streamed from CPU memory (flgengine/offload.py)
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
                     engine: str | os.PathLike | None = None, precision: str = "bf16",
                     allow_outside_paths: bool = False, lora=None, lora_scale=None, lora_mode: str = "merge",
-                    parallel: str | None = None) -> "Pipeline":
+                    parallel: str | None = None, offload: str | None = None) -> "Pipeline":
         from .model.precision import PRECISIONS, fp8_unavailable
         from .parallel import PARALLEL_KINDS
 
@@ -159,6 +160,17 @@ class Pipeline:
             if engine is not None:
                 raise ValueError(f"parallel={parallel!r} runs the PyTorch DiT over several processes; an engine "
                                  f"(engine={str(engine)!r}) runs in one")
+        if offload is not None:
+            from .offload import OFFLOAD_KINDS
+
+            if offload not in OFFLOAD_KINDS:
+                raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD_KINDS)}")
+            if engine is not None:
+                raise ValueError(f"offload={offload!r} streams the PyTorch DiT's block weights; an engine "
+                                 f"(engine={str(engine)!r}) holds its own")
+            if resolve_device(device).type != "cuda":
+                raise ValueError(f"offload={offload!r} streams block weights from CPU memory to a GPU; the device is "
+                                 f"{resolve_device(device)}: on the CPU the weights are in memory already (drop offload=)")
         path = resolve_model(path)
         if engine is not None and lora is not None:
             raise ValueError(f"lora: an engine (engine={str(engine)!r}) runs the weights it was built from, and a "
@@ -178,8 +190,12 @@ class Pipeline:
             from .ops.registry import requested_backend
 
             requested_backend(backend)  # validates the name before loading anything
-        bundle = load_bundle(path, device=device, dtype=dtype, precision=precision, lora=lora, lora_scale=lora_scale,
-                             lora_mode=lora_mode)
+        bundle = load_bundle(path, device=None if offload else device, dtype=dtype, precision=precision, lora=lora,
+                             lora_scale=lora_scale, lora_mode=lora_mode)
+        if offload is not None:  # blocks in pinned CPU memory, streamed to the GPU one block ahead
+            from .offload import enable_block_offload
+
+            enable_block_offload(bundle.model, device)
         bundle.model.backend = backend
         cfg = bundle.pipeline
         if not allow_outside_paths:
@@ -192,6 +208,7 @@ class Pipeline:
                    image_encoder=image_encoder)
         pipe.precision = precision
         pipe.lora = bundle.lora
+        pipe.offload = offload
         if parallel is not None:
             from .parallel import set_parallel
 
@@ -396,7 +413,8 @@ class Pipeline:
         """Default: on for students (few-step sampler) running the PyTorch DiT on CUDA."""
         fewstep = isinstance(sampler, FewStepSampler)
         # the graphed loop calls the DiT with (x, t, context) alone
-        plain = self.config.image == "none" and self.config.sampler.embedded_guidance is None and self.parallel is None
+        plain = (self.config.image == "none" and self.config.sampler.embedded_guidance is None and self.parallel is None
+                 and self.offload is None)
         if cuda_graph is None:
             return self.device.type == "cuda" and fewstep and self.engine is None and self.config.distilled and plain
         if not isinstance(cuda_graph, bool):
@@ -411,7 +429,7 @@ class Pipeline:
                 raise ValueError("cuda_graph=True captures the PyTorch DiT; it is not supported with an engine")
             if not plain:
                 raise ValueError("cuda_graph=True captures a DiT called with (x, t, context) alone in one process; this "
-                                 "model also reads other inputs (an image or a guidance scale), or runs over ranks")
+                                 "model also reads other inputs (an image or a guidance scale), runs over ranks or streams its blocks")
         return cuda_graph
 
     def _graphed_loop(self, sampler, noise, context, uncond):
