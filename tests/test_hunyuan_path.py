@@ -4,7 +4,6 @@ tested: a diffusers pipeline directory -> bundle -> precompute -> importance -> 
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,13 +12,12 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 import flgengine  # noqa: E402
 from distill.data import shard_data  # noqa: E402
-from distill.run import RunConfig, run  # noqa: E402
 from distill.wan import precompute  # noqa: E402
 from flgengine.config import PipelineConfig  # noqa: E402
 from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
 from flgengine.model.hunyuan import HunyuanVideoDiT, pack_text  # noqa: E402
 from flgengine.text import HUNYUAN_TEMPLATE  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, tiny_shard_run, write_clips  # noqa: E402
 from tiny_hunyuan import make_tiny_hunyuan_pipeline, tiny_crop_start  # noqa: E402
 
 SIZE = dict(num_frames=5, height=16, width=32, steps=4, guidance=6.0, max_length=12)
@@ -40,17 +38,9 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    import imageio.v3 as iio
-
-    d = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        frames = np.zeros((6, 24, 40, 3), np.uint8)  # a square drifting right, resized to 16x32 by precompute
-        for f in range(6):
-            frames[f, 6:14, 2 + 3 * f:10 + 3 * f] = rng.integers(60, 255, 3)
-        iio.imwrite(d / f"clip{i}.gif", frames)
-        (d / f"clip{i}.txt").write_text(["a red cat runs", "the dog walks near the river"][i % 2])
-    return d
+    # squares drifting right over 24x40 frames, resized to 16x32 by precompute
+    return write_clips(tmp_path_factory.mktemp("videos"), ["a red cat runs", "the dog walks near the river"] * 2,
+                       6, 24, 40, 8, 3)
 
 
 def test_precompute_carries_the_text_mask_and_pooled_text(teacher, videos, tmp_path):
@@ -67,12 +57,7 @@ def test_precompute_carries_the_text_mask_and_pooled_text(teacher, videos, tmp_p
 
 def test_hunyuan_teacher_to_student_to_diffusers(teacher, videos, tmp_path):
     precompute(teacher, videos, tmp_path / "shards", progress=False)
-    cfg = RunConfig(teacher=str(teacher), out=str(tmp_path / "run"),
-                    data={"kind": "shards", "path": str(tmp_path / "shards")},
-                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.15},
-                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
-                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
-    result = run(cfg, progress=False)
+    result = tiny_shard_run(teacher, tmp_path / "run", tmp_path / "shards", budget=0.15)
     student = flgengine.load(result["bundle"])
     kept = student.dit.config.block_ids
     assert isinstance(student.dit, HunyuanVideoDiT) and student.config.distilled and len(kept) < 7

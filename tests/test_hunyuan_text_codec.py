@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 from flgengine.codec import HunyuanVAECodec  # noqa: E402
 from flgengine.text import HUNYUAN_TEMPLATE, HunyuanTextEncoder  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, capture_latents  # noqa: E402
 from tiny_hunyuan import make_tiny_hunyuan_text, make_tiny_hunyuan_vae, tiny_crop_start  # noqa: E402
 
 
@@ -101,13 +101,7 @@ def test_generate_matches_diffusers_hunyuan_video_pipeline(guided, tmp_path):
     p.to_json(bundle / "pipeline.json")
 
     pipe = flgengine.load(bundle, device="cpu")
-    decode, seen = pipe.codec.decode, {}
-
-    def keep_latents(z):
-        seen["latents"] = z.clone()
-        return decode(z)
-
-    pipe.codec.decode = keep_latents
+    seen = capture_latents(pipe)
     ours = pipe(["a red cat runs", "the dog walks near the river"], seed=3, progress=False)
     ref_pipe = HunyuanVideoPipeline(
         transformer=HunyuanVideoTransformer3DModel.from_pretrained(src / "transformer").eval(),

@@ -128,16 +128,10 @@ def _diffusers_pipeline(bundle):
 def test_generate_matches_diffusers_image_to_video_pipeline(bundle):
     from PIL import Image
 
-    from helpers import assert_close
+    from helpers import assert_close, capture_latents
 
     pipe = flgengine.load(bundle, device="cpu")
-    decode, seen = pipe.codec.decode, {}
-
-    def keep_latents(z):
-        seen["latents"] = z.clone()
-        return decode(z)
-
-    pipe.codec.decode = keep_latents
+    seen = capture_latents(pipe)
     picture = _picture()
     ours = pipe("a red cat runs", image=picture, seed=3, progress=False)  # (1, 5, 32, 48, 3) uint8
     ref_pipe = _diffusers_pipeline(bundle)

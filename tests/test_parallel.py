@@ -25,18 +25,21 @@ def _worker(rank, world, init, job, out):
         pipe = flgengine.load(model, device="cpu", parallel=kind)
         video = pipe(PROMPTS, seed=3, progress=False, output=os.path.join(out, "v.gif"), **kw)
         torch.save(video, os.path.join(out, f"video{rank}.pt"))  # a test artefact: each rank's frames
-        if kind == "sequence":  # the velocity itself, random inputs, odd per-token timesteps
-            g = torch.Generator().manual_seed(0)
-            dit = pipe.dit
-            x = torch.randn(2, dit.config.in_channels, 9, 32, 32, generator=g)
-            S = 9 * (32 // dit.config.patch_size[1]) * (32 // dit.config.patch_size[2]) // dit.config.patch_size[0]
-            ctx = pipe.text_encoder.encode(PROMPTS)
-            with torch.no_grad():
-                v = dit(x, torch.tensor([3.0, 711.0]), ctx)
-                v_tok = dit(x, torch.rand(2, S, generator=g) * 1000, ctx)
-            torch.save((v, v_tok), os.path.join(out, f"velocity{rank}.pt"))
+        if kind == "sequence":
+            torch.save(_velocities(pipe), os.path.join(out, f"velocity{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def _velocities(pipe):
+    """The DiT's velocity on random inputs, one timestep per sample and one per token."""
+    g = torch.Generator().manual_seed(0)
+    dit = pipe.dit
+    x = torch.randn(2, dit.config.in_channels, 9, 32, 32, generator=g)
+    S = 9 * (32 // dit.config.patch_size[1]) * (32 // dit.config.patch_size[2]) // dit.config.patch_size[0]
+    ctx = pipe.text_encoder.encode(PROMPTS)
+    return dit(x, torch.tensor([3.0, 711.0]), ctx), dit(x, torch.rand(2, S, generator=g) * 1000, ctx)
 
 
 def _run(world, job):
@@ -55,13 +58,7 @@ def test_sequence_parallel_gives_one_process_video(world):
         got = torch.load(os.path.join(out, f"video{r}.pt"))
         assert (got.float() - want.float()).abs().max() <= 1, r  # within 1/255, on every rank
     assert os.path.exists(os.path.join(out, "v_0.gif"))  # rank 0 wrote the videos
-    g = torch.Generator().manual_seed(0)
-    dit = pipe.dit
-    x = torch.randn(2, dit.config.in_channels, 9, 32, 32, generator=g)
-    S = 9 * (32 // dit.config.patch_size[1]) * (32 // dit.config.patch_size[2]) // dit.config.patch_size[0]
-    ctx = pipe.text_encoder.encode(PROMPTS)
-    with torch.no_grad():
-        v, v_tok = dit(x, torch.tensor([3.0, 711.0]), ctx), dit(x, torch.rand(2, S, generator=g) * 1000, ctx)
+    v, v_tok = _velocities(pipe)
     for r in range(world):
         pv, pv_tok = torch.load(os.path.join(out, f"velocity{r}.pt"))
         torch.testing.assert_close(pv, v, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,13 +11,12 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 
 import flgengine  # noqa: E402
 from distill.data import ShardData  # noqa: E402
-from distill.run import RunConfig, run  # noqa: E402
 from distill.wan import find_clips, precompute  # noqa: E402
 from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
 from flgengine.config import ModelConfig  # noqa: E402
 from flgengine.model import DiT  # noqa: E402
 from tiny_wan import make_tiny_umt5, make_tiny_wan_vae  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, tiny_shard_run, write_clips  # noqa: E402
 
 SIZE = dict(num_frames=9, height=64, width=64, steps=4, max_length=24)
 
@@ -41,17 +39,8 @@ def wan_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    import imageio.v3 as iio
-
-    d = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        frames = np.zeros((10, 48, 48, 3), np.uint8)  # a square drifting right, resized to 64x64 by precompute
-        for f in range(10):
-            frames[f, 10:26, 4 + 2 * f:20 + 2 * f] = rng.integers(60, 255, 3)
-        iio.imwrite(d / f"clip{i}.gif", frames)
-        (d / f"clip{i}.txt").write_text("a red square moving right")
-    return d
+    # squares drifting right over 48x48 frames, resized to 64x64 by precompute
+    return write_clips(tmp_path_factory.mktemp("videos"), ["a red square moving right"] * 5, 10, 48, 48, 16, 2)
 
 
 def test_convert_and_precompute(wan_dir, videos, tmp_path):
@@ -81,12 +70,7 @@ def test_convert_and_precompute(wan_dir, videos, tmp_path):
 def test_wan_teacher_to_student_to_diffusers(wan_dir, videos, tmp_path):
     bundle = bundle_from_diffusers(wan_dir, tmp_path / "teacher", **SIZE)
     precompute(bundle, videos, tmp_path / "shards", progress=False)
-    cfg = RunConfig(teacher=str(wan_dir), out=str(tmp_path / "run"), convert=SIZE,
-                    data={"kind": "shards", "path": str(tmp_path / "shards")},
-                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.2},
-                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
-                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
-    result = run(cfg, progress=False)
+    result = tiny_shard_run(wan_dir, tmp_path / "run", tmp_path / "shards", convert=SIZE)
     student = flgengine.load(result["bundle"])
     assert student.config.distilled and len(student.dit.blocks) < 4
     video = flgengine.generate("a red square moving right", model=result["bundle"], seed=0, progress=False)
@@ -165,12 +149,7 @@ def test_wan_i2v_teacher_to_student_to_diffusers(i2v_dir, videos, tmp_path):
     convert = _i2v_convert(i2v_dir)
     bundle = bundle_from_diffusers(i2v_dir, tmp_path / "teacher", **convert)
     precompute(bundle, videos, tmp_path / "shards", progress=False)
-    cfg = RunConfig(teacher=str(i2v_dir), out=str(tmp_path / "run"), convert=convert,
-                    data={"kind": "shards", "path": str(tmp_path / "shards")},
-                    importance={"samples": 2, "num_t": 2, "batch_size": 4}, plan={"budget": 0.2},
-                    stage2={"steps": 2, "batch_size": 2, "eval_batch": 2}, evaluate=None,
-                    stage3={"steps": 2, "batch_size": 2, "fake_updates": 1})
-    result = run(cfg, progress=False)
+    result = tiny_shard_run(i2v_dir, tmp_path / "run", tmp_path / "shards", convert=convert)
     student = flgengine.load(result["bundle"])
     kind = student.config.image
     assert student.config.distilled and kind == flgengine.load(bundle).config.image and len(student.dit.blocks) < 4

@@ -9,17 +9,16 @@ layers of each kind. The image-to-video variants (`image_condition_type`) are re
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, bundle_directory, write_bundle_files
+from ..bundle import bundle_directory, write_bundle_files
 from ..config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
-from ..model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
-from .source import read_diffusers_dir
+from ..model.hunyuan import HunyuanVideoConfig
+from .source import pipeline_transformer, scheduler_shift, write_diffusers_dir
 
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
 PIPELINE_CLASSES = ("HunyuanVideoPipeline",)
@@ -206,10 +205,7 @@ def to_diffusers(model, out_dir: Path) -> Path:
         "guidance_embeds": c.guidance_embed, "text_embed_dim": c.text_dim, "pooled_projection_dim": c.pooled_dim,
         "rope_theta": c.rope_theta, "rope_axes_dim": list(c.rope_axes), "image_condition_type": None,
     }
-    out_dir = Path(out_dir)
-    atomic_save_safetensors(out_dir / "diffusion_pytorch_model.safetensors", sd, metadata={"format": "pt"})
-    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    return out_dir
+    return write_diffusers_dir(out_dir, sd, config)
 
 
 def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 129, height: int = 720, width: int = 1280,
@@ -222,17 +218,8 @@ def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 129, height
     if image not in (None, "none"):
         raise ValueError(f"image {image!r}: HunyuanVideo image-to-video pipelines are not supported yet")
     parts = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
-    for sub in parts:
-        if not (src / sub).is_dir():
-            raise BundleError(f"{src}/{sub}: missing (a diffusers HunyuanVideo pipeline holds {', '.join(parts)})")
-    config, state = from_diffusers(*read_diffusers_dir(src))
-    with torch.device("meta"):
-        model = HunyuanVideoDiT(config)
-    model.load_state_dict(state, assign=True)
-    shift = 7.0
-    sched = src / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        shift = float(json.loads(sched.read_text()).get("shift", shift) or shift)
+    config, model = pipeline_transformer(src, parts, "HunyuanVideo", from_diffusers)
+    shift = scheduler_shift(src, "shift", 7.0)
     embedded = guidance if config.guidance_embed else None
     pipeline = PipelineConfig(
         text_encoder=TextEncoderConfig(kind="hunyuan", path="text_encoder", tokenizer_path="tokenizer",

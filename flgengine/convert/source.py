@@ -1,4 +1,4 @@
-"""Reading a diffusers model directory, whatever the family: its config.json and its
+"""Reading and writing a diffusers model directory, whatever the family: its config.json and its
 safetensors weights (sharded or not; pickle weights are refused)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import PICKLE_SUFFIXES, BundleError, load_safetensors
+from ..files import PICKLE_SUFFIXES, BundleError, atomic_save_safetensors, atomic_write_text, load_safetensors
 
 
 def is_diffusers_pipeline(path: str | Path) -> bool:
@@ -35,3 +35,35 @@ def read_diffusers_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     for f in files:
         sd.update(load_safetensors(f, str(f)))
     return cfg, sd
+
+
+def write_diffusers_dir(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """A diffusers model directory: diffusion_pytorch_model.safetensors + config.json, each written atomically."""
+    out_dir = Path(out_dir)
+    atomic_save_safetensors(out_dir / "diffusion_pytorch_model.safetensors", state, metadata={"format": "pt"})
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def pipeline_transformer(src: Path, parts: tuple[str, ...], family: str, convert):
+    """(config, model) of the transformer of the diffusers pipeline directory `src`, converted
+    by `convert(cfg, sd)` and loaded into its family's module (built on the meta device: no
+    random init); every folder in `parts` must be there first."""
+    from ..model import build
+
+    for sub in parts:
+        if not (src / sub).is_dir():
+            raise BundleError(f"{src}/{sub}: missing (a diffusers {family} pipeline holds {', '.join(parts)})")
+    config, state = convert(*read_diffusers_dir(src))
+    with torch.device("meta"):
+        model = build(config)
+    model.load_state_dict(state, assign=True)
+    return config, model
+
+
+def scheduler_shift(src: Path, key: str, default: float) -> float:
+    """The flow-matching shift of the pipeline's scheduler config (`key`), else `default`."""
+    sched = src / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        return default
+    return float(json.loads(sched.read_text()).get(key, default) or default)

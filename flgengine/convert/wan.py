@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import BundleError, atomic_save_safetensors, atomic_write_text, bundle_directory, write_bundle_files
+from ..bundle import BundleError, bundle_directory, write_bundle_files
 from ..config import CodecConfig, ImageEncoderConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
-from ..model import DiT
-from .source import read_diffusers_dir
+from .source import pipeline_transformer, scheduler_shift, write_diffusers_dir
 
 TRANSFORMER_CLASS = "WanTransformer3DModel"
 
@@ -210,32 +209,19 @@ def to_diffusers(model, out_dir: Path) -> Path:
         "rope_max_seq_len": c.rope_max_seq_len,
         "pos_embed_seq_len": None,
     }
-    out_dir = Path(out_dir)
-    atomic_save_safetensors(out_dir / "diffusion_pytorch_model.safetensors", sd, metadata={"format": "pt"})
-    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    return out_dir
+    return write_diffusers_dir(out_dir, sd, config)
 
 
 def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 81, height: int = 480, width: int = 832,
                           steps: int = 50, guidance: float = 5.0, max_length: int = 512, image: str | None = None) -> Path:
-    """`image` (pipeline.json's scheme): None reads it off the pipeline: "concat" for a transformer
+    """A bundle of the Wan pipeline directory `src`: the sampler's shift from its scheduler
+    config, else 5.0; video size and sampling defaults are the Wan2.1 T2V ones unless given.
+    `image` (pipeline.json's scheme): None reads it off the pipeline: "concat" for a transformer
     that reads more channels than the VAE gives (Wan2.1-I2V, Wan2.2-I2V; with CLIP when it has
     image_dim, whose image_encoder/ and image_processor/ are copied), "first_frame" for a pipeline
-    whose model_index.json sets expand_timesteps (Wan2.2-TI2V), else "none".
-A bundle of the Wan pipeline directory `src`: the sampler's shift from its scheduler
-    config, else 5.0; video size and sampling defaults are the Wan2.1 T2V ones unless given."""
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
-        if not (src / sub).is_dir():
-            raise BundleError(f"{src}/{sub}: missing (a diffusers Wan pipeline holds transformer, text_encoder, "
-                              "tokenizer and vae)")
-    config, state = from_diffusers(*read_diffusers_dir(src))
-    with torch.device("meta"):
-        model = DiT(config)
-    model.load_state_dict(state, assign=True)
-    shift = 5.0
-    sched = src / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        shift = float(json.loads(sched.read_text()).get("flow_shift", shift) or shift)
+    whose model_index.json sets expand_timesteps (Wan2.2-TI2V), else "none"."""
+    config, model = pipeline_transformer(src, ("transformer", "text_encoder", "tokenizer", "vae"), "Wan", from_diffusers)
+    shift = scheduler_shift(src, "flow_shift", 5.0)
     index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
     z_dim = json.loads((src / "vae" / "config.json").read_text()).get("z_dim", 16) if (src / "vae" / "config.json").is_file() \
         else config.out_channels
