@@ -75,7 +75,9 @@ def test_dit_forward(benchmark, size, pruned):
 
         roofline = fl / (ceilings.measured("cuda")["matmul_TFLOPs"] * 1e12)
         benchmark.extra_info["x_roofline"] = {k: v / roofline for k, v in results.items()}
+        benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         line += f"; roofline {roofline * 1e3:.1f} ms: " + ", ".join(f"{k} {v / roofline:.2f}x" for k, v in results.items())
+        line += f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     print(line)
 
 
@@ -140,5 +142,7 @@ def test_hunyuan_forward(benchmark, size, pruned):
 
         roofline = fl / (ceilings.measured("cuda")["matmul_TFLOPs"] * 1e12)
         benchmark.extra_info["x_roofline"] = {k: v / roofline for k, v in results.items()}
+        benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         line += f"; roofline {roofline * 1e3:.1f} ms: " + ", ".join(f"{k} {v / roofline:.2f}x" for k, v in results.items())
+        line += f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     print(line)
