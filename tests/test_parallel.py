@@ -27,6 +27,7 @@ def _worker(rank, world, init, job, out):
         torch.save(video, os.path.join(out, f"video{rank}.pt"))  # a test artefact: each rank's frames
         if kind == "sequence":
             torch.save(_velocities(pipe), os.path.join(out, f"velocity{rank}.pt"))
+            torch.save(pipe.dit.sequence_parallel.sizes, os.path.join(out, f"sizes{rank}.pt"))  # the split it ran
     finally:
         dist.destroy_process_group()
 
@@ -59,7 +60,10 @@ def test_sequence_parallel_gives_one_process_video(world):
         assert (got.float() - want.float()).abs().max() <= 1, r  # within 1/255, on every rank
     assert os.path.exists(os.path.join(out, "v_0.gif"))  # rank 0 wrote the videos
     v, v_tok = _velocities(pipe)
+    pt, ph, pw = pipe.dit.config.patch_size
+    S = (v.shape[2] // pt) * (v.shape[3] // ph) * (v.shape[4] // pw)  # 144 tokens
     for r in range(world):
+        assert torch.load(os.path.join(out, f"sizes{r}.pt")) == split_sizes(S, world)  # each rank ran its share
         pv, pv_tok = torch.load(os.path.join(out, f"velocity{r}.pt"))
         torch.testing.assert_close(pv, v, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pv_tok, v_tok, rtol=1e-5, atol=1e-5)
