@@ -51,7 +51,7 @@ def _run(world, job):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_gives_one_process_video(world):
-    """4 heads on 3 ranks: an uneven head split (2, 1, 1); 36 tokens per frame set split 12 x 3."""
+    """4 heads on 3 ranks: an uneven head split (2, 1, 1); the 144 tokens split 48 x 3 (72 x 2)."""
     out = _run(world, ("sequence", "shapes-4step", {}))
     pipe = flgengine.load("shapes-4step", device="cpu")
     want = pipe(PROMPTS, seed=3, progress=False)
