@@ -174,3 +174,21 @@ def test_the_family_registry_converts_saves_and_loads_hunyuan(tmp_path):
     with torch.no_grad():
         assert torch.equal(_ours(loaded, i), _ours(model, i))
     assert HunyuanVideoTransformer3DModel.from_pretrained(to_diffusers(bundle, tmp_path / "back")).config.num_layers == 1
+
+
+def test_bf16_runs_close_to_fp32():
+    """cast(bf16) keeps the timestep and guidance MLPs in fp32; the rest runs in bf16."""
+    cfg = CONFIGS["h3_d12_guided"]
+    theirs = _random_hunyuan(cfg)
+    config, sd = hy.from_diffusers(dict(theirs.config), theirs.state_dict())
+    ours = HunyuanVideoDiT(config).eval()
+    ours.load_state_dict(sd)
+    i = _inputs(cfg, "h3_d12_guided")
+    with torch.no_grad():
+        want = _ours(ours, i)
+        ours.cast(torch.bfloat16)
+        assert ours.time_embed.fc1.weight.dtype == torch.float32 and ours.blocks[0].mod_x.weight.dtype == torch.bfloat16
+        half = {**i, "x": i["x"].bfloat16(), "context": i["context"].bfloat16(), "pooled": i["pooled"].bfloat16()}
+        got = _ours(ours, half)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), want, 3e-2, "bf16 vs fp32")

@@ -325,13 +325,15 @@ class HunyuanVideoDiT(nn.Module):
         B = x.shape[0]
         rope = self.rope(grid, x.device)  # 2 x (S, Dh/2)
         # 1. conditioning vector: timestep (+ guidance) + pooled text -> temb (B, D)
-        dtype = self.time_embed.fc1.weight.dtype
-        temb = self.time_embed(timestep_embedding(t, FREQ_DIM).to(dtype))
+        #    (the timestep and guidance MLPs in fp32, as `cast` keeps them; the sum in fp32, then the blocks' dtype)
+        dtype = self.patch_embed.weight.dtype
+        temb = self.time_embed(timestep_embedding(t, FREQ_DIM).to(self.time_embed.fc1.weight.dtype)).float()
         if c.guidance_embed:
-            temb = temb + self.guidance_embed(timestep_embedding(guidance, FREQ_DIM).to(dtype))
-        temb = temb + self.pooled_embed(pooled_text.to(dtype))
+            g = timestep_embedding(guidance, FREQ_DIM).to(self.guidance_embed.fc1.weight.dtype)
+            temb = temb + self.guidance_embed(g).float()
+        temb = (temb + self.pooled_embed(pooled_text.to(dtype)).float()).to(dtype)
         # 2. tokens: video (B, S, D), text (B, L, D)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        h = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)
         txt = self.text_refiner(context.to(dtype), t, mask)
         # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
         key_mask = None if mask is None else torch.cat([mask.new_ones(B, h.shape[1]), mask], dim=1)  # (B, S + L)
