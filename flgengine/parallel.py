@@ -7,7 +7,10 @@
 per-token step (patchify, modulation, cross-attention to the replicated text, FFN) runs on the
 local tokens; self-attention swaps the split with one all-to-all before it, so each rank holds
 every token of a group of heads, and one after it, back to tokens. The output is gathered, so
-every rank holds the same velocity, the same latents and the same video.
+every rank holds the same velocity, the same latents and the same video. HunyuanVideo's joint
+attention over [video, text] keeps the text whole on every rank: each rank attends its heads over
+all video tokens and the text, then the video part goes back to tokens and the text's heads are
+all-gathered, so the text stream stays whole (and the same) everywhere.
 
     tokens per rank   S_r = S // N, the first S % N ranks one more
     heads per rank    H_r = H // N, the first H % N ranks one more: an uneven head split (no
@@ -63,17 +66,16 @@ class SequenceParallel:
         start = sum(self.sizes[: self.rank])
         return x.narrow(dim, start, self.sizes[self.rank])
 
-    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Every rank's tokens, in order, on every rank: (.., S_r, ..) -> (.., S, ..) along `dim`."""
+    def gather(self, x: torch.Tensor, dim: int = 1, sizes: list[int] | None = None) -> torch.Tensor:
+        """Every rank's part, in order, on every rank: (.., n_r, ..) -> (.., sum n, ..) along `dim`
+        (`sizes`: each rank's n; default the token split)."""
+        sizes = self.sizes if sizes is None else sizes
         x = x.movedim(dim, 0).contiguous()
-        parts = [x.new_empty((n, *x.shape[1:])) for n in self.sizes]
-        padded = max(self.sizes)  # gloo's all_gather wants equal sizes: pad, gather, cut
-        buf = x.new_zeros((padded, *x.shape[1:]))
+        buf = x.new_zeros((max(sizes), *x.shape[1:]))  # gloo's all_gather wants equal sizes: pad, gather, cut
         buf[: x.shape[0]] = x
         out = [torch.empty_like(buf) for _ in range(self.world)]
         self.dist.all_gather(out, buf, group=self.group)
-        parts = [o[:n] for o, n in zip(out, self.sizes)]
-        return torch.cat(parts).movedim(0, dim)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)]).movedim(0, dim)
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Sends chunks[j] to rank j; returns what each rank sent here, shaped `recv_shapes[j]`."""
@@ -83,25 +85,44 @@ class SequenceParallel:
         self.dist.all_to_all_single(recv, send, recv_sizes, [c.numel() for c in chunks], group=self.group)
         return [r.view(s) for r, s in zip(recv.split(recv_sizes), recv_shapes)]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> torch.Tensor:
-        """`attend` (full-sequence attention of (B, S, h, Dh) q, k, v) on this rank's heads:
-        q, k, v (B, S_r, H, Dh) local tokens -> (B, S_r, H, Dh)."""
-        B, _, H, Dh = q.shape
+    def _heads(self, H: int) -> tuple[list[int], list[int]]:
         heads = split_sizes(H, self.world)
-        starts = [sum(heads[:j]) for j in range(self.world)]
-        mine = heads[self.rank]
+        return heads, [sum(heads[:j]) for j in range(self.world)]
 
-        def to_heads(x):  # (B, S_r, H, Dh) -> (B, S, H_r, Dh)
-            chunks = [x[:, :, s:s + h].permute(2, 0, 1, 3).contiguous() for s, h in zip(starts, heads)]
-            got = self._all_to_all(chunks, [(mine, B, n, Dh) for n in self.sizes])  # from rank j: its tokens
-            return torch.cat(got, dim=2).permute(1, 2, 0, 3)  # (H_r, B, S, Dh) -> (B, S, H_r, Dh)
+    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S_r, H, Dh) this rank's tokens, every head -> (B, S, H_r, Dh) every token, this rank's heads."""
+        B, _, H, Dh = x.shape
+        heads, starts = self._heads(H)
+        chunks = [x[:, :, s:s + h].permute(2, 0, 1, 3).contiguous() for s, h in zip(starts, heads)]
+        got = self._all_to_all(chunks, [(heads[self.rank], B, n, Dh) for n in self.sizes])  # from rank j: its tokens
+        return torch.cat(got, dim=2).permute(1, 2, 0, 3)  # (H_r, B, S, Dh) -> (B, S, H_r, Dh)
 
-        out = attend(to_heads(q), to_heads(k), to_heads(v))  # (B, S, H_r, Dh)
-        # back: rank j gets its tokens of my heads
+    def _to_tokens(self, out: torch.Tensor, H: int) -> torch.Tensor:
+        """_to_heads' inverse: (B, S, H_r, Dh) -> (B, S_r, H, Dh)."""
+        B, _, _, Dh = out.shape
+        heads, _ = self._heads(H)
         token_starts = [sum(self.sizes[:j]) for j in range(self.world)]
         chunks = [out[:, s:s + n].permute(2, 0, 1, 3).contiguous() for s, n in zip(token_starts, self.sizes)]
         got = self._all_to_all(chunks, [(h, B, self.sizes[self.rank], Dh) for h in heads])  # from rank j: its heads
         return torch.cat(got, dim=0).permute(1, 2, 0, 3)  # (H, B, S_r, Dh) -> (B, S_r, H, Dh)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> torch.Tensor:
+        """`attend` (full-sequence attention of (B, S, h, Dh) q, k, v) on this rank's heads:
+        q, k, v (B, S_r, H, Dh) local tokens -> (B, S_r, H, Dh)."""
+        out = attend(self._to_heads(q), self._to_heads(k), self._to_heads(v))  # (B, S, H_r, Dh)
+        return self._to_tokens(out, q.shape[2])
+
+    def joint_attention(self, q, k, v, qc, kc, vc, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over [video, text] with the video's tokens split and the text whole on every
+        rank (HunyuanVideo): q, k, v (B, S_r, H, Dh), qc, kc, vc (B, L, H, Dh); `attend(q, k, v,
+        qc, kc, vc)` on one group of heads -> (video, text) outputs. Returns (B, S_r, H, Dh) and
+        (B, L, H, Dh): the text's heads all-gathered, so every rank keeps the whole text stream."""
+        H = q.shape[2]
+        heads, starts = self._heads(H)
+        mine = slice(starts[self.rank], starts[self.rank] + heads[self.rank])
+        video, text = attend(self._to_heads(q), self._to_heads(k), self._to_heads(v), qc[:, :, mine], kc[:, :, mine],
+                             vc[:, :, mine])
+        return self._to_tokens(video, H), self.gather(text, 2, heads)
 
 
 class BatchParallel(torch.nn.Module):

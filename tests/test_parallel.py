@@ -22,6 +22,12 @@ def _worker(rank, world, init, job, out):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         kind, model, kw = job
+        if model == "tiny-hunyuan":  # the DiT alone: its velocity with the video tokens split
+            from flgengine.parallel import set_parallel
+
+            dit = set_parallel(_tiny_hunyuan(), kind)
+            torch.save(_hunyuan_velocity(dit), os.path.join(out, f"velocity{rank}.pt"))
+            return
         pipe = flgengine.load(model, device="cpu", parallel=kind)
         video = pipe(PROMPTS, seed=3, progress=False, output=os.path.join(out, "v.gif"), **kw)
         torch.save(video, os.path.join(out, f"video{rank}.pt"))  # a test artefact: each rank's frames
@@ -30,6 +36,34 @@ def _worker(rank, world, init, job, out):
             torch.save(pipe.dit.sequence_parallel.sizes, os.path.join(out, f"sizes{rank}.pt"))  # the split it ran
     finally:
         dist.destroy_process_group()
+
+
+def _tiny_hunyuan():
+    """A random HunyuanVideo DiT of 3 heads, 2 dual- and 2 single-stream blocks."""
+    from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
+
+    torch.manual_seed(0)
+    dit = HunyuanVideoDiT(HunyuanVideoConfig(in_channels=4, out_channels=4, num_heads=3, head_dim=8, num_layers=2,
+                                             num_single_layers=2, num_refiner_layers=1, text_dim=6, pooled_dim=3,
+                                             rope_axes=(2, 2, 4))).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return dit
+
+
+@torch.no_grad()
+def _hunyuan_velocity(dit):
+    """Two prompts of different real lengths (5 and 2 of 5 tokens), 3 x 4 x 6 = 72 video tokens."""
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 3, 8, 12, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    kw = dict(context_mask=mask, pooled_text=torch.randn(2, 3, generator=g), guidance=torch.tensor([3000.0, 6000.0]))
+    out = [dit(x, torch.tensor([40.0, 800.0]), ctx, **kw)]
+    dit.text_mask = "attention"
+    out.append(dit(x, torch.tensor([40.0, 800.0]), ctx, **kw))
+    dit.text_mask = "truncate"
+    return out
 
 
 @torch.no_grad()
@@ -67,6 +101,17 @@ def test_sequence_parallel_gives_one_process_video(world):
         pv, pv_tok = torch.load(os.path.join(out, f"velocity{r}.pt"))
         torch.testing.assert_close(pv, v, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pv_tok, v_tok, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_hunyuan_gives_one_process_velocity(world):
+    """Video tokens split, the text whole on every rank (its heads gathered), 3 heads on 2 and 3
+    ranks; both text-mask modes."""
+    out = _run(world, ("sequence", "tiny-hunyuan", {}))
+    want = _hunyuan_velocity(_tiny_hunyuan())
+    for r in range(world):
+        for got, w in zip(torch.load(os.path.join(out, f"velocity{r}.pt")), want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_parallel_two_expert_teacher_gives_one_process_video():

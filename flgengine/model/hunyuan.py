@@ -132,6 +132,7 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, text_weights: bool):
         super().__init__()
         self.num_heads, self.eps = num_heads, eps
+        self.sequence_parallel = None  # the video tokens split over ranks (flgengine.parallel), or None
         self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
         if text_weights:
@@ -144,19 +145,26 @@ class JointAttention(nn.Module):
                 _heads(v(x), H))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, S, D) video; c: (B, L, D) text -> (B, S + L, H*Dh) attention output, [video, text];
-        # key_mask: (B, S + L) bool or None
+        # x: (B, S, D) video (this rank's S_r tokens under sequence parallel); c: (B, L, D) text
+        # -> (B, S + L, H*Dh) attention output, [video, text]; key_mask: (B, S_all + L) bool or None
         S = x.shape[1]
         if hasattr(self, "add_q"):  # dual-stream: text through its own projections
             q, k, v = self._qkv(x, self.q, self.k, self.v, self.norm_q, self.norm_k)  # (B, S, H, Dh) each
             qc, kc, vc = self._qkv(c, self.add_q, self.add_k, self.add_v, self.norm_added_q, self.norm_added_k)
-            q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
-            q, k, v = torch.cat([q, qc], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1)
         else:  # single-stream: one set of projections over [video, text]
             q, k, v = self._qkv(torch.cat([x, c], 1), self.q, self.k, self.v, self.norm_q, self.norm_k)
-            q = torch.cat([ops.apply_rope(q[:, :S], *rope), q[:, S:]], 1)
-            k = torch.cat([ops.apply_rope(k[:, :S], *rope), k[:, S:]], 1)
-        return _attention(q, k, v, key_mask).flatten(2).type_as(x)  # (B, S + L, D)
+            q, qc, k, kc, v, vc = q[:, :S], q[:, S:], k[:, :S], k[:, S:], v[:, :S], v[:, S:]
+        q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)  # RoPE on the video's q and k
+
+        def attend(q, k, v, qc, kc, vc):  # [video, text] on the heads given
+            out = _attention(torch.cat([q, qc], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1), key_mask)
+            return out[:, :q.shape[1]], out[:, q.shape[1]:]
+
+        if self.sequence_parallel is not None:
+            video, text = self.sequence_parallel.joint_attention(q, k, v, qc, kc, vc, attend)
+        else:
+            video, text = attend(q, k, v, qc, kc, vc)
+        return torch.cat([video, text], 1).flatten(2).type_as(x)  # (B, S + L, D)
 
 
 class DualBlock(nn.Module):
@@ -332,16 +340,24 @@ class HunyuanVideoDiT(nn.Module):
             g = timestep_embedding(guidance, FREQ_DIM).to(self.guidance_embed.fc1.weight.dtype)
             temb = temb + self.guidance_embed(g).float()
         temb = (temb + self.pooled_embed(pooled_text.to(dtype)).float()).to(dtype)
-        # 2. tokens: video (B, S, D), text (B, L, D)
+        # 2. tokens: video (B, S, D), text (B, L, D); under sequence parallel this rank's S_r video
+        #    tokens (flgengine.parallel), the text whole on every rank
         h = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)
+        sp = self.sequence_parallel
+        if sp is not None:
+            sp.begin(h.shape[1])
+            h, rope = sp.local(h, 1), tuple(sp.local(r, 0) for r in rope)
         txt = self.text_refiner(context.to(dtype), t, mask)
         # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
-        key_mask = None if mask is None else torch.cat([mask.new_ones(B, h.shape[1]), mask], dim=1)  # (B, S + L)
+        S_all = h.shape[1] if sp is None else sum(sp.sizes)
+        key_mask = None if mask is None else torch.cat([mask.new_ones(B, S_all), mask], dim=1)  # (B, S + L)
         for block in self.blocks:
             h, txt = block(h, txt, temb, rope, key_mask)
         # 4. head: adaLN (scale, shift) -> Linear -> unpatchify (B, S, C*pt*p*p) -> (B, C, F, H, W)
         scale, shift = self.head_mod(F.silu(temb)).chunk(2, dim=-1)
         out = self.head(ops.adaln_modulate(h, scale, shift, c.eps))
+        if sp is not None:
+            out = sp.gather(out, 1)  # (B, S, C*pt*p*p) on every rank
         pt, ph, pw = c.patch_size
         out = out.reshape(B, *grid, c.out_channels, pt, ph, pw)
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', pt, H', ph, W', pw)
@@ -351,6 +367,17 @@ class HunyuanVideoDiT(nn.Module):
         """The 3D RoPE tables (cos, sin), (S, head_dim / 2) each, of a token grid (cached)."""
         c = self.config
         return rope_3d(c.head_dim, grid, c.rope_theta, c.rope_max_seq_len, device, c.rope_axes)
+
+    @property
+    def sequence_parallel(self):
+        return self.__dict__.get("_sequence_parallel")
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Runs the forward on this rank's share of the video tokens (flgengine.parallel), the
+        text whole on every rank; None: all of them."""
+        self.__dict__["_sequence_parallel"] = sp
+        for block in self.blocks:
+            block.attn.sequence_parallel = sp
 
     # the shortest packed text an engine takes: two tokens and the pooled row (torch.export treats
     # a text of one token, a dim of size 1, as a special case it will not trace)
