@@ -18,7 +18,7 @@ import torch
 from ..bundle import bundle_directory, write_bundle_files
 from ..config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from ..model.hunyuan import HunyuanVideoConfig
-from .source import pipeline_transformer, scheduler_shift, write_diffusers_dir
+from .source import heads_of, pipeline_transformer, scheduler_shift, write_diffusers_dir
 
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
 PIPELINE_CLASSES = ("HunyuanVideoPipeline",)
@@ -130,10 +130,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -
     shapes: `num_heads`, else width / 128)."""
     w = sd["x_embedder.proj.weight"]  # (D, C, pt, p, p)
     dim = w.shape[0]
-    if num_heads is None:
-        if dim % 128:
-            raise ValueError(f"cannot infer num_heads for width {dim}: pass num_heads= (HunyuanVideo uses head_dim 128)")
-        num_heads = dim // 128
+    num_heads = heads_of(dim, num_heads, "HunyuanVideo")
     if dim // num_heads != 128:
         raise ValueError(f"a bare HunyuanVideo state dict of head dim {dim // num_heads}: its RoPE split "
                          "(rope_axes_dim) is not in the weights; convert from the diffusers directory or model instead")

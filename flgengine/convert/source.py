@@ -67,3 +67,13 @@ def scheduler_shift(src: Path, key: str, default: float) -> float:
     if not sched.is_file():
         return default
     return float(json.loads(sched.read_text()).get(key, default) or default)
+
+
+def heads_of(width: int, num_heads: int | None, family: str) -> int:
+    """The head count of a bare state dict's transformer (not in its shapes): `num_heads`, else
+    width / 128 (both families' head dim)."""
+    if num_heads is not None:
+        return num_heads
+    if width % 128:
+        raise ValueError(f"cannot infer num_heads for width {width}: pass num_heads= ({family} uses head_dim 128)")
+    return width // 128

@@ -19,7 +19,7 @@ import torch
 
 from ..bundle import BundleError, bundle_directory, write_bundle_files
 from ..config import CodecConfig, ImageEncoderConfig, ModelConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
-from .source import pipeline_transformer, scheduler_shift, write_diffusers_dir
+from .source import heads_of, pipeline_transformer, scheduler_shift, write_diffusers_dir
 
 TRANSFORMER_CLASS = "WanTransformer3DModel"
 
@@ -97,10 +97,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -
         raise ValueError(FLF2V_ERROR)
     w = sd["patch_embedding.weight"]  # (D, C, pt, ph, pw)
     dim = w.shape[0]
-    if num_heads is None:
-        if dim % 128:
-            raise ValueError(f"cannot infer num_heads for width {dim}: pass num_heads= (Wan uses head_dim 128)")
-        num_heads = dim // 128
+    num_heads = heads_of(dim, num_heads, "Wan")
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     return {
         "in_channels": w.shape[1],
