@@ -163,9 +163,7 @@ class ShardData:
             if first is not None and (lat.shape[1:] != first.shape[1:] or ctx.shape[1:] != rows["context"][0].shape[1:]):
                 raise BundleError(f"{f}: shapes {tuple(lat.shape[1:])} / {tuple(ctx.shape[1:])} differ from the first "
                                   f"shard's {tuple(first.shape[1:])} / {tuple(rows['context'][0].shape[1:])}")
-            self._check_image_tensors(f, sd, lat, first_file=not rows["latents"], has=bool(rows["image_latents"]),
-                                      has_ctx=bool(rows["image_context"]), ctx_shape=(
-                                          rows["image_context"][0].shape[1:] if rows["image_context"] else None))
+            self._check_image_tensors(f, sd, lat, rows)
             for key in rows:
                 if key in sd:
                     rows[key].append(sd[key].float())
@@ -180,12 +178,13 @@ class ShardData:
                               "no image_latents; precompute them with it: python -m distill precompute TEACHER "
                               "VIDEOS -o SHARDS")
 
-    def _check_image_tensors(self, f, sd, lat, first_file: bool, has: bool, has_ctx: bool, ctx_shape) -> None:
-        """image_latents / image_context of one shard: in every shard or none, rows and shapes
-        fitting the latents and the image scheme."""
+    def _check_image_tensors(self, f, sd, lat, rows: dict[str, list[torch.Tensor]]) -> None:
+        """image_latents / image_context of one shard: in every shard or none (`rows`: the shards
+        read before), rows and shapes fitting the latents and the image scheme."""
         N, C, F, H, W = lat.shape
-        for key, seen in (("image_latents", has), ("image_context", has_ctx)):
-            if not first_file and (key in sd) != seen:
+        ctx_shape = rows["image_context"][0].shape[1:] if rows["image_context"] else None
+        for key in ("image_latents", "image_context"):
+            if rows["latents"] and (key in sd) != bool(rows[key]):
                 raise BundleError(f"{f}: {'has' if key in sd else 'lacks'} {key!r}, unlike the first shard")
         if "image_latents" in sd and self.image == "none":
             raise BundleError(f"{f}: the shard holds image conditioning (image_latents) but the teacher is "

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .files import PICKLE_SUFFIXES, BundleError, load_safetensors
 
-__all__ = ["LoraDelta", "LoraReport", "LORA_MODES", "read_lora", "lora_deltas", "lora_list", "merge_lora", "merge_lora_state",
+__all__ = ["LoraDelta", "LoraReport", "LORA_MODES", "read_lora", "lora_deltas", "lora_list", "merge_lora_state",
            "attach_lora", "LoraLinear"]
 
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
@@ -197,20 +197,9 @@ def lora_deltas(path: str | Path, model: nn.Module, report: LoraReport | None = 
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, deltas: dict[str, LoraDelta], scale: float = 1.0) -> None:
-    """Adds `scale` times each delta to its Linear's weight (and bias), computed in fp32."""
-    linears = dict(model.named_modules())
-    for name, delta in deltas.items():
-        layer = linears[name]
-        w = layer.weight
-        w.copy_((w.float() + scale * delta.weight().to(w.device)).to(w.dtype))
-        if delta.bias is not None and layer.bias is not None:
-            layer.bias.copy_((layer.bias.float() + scale * delta.bias.float().to(w.device)).to(layer.bias.dtype))
-
-
-@torch.no_grad()
 def merge_lora_state(state: dict[str, torch.Tensor], deltas: dict[str, LoraDelta], scale: float = 1.0) -> None:
-    """merge_lora on a state dict: the changed weights (and biases) become fp32."""
+    """Adds `scale` times each delta to its layer's weight (and bias) in a state dict, in fp32:
+    the changed tensors become fp32 (the model's `cast` takes them to its dtype)."""
     for name, delta in deltas.items():
         state[f"{name}.weight"] = state[f"{name}.weight"].float() + scale * delta.weight()
         if delta.bias is not None and f"{name}.bias" in state:
