@@ -96,8 +96,8 @@ class TeacherConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the DiT for training (no gain measured at 144 tokens on 2 cores)
     device: str = "cpu"
-    # the bundle's weights are stored in this dtype (float16 halves the file, int8 quarters it:
-    # int8 rows with per-row scales, see bundle.quantize_int8); they load in fp32 as always
+    # the bundle's weights are stored in this dtype (float16 halves the file, int8 quarters it,
+    # int4 stores the linears in about a seventh: flgengine/storage.py); they load in fp32 as always
     storage_dtype: str = "float16"
     workers: int = 0  # processes rendering batches ahead of the trainer (useful on many-core GPU hosts)
     # -- two-expert teacher (Wan2.2's high-/low-noise split by a timestep boundary) --

@@ -1,4 +1,5 @@
-"""Command line: `python -m flgengine generate ...`, `python -m flgengine info [BUNDLE]`.
+"""Command line: `python -m flgengine generate ...`, `python -m flgengine info [BUNDLE]`,
+`python -m flgengine store BUNDLE OUT --dtype int4`.
 
 Export lives in its own entry point, `python -m flgengine.export`.
 """
@@ -143,6 +144,19 @@ def _build() -> dict:
     }
 
 
+def _store(args) -> int:
+    from .bundle import store_bundle
+    from .pipeline import resolve_model
+    from .storage import storage_dtype_of
+
+    src = resolve_model(args.bundle)
+    out = store_bundle(src, args.output, storage_dtype_of(args.dtype))
+    size = lambda d: sum(p.stat().st_size for p in Path(d).rglob("*.safetensors"))  # noqa: E731
+    print(f"wrote {out}: weights in {args.dtype}, {size(src) / 2**20:.2f} MiB -> {size(out) / 2**20:.2f} MiB "
+          "(measure it: python -m distill evaluate BUNDLE --write-provenance)")
+    return 0
+
+
 def _info(args) -> int:
     info = _describe_bundle(args.bundle) if args.bundle else _build()
     if args.json:
@@ -238,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("-v", "--verbose", action="store_true", help="also print the full config and provenance")
     i.set_defaults(func=_info)
+
+    from .storage import STORAGE_DTYPES
+
+    st = sub.add_parser("store", help="copy a bundle with its weights stored in another dtype (fp16, int8, int4, ...)",
+                        description="Copy a bundle with its DiT weights stored in another dtype: float16 / bfloat16 "
+                                    "halve fp32; int8 (per-row scales) quarters it; int4 (4-bit groups of 32 with "
+                                    "fp16 scales, linear weights only) stores about a seventh; fp8 (e4m3 block linears). "
+                                    "Weights load in float32 and run in the compute dtype as before; int8 / int4 "
+                                    "round them, so measure the copy before shipping it.")
+    st.add_argument("bundle", help="bundle directory or shipped model name")
+    st.add_argument("output", help="the new bundle directory (absent, empty or a bundle)")
+    st.add_argument("--dtype", required=True, choices=STORAGE_DTYPES,
+                    help="storage dtype of the weights")
+    st.set_defaults(func=_store)
     return p
 
 

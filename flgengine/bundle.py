@@ -27,19 +27,21 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import TORCH_DTYPES, ConfigError, PipelineConfig, torch_dtype
+from .config import ConfigError, PipelineConfig, torch_dtype
 from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_safetensors, atomic_write_text,
                     check_replaceable, check_safetensors_file, check_state_dict, file_sha256, load_safetensors,
                     replace_directory, staged_directory)
 from . import files
 from .model import TwoExpertDiT, build, model_config_from_json
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
+from .storage import (INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, dequantize_stored, quantize_int4, quantize_int8,
+                      storage_dtype_of, storage_name, store_state)
 from .version import __version__
 
 __all__ = [  # bundles, and the file helpers of flgengine.files re-exported
-    "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "save_bundle", "bundle_directory",
-    "write_bundle_files", "load_bundle",
-    "read_model_config", "read_json_object", "read_provenance", "storage_dtype_of", "quantize_int8", "dequantize_int8", *files.__all__,
+    "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "INT4_SCALE", "save_bundle",
+    "bundle_directory", "write_bundle_files", "store_bundle", "load_bundle", "read_model_config", "read_json_object",
+    "read_provenance", "storage_dtype_of", "quantize_int8", "quantize_int4", "dequantize_stored", *files.__all__,
 ]
 
 BUNDLE_FILES = ("config.json", "model.safetensors", "pipeline.json", "provenance.json")
@@ -57,50 +59,6 @@ class Bundle:
     pipeline: PipelineConfig
     provenance: dict
     lora: Any = None  # flgengine.lora.LoraReport of the LoRAs loaded with it, or None
-
-
-# ---- storage dtypes ----------------------------------------------------------------------
-
-INT8_SCALE = ".int8_scale"  # int8 storage: the key suffix of a weight's per-row scales
-
-
-def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """int8 storage of a state dict: each floating tensor of >= 2 dims becomes int8 rows with
-    one fp32 scale per row (w ~ q * scale, scale = max|w| over the last dim / 127, under
-    `key + INT8_SCALE`); other floating tensors are stored in float16."""
-    out = {}
-    for k, v in state.items():
-        if v.is_floating_point() and v.dim() >= 2:
-            w = v.detach().float()
-            scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (..., 1)
-            out[k] = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-            out[k + INT8_SCALE] = scale
-        else:
-            out[k] = v.half() if v.is_floating_point() else v
-    return out
-
-
-def dequantize_int8(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """The float32 weights of an int8-stored state dict (see quantize_int8); others unchanged."""
-    for key in [k for k in state if k.endswith(INT8_SCALE)]:
-        name, scale = key[:-len(INT8_SCALE)], state.pop(key)
-        q = state.get(name)
-        if q is None or q.dtype != torch.int8 or scale.shape != (*q.shape[:-1], 1):
-            raise BundleError(f"{where}: int8 scales {key!r} do not match an int8 tensor {name!r} of rows "
-                              f"{tuple(scale.shape[:-1])}")
-        state[name] = q.float() * scale.float()
-    return state
-
-
-STORAGE_DTYPES = (*TORCH_DTYPES, "int8", "fp8")  # names a bundle's weights can be stored in
-
-
-def storage_dtype_of(name: str | None) -> torch.dtype | None:
-    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, "int8" (quantize_int8) or
-    "fp8" (e4m3 block linears with per-channel scales: model/precision.py)."""
-    if name is None:
-        return None
-    return torch.int8 if name == "int8" else torch.float8_e4m3fn if name == "fp8" else torch_dtype(name)
 
 
 # ---- save / load -------------------------------------------------------------------------
@@ -169,8 +127,9 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     `pipeline` defaults to a DiT-only pipeline (no text encoder or codec). The weights'
     sha256 and the writing flgengine version are added to the provenance.
     `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
-    file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter,
-    see quantize_int8); loading casts them to the config's compute dtype as always.
+    file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter),
+    torch.int4 the linear weights as 4-bit groups (flgengine/storage.py); loading casts them
+    to the config's compute dtype as always.
     torch.float8_e4m3fn stores the block linears in e4m3 with per-output-channel fp32 scales
     (the other tensors as they are): `load_bundle(..., precision="fp8")` keeps them e4m3, and
     any other precision dequantises them. An FP8 model (precision "fp8") saves this way anyway.
@@ -178,13 +137,7 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline if pipeline is not None else PipelineConfig()
-    state = model.state_dict()
-    if storage_dtype == torch.int8:
-        state = quantize_int8(state)
-    elif storage_dtype == torch.float8_e4m3fn:
-        state = quantize_state(state)
-    elif storage_dtype is not None:
-        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = store_state(model.state_dict(), storage_dtype)
     atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
     model.config.to_json(path / "config.json")
     pipeline.to_json(path / "pipeline.json")
@@ -192,11 +145,51 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     prov["weights_sha256"] = file_sha256(path / "model.safetensors")
     prov["num_params"] = sum(p.numel() for p in model.parameters())
     if storage_dtype is not None:
-        prov["storage_dtype"] = "fp8" if storage_dtype == torch.float8_e4m3fn else str(storage_dtype).replace("torch.", "")
+        prov["storage_dtype"] = storage_name(storage_dtype)
     prov.setdefault("flgengine_version", __version__)
     prov.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     atomic_write_text(path / "provenance.json", json.dumps(prov, indent=2) + "\n")
     return path
+
+
+def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -> Path:
+    """A copy of the bundle `src` at `dst` with its DiT weights (both experts of a two-expert
+    bundle) stored in `storage_dtype` (flgengine/storage.py); the pipeline's parts (text
+    encoder, codec, image encoder) are copied as they are. The weights are read in float32
+    (dequantised) and stored anew. provenance.json records a "store" stage naming what was
+    stored before; an "evaluation" it held measured those weights, so it moves to
+    "evaluation_before_store" (measure the new ones: `distill evaluate --write-provenance`)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"store writes a new bundle: the output {dst} is the source")
+    bundle = load_bundle(src, device="cpu", dtype=torch.float32)
+    experts = (bundle.model.high, bundle.model.low) if isinstance(bundle.model, TwoExpertDiT) else (bundle.model,)
+
+    def restored(prov: dict, weights: Path) -> dict:
+        prov = dict(prov)
+        stage = {"stage": "store", "storage_dtype": storage_name(storage_dtype),
+                 "from_storage_dtype": prov.get("storage_dtype", "float32"), "from_weights_sha256": file_sha256(weights)}
+        for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
+            prov.pop(key, None)  # write_bundle_files writes them anew
+        if "evaluation" in prov:
+            prov["evaluation_before_store"] = prov.pop("evaluation")
+        prov["stages"] = [*prov.get("stages", []), stage]
+        return prov
+
+    parts = {Path(v).parts[0] for _, v in bundle.pipeline.part_paths() if not Path(v).is_absolute()}
+    with bundle_directory(dst) as tmp:
+        for name in sorted(parts):
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+            elif (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if len(experts) == 2:
+            low = src / LOW_NOISE_DIR
+            write_bundle_files(tmp / LOW_NOISE_DIR, experts[1], None,
+                               restored(read_provenance(low), low / "model.safetensors"), storage_dtype)
+        write_bundle_files(tmp, experts[0], bundle.pipeline, restored(bundle.provenance, src / "model.safetensors"),
+                           storage_dtype)
+    return dst
 
 
 def read_json_object(path: str | Path) -> dict:
@@ -342,7 +335,7 @@ def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=
     from .lora import attach_lora, lora_deltas, merge_lora_state
 
     where = f"{path}/model.safetensors"
-    state = dequantize_int8(load_safetensors(path / "model.safetensors", where), where)
+    state = dequantize_stored(load_safetensors(path / "model.safetensors", where), where)
     reason = check_fp8_state(state, where)
     if reason:
         raise BundleError(reason)

@@ -113,7 +113,7 @@ def test_provenance_is_typed(bundle):
     path, _ = bundle
     good = json.loads((path / "provenance.json").read_text())
     for key, value, expected in (("weights_sha256", "abc", "a sha256 hex digest"), ("num_params", 3.5, "an integer >= 0"),
-                                 ("num_params", True, "an integer >= 0"), ("storage_dtype", "int4", "one of float32"),
+                                 ("num_params", True, "an integer >= 0"), ("storage_dtype", "int3", "one of float32"),
                                  ("stages", [1], "a list of objects"), ("created", 5, "a string"),
                                  ("teacher", 5, "a string or an object"), ("evaluation", [], "an object")):
         (path / "provenance.json").write_text(json.dumps({**good, key: value}))

@@ -1,0 +1,143 @@
+"""How a bundle's weights are stored on disk.
+
+A bundle's model.safetensors holds the DiT's state dict in one of these forms
+(provenance.json's "storage_dtype" names it; loading always gives float32 first and then
+casts to the compute dtype):
+
+    as trained       float32 (no storage_dtype)
+    float16 / bf16   every floating tensor rounded                     1/2 of fp32
+    int8             tensors of >= 2 dims: int8 rows, one fp32 scale   ~1/4
+                     per row under `name + INT8_SCALE`; others fp16
+    int4             2-D `*.weight` matrices whose input dim divides    ~1/7
+                     into groups of INT4_GROUP: 4-bit values, two per
+                     byte, one fp16 scale per group under
+                     `name + INT4_SCALE`; the rest as int8 stores it
+    fp8              the block linears e4m3 with per-output-channel scales (model/precision.py)
+
+int8 and int4 are round-to-nearest with symmetric scales (no calibration data):
+
+    int8:  scale_r = max_j |w_rj| / 127          q_rj = round(w_rj / scale_r)       in [-127, 127]
+    int4:  scale_rg = fp16(max_{j in g} |w_rj| / 7)  q_rj = round(w_rj / scale_rg)  in [-7, 7]
+           byte = (q_r,2k + 8) | (q_r,2k+1 + 8) << 4          (out, in) -> uint8 (out, in / 2)
+
+so |w - q * scale| <= scale / 2 element by element. int4 is for storing reference models
+(teachers) small; what it costs is measured per model (bench/RESULTS.md) before it is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TORCH_DTYPES, torch_dtype
+from .files import BundleError
+
+__all__ = ["STORAGE_DTYPES", "INT8_SCALE", "INT4_SCALE", "INT4_GROUP", "storage_dtype_of", "storage_name",
+           "store_state", "quantize_int8", "quantize_int4", "dequantize_stored"]
+
+STORAGE_DTYPES = (*TORCH_DTYPES, "int8", "int4", "fp8")  # names a bundle's weights can be stored in
+INT8_SCALE = ".int8_scale"  # int8 storage: the key suffix of a tensor's per-row scales
+INT4_SCALE = ".int4_scale"  # int4 storage: the key suffix of a matrix's per-group scales
+INT4_GROUP = 32  # int4 storage: weights per scale, along the input dim
+
+
+def storage_dtype_of(name: str | None) -> torch.dtype | None:
+    """A bundle's storage dtype by name: one of TORCH_DTYPES' names, "int8", "int4" or "fp8"."""
+    if name is None:
+        return None
+    special = {"int8": torch.int8, "int4": torch.int4, "fp8": torch.float8_e4m3fn}
+    return special[name] if name in special else torch_dtype(name)
+
+
+def storage_name(dtype: torch.dtype) -> str:
+    """The name provenance.json records for a storage dtype (storage_dtype_of's inverse)."""
+    return "fp8" if dtype == torch.float8_e4m3fn else str(dtype).replace("torch.", "")
+
+
+def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict as model.safetensors stores it in `dtype` (None: as it is)."""
+    from .model.precision import quantize_state
+
+    if dtype is None:
+        return state
+    if dtype == torch.int8:
+        return quantize_int8(state)
+    if dtype == torch.int4:
+        return quantize_int4(state)
+    if dtype == torch.float8_e4m3fn:
+        return quantize_state(state)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.detach().float()
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (..., 1)
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 storage: each floating tensor of >= 2 dims becomes int8 rows with one fp32 scale
+    per row (under `key + INT8_SCALE`); other floating tensors are stored in float16."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            out[k], out[k + INT8_SCALE] = _int8_rows(v)
+        else:
+            out[k] = v.half() if v.is_floating_point() else v
+    return out
+
+
+def _int4_eligible(key: str, v: torch.Tensor, group: int) -> bool:
+    return key.endswith(".weight") and v.is_floating_point() and v.dim() == 2 and v.shape[1] % group == 0
+
+
+def quantize_int4(state: dict[str, torch.Tensor], group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
+    """int4 storage: each 2-D floating `*.weight` (out, in) with `in` a multiple of `group`
+    becomes uint8 (out, in / 2), two 4-bit values a byte, with fp16 scales (out, in / group)
+    under `key + INT4_SCALE`; every other tensor as quantize_int8 stores it."""
+    if group < 2 or group % 2:
+        raise ValueError(f"int4 group must be an even number >= 2, got {group}")
+    out = {}
+    for k, v in state.items():
+        if not _int4_eligible(k, v, group):
+            out.update(quantize_int8({k: v}))
+            continue
+        rows, cols = v.shape
+        w = v.detach().float().reshape(rows, cols // group, group)  # (out, groups, group)
+        scale = (w.abs().amax(-1, keepdim=True) / 7.0).half()  # (out, groups, 1), the stored scale
+        s = scale.float()
+        q = torch.where(s > 0, torch.round(w / s.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+        q = (q.clamp_(-7, 7) + 8).to(torch.uint8).reshape(rows, cols // 2, 2)  # (out, in / 2, 2) in [1, 15]
+        out[k] = q[..., 0] | (q[..., 1] << 4)
+        out[k + INT4_SCALE] = scale.squeeze(-1)
+    return out
+
+
+def _unpack_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, in / 2) and scales (out, groups) -> float32 (out, in)."""
+    rows, half = packed.shape
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(rows, 2 * half).float() - 8.0  # (out, in)
+    groups = scale.shape[1]
+    return (q.reshape(rows, groups, -1) * scale.float()[..., None]).reshape(rows, 2 * half)
+
+
+def dequantize_stored(state: dict[str, torch.Tensor], where: str, group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
+    """The float32 tensors of an int8- or int4-stored state dict (quantize_int8 /
+    quantize_int4 with `group`); others unchanged. Scales that do not match their tensor
+    are a BundleError naming both keys."""
+    for key in [k for k in state if k.endswith(INT8_SCALE)]:
+        name, scale = key[:-len(INT8_SCALE)], state.pop(key)
+        q = state.get(name)
+        if q is None or q.dtype != torch.int8 or scale.shape != (*q.shape[:-1], 1):
+            raise BundleError(f"{where}: int8 scales {key!r} do not match an int8 tensor {name!r} of rows "
+                              f"{tuple(scale.shape[:-1])}")
+        state[name] = q.float() * scale.float()
+    for key in [k for k in state if k.endswith(INT4_SCALE)]:
+        name, scale = key[:-len(INT4_SCALE)], state.pop(key)
+        q = state.get(name)
+        ok = (q is not None and q.dtype == torch.uint8 and q.dim() == 2
+              and tuple(scale.shape) == (q.shape[0], 2 * q.shape[1] // group) and (2 * q.shape[1]) % group == 0)
+        if not ok:
+            raise BundleError(f"{where}: int4 scales {key!r} {tuple(scale.shape)} do not match a packed uint8 "
+                              f"matrix {name!r} {None if q is None else tuple(q.shape)}")
+        state[name] = _unpack_int4(q, scale)
+    return state

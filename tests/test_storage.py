@@ -1,0 +1,138 @@
+"""Weight storage (flgengine/storage.py): int4 groups against a float64 reference, the nibble
+layout, what falls back to int8 / fp16, and int4 bundles end to end."""
+
+import pytest
+import torch
+
+from flgengine.bundle import BundleError, load_bundle, save_bundle
+from flgengine.model import DiT
+from flgengine.storage import (INT4_SCALE, INT8_SCALE, dequantize_stored, quantize_int4, storage_dtype_of,
+                               storage_name)
+from helpers import tiny_config
+
+
+def _int4_reference(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantised weights, per-group scale) by the formula, in float64, group by group."""
+    out = torch.empty_like(w, dtype=torch.float64)
+    scales = torch.empty(w.shape[0], w.shape[1] // group, dtype=torch.float64)
+    for r in range(w.shape[0]):
+        for g in range(w.shape[1] // group):
+            x = w[r, g * group:(g + 1) * group].double()
+            s = float(torch.tensor(x.abs().max().item() / 7.0).half())  # the scale as stored (fp16)
+            q = (x / s).round().clamp(-7, 7) if s > 0 else torch.zeros_like(x)
+            out[r, g * group:(g + 1) * group] = q * s
+            scales[r, g] = s
+    return out, scales
+
+
+@pytest.mark.parametrize("group", [32, 8])
+def test_int4_round_trip_equals_the_formula_and_stays_within_half_a_step(group):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 64, generator=g) * torch.logspace(-3, 1, 5)[:, None]  # rows of very different scale
+    w[2, :group] = 0.0  # an all-zero group
+    stored = quantize_int4({"lin.weight": w}, group=group)
+    assert stored["lin.weight"].dtype == torch.uint8 and stored["lin.weight"].shape == (5, 32)
+    assert stored["lin.weight" + INT4_SCALE].dtype == torch.float16
+    assert stored["lin.weight" + INT4_SCALE].shape == (5, 64 // group)
+    got = dequantize_stored(dict(stored), "test", group=group)["lin.weight"]
+    want, scale = _int4_reference(w, group)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), want)  # q * s is exact in fp32 for |q| <= 7 and an fp16 s
+    step = scale.repeat_interleave(group, dim=1)
+    # the fp16 rounding of the scale can move the largest value by up to 7 * s * 2^-11
+    assert ((got.double() - w.double()).abs() <= step * (0.5 + 7 * 2.0**-11) + 1e-12).all()
+    assert torch.equal(got[2, :group], torch.zeros(group))
+
+
+def test_int4_nibble_layout_is_low_then_high():
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([7.0, -7.0, 1.0, 0.0])  # scale 1: q = 7, -7, 1, 0
+    stored = quantize_int4({"x.weight": w})
+    assert stored["x.weight" + INT4_SCALE].item() == 1.0
+    b = stored["x.weight"][0, :2].tolist()
+    assert b == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | ((0 + 8) << 4)] == [31, 137]
+
+
+def test_int4_keeps_what_it_cannot_group_in_int8_or_fp16():
+    t = {"a.weight": torch.randn(4, 24), "b.weight": torch.randn(2, 3, 32), "table": torch.randn(3, 32),
+         "bias": torch.randn(32), "steps": torch.arange(3)}
+    stored = quantize_int4(t)
+    assert stored["a.weight"].dtype == torch.int8 and "a.weight" + INT8_SCALE in stored  # 24 is not a multiple of 32
+    assert stored["b.weight"].dtype == torch.int8  # 3-D
+    assert stored["table"].dtype == torch.int8  # not a `.weight`
+    assert stored["bias"].dtype == torch.float16 and torch.equal(stored["steps"], t["steps"])
+    with pytest.raises(ValueError, match="even number"):
+        quantize_int4(t, group=3)
+
+
+def test_storage_names_round_trip():
+    for name in ("float16", "bfloat16", "float32", "int8", "int4", "fp8"):
+        assert storage_name(storage_dtype_of(name)) == name
+
+
+def test_bundle_stored_in_int4_loads_the_formula_and_is_small(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(tiny_config(num_heads=2, head_dim=32, ffn_dim=64, text_dim=32, freq_dim=32))  # width 64
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    full = save_bundle(tmp_path / "fp32", model)
+    q8 = save_bundle(tmp_path / "int8", model, storage_dtype=torch.int8)
+    q4 = save_bundle(tmp_path / "int4", model, storage_dtype=torch.int4)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(q4) < 0.72 * size(q8) < 0.72 * 0.3 * size(full)
+    b = load_bundle(q4)
+    assert b.provenance["storage_dtype"] == "int4"
+    grouped = 0
+    for k, v in model.state_dict().items():
+        got = b.model.state_dict()[k]
+        assert got.dtype == torch.float32, k
+        if k.endswith(".weight") and v.dim() == 2 and v.shape[1] % 32 == 0:
+            assert torch.equal(got.double(), _int4_reference(v, 32)[0]), k
+            grouped += 1
+    assert grouped >= 10  # every block's linears
+    # scales that do not fit their matrix are named
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(q4 / "model.safetensors"))
+    key = next(k for k in sd if k.endswith(INT4_SCALE))
+    sd[key] = sd[key][:, :1].contiguous()  # one scale per row where there are two groups
+    save_file(sd, str(q4 / "model.safetensors"))
+    with pytest.raises(BundleError, match="int4 scales"):
+        load_bundle(q4)
+
+
+def test_store_bundle_copies_a_two_expert_bundle_with_its_parts_and_says_so(tmp_path):
+    from flgengine.bundle import store_bundle
+    from flgengine.pipeline import resolve_model
+    from flgengine.storage import quantize_int4
+
+    src = resolve_model("shapes-teacher")  # two experts, int8, a text encoder
+    out = store_bundle(src, tmp_path / "t4", torch.int4)
+    before, after = load_bundle(src, dtype=torch.float32), load_bundle(out, dtype=torch.float32)
+    for name in ("high", "low"):
+        want = dequantize_stored(quantize_int4(getattr(before.model, name).state_dict()), "want")
+        got = getattr(after.model, name).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert (out / "text_encoder" / "model.safetensors").read_bytes() == (src / "text_encoder" / "model.safetensors").read_bytes()
+    assert after.pipeline == before.pipeline
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(out) < 0.6 * size(src) and size(out / "low_noise") < 0.6 * size(src / "low_noise")
+    prov = after.provenance
+    stage = prov["stages"][-1]
+    assert stage == {"stage": "store", "storage_dtype": "int4", "from_storage_dtype": "int8",
+                     "from_weights_sha256": before.provenance["weights_sha256"]}
+    assert prov["storage_dtype"] == "int4" and prov["weights_sha256"] != before.provenance["weights_sha256"]
+    assert "evaluation" not in prov and prov["evaluation_before_store"] == before.provenance["evaluation"]
+    with pytest.raises(ValueError, match="is the source"):
+        store_bundle(out, out, torch.int8)
+
+
+def test_store_cli(tmp_path, capsys):
+    from flgengine.__main__ import main
+
+    assert main(["store", "shapes-4step", str(tmp_path / "s8"), "--dtype", "int8"]) == 0
+    assert "MiB" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "s8").provenance["storage_dtype"] == "int8"
+    with pytest.raises(SystemExit):
+        main(["store", "shapes-4step", str(tmp_path / "x"), "--dtype", "int3"])
