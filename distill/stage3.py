@@ -94,13 +94,17 @@ class Stage3Config(JsonConfig):
     # config.json's "attention" (kind, tile, window, block, head_windows); the student bundle
     # keeps it. None: dense. The real and fake scores stay dense.
     attention: dict | None = None
+    # with `attention`: the sparse-aware start (distill/adapt.py): before the DMD steps the student,
+    # pattern on, learns its own dense velocity for `adapt_steps` steps at `adapt_lr`; 0: none
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-4
     # a student bundle (path or shipped name) the student starts from instead of the pruned
     # Stage II network: a continuation of an existing student (e.g. sparse-aware or FP8-aware
     # fine-tuning). Its blocks are its own (no plan is applied); the real score is the teacher
     # with plain CFG ("cfg"), the fake score starts from the teacher.
     init_student: str | None = None
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -115,6 +119,12 @@ class Stage3Config(JsonConfig):
             need(isinstance(self.attention, dict), "attention", "an object (kind, tile, window, block, head_windows) or null")
             dataclass_from_dict(AttentionConfig, self.attention, "stage3.attention")  # checked now, not mid-run
 
+        need(isinstance(self.adapt_steps, int) and not isinstance(self.adapt_steps, bool) and self.adapt_steps >= 0,
+             "adapt_steps", "an integer >= 0")
+        need(self.adapt_steps == 0 or self.attention is not None, "adapt_steps",
+             "0 without stage3.attention (it adapts the student to that pattern)")
+        need(isinstance(self.adapt_lr, (int, float)) and math.isfinite(self.adapt_lr) and self.adapt_lr > 0,
+             "adapt_lr", "> 0")
         for key in ("steps", "batch_size", "fake_updates", "num_steps", "checkpoint_every", "eval_every"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("lr_student", "lr_fake", "shift", "t_shift"):
@@ -142,20 +152,28 @@ class Stage3Config(JsonConfig):
 
 # ---- the pieces -------------------------------------------------------------------------------
 
+@torch.no_grad()
+def student_state(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list[float], k: int,
+                  gen: torch.Generator, draw: Callable[[tuple], torch.Tensor] | None = None) -> torch.Tensor:
+    """The few-step sampler's state at its step `k` (0-based) from `noise`: steps 0..k-1 run
+    without gradients (x0 = x - s_i v, re-noised to the next sigma). `draw(shape)` makes the
+    re-noising noise (default: `torch.randn` from `gen`; distributed runs draw the global
+    batch's and slice)."""
+    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
+    x = noise
+    for i in range(k):
+        v = student(x, torch.full((x.shape[0],), 1000 * sigmas[i], device=x.device), context)
+        x0 = x - sigmas[i] * v
+        eps = draw(tuple(x.shape)).to(x.device)
+        x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+    return x
+
+
 def student_x0(student, noise: torch.Tensor, context: torch.Tensor, sigmas: list[float], k: int,
                gen: torch.Generator, draw: Callable[[tuple], torch.Tensor] | None = None) -> torch.Tensor:
     """Backward simulation: the student's x0 prediction at its step `k` (0-based), reached by
-    running steps 0..k-1 without gradients (x0 -> re-noise to the next sigma) from `noise`.
-    Gradients flow through the last step only. `draw(shape)` makes the re-noising noise
-    (default: `torch.randn` from `gen`; distributed runs draw the global batch's and slice)."""
-    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
-    x = noise
-    with torch.no_grad():
-        for i in range(k):
-            v = student(x, torch.full((x.shape[0],), 1000 * sigmas[i], device=x.device), context)
-            x0 = x - sigmas[i] * v
-            eps = draw(tuple(x.shape)).to(x.device)
-            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+    student_state; gradients flow through the last step only."""
+    x = student_state(student, noise, context, sigmas, k, gen, draw)
     v = student(x, torch.full((x.shape[0],), 1000 * sigmas[k], device=x.device), context)
     return x - sigmas[k] * v
 
@@ -232,8 +250,15 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     else:
         student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
+    adapt_record = None
     if cfg.attention is not None:  # sparse-aware: the student trains with the pattern it will run with
+        dense = copy.deepcopy(student).eval().requires_grad_(False) if cfg.adapt_steps else None
         student.set_attention(cfg.attention)
+        if cfg.adapt_steps:  # first its dense self's velocity with the pattern on (distill/adapt.py)
+            from .adapt import adapt_to_pattern
+
+            student, adapt_record = adapt_to_pattern(student, dense, data, cfg, Path(out) / "adapt", progress)
+            student.train().requires_grad_(True)
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
     # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
     # the result; the networks are sharded before the optimisers are made
@@ -340,7 +365,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         student.load_state_dict(load_safetensors(chosen, str(chosen)))
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
-              "evaluations": evals}
+              "evaluations": evals, **({"adapt": adapt_record} if adapt_record is not None else {})}
     return student.eval().requires_grad_(False), record
 
 

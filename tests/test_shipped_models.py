@@ -5,11 +5,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import flgengine
 from flgengine.model import main_expert
 from flgengine.pipeline import ASSETS, resolve_model, shipped_models
 from distill.worlds import shapes
+
+
+def weights_lineage(prov: dict) -> set[str]:
+    """The hashes a bundle's weights had: now, and before each `store` (a copy stored another way)."""
+    return {prov["weights_sha256"], *(s["from_weights_sha256"] for s in prov.get("stages", []) if s["stage"] == "store")}
 
 
 def test_assets_stay_under_20_mib():
@@ -62,11 +68,12 @@ def test_shapes_student_is_the_4_step_pruned_distillation_of_the_teacher():
     removed = 1 - student.dit.num_params() / main_expert(teacher.dit).num_params()  # of the DiT it was pruned from
     assert 0.25 <= removed <= 0.40, removed
     prov = json.loads((ASSETS / "shapes-4step" / "provenance.json").read_text())
-    assert prov["kind"] == "FastLightGen student" and [s["stage"] for s in prov["stages"]] == ["plan", "stage2", "stage3"]
+    stages = [s["stage"] for s in prov["stages"] if s["stage"] != "store"]  # `store`: the weights stored smaller after
+    assert prov["kind"] == "FastLightGen student" and stages == ["plan", "stage2", "stage3"]
     plan = prov["stages"][0]
     assert student.dit.config.block_ids == plan["keep"] and 0 not in plan["drop"] and 7 not in plan["drop"]
     teacher_prov = json.loads((ASSETS / "shapes-teacher" / "provenance.json").read_text())
-    assert prov["teacher"]["weights_sha256"] == teacher_prov["weights_sha256"]
+    assert prov["teacher"]["weights_sha256"] in weights_lineage(teacher_prov)
     ev = prov["evaluation"]
     assert ev["videos"] >= 180 and ev["steps"] == 4 and 0 <= ev["prompt_adherence"]["adherence"] <= 1
     assert ev["fd"] > 0 and ev["motion"]["ratio"] > 0
@@ -85,3 +92,38 @@ def test_default_model_is_the_student_and_draws_the_prompted_colour_in_4_steps()
     read = classify(load_evaluator(), videos)
     hits = sum(r == p.split()[1] for r, p in zip(read["colour"], prompts))
     assert hits >= 4, (prompts, read["colour"])
+
+
+def test_image_to_video_models_are_the_teacher_and_its_pruned_4_step_student():
+    """shapes-i2v-teacher (first_frame, two experts, fine-tuned from shapes-teacher) and
+    shapes-i2v-4step (its FastLightGen student), each with its evaluation in provenance."""
+    assert {"shapes-i2v-teacher", "shapes-i2v-4step"} <= set(shipped_models())
+    teacher, student = flgengine.load("shapes-i2v-teacher"), flgengine.load("shapes-i2v-4step")
+    assert teacher.config.image == student.config.image == "first_frame"
+    assert teacher.config.low_noise_boundary is not None and not teacher.config.distilled
+    assert student.config.distilled and student.config.sampler.num_steps == 4
+    removed = 1 - student.dit.num_params() / main_expert(teacher.dit).num_params()
+    assert 0.25 <= removed <= 0.40, removed
+    t_prov = json.loads((ASSETS / "shapes-i2v-teacher" / "provenance.json").read_text())
+    s_prov = json.loads((ASSETS / "shapes-i2v-4step" / "provenance.json").read_text())
+    assert t_prov["storage_dtype"] == "int4" and s_prov["storage_dtype"] == "int8"
+    assert s_prov["teacher"]["weights_sha256"] in weights_lineage(t_prov)
+    init = next(s for s in t_prov["stages"] if s["stage"] == "train-teacher")["recipe"]
+    assert init["image"] == "first_frame" and init["init_from"].endswith("shapes-teacher")
+    for prov, steps in ((t_prov, 50), (s_prov, 4)):
+        ev = prov["evaluation"]
+        assert ev["videos"] >= 180 and ev["steps"] == steps and ev["first_frame"]["frame0_psnr"] >= 30
+
+
+def test_image_to_video_student_keeps_the_given_frame_and_colour():
+    from distill.evaluator import classify, load_evaluator
+
+    pipe = flgengine.load("shapes-i2v-4step")
+    rng = np.random.default_rng(2028)
+    clips = [shapes.sample_clip(rng) for _ in range(5)]
+    firsts = [shapes.render(c)[0] for c in clips]
+    videos = pipe([c.prompt for c in clips], image=firsts, seed=3, progress=False)
+    for v, f in zip(videos, firsts):
+        assert torch.equal(v[0], torch.from_numpy(f))  # frame 0 is the given image
+    read = classify(load_evaluator(), videos)
+    assert sum(r == c.colour for r, c in zip(read["colour"], clips)) >= 4, (read, clips)
