@@ -186,7 +186,7 @@ def test_shipped_run_configs_are_valid():
                      "runs/shapes-i2v-4step": (False, "cfg", True),  # the image-to-video student: the same recipe
                      "runs/shapes-i2v-prune-dmd2": (True, "cfg", True), "runs/shapes-i2v-dmd2": (True, "cfg", False)}
     sparse = RunConfig.load(configs[0].parent / "shapes-4step-sparse.yaml").stage3_config()
-    assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "tile_window"
+    assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "per_head" and sparse.adapt_steps > 0
 
 
 def test_sparse_aware_continuation_of_a_student(tiny_teacher, tmp_path):
