@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", help="copy a bundle with its weights stored in another dtype (fp16, int8, int4, ...)",
                         description="Copy a bundle with its DiT weights stored in another dtype: float16 / bfloat16 "
-                                    "halve fp32; int8 (per-row scales) quarters it; int4 (4-bit groups of 32 with "
-                                    "fp16 scales, linear weights only) stores about a seventh; fp8 (e4m3 block linears). "
+                                    "halve fp32; int8 (per-row scales) quarters it; int4 (the blocks' linear weights "
+                                    "in 4-bit groups of 64 with fp16 scales, the rest int8) stores about a seventh; fp8 (e4m3 block linears). "
                                     "Weights load in float32 and run in the compute dtype as before; int8 / int4 "
                                     "round them, so measure the copy before shipping it.")
     st.add_argument("bundle", help="bundle directory or shipped model name")
