@@ -27,14 +27,26 @@ GRID_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue 
                 "a yellow circle moving down", "a white square moving left")
 
 
-def _runs(teacher: str, students: list[tuple[str, str]], teacher_few_steps: int) -> list[tuple[str, object, dict]]:
-    """(row name, pipeline, generate kwargs): the teacher at its own sampler and at few steps, then the students."""
+def _runs(teacher: str, students: list[tuple[str, str]], teacher_few_steps: int,
+          training_free: bool = False) -> list[tuple[str, object, dict]]:
+    """(row name, pipeline, generate kwargs): the teacher at its own sampler and at few steps, then
+    the students; with `training_free`, after each sparse-aware continuation (a student with an
+    attention pattern whose provenance names its `init_student`) the student it started from,
+    run with the same pattern and no training."""
     import flgengine
 
     t = flgengine.load(teacher, device="cpu", dtype="fp32")
     runs = [(f"teacher, {t.config.sampler.num_steps} steps + CFG", t, {}),
             (f"teacher, {teacher_few_steps} steps + CFG", t, {"steps": teacher_few_steps})]
-    return runs + [(name, flgengine.load(path, device="cpu", dtype="fp32"), {}) for name, path in students]
+    for name, path in students:
+        pipe = flgengine.load(path, device="cpu", dtype="fp32")
+        runs.append((name, pipe, {}))
+        start = pipe.provenance.get("init_student", {}).get("path")
+        if training_free and pipe.dit.config.attention is not None and start:
+            dense = flgengine.load(start, device="cpu", dtype="fp32")
+            dense.dit.set_attention(pipe.dit.config.attention.to_dict())
+            runs.append((f"{name}: its start, the pattern without training", dense, {}))
+    return runs
 
 
 def video_grid(runs, prompts=GRID_PROMPTS, seed: int = 0, scale: int = 3) -> np.ndarray:
@@ -82,12 +94,13 @@ def dit_calls(pipe, steps: int, guidance: float | None) -> int:
 
 
 def compare(teacher: str, students: list[tuple[str, str]], samples: int = 60, seeds=(0,), batch_size: int = 20,
-            teacher_few_steps: int = 4, progress: bool = True, grid: str | None = None) -> list[dict]:
-    """The rows of the comparison table; with `grid`, also writes a video (.gif / .mp4) of
-    every model on GRID_PROMPTS (rows = models, same seed)."""
+            teacher_few_steps: int = 4, progress: bool = True, grid: str | None = None,
+            training_free: bool = False) -> list[dict]:
+    """The rows of the comparison table (see _runs); with `grid`, also writes a video (.gif /
+    .mp4) of every model on GRID_PROMPTS (rows = models, same seed)."""
     evaluator = load_evaluator()
     rows = []
-    runs = _runs(teacher, students, teacher_few_steps)
+    runs = _runs(teacher, students, teacher_few_steps, training_free)
     for name, pipe, kw in runs:
         r = evaluate_bundle(pipe, samples=samples, seeds=seeds, batch_size=batch_size, progress=progress,
                             evaluator=evaluator, **kw)
@@ -133,6 +146,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--grid", default=None, metavar="FILE",
                    help="also write a video (.gif or .mp4) of every model on five prompts, side by side")
+    p.add_argument("--training-free", action="store_true",
+                   help="after each sparse-aware student (a Stage III continuation with stage3.attention), a row "
+                        "for the student it started from run with the same pattern and no training")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -145,7 +161,7 @@ def run(args) -> int:
             raise ValueError(f"--student takes NAME=BUNDLE, got {s!r}")
         students.append((name, path))
     rows = compare(args.teacher, students, args.samples, args.seeds, args.batch_size, progress=not args.quiet,
-                   grid=args.grid)
+                   grid=args.grid, training_free=args.training_free)
     print(markdown(rows))
     print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
     if args.json:

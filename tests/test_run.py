@@ -195,7 +195,8 @@ def test_sparse_aware_continuation_of_a_student(tiny_teacher, tmp_path):
     attention = {"kind": "tile_window", "tile": [1, 4, 4], "window": [3, 1, 1], "block": 16, "head_windows": None}
     cfg = _config(tiny_teacher, tmp_path / "sparse", stage2=None, evaluate=None,
                   stage3={"steps": 2, "batch_size": 2, "fake_updates": 1, "eval_every": 1, "checkpoint_every": 1,
-                          "init_student": student, "real_score": "cfg", "prune": False, "attention": attention})
+                          "init_student": student, "real_score": "cfg", "prune": False, "attention": attention,
+                          "adapt_steps": 2})
     result = run(RunConfig(**cfg), progress=False)
     out = tmp_path / "sparse"
     assert not (out / "importance.json").exists() and not (out / "plan.json").exists()  # no plan needed
@@ -205,7 +206,16 @@ def test_sparse_aware_continuation_of_a_student(tiny_teacher, tmp_path):
     changed = [k for k, v in start.dit.state_dict().items() if not torch.equal(v, cont.dit.state_dict()[k])]
     assert changed  # it trained
     assert [s["stage"] for s in result["provenance"]["stages"]][-1] == "stage3"
+    assert result["provenance"]["stages"][-1]["adapt"]["steps"] == 2  # pattern adaptation first
     assert result["provenance"]["init_student"]["path"] == student
+    # `distill compare --training-free`: the start run with the same pattern, untrained, beside it
+    from distill.compare import _runs
+
+    runs = _runs(tiny_teacher, [("sparse", result["bundle"])], 4, training_free=True)
+    assert [r[0] for r in runs[2:]] == ["sparse", "sparse: its start, the pattern without training"]
+    free = runs[3][1].dit
+    assert free.config.attention.to_dict() == attention
+    assert all(torch.equal(v, free.state_dict()[k]) for k, v in start.dit.state_dict().items())
     video = cont("a red circle moving left", seed=1, progress=False)
     assert video.shape == (1, 9, 32, 32, 3)
     with pytest.raises(ConfigError, match="init_student"):
