@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.importance import skip_blocks
-from distill.plan import apply_plan, plan_from_drop
+from distill.plan import plan_from_drop
 from distill.stage2 import Stage2Config, draw_skips, noisy_batch, stage2_loss, train_stage2
 from distill.stage3 import Stage3Config, dmd_loss, real_velocity, select, student_x0, train_stage3
 from flgengine.config import ConfigError
