@@ -186,6 +186,10 @@ def _stage_summary(stage: dict) -> str:
     name, parts = stage.get("stage", "?"), []
     if name == "plan":
         parts.append(f"dropped blocks {stage.get('drop')} ({stage.get('removed_fraction', 0):.1%} of the parameters)")
+    if name == "store":
+        parts.append(f"weights stored in {stage.get('storage_dtype')} (were {stage.get('from_storage_dtype')})")
+    if "adapt" in stage:
+        parts.append(f"after {stage['adapt'].get('steps')} steps of pattern adaptation")
     if "steps" in stage:
         parts.append(f"{stage['steps']} steps")
     if "train_seconds" in stage:

@@ -150,9 +150,10 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
     from flgengine.pipeline import resolve_model
 
     stages = json.loads((resolve_model("shapes-4step") / "provenance.json").read_text())["stages"]
-    plan, stage3 = stages[0], stages[-1]
+    plan, stage3 = stages[0], next(s for s in stages if s["stage"] == "stage3")
     assert "FastLightGen student" in text and f"- plan: dropped blocks {plan['drop']}" in text
     assert f"- stage3: {stage3['steps']} steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
+    assert "- store: weights stored in int8 (were float16)" in text
 
     assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
     assert "4k+1" in capsys.readouterr().err
