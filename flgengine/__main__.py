@@ -123,6 +123,10 @@ def _describe_bundle(path: str) -> dict:
         "codec": p.codec.kind,
         "image": p.image if p.image_encoder.kind == "none" else f"{p.image} + {p.image_encoder.kind} image tokens",
         "attention": _attention_info(b),
+        "weights": {"stored": b.provenance.get("storage_dtype", "float32"),  # the DiT's (both experts')
+                    "mib": round(sum(f.stat().st_size for f in (Path(b.path) / "model.safetensors",
+                                                                Path(b.path) / "low_noise" / "model.safetensors")
+                                     if f.is_file()) / 2**20, 2)},
         "config": c.to_dict(),
         "provenance": b.provenance,
     }
@@ -177,7 +181,9 @@ def _info(args) -> int:
             print(f"{'evaluation':>14}: {ev['videos']} videos, {ev['steps']} steps: adherence {a['adherence']:.3f} "
                   f"(colour {a['colour']:.3f}, shape {a['shape']:.3f}, direction {a['direction']:.3f}), "
                   f"motion {ev['motion']['ratio']:.2f}x, FD {ev['fd']:.0f} (floor {ev['fd_real_vs_real']:.0f}), "
-                  f"{ev['seconds_per_video']:.3f} s/video")
+                  f"{ev['seconds_per_video']:.3f} s/video"
+                  + (f", frame 0 PSNR {ev['first_frame']['frame0_psnr']:.1f} dB, appearance kept "
+                     f"{ev['first_frame']['appearance_kept']:.3f}" if "first_frame" in ev else ""))
     return 0
 
 
