@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from flgengine.bundle import atomic_save_safetensors, load_safetensors
 from flgengine.config import AttentionConfig, ConfigError, JsonConfig, dataclass_from_dict
 from flgengine.model import DiT, TwoExpertDiT
+from flgengine.model.precision import PRECISIONS, fake_fp8
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .data import condition_of, conditioned
@@ -98,13 +99,17 @@ class Stage3Config(JsonConfig):
     # pattern on, learns its own dense velocity for `adapt_steps` steps at `adapt_lr`; 0: none
     adapt_steps: int = 0
     adapt_lr: float = 1e-4
+    # "fp8": quantisation-aware, the student trains with FP8's numerics in its forward (block linears
+    # and self-attention through model.precision.fake_fp8; gradients straight through the roundings),
+    # for a student meant to run with precision="fp8"; the CPU's reference numerics (no CUDA yet)
+    precision: str = "bf16"
     # a student bundle (path or shipped name) the student starts from instead of the pruned
     # Stage II network: a continuation of an existing student (e.g. sparse-aware or FP8-aware
     # fine-tuning). Its blocks are its own (no plan is applied); the real score is the teacher
     # with plain CFG ("cfg"), the fake score starts from the teacher.
     init_student: str | None = None
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -125,6 +130,9 @@ class Stage3Config(JsonConfig):
              "0 without stage3.attention (it adapts the student to that pattern)")
         need(isinstance(self.adapt_lr, (int, float)) and math.isfinite(self.adapt_lr) and self.adapt_lr > 0,
              "adapt_lr", "> 0")
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        need(self.precision == "bf16" or self.device == "cpu", "precision",
+             '"bf16" on CUDA (FP8-aware training runs the reference numerics, on the CPU)')
         for key in ("steps", "batch_size", "fake_updates", "num_steps", "checkpoint_every", "eval_every"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("lr_student", "lr_fake", "shift", "t_shift"):
@@ -250,6 +258,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     else:
         student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
+    if cfg.precision == "fp8":  # quantisation-aware: FP8's numerics in the student's forward
+        fake_fp8(student)
     adapt_record = None
     if cfg.attention is not None:  # sparse-aware: the student trains with the pattern it will run with
         dense = copy.deepcopy(student).eval().requires_grad_(False) if cfg.adapt_steps else None
@@ -366,6 +376,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     record = {"stage": "stage3", "recipe": cfg.to_dict(), "train_seconds": round(seconds, 1), "steps": trainer.step,
               "sigmas": sigmas, "selected": best if best is not None else {"step": trainer.step, "metrics": None},
               "evaluations": evals, **({"adapt": adapt_record} if adapt_record is not None else {})}
+    if cfg.precision == "fp8":  # plain Linears again: the bundle is an ordinary model, run with precision="fp8"
+        fake_fp8(student, on=False)
     return student.eval().requires_grad_(False), record
 
 

@@ -380,3 +380,45 @@ def test_pattern_adaptation_brings_the_sparse_student_to_its_dense_velocity(tmp_
         Stage3Config(adapt_steps=-1, attention=LOCAL)
     with pytest.raises(ConfigError, match="stage3.adapt_lr"):
         Stage3Config(adapt_steps=1, adapt_lr=0.0, attention=LOCAL)
+
+
+def test_fp8_aware_student_trains_through_fp8_numerics_and_ships_plain(tmp_path):
+    """stage3.precision "fp8": the student's forward is FP8's emulated numerics (fake_fp8: the
+    same function as to_fp8 of the same weights), gradients reach the float weights, and the
+    result is an ordinary network to run with precision="fp8"."""
+    from flgengine.model.precision import FakeFP8Linear, fake_fp8, to_fp8
+
+    teacher = _teacher()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, ctx = _inputs(B=2, seed=4)
+    fake, real8 = fake_fp8(copy.deepcopy(teacher)), to_fp8(copy.deepcopy(teacher))
+    with torch.no_grad():
+        want, plain = real8(x, t, ctx), teacher(x, t, ctx)
+    got = fake(x, t, ctx)
+    assert_close(got, want, 1e-5, "fake_fp8 vs to_fp8")
+    assert (got - plain).abs().max() > 1e-4  # FP8 rounding changes the function
+    got.square().mean().backward()
+    lin = fake.blocks[0].self_attn.q
+    assert isinstance(lin, FakeFP8Linear) and lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert fake.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
+
+    seen = []
+
+    def evaluate(student):
+        seen.append(isinstance(student.blocks[0].ffn.fc2, FakeFP8Linear) and student.blocks[0].self_attn.precision)
+        return {"adherence": 0.5, "frechet": 1.0 / len(seen), "motion_ratio": 1.0}  # the last is chosen
+
+    cfg = Stage3Config(steps=2, batch_size=2, fake_updates=1, eval_every=1, lr_student=1e-3, real_score="cfg",
+                       prune=False, precision="fp8")
+    student, record = train_stage3(teacher, None, FakeData(), cfg, tmp_path / "s3", evaluate=evaluate, progress=False,
+                                   student_init=teacher)
+    assert seen == ["fp8", "fp8", "fp8"]  # evaluated in FP8
+    assert not any(isinstance(m, FakeFP8Linear) for m in student.modules())
+    assert student.blocks[0].self_attn.precision is None and record["recipe"]["precision"] == "fp8"
+    assert any(not torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+    with pytest.raises(ConfigError, match="stage3.precision"):
+        Stage3Config(precision="fp4")
+    with pytest.raises(ConfigError, match="stage3.precision"):
+        Stage3Config(precision="fp8", device="cuda")

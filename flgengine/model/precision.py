@@ -182,6 +182,42 @@ def to_fp8(model: nn.Module) -> nn.Module:
     return model
 
 
+class FakeFP8Linear(nn.Linear):
+    """A Linear that computes FP8Linear's emulated numerics from its own float weight, for
+    training a network for FP8 (quantisation-aware): y = (x8 * s_x) (w8 * s_w)^T + b with x8, w8
+    the e4m3 roundings of x per token and of the weight per output channel. The roundings pass
+    gradients straight through (a dtype cast's backward), so the float weight learns; its state
+    dict is a Linear's, and `to_fp8` of the trained network computes the same function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w8, ws = F8.quantize_weight(self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        x8, xs = F8.quantize_tokens(flat)
+        y = (x8.float() * xs) @ (w8.float() * ws).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def fake_fp8(model: nn.Module, on: bool = True) -> nn.Module:
+    """Quantisation-aware training mode, in place: the block linears (`FP8_LINEARS`) compute
+    through FakeFP8Linear (the same Parameters) and self-attention runs its FP8 numerics
+    (the reference path, which passes gradients); `on=False` puts plain Linears back."""
+    for block in model.blocks:
+        for name in FP8_LINEARS:
+            parent_name, attr = name.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+            if isinstance(lin, FP8Linear):
+                raise ValueError("fake_fp8 trains float weights: this model's linears are already FP8")
+            new = (FakeFP8Linear if on else nn.Linear)(lin.in_features, lin.out_features, lin.bias is not None,
+                                                      device="meta")
+            new.weight, new.bias = lin.weight, lin.bias
+            setattr(parent, attr, new)
+        block.self_attn.precision = "fp8" if on else None
+    return model
+
+
 def set_precision(model: nn.Module, precision: str) -> nn.Module:
     """"bf16": the model as it is (its own dtype); "fp8": `to_fp8` (not reversible in place)."""
     if precision not in PRECISIONS:
