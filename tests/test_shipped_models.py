@@ -4,7 +4,6 @@ holds the recipe, the measured training time and the measured quality."""
 import json
 
 import numpy as np
-import pytest
 import torch
 
 import flgengine
