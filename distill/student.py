@@ -4,10 +4,9 @@ training, and how it is written (the teacher's text encoder and codec files besi
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
-from flgengine.bundle import bundle_directory, storage_dtype_of, write_bundle_files
+from flgengine.bundle import bundle_directory, copy_parts, storage_dtype_of, write_bundle_files
 from flgengine.config import PipelineConfig, SamplerConfig
 
 from . import stage3 as s3
@@ -50,11 +49,7 @@ def write_student(path: Path, student, pipe, pipeline_config: PipelineConfig, pr
     the few-step pipeline;
     weights stored in `storage_dtype` (e.g. "fp16") when given."""
     path = Path(path)
-    parts = {Path(p).parts[0] for _, p in pipeline_config.part_paths() if not Path(p).is_absolute()}
     with bundle_directory(path) as tmp:
         write_bundle_files(tmp, student, pipeline_config, provenance, storage_dtype=storage_dtype_of(storage_dtype))
-        for sub in sorted(parts):  # the teacher's text encoder(s), tokenizer(s), codec, image encoder
-            src = Path(pipe.path) / sub
-            if src.is_dir():
-                shutil.copytree(src, tmp / sub)
+        copy_parts(pipeline_config, pipe.path, tmp)  # the teacher's text encoder(s), tokenizer(s), codec, image encoder
     return path

@@ -123,13 +123,16 @@ def _describe_bundle(path: str) -> dict:
         "codec": p.codec.kind,
         "image": p.image if p.image_encoder.kind == "none" else f"{p.image} + {p.image_encoder.kind} image tokens",
         "attention": _attention_info(b),
-        "weights": {"stored": b.provenance.get("storage_dtype", "float32"),  # the DiT's (both experts')
-                    "mib": round(sum(f.stat().st_size for f in (Path(b.path) / "model.safetensors",
-                                                                Path(b.path) / "low_noise" / "model.safetensors")
-                                     if f.is_file()) / 2**20, 2)},
+        "weights": {"stored": b.provenance.get("storage_dtype", "float32"), "mib": round(_dit_mib(b.path), 2)},
         "config": c.to_dict(),
         "provenance": b.provenance,
     }
+
+
+def _dit_mib(path) -> float:
+    """MiB of a bundle's DiT weights (both experts of a two-expert bundle)."""
+    files = (Path(path) / "model.safetensors", Path(path) / "low_noise" / "model.safetensors")
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
 
 
 def _build() -> dict:
@@ -155,8 +158,7 @@ def _store(args) -> int:
 
     src = resolve_model(args.bundle)
     out = store_bundle(src, args.output, storage_dtype_of(args.dtype))
-    size = lambda d: sum(p.stat().st_size for p in Path(d).rglob("*.safetensors"))  # noqa: E731
-    print(f"wrote {out}: weights in {args.dtype}, {size(src) / 2**20:.2f} MiB -> {size(out) / 2**20:.2f} MiB "
+    print(f"wrote {out}: DiT weights in {args.dtype}, {_dit_mib(src):.2f} MiB -> {_dit_mib(out):.2f} MiB "
           "(measure it: python -m distill evaluate BUNDLE --write-provenance)")
     return 0
 

@@ -40,7 +40,7 @@ from .version import __version__
 
 __all__ = [  # bundles, and the file helpers of flgengine.files re-exported
     "Bundle", "BUNDLE_FILES", "LOW_NOISE_DIR", "STORAGE_DTYPES", "INT8_SCALE", "INT4_SCALE", "save_bundle",
-    "bundle_directory", "write_bundle_files", "store_bundle", "load_bundle", "read_model_config", "read_json_object",
+    "bundle_directory", "write_bundle_files", "store_bundle", "part_dirs", "copy_parts", "load_bundle", "read_model_config", "read_json_object",
     "read_provenance", "storage_dtype_of", "quantize_int8", "quantize_int4", "dequantize_stored", *files.__all__,
 ]
 
@@ -89,8 +89,7 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
     copied across file systems). `path` may hold nothing else. To write parts too, use
     `bundle_directory(path)` with `write_bundle_files` and the parts' own writers."""
     path = Path(path)
-    parts = {Path(v).parts[0] for _, v in (pipeline or PipelineConfig()).part_paths() if not Path(v).is_absolute()}
-    parts.add(LOW_NOISE_DIR)
+    parts = {*part_dirs(pipeline or PipelineConfig()), LOW_NOISE_DIR}
     if path.is_dir() and not path.is_symlink():
         other = sorted(p.name for p in path.iterdir() if p.name not in (*BUNDLE_FILES, *parts))
         if other:
@@ -106,6 +105,20 @@ def save_bundle(path: str | Path, model, pipeline: PipelineConfig | None = None,
                 _link_or_copy(path / name, tmp / name)
         write_bundle_files(tmp, model, pipeline, provenance, storage_dtype)
     return path
+
+
+def part_dirs(pipeline: PipelineConfig) -> list[str]:
+    """The top-level entries of a bundle that its pipeline's parts live in (text_encoder, vae, ...)."""
+    return sorted({Path(v).parts[0] for _, v in pipeline.part_paths() if not Path(v).is_absolute()})
+
+
+def copy_parts(pipeline: PipelineConfig, src: str | Path, dst: str | Path) -> None:
+    """Copies the parts `pipeline` names (part_dirs) from the bundle directory `src` into `dst`."""
+    for name in part_dirs(pipeline):
+        if (Path(src) / name).is_dir():
+            shutil.copytree(Path(src) / name, Path(dst) / name)
+        elif (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def _link_or_copy(src, dst) -> None:
@@ -165,7 +178,7 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -
     bundle = load_bundle(src, device="cpu", dtype=torch.float32)
     experts = (bundle.model.high, bundle.model.low) if isinstance(bundle.model, TwoExpertDiT) else (bundle.model,)
 
-    def restored(prov: dict, weights: Path) -> dict:
+    def stored_provenance(prov: dict, weights: Path) -> dict:
         prov = dict(prov)
         stage = {"stage": "store", "storage_dtype": storage_name(storage_dtype),
                  "from_storage_dtype": prov.get("storage_dtype", "float32"), "from_weights_sha256": file_sha256(weights)}
@@ -176,18 +189,13 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -
         prov["stages"] = [*prov.get("stages", []), stage]
         return prov
 
-    parts = {Path(v).parts[0] for _, v in bundle.pipeline.part_paths() if not Path(v).is_absolute()}
     with bundle_directory(dst) as tmp:
-        for name in sorted(parts):
-            if (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
-            elif (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_parts(bundle.pipeline, src, tmp)
         if len(experts) == 2:
             low = src / LOW_NOISE_DIR
             write_bundle_files(tmp / LOW_NOISE_DIR, experts[1], None,
-                               restored(read_provenance(low), low / "model.safetensors"), storage_dtype)
-        write_bundle_files(tmp, experts[0], bundle.pipeline, restored(bundle.provenance, src / "model.safetensors"),
+                               stored_provenance(read_provenance(low), low / "model.safetensors"), storage_dtype)
+        write_bundle_files(tmp, experts[0], bundle.pipeline, stored_provenance(bundle.provenance, src / "model.safetensors"),
                            storage_dtype)
     return dst
 

@@ -167,16 +167,21 @@ def quantize_activation(x: torch.Tensor, linear: nn.Module):
     return QuantizedTokens(x) if isinstance(linear, FP8Linear) else x
 
 
-def to_fp8(model: nn.Module) -> nn.Module:
-    """Replaces the block linears (`FP8_LINEARS`) of a DiT by FP8Linear and turns on FP8
-    self-attention, in place. Idempotent."""
+def _block_linears(model: nn.Module):
+    """(block, parent module, attribute, linear) of every block linear FP8 replaces (`FP8_LINEARS`)."""
     for block in model.blocks:
         for name in FP8_LINEARS:
             parent_name, attr = name.rsplit(".", 1)
             parent = block.get_submodule(parent_name)
-            lin = getattr(parent, attr)
-            if isinstance(lin, nn.Linear):
-                setattr(parent, attr, FP8Linear.from_linear(lin))
+            yield block, parent, attr, getattr(parent, attr)
+
+
+def to_fp8(model: nn.Module) -> nn.Module:
+    """Replaces the block linears (`FP8_LINEARS`) of a DiT by FP8Linear and turns on FP8
+    self-attention, in place. Idempotent."""
+    for block, parent, attr, lin in _block_linears(model):
+        if isinstance(lin, nn.Linear):
+            setattr(parent, attr, FP8Linear.from_linear(lin))
         block.self_attn.precision = "fp8"
     model.precision = "fp8"
     return model
@@ -203,17 +208,13 @@ def fake_fp8(model: nn.Module, on: bool = True) -> nn.Module:
     """Quantisation-aware training mode, in place: the block linears (`FP8_LINEARS`) compute
     through FakeFP8Linear (the same Parameters) and self-attention runs its FP8 numerics
     (the reference path, which passes gradients); `on=False` puts plain Linears back."""
-    for block in model.blocks:
-        for name in FP8_LINEARS:
-            parent_name, attr = name.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
-            lin = getattr(parent, attr)
-            if isinstance(lin, FP8Linear):
-                raise ValueError("fake_fp8 trains float weights: this model's linears are already FP8")
-            new = (FakeFP8Linear if on else nn.Linear)(lin.in_features, lin.out_features, lin.bias is not None,
-                                                      device="meta")
-            new.weight, new.bias = lin.weight, lin.bias
-            setattr(parent, attr, new)
+    for block, parent, attr, lin in _block_linears(model):
+        if isinstance(lin, FP8Linear):
+            raise ValueError("fake_fp8 trains float weights: this model's linears are already FP8")
+        new = (FakeFP8Linear if on else nn.Linear)(lin.in_features, lin.out_features, lin.bias is not None,
+                                                  device="meta")
+        new.weight, new.bias = lin.weight, lin.bias
+        setattr(parent, attr, new)
         block.self_attn.precision = "fp8" if on else None
     return model
 
