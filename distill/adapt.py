@@ -1,19 +1,22 @@
-"""Pattern adaptation: how a sparse-aware Stage III starts.
+"""Adaptation: how a sparse-aware or FP8-aware Stage III starts.
 
-A student trained dense and then run with a block-sparse self-attention pattern breaks: the keys
-it no longer sees carried softmax mass it was trained with (on the shapes world, adherence 0.93
-falls to 0.2-0.5 at density <= 0.4 without training, and DMD steps from there do not recover it).
-So before its DMD steps the student, with the pattern on, first learns what it computed without
-it, at its own sampling steps, along its own dense trajectories:
+A student trained dense and in full precision, then run another way, drifts from what it was
+trained to compute. With a block-sparse self-attention pattern it breaks: the keys it no longer
+sees carried softmax mass (on the shapes world, adherence 0.93 falls to 0.2-0.5 at density <= 0.4
+without training, and DMD steps from there do not recover it). In FP8 (e4m3 weights and
+activations, 3 mantissa bits) it loses a few videos. So before any DMD steps the student, run the
+new way (its pattern on, FP8's numerics in its forward), first learns what its dense fp32 self
+computes, at its own sampling steps, along its own dense trajectories:
 
     z ~ N(0, I),  k ~ U{0, ..., K-1}
     x = the dense student's state at its step k from z        (steps 0..k-1 without gradients:
                                                                 x0 = x - s_i v(x), x = (1 - s_{i+1}) x0 + s_{i+1} eps)
-    L = || v_sparse(x, s_k) - v_dense(x, s_k) ||^2
+    L = || v_new(x, s_k) - v_dense(x, s_k) ||^2
 
-Self-distillation of the pattern: no teacher and no clips, only prompts (and the first frames of
-an image-to-video student). `stage3.adapt_steps` steps of `stage3.batch_size` at the constant
-`stage3.adapt_lr`, in OUT/adapt (resumable like every stage); then the DMD steps continue from it.
+Self-distillation: no teacher and no clips, only prompts (and the first frames of an
+image-to-video student). `stage3.adapt_steps` steps of `stage3.batch_size` at the constant
+`stage3.adapt_lr`, in OUT/adapt (resumable like every stage); then the DMD steps (if any)
+continue from it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from .stage3 import RUNTIME, _draw_global, latent_shape, student_state
 from .trainer import Trainer
 
 
-def adapt_to_pattern(student: DiT, dense: DiT, data, cfg, out, progress: bool = True) -> tuple[DiT, dict]:
-    """Trains `student` (its pattern set) to give `dense`'s velocity (the same network without
-    the pattern, frozen) at the sampler's steps `cfg.sigmas()`; returns it and a provenance record."""
+def adapt_student(student: DiT, dense: DiT, data, cfg, out, progress: bool = True) -> tuple[DiT, dict]:
+    """Trains `student` (its pattern set and / or FP8's numerics on) to give `dense`'s velocity (the
+    same network as it was, frozen) at the sampler's steps `cfg.sigmas()`; returns it and a
+    provenance record."""
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.adapt_lr, betas=(0.9, 0.99), weight_decay=0.0)
     recipe = {"adapt": {"steps": cfg.adapt_steps, "lr": cfg.adapt_lr, "batch_size": cfg.batch_size,
-                        "attention": cfg.attention, "sigmas": cfg.sigmas(), "seed": cfg.seed}}
+                        "attention": cfg.attention,
+                        "precision": cfg.precision, "sigmas": cfg.sigmas(), "seed": cfg.seed}}
     trainer = Trainer(out, {"student": student}, {"student": opt}, cfg.adapt_steps, recipe, runtime=RUNTIME,
                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="adapt", progress=progress)
     net, sigmas = trainer.wrap(student), cfg.sigmas()

@@ -95,8 +95,9 @@ class Stage3Config(JsonConfig):
     # config.json's "attention" (kind, tile, window, block, head_windows); the student bundle
     # keeps it. None: dense. The real and fake scores stay dense.
     attention: dict | None = None
-    # with `attention`: the sparse-aware start (distill/adapt.py): before the DMD steps the student,
-    # pattern on, learns its own dense velocity for `adapt_steps` steps at `adapt_lr`; 0: none
+    # with `attention` or precision "fp8": the student first learns to compute again what it computed
+    # dense and in fp32 (distill/adapt.py), pattern / FP8 on, for `adapt_steps` steps at `adapt_lr`,
+    # then takes the DMD steps; 0: no adaptation. With adaptation, `steps` may be 0 (adaptation only)
     adapt_steps: int = 0
     adapt_lr: float = 1e-4
     # "fp8": quantisation-aware, the student trains with FP8's numerics in its forward (block linears
@@ -126,15 +127,16 @@ class Stage3Config(JsonConfig):
 
         need(isinstance(self.adapt_steps, int) and not isinstance(self.adapt_steps, bool) and self.adapt_steps >= 0,
              "adapt_steps", "an integer >= 0")
-        need(self.adapt_steps == 0 or self.attention is not None, "adapt_steps",
-             "0 without stage3.attention (it adapts the student to that pattern)")
+        need(self.adapt_steps == 0 or self.attention is not None or self.precision == "fp8", "adapt_steps",
+             "0 unless the student runs differently from its dense self (stage3.attention or precision fp8)")
         need(isinstance(self.adapt_lr, (int, float)) and math.isfinite(self.adapt_lr) and self.adapt_lr > 0,
              "adapt_lr", "> 0")
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         need(self.precision == "bf16" or self.device == "cpu", "precision",
              '"bf16" on CUDA (FP8-aware training runs the reference numerics, on the CPU)')
         for key in ("steps", "batch_size", "fake_updates", "num_steps", "checkpoint_every", "eval_every"):
-            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
+            least = 0 if key == "steps" and self.adapt_steps else 1  # adaptation alone: no DMD steps
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= least, key, f"an integer >= {least}")
         for key in ("lr_student", "lr_fake", "shift", "t_shift"):
             need(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "> 0")
         need(self.real_score in REAL_SCORES, "real_score", f"one of {REAL_SCORES}")
@@ -258,17 +260,18 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     else:
         student = (apply_plan(init, plan) if cfg.prune and plan is not None else copy.deepcopy(init))
     student = student.to(cfg.device).train().requires_grad_(True)
+    # the student as it runs without a pattern, in fp32: what adaptation teaches it to compute again
+    dense = copy.deepcopy(student).eval().requires_grad_(False) if cfg.adapt_steps else None
     if cfg.precision == "fp8":  # quantisation-aware: FP8's numerics in the student's forward
         fake_fp8(student)
-    adapt_record = None
     if cfg.attention is not None:  # sparse-aware: the student trains with the pattern it will run with
-        dense = copy.deepcopy(student).eval().requires_grad_(False) if cfg.adapt_steps else None
         student.set_attention(cfg.attention)
-        if cfg.adapt_steps:  # first its dense self's velocity with the pattern on (distill/adapt.py)
-            from .adapt import adapt_to_pattern
+    adapt_record = None
+    if cfg.adapt_steps:  # first its dense fp32 self's velocity, pattern / FP8 on (distill/adapt.py)
+        from .adapt import adapt_student
 
-            student, adapt_record = adapt_to_pattern(student, dense, data, cfg, Path(out) / "adapt", progress)
-            student.train().requires_grad_(True)
+        student, adapt_record = adapt_student(student, dense, data, cfg, Path(out) / "adapt", progress)
+        student.train().requires_grad_(True)
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
     # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
     # the result; the networks are sharded before the optimisers are made
