@@ -38,7 +38,7 @@ def adapt_student(student: DiT, dense: DiT, data, cfg, out, progress: bool = Tru
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.adapt_lr, betas=(0.9, 0.99), weight_decay=0.0)
     recipe = {"adapt": {"steps": cfg.adapt_steps, "lr": cfg.adapt_lr, "batch_size": cfg.batch_size,
                         "attention": cfg.attention,
-                        "precision": cfg.precision, "sigmas": cfg.sigmas(), "seed": cfg.seed}}
+                        **({"precision": cfg.precision} if cfg.precision != "bf16" else {}), "sigmas": cfg.sigmas(), "seed": cfg.seed}}
     trainer = Trainer(out, {"student": student}, {"student": opt}, cfg.adapt_steps, recipe, runtime=RUNTIME,
                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="adapt", progress=progress)
     net, sigmas = trainer.wrap(student), cfg.sigmas()
