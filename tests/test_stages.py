@@ -422,3 +422,32 @@ def test_fp8_aware_student_trains_through_fp8_numerics_and_ships_plain(tmp_path)
         Stage3Config(precision="fp4")
     with pytest.raises(ConfigError, match="stage3.precision"):
         Stage3Config(precision="fp8", device="cuda")
+
+
+def test_fp8_adaptation_alone_trains_the_fp8_student_towards_its_fp32_self(tmp_path):
+    """stage3.adapt_steps with precision "fp8" and steps 0: the student, in FP8's numerics, learns
+    its own fp32 velocity (distill/adapt.py), no DMD step follows, and the evaluation runs in FP8.
+    (On the shapes world it wins back the videos FP8 loses: bench/RESULTS.md; a random tiny network's
+    FP8 error is rounding noise with nothing to learn, so here the mechanism is checked.)"""
+    torch.manual_seed(0)
+    dense = DiT(tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=2)).eval()
+    with torch.no_grad():  # away from the zero-initialised gates, so every linear matters
+        for p in dense.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    seen = []
+    cfg = Stage3Config(steps=0, batch_size=4, fake_updates=1, real_score="cfg", prune=False, precision="fp8",
+                       adapt_steps=6, adapt_lr=1e-4, checkpoint_every=3)
+    student, record = train_stage3(dense, None, FakeData(), cfg, tmp_path / "s3", progress=False, student_init=dense,
+                                   evaluate=lambda s: seen.append(s.blocks[0].self_attn.precision) or
+                                   {"adherence": 0.5, "frechet": 1.0, "motion_ratio": 1.0})
+    assert seen == ["fp8"] and record["steps"] == 0 and record["selected"]["step"] == 0  # adapted, then evaluated
+    adapt = record["adapt"]
+    assert adapt["recipe"]["precision"] == "fp8" and adapt["steps"] == 6
+    # the target is the network as it was, in fp32: the FP8 student starts away from it (a target
+    # copied after the FP8 switch would give exactly 0)
+    assert adapt["loss_first"] > 1e-7
+    assert any(not torch.equal(v, dense.state_dict()[k]) for k, v in student.state_dict().items())
+    with pytest.raises(ConfigError, match="stage3.adapt_steps"):
+        Stage3Config(adapt_steps=10)  # bf16, dense: nothing to adapt to
+    with pytest.raises(ConfigError, match="stage3.steps"):
+        Stage3Config(steps=0)  # no DMD steps and no adaptation: nothing to train
