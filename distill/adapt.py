@@ -14,8 +14,9 @@ computes, at its own sampling steps, along its own dense trajectories:
     L = || v_new(x, s_k) - v_dense(x, s_k) ||^2
 
 Self-distillation: no teacher and no clips, only prompts (and the first frames of an
-image-to-video student). `stage3.adapt_steps` steps of `stage3.batch_size` at the constant
-`stage3.adapt_lr`, in OUT/adapt (resumable like every stage); then the DMD steps (if any)
+image-to-video student). `stage3.adapt_steps` steps of `stage3.batch_size` at `stage3.adapt_lr`
+(constant, or decayed to a tenth along a cosine with `adapt_schedule: cosine`), in OUT/adapt
+(resumable like every stage); then the DMD steps (if any)
 continue from it.
 """
 
@@ -28,7 +29,7 @@ from flgengine.model import DiT
 
 from .data import condition_of, conditioned
 from .stage3 import RUNTIME, _draw_global, latent_shape, student_state
-from .trainer import Trainer
+from .trainer import Trainer, cosine_lr
 
 
 def adapt_student(student: DiT, dense: DiT, data, cfg, out, progress: bool = True) -> tuple[DiT, dict]:
@@ -38,9 +39,12 @@ def adapt_student(student: DiT, dense: DiT, data, cfg, out, progress: bool = Tru
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.adapt_lr, betas=(0.9, 0.99), weight_decay=0.0)
     recipe = {"adapt": {"steps": cfg.adapt_steps, "lr": cfg.adapt_lr, "batch_size": cfg.batch_size,
                         "attention": cfg.attention,
-                        **({"precision": cfg.precision} if cfg.precision != "bf16" else {}), "sigmas": cfg.sigmas(), "seed": cfg.seed}}
+                        **({"precision": cfg.precision} if cfg.precision != "bf16" else {}),
+                        **({"schedule": cfg.adapt_schedule, "schedule_steps": cfg.adapt_steps}
+                           if cfg.adapt_schedule != "constant" else {}), "sigmas": cfg.sigmas(), "seed": cfg.seed}}
+    schedule = (lambda s: cosine_lr(s, cfg.adapt_steps, 1.0, 0)) if cfg.adapt_schedule == "cosine" else None
     trainer = Trainer(out, {"student": student}, {"student": opt}, cfg.adapt_steps, recipe, runtime=RUNTIME,
-                      checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="adapt", progress=progress)
+                      schedule=schedule, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="adapt", progress=progress)
     net, sigmas = trainer.wrap(student), cfg.sigmas()
     draw = lambda shape: _draw_global(shape, trainer.gen, trainer).to(cfg.device)  # noqa: E731
     first = last = None
@@ -57,7 +61,7 @@ def adapt_student(student: DiT, dense: DiT, data, cfg, out, progress: bool = Tru
             target = conditioned(dense, cond)(x, T, context)
         loss = F.mse_loss(conditioned(net, cond)(x, T, context), target)
         grad_norm = trainer.update("student", loss)
-        trainer.log(loss=loss.item(), grad_norm=grad_norm, k=k)
+        trainer.log(loss=loss.item(), grad_norm=grad_norm, k=k, lr=opt.param_groups[0]["lr"])
         first = loss.item() if first is None else first
         last = loss.item()
     seconds = trainer.close()

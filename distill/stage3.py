@@ -52,6 +52,7 @@ from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_dec
 # how a run runs, not what it computes: `steps` too, since Stage III's learning rates are
 # constant (no schedule over the run), so a run resumed with more steps trains on exactly as an
 # uninterrupted longer run would ("train longer": the same out, a larger steps)
+ADAPT_SCHEDULES = ("constant", "cosine")
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp", "steps")
 REAL_SCORES = ("well-guided", "cfg")
 
@@ -100,6 +101,8 @@ class Stage3Config(JsonConfig):
     # then takes the DMD steps; 0: no adaptation. With adaptation, `steps` may be 0 (adaptation only)
     adapt_steps: int = 0
     adapt_lr: float = 1e-4
+    # "constant" adapt_lr, or "cosine": decayed from adapt_lr to a tenth of it over adapt_steps
+    adapt_schedule: str = "constant"
     # "fp8": quantisation-aware, the student trains with FP8's numerics in its forward (block linears
     # and self-attention through model.precision.fake_fp8; gradients straight through the roundings),
     # for a student meant to run with precision="fp8"; the CPU's reference numerics (no CUDA yet)
@@ -110,7 +113,8 @@ class Stage3Config(JsonConfig):
     # with plain CFG ("cfg"), the fake score starts from the teacher.
     init_student: str | None = None
 
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
+                                               "adapt_schedule")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -131,6 +135,7 @@ class Stage3Config(JsonConfig):
              "0 unless the student runs differently from its dense self (stage3.attention or precision fp8)")
         need(isinstance(self.adapt_lr, (int, float)) and math.isfinite(self.adapt_lr) and self.adapt_lr > 0,
              "adapt_lr", "> 0")
+        need(self.adapt_schedule in ADAPT_SCHEDULES, "adapt_schedule", f"one of {', '.join(ADAPT_SCHEDULES)}")
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         need(self.precision == "bf16" or self.device == "cpu", "precision",
              '"bf16" on CUDA (FP8-aware training runs the reference numerics, on the CPU)')

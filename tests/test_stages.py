@@ -1,6 +1,7 @@
 """Stage II (probabilistic pruning) and Stage III (well-guided DMD) on tiny models."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -380,6 +381,8 @@ def test_pattern_adaptation_brings_the_sparse_student_to_its_dense_velocity(tmp_
         Stage3Config(adapt_steps=-1, attention=LOCAL)
     with pytest.raises(ConfigError, match="stage3.adapt_lr"):
         Stage3Config(adapt_steps=1, adapt_lr=0.0, attention=LOCAL)
+    with pytest.raises(ConfigError, match="stage3.adapt_schedule"):
+        Stage3Config(adapt_steps=1, adapt_schedule="linear", attention=LOCAL)
 
 
 def test_fp8_aware_student_trains_through_fp8_numerics_and_ships_plain(tmp_path):
@@ -436,13 +439,16 @@ def test_fp8_adaptation_alone_trains_the_fp8_student_towards_its_fp32_self(tmp_p
             p.add_(0.2 * torch.randn_like(p))
     seen = []
     cfg = Stage3Config(steps=0, batch_size=4, fake_updates=1, real_score="cfg", prune=False, precision="fp8",
-                       adapt_steps=6, adapt_lr=1e-4, checkpoint_every=3)
+                       adapt_steps=6, adapt_lr=1e-4, adapt_schedule="cosine", checkpoint_every=3)
     student, record = train_stage3(dense, None, FakeData(), cfg, tmp_path / "s3", progress=False, student_init=dense,
                                    evaluate=lambda s: seen.append(s.blocks[0].self_attn.precision) or
                                    {"adherence": 0.5, "frechet": 1.0, "motion_ratio": 1.0})
     assert seen == ["fp8"] and record["steps"] == 0 and record["selected"]["step"] == 0  # adapted, then evaluated
     adapt = record["adapt"]
     assert adapt["recipe"]["precision"] == "fp8" and adapt["steps"] == 6
+    assert adapt["recipe"]["schedule"] == "cosine" and adapt["recipe"]["schedule_steps"] == 6
+    last = json.loads((tmp_path / "s3" / "adapt" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 6 and last["lr"] < 0.5e-4  # the last step's lr, decayed along the cosine from 1e-4
     # the target is the network as it was, in fp32: the FP8 student starts away from it (a target
     # copied after the FP8 switch would give exactly 0)
     assert adapt["loss_first"] > 1e-7
