@@ -22,8 +22,9 @@ Every `eval_every` steps `evaluate(student)` (the shapes world's evaluator metri
 the student and its weights are kept (OUT/evals/); at the end `select` picks the result, not
 the last step (a long Stage III over-saturates colour and exaggerates motion): among the
 evaluations with motion within 15% of the true speed, those whose adherence is within one
-standard error of the best, and of those the lowest Frechet distance. (Adherence alone would
-trade a 2-video edge on 180 videos for twice the Frechet distance.)
+standard error of the best (for an image-to-video student then likewise appearance kept), and
+of those the lowest Frechet distance. (Adherence alone would trade a 2-video edge on 180 videos
+for twice the Frechet distance.)
 """
 
 from __future__ import annotations
@@ -224,15 +225,24 @@ def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> t
 def select(evals: list[dict]) -> dict:
     """The checkpoint to keep from `evals` ([{"step", "metrics"}], metrics with adherence,
     frechet, motion_ratio and videos, the number of videos scored): among those with motion
-    within 15% of the true speed (all, if none is), the ones whose adherence is within one standard error sqrt(a (1 - a) / videos)
-    of the best adherence a; of those the lowest Frechet distance (ties: the higher adherence)."""
+    within 15% of the true speed (all, if none is), the ones whose adherence is within one
+    standard error sqrt(a (1 - a) / videos) of the best adherence a; for an image-to-video
+    student (metrics with appearance_kept) of those the ones whose appearance kept is within one
+    standard error of theirs the best; of those the lowest Frechet distance (ties: the higher
+    adherence)."""
     if not evals:
         raise ValueError("select: no evaluations")
     pool = [e for e in evals if abs(e["metrics"].get("motion_ratio", 1.0) - 1.0) <= 0.15] or list(evals)
-    best = max(e["metrics"]["adherence"] for e in pool)
-    videos = pool[0]["metrics"].get("videos")  # unknown: adherence alone decides
-    se = math.sqrt(best * (1 - best) / videos) if videos else 0.0
-    close = [e for e in pool if e["metrics"]["adherence"] >= best - se - 1e-12]
+    videos = pool[0]["metrics"].get("videos")  # unknown: the best alone is close
+
+    def close_to_best(pool: list[dict], key: str) -> list[dict]:
+        best = max(e["metrics"][key] for e in pool)
+        se = math.sqrt(best * (1 - best) / videos) if videos else 0.0
+        return [e for e in pool if e["metrics"][key] >= best - se - 1e-12]
+
+    close = close_to_best(pool, "adherence")
+    if all("appearance_kept" in e["metrics"] for e in close):
+        close = close_to_best(close, "appearance_kept")
     return min(close, key=lambda e: (e["metrics"].get("frechet", 0.0), -e["metrics"]["adherence"]))
 
 

@@ -233,6 +233,15 @@ def test_selection_prefers_lower_frechet_within_the_adherence_noise():
     # motion beyond 15% of the true speed is out while another checkpoint is in
     assert select([ev(250, 0.83, 100, motion=1.3), ev(300, 0.82, 500)])["step"] == 300
     assert select([ev(250, 0.83, 100, motion=1.3)])["step"] == 250
+    # image to video: within the adherence noise, appearance kept (its own standard error) before Frechet distance
+    def iv(step, adherence, appearance, frechet):
+        e = ev(step, adherence, frechet)
+        e["metrics"]["appearance_kept"] = appearance
+        return e
+
+    assert select([iv(100, 0.822, 0.667, 427), iv(150, 0.878, 0.717, 224), iv(300, 0.9, 0.6, 307)])["step"] == 150
+    assert select([iv(150, 0.878, 0.70, 224), iv(300, 0.9, 0.72, 307)])["step"] == 150  # 0.02 is within noise
+    assert select([iv(150, 0.878, 0.60, 224), iv(300, 0.9, 0.72, 307)])["step"] == 300
     with pytest.raises(ValueError, match="no evaluations"):
         select([])
 
