@@ -16,8 +16,7 @@ computes, at its own sampling steps, along its own dense trajectories:
 Self-distillation: no teacher and no clips, only prompts (and the first frames of an
 image-to-video student). `stage3.adapt_steps` steps of `stage3.batch_size` at `stage3.adapt_lr`
 (constant, or decayed to a tenth along a cosine with `adapt_schedule: cosine`), in OUT/adapt
-(resumable like every stage); then the DMD steps (if any)
-continue from it.
+(resumable like every stage); then the DMD steps (if any) continue from it.
 """
 
 from __future__ import annotations

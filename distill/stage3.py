@@ -52,10 +52,11 @@ from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_dec
 
 # how a run runs, not what it computes: `steps` too, since Stage III's learning rates are
 # constant (no schedule over the run), so a run resumed with more steps trains on exactly as an
-# uninterrupted longer run would ("train longer": the same out, a larger steps)
-ADAPT_SCHEDULES = ("constant", "cosine")
+# uninterrupted longer run would ("train longer": the same out, a larger steps); a cosine
+# adaptation, whose rate depends on its length, records that length as its `schedule_steps`
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp", "steps")
 REAL_SCORES = ("well-guided", "cfg")
+ADAPT_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -235,10 +236,10 @@ def select(evals: list[dict]) -> dict:
     pool = [e for e in evals if abs(e["metrics"].get("motion_ratio", 1.0) - 1.0) <= 0.15] or list(evals)
     videos = pool[0]["metrics"].get("videos")  # unknown: the best alone is close
 
-    def close_to_best(pool: list[dict], key: str) -> list[dict]:
-        best = max(e["metrics"][key] for e in pool)
+    def close_to_best(among: list[dict], key: str) -> list[dict]:
+        best = max(e["metrics"][key] for e in among)
         se = math.sqrt(best * (1 - best) / videos) if videos else 0.0
-        return [e for e in pool if e["metrics"][key] >= best - se - 1e-12]
+        return [e for e in among if e["metrics"][key] >= best - se - 1e-12]
 
     close = close_to_best(pool, "adherence")
     if all("appearance_kept" in e["metrics"] for e in close):
