@@ -181,7 +181,8 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -
     def stored_provenance(prov: dict, weights: Path) -> dict:
         prov = dict(prov)
         stage = {"stage": "store", "storage_dtype": storage_name(storage_dtype),
-                 "from_storage_dtype": prov.get("storage_dtype", "float32"), "from_weights_sha256": file_sha256(weights)}
+                 "from_storage_dtype": prov.get("storage_dtype", "float32"), "from_weights_sha256": file_sha256(weights),
+                 **({"int4_scales": "least-squares clip"} if storage_dtype == torch.int4 else {})}  # earlier: max |w|
         for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
             prov.pop(key, None)  # write_bundle_files writes them anew
         if "evaluation" in prov:

@@ -153,11 +153,11 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
     plan, stage3 = stages[0], next(s for s in stages if s["stage"] == "stage3")
     assert "FastLightGen student" in text and f"- plan: dropped blocks {plan['drop']}" in text
     assert f"- stage3: {stage3['steps']} steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
-    assert "- store: weights stored in int8 (were float16)" in text
+    assert "- store: weights stored in int8 (were float16)" in text and "- store: weights stored in int4 (were int8)" in text
     assert cli(["info", "shapes-4step", "--json"]) == 0
     weights = json.loads(capsys.readouterr().out)["weights"]
     stored = resolve_model("shapes-4step") / "model.safetensors"
-    assert weights == {"stored": "int8", "mib": round(stored.stat().st_size / 2**20, 2)}
+    assert weights == {"stored": "int4", "mib": round(stored.stat().st_size / 2**20, 2)}
 
     assert cli(["generate", "x", "--model", str(teacher), "--frames", "8", "--quiet"]) == 2
     assert "4k+1" in capsys.readouterr().err

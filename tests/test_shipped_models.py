@@ -1,6 +1,7 @@
 """The models shipped in flgengine/assets: loadable by name, small, and their provenance
 holds the recipe, the measured training time and the measured quality."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -78,6 +79,34 @@ def test_shapes_student_is_the_4_step_pruned_distillation_of_the_teacher():
     assert ev["fd"] > 0 and ev["motion"]["ratio"] > 0
 
 
+def test_sparse_student_is_the_shipped_student_trained_for_its_block_sparse_pattern():
+    """shapes-4step-sparse: shapes-4step continued by Stage III with its self-attention pattern on
+    (pattern adaptation, then DMD), the pattern in config.json, evaluated with it; it runs the
+    pattern (its videos differ from the same weights run dense) and draws the prompted colour."""
+    from distill.evaluator import classify, load_evaluator
+
+    assert "shapes-4step-sparse" in shipped_models()
+    sparse, dense = flgengine.load("shapes-4step-sparse"), flgengine.load("shapes-4step")
+    attention = sparse.dit.config.attention
+    assert attention is not None and attention.kind == "per_head" and dense.dit.config.attention is None
+    assert sparse.dit.config.block_ids == dense.dit.config.block_ids and sparse.config.sampler.num_steps == 4
+    prov = json.loads((ASSETS / "shapes-4step-sparse" / "provenance.json").read_text())
+    dense_prov = json.loads((ASSETS / "shapes-4step" / "provenance.json").read_text())
+    assert prov["init_student"]["weights_sha256"] in weights_lineage(dense_prov)
+    stage3 = [s for s in prov["stages"] if s["stage"] == "stage3"][-1]
+    assert stage3["recipe"]["adapt_steps"] > 0
+    assert stage3["recipe"]["attention"] == json.loads(json.dumps(dataclasses.asdict(attention)))
+    ev = prov["evaluation"]
+    assert ev["videos"] >= 180 and ev["steps"] == 4 and 0 <= ev["prompt_adherence"]["adherence"] <= 1 and ev["fd"] > 0
+    prompts = [shapes.prompt_of(c, "square", d) for c, d in zip(shapes.COLOURS, ("up", "down", "left", "right", "up"))]
+    videos = sparse(prompts, seed=5, progress=False)
+    dense_weights = flgengine.load("shapes-4step-sparse")
+    dense_weights.dit.set_attention(None)
+    assert not torch.equal(videos, dense_weights(prompts, seed=5, progress=False))  # the pattern is on
+    read = classify(load_evaluator(), videos)
+    assert sum(r == p.split()[1] for r, p in zip(read["colour"], prompts)) >= 4, (prompts, read["colour"])
+
+
 def test_default_model_is_the_student_and_draws_the_prompted_colour_in_4_steps():
     from distill.evaluator import classify, load_evaluator
 
@@ -105,7 +134,7 @@ def test_image_to_video_models_are_the_teacher_and_its_pruned_4_step_student():
     assert 0.25 <= removed <= 0.40, removed
     t_prov = json.loads((ASSETS / "shapes-i2v-teacher" / "provenance.json").read_text())
     s_prov = json.loads((ASSETS / "shapes-i2v-4step" / "provenance.json").read_text())
-    assert t_prov["storage_dtype"] == "int4" and s_prov["storage_dtype"] == "int8"
+    assert t_prov["storage_dtype"] == s_prov["storage_dtype"] == "int4"
     assert s_prov["teacher"]["weights_sha256"] in weights_lineage(t_prov)
     init = next(s for s in t_prov["stages"] if s["stage"] == "train-teacher")["recipe"]
     assert init["image"] == "first_frame" and init["init_from"].endswith("shapes-teacher")
