@@ -177,10 +177,12 @@ def _info(args) -> int:
         print(f"{'provenance':>14}: {prov.get('kind', '?')} (--verbose for all of it)")
         for stage in prov.get("stages") or []:
             print(f"{'':>14}  - {_stage_summary(stage)}")
-        ev = prov.get("evaluation")
-        if ev:
+        for key, label in (("evaluation", "evaluation"), ("evaluation_fp8", "in fp8")):  # as stored; in FP8
+            ev = prov.get(key)
+            if not ev:
+                continue
             a = ev["prompt_adherence"]
-            print(f"{'evaluation':>14}: {ev['videos']} videos, {ev['steps']} steps: adherence {a['adherence']:.3f} "
+            print(f"{label:>14}: {ev['videos']} videos, {ev['steps']} steps: adherence {a['adherence']:.3f} "
                   f"(colour {a['colour']:.3f}, shape {a['shape']:.3f}, direction {a['direction']:.3f}), "
                   f"motion {ev['motion']['ratio']:.2f}x, FD {ev['fd']:.0f} (floor {ev['fd_real_vs_real']:.0f}), "
                   f"{ev['seconds_per_video']:.3f} s/video"

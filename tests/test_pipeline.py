@@ -153,6 +153,7 @@ def test_cli_generate_and_info(teacher, tmp_path, capsys):
     plan, stage3 = stages[0], next(s for s in stages if s["stage"] == "stage3")
     assert "FastLightGen student" in text and f"- plan: dropped blocks {plan['drop']}" in text
     assert f"- stage3: {stage3['steps']} steps" in text and "evaluation: 180 videos, 4 steps: adherence" in text
+    assert "in fp8: 180 videos, 4 steps: adherence" in text  # the student measured in each precision
     assert "- store: weights stored in int8 (were float16)" in text and "- store: weights stored in int4 (were int8)" in text
     assert cli(["info", "shapes-4step", "--json"]) == 0
     weights = json.loads(capsys.readouterr().out)["weights"]

@@ -107,6 +107,17 @@ def test_sparse_student_is_the_shipped_student_trained_for_its_block_sparse_patt
     assert sum(r == p.split()[1] for r, p in zip(read["colour"], prompts)) >= 4, (prompts, read["colour"])
 
 
+def test_shipped_students_state_their_quality_in_each_precision():
+    """Every shipped student holds its evaluation as stored (bf16 numerics: fp32 on the CPU) and
+    in FP8 (`distill evaluate --precision fp8 --write-provenance`), on the same videos."""
+    for name in ("shapes-4step", "shapes-4step-sparse", "shapes-i2v-4step"):
+        prov = json.loads((ASSETS / name / "provenance.json").read_text())
+        ev, fp8 = prov["evaluation"], prov["evaluation_fp8"]
+        assert ev["precision"] == "bf16" and fp8["precision"] == "fp8", name
+        assert ev["videos"] == fp8["videos"] >= 180 and ev["seeds"] == fp8["seeds"] and ev["steps"] == fp8["steps"] == 4
+        assert 0 <= fp8["prompt_adherence"]["adherence"] <= 1 and fp8["fd"] > 0, name
+
+
 def test_default_model_is_the_student_and_draws_the_prompted_colour_in_4_steps():
     from distill.evaluator import classify, load_evaluator
 
