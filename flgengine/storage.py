@@ -131,15 +131,12 @@ def _int4_scales(w: torch.Tensor) -> torch.Tensor:
     """Per group of w (out, groups, group) the fp16 scale c * max|w| / 7, c in INT4_CLIPS, with
     the smallest squared rounding error over the group: (out, groups, 1) float16."""
     amax = w.abs().amax(-1, keepdim=True)  # (out, groups, 1)
-    best, best_err = None, None
-    for c in INT4_CLIPS:
+    best, best_err = amax.half(), torch.full_like(amax, float("inf"))
+    for c in INT4_CLIPS:  # from c = 1 down: ties keep the larger clip
         s = (amax * c / 7.0).half()
         err = ((_int4_round(w, s.float()) * s.float() - w) ** 2).sum(-1, keepdim=True)  # (out, groups, 1)
-        if best is None:
-            best, best_err = s, err
-        else:
-            better = err < best_err  # ties keep the larger clip
-            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best
 
 

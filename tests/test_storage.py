@@ -33,12 +33,12 @@ def _int4_reference(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
     return out, scales
 
 
-def _absmax_error(w: torch.Tensor, group: int) -> float:
-    """Squared error of int4 with the plain max |w| / 7 scale (no clip), float64."""
+def _plain_errors(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-group squared error (rows, groups) of int4 with the plain max |w| / 7 scale (no clip), float64."""
     x = w.double().reshape(w.shape[0], -1, group)
     s = (x.abs().amax(-1, keepdim=True) / 7.0).half().double()
     q = torch.where(s > 0, (x / s.clamp_min(1e-300)).round().clamp(-7, 7), 0.0)
-    return float(((q * s - x) ** 2).sum())
+    return ((q * s - x) ** 2).sum(-1)
 
 
 @pytest.mark.parametrize("group", [64, 8])
@@ -55,7 +55,8 @@ def test_int4_round_trip_equals_the_formula_and_beats_the_plain_max_scale(group)
     got = dequantize_stored(dict(stored), "test")[key]
     want, scale = _int4_reference(w, group)
     assert got.dtype == torch.float32
-    q = got.double() / scale.repeat_interleave(group, dim=1).clamp_min(1e-300)
+    stored_step = scale16.double().repeat_interleave(group, dim=1)
+    q = got.double() / stored_step.clamp_min(1e-300)
     assert torch.equal(q, q.round()) and q.abs().max() <= 7  # every weight is q * its group's stored scale
     # the reference's scale, up to near-ties of the error (float32 in the library, float64 here)
     same = torch.isclose(scale16.double(), scale, rtol=0, atol=0)
@@ -63,11 +64,10 @@ def test_int4_round_trip_equals_the_formula_and_beats_the_plain_max_scale(group)
     assert torch.allclose(got.double()[same.repeat_interleave(group, dim=1)], want[same.repeat_interleave(group, dim=1)])
     err = ((got.double() - w.double()) ** 2).sum().item()
     assert err <= ((want - w.double()) ** 2).sum().item() * (1 + 1e-5)
-    assert err <= _absmax_error(w, group) * (1 + 1e-5)  # never worse than no clip
-    step = scale.repeat_interleave(group, dim=1)
-    inside = w.double().abs() <= 7 * step
+    assert err <= _plain_errors(w, group).sum().item() * (1 + 1e-5)  # never worse than no clip
+    inside = w.double().abs() <= 7 * stored_step
     # inside the clip, half a step (the fp16 rounding of the scale moves the largest value by up to 7 * s * 2^-11)
-    assert ((got.double() - w.double()).abs()[inside] <= (step * (0.5 + 7 * 2.0**-11))[inside] + 1e-12).all()
+    assert ((got.double() - w.double()).abs()[inside] <= (stored_step * (0.5 + 7 * 2.0**-11))[inside] + 1e-12).all()
     assert torch.equal(got[2, :group], torch.zeros(group))
 
 
@@ -77,9 +77,7 @@ def test_int4_clip_lowers_the_error_of_gaussian_weights():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.02
     got = dequantize_stored(quantize_int4({"blocks.0.ffn.fc2.weight": w}), "test")["blocks.0.ffn.fc2.weight"]
     err = ((got.double() - w.double()) ** 2).reshape(64, -1, 64).sum(-1)  # (rows, groups)
-    x = w.double().reshape(64, -1, 64)
-    s = (x.abs().amax(-1, keepdim=True) / 7.0).half().double()
-    plain = (((x / s).round().clamp(-7, 7) * s - x) ** 2).sum(-1)
+    plain = _plain_errors(w, 64)
     assert (err <= plain * (1 + 1e-5)).all()
     assert err.sum() < 0.95 * plain.sum()
 
