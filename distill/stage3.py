@@ -85,6 +85,13 @@ class Stage3Config(JsonConfig):
     # paired regression (DMD's regression loss): weight * mse(the student's first-step x0 from
     # noise z, the teacher's own few-step sample from the same z), added to the DMD loss; 0: off
     regression: float = 0.0
+    # a denoising loss on the data at the student's own sigmas: weight * mse(the student's x0 from
+    # the batch's clean clips noised to sigma_k, those clips), k drawn from `data_denoise_steps`
+    # (0-based student steps; null: every step but the first, whose input keeps nothing of the
+    # clip). The DMD gradient says where the student's samples should move as a whole; this says
+    # what a step from sigma_k should give back of a real clip (its edges); 0: off
+    data_denoise: float = 0.0
+    data_denoise_steps: list[int] | None = None
     t_min: float = 0.02
     t_max: float = 0.98
     t_shift: float = 2.0
@@ -116,7 +123,7 @@ class Stage3Config(JsonConfig):
     init_student: str | None = None
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
-                                               "adapt_schedule")
+                                               "adapt_schedule", "data_denoise", "data_denoise_steps")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -158,6 +165,13 @@ class Stage3Config(JsonConfig):
              "ema_decay", "null or in (0, 1)")
         need(isinstance(self.regression, (int, float)) and math.isfinite(self.regression) and self.regression >= 0,
              "regression", "a number >= 0")
+        need(isinstance(self.data_denoise, (int, float)) and math.isfinite(self.data_denoise)
+             and self.data_denoise >= 0, "data_denoise", "a number >= 0")
+        need(self.data_denoise_steps is None or (
+            isinstance(self.data_denoise_steps, list) and len(self.data_denoise_steps) > 0
+            and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < self.num_steps
+                    for k in self.data_denoise_steps)),
+             "data_denoise_steps", f"null or a non-empty list of student steps in 0..{self.num_steps - 1}")
         need(not (self.fsdp and self.ema_decay is not None), "ema_decay", "null with fsdp (not supported yet)")
         need(self.low_noise_b1 is None or (isinstance(self.low_noise_b1, (int, float))
                                            and math.isfinite(self.low_noise_b1) and self.low_noise_b1 >= 0),
@@ -165,6 +179,10 @@ class Stage3Config(JsonConfig):
 
     def sigmas(self) -> list[float]:
         return euler_sigmas(self.num_steps, self.shift)[:-1].tolist()  # the trailing 0 is not a step
+
+    def denoise_steps(self) -> list[int]:
+        """The student steps whose sigma `data_denoise` noises the data to."""
+        return list(range(1, self.num_steps)) if self.data_denoise_steps is None else list(self.data_denoise_steps)
 
 
 # ---- the pieces -------------------------------------------------------------------------------
@@ -212,6 +230,22 @@ def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float
         vp_c, vp_u = run(torch.cat([x_t, x_t]), torch.cat([T, T]), torch.cat([context, unc])).chunk(2)
     vu_c = run(x_t, T, context)
     return vp_u + b1 * (vp_c - vp_u) + b2 * (vu_c - vp_c)
+
+
+def data_denoise_loss(student, x0: torch.Tensor, context: torch.Tensor, sigmas: list[float], steps: list[int],
+                      gen: torch.Generator, cond=None, draw: Callable[[tuple], torch.Tensor] | None = None) -> torch.Tensor:
+    """mse(x0_hat, x0): the clean clips x0 (B, C, F, H, W) noised to the sigma of a student step k
+    drawn from `steps`, x_t = (1 - s_k) x0 + s_k eps, and the student's x0 from there,
+    x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the stages call it (conditioned);
+    with an image condition the given frame is put back first (it costs nothing)."""
+    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
+    s = sigmas[steps[int(torch.randint(len(steps), (), generator=gen))]]
+    eps = draw(tuple(x0.shape)).to(x0.device)
+    x_t = (1 - s) * x0 + s * eps
+    x0_hat = x_t - s * student(x_t, torch.full((x0.shape[0],), 1000 * s, device=x0.device), context)
+    if cond is not None:
+        x0_hat = cond.finish(x0_hat)
+    return F.mse_loss(x0_hat, x0)
 
 
 def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
@@ -380,6 +414,11 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             reg = F.mse_loss(x_first, target)
             g_loss = g_loss + cfg.regression * reg
             extra["regression"] = reg.item()
+        if cfg.data_denoise > 0:  # a real clip noised to one of the student's sigmas, and back
+            den = data_denoise_loss(g_cond, trainer.shard(x0_data.to(cfg.device)), context, sigmas,
+                                    cfg.denoise_steps(), gen, cond, draw=lambda shape: _draw_global(shape, gen, trainer))
+            g_loss = g_loss + cfg.data_denoise * den
+            extra["data_denoise"] = den.item()
         grad_norm = trainer.update("student", g_loss)
         trainer.log(g_loss=g_loss.item(), fake_loss=f_loss.item(), grad_norm=grad_norm, k=k, **extra)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

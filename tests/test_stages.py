@@ -9,7 +9,8 @@ import torch
 from distill.importance import skip_blocks
 from distill.plan import plan_from_drop
 from distill.stage2 import Stage2Config, draw_skips, noisy_batch, stage2_loss, train_stage2
-from distill.stage3 import Stage3Config, dmd_loss, real_velocity, select, student_x0, train_stage3
+from distill.stage3 import (Stage3Config, data_denoise_loss, dmd_loss, real_velocity, select, student_x0,
+                            train_stage3)
 from flgengine.config import ConfigError
 from flgengine.model import DiT
 from helpers import assert_close, tiny_config
@@ -336,6 +337,71 @@ def test_stage3_regression_pulls_the_first_step_to_the_teacher_sample(tmp_path):
     assert '"regression"' in log
     with pytest.raises(ValueError, match="regression_target"):
         train_stage3(teacher, plan, FakeData(), Stage3Config(steps=1, regression=1.0), tmp_path / "x", progress=False)
+
+
+def test_data_denoise_loss_is_the_students_x0_error_at_its_own_sigma():
+    from flgengine.conditioning import latent_condition
+
+    sigmas = Stage3Config().sigmas()  # about 1.0, 0.94, 0.83, 0.63
+    x0, _, context = _inputs(B=3, seed=5)
+    x0 = torch.cat([x0, x0.flip(2)], dim=2)  # (3, 4, 4, 4, 4): four frames
+
+    def student(x, t, c):  # any velocity: a fixed function of its inputs
+        return 0.3 * x - 0.001 * t.view(-1, 1, 1, 1, 1) + c.mean()
+
+    loss = data_denoise_loss(student, x0, context, sigmas, [3], torch.Generator().manual_seed(7))
+    # the same draws by hand: the step index (one choice), then the noise
+    g = torch.Generator().manual_seed(7)
+    assert int(torch.randint(1, (), generator=g)) == 0
+    eps = torch.randn(x0.shape, generator=g).double()
+    s = sigmas[3]
+    x0d = x0.double()
+    x_t = (1 - s) * x0d + s * eps
+    x0_hat = x_t - s * (0.3 * x_t - 0.001 * 1000 * s + context.double().mean())
+    assert abs(loss.item() - ((x0_hat - x0d) ** 2).mean().item()) < 1e-6
+    # the first_frame condition puts the given frame back: frame 0 costs nothing
+    cond = latent_condition("first_frame", x0[:, :, :1].clone(), 4, 1, (1, 2, 2))
+    with_image = data_denoise_loss(student, x0, context, sigmas, [3], torch.Generator().manual_seed(7), cond)
+    err = (x0_hat - x0d) ** 2
+    err[:, :, 0] = 0
+    assert abs(with_image.item() - err.mean().item()) < 1e-6
+    # steps: null = every student step but the first; validated against num_steps
+    assert Stage3Config().denoise_steps() == [1, 2, 3]
+    assert Stage3Config(num_steps=2, data_denoise_steps=[1]).denoise_steps() == [1]
+    for bad in ([], [4], [-1], [True], [1.0]):
+        with pytest.raises(ConfigError, match="stage3.data_denoise_steps"):
+            Stage3Config(data_denoise_steps=bad)
+    with pytest.raises(ConfigError, match="stage3.data_denoise"):
+        Stage3Config(data_denoise=-1.0)
+
+
+class FixedData(FakeData):
+    """The same batch at every step: a clip the student can learn to give back."""
+
+    def batch(self, step, n):
+        return super().batch(0, n)
+
+
+def test_stage3_data_denoise_teaches_the_last_step_the_data(tmp_path):
+    teacher = _teacher()
+    plan = _plan(teacher)
+    s = Stage3Config().sigmas()[-1]
+    x0, context = FixedData().batch(0, 2)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))
+    x_t = (1 - s) * x0 + s * eps
+
+    def last_step_error(student):
+        with torch.no_grad():
+            return float(((x_t - s * student(x_t, torch.full((2,), 1000 * s), context) - x0) ** 2).mean())
+
+    errors = {}
+    for weight in (0.0, 20.0):
+        cfg = Stage3Config(steps=8, batch_size=2, fake_updates=1, lr_student=3e-3, data_denoise=weight,
+                           data_denoise_steps=[3])
+        student, _ = train_stage3(teacher, plan, FixedData(), cfg, tmp_path / f"dn{weight}", progress=False)
+        errors[weight] = last_step_error(student)
+    assert errors[20.0] < 0.8 * errors[0.0], errors
+    assert '"data_denoise"' in (tmp_path / "dn20.0" / "metrics.jsonl").read_text()
 
 
 class WideData(FakeData):
