@@ -180,6 +180,12 @@ class Stage3Config(JsonConfig):
     def sigmas(self) -> list[float]:
         return euler_sigmas(self.num_steps, self.shift)[:-1].tolist()  # the trailing 0 is not a step
 
+    @classmethod
+    def added_later(cls) -> dict:
+        """The keys added after the first Stage III runs, at their defaults (which compute what a
+        run from before them computed): such a run's checkpoint resumes with them at those values."""
+        return {k: v for k, v in cls().to_dict().items() if k in cls._ADDED_LATER}
+
     def denoise_steps(self) -> list[int]:
         """The student steps whose sigma `data_denoise` noises the data to."""
         return list(range(1, self.num_steps)) if self.data_denoise_steps is None else list(self.data_denoise_steps)
@@ -335,7 +341,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
     trainer = Trainer(out, {"student": student, "fake": fake}, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
                       runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="stage3",
-                      progress=progress, ema=None if cfg.ema_decay is None else {"student": cfg.ema_decay})
+                      progress=progress, ema=None if cfg.ema_decay is None else {"student": cfg.ema_decay},
+                      added_later=Stage3Config.added_later())
     if trainer.step > cfg.steps:  # a longer run's checkpoints would be chosen from: not this recipe
         raise ValueError(f"{out} holds a Stage III run at step {trainer.step}, past stage3.steps={cfg.steps}; "
                          f"use a new output directory or steps >= {trainer.step}")

@@ -207,13 +207,15 @@ class Trainer:
     slice (`trainer.shard(x)`), so the result matches a single process with the same
     global batch. Rank 0 writes checkpoints and logs.
     `recipe` (what the run computes) must match on resume; keys in `runtime` (how it runs:
-    threads, device, ...) may change.
+    threads, device, ...) may change. `added_later` (key -> value): recipe keys a newer version
+    added, with the value that computes what older versions did; a checkpoint written before
+    a key existed resumes when the key holds that value.
     """
 
     def __init__(self, out: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                  steps: int, recipe: dict, *, runtime: tuple[str, ...] = (), checkpoint_every: int = 100,
                  ema: dict[str, float] | None = None, schedule=None, seed: int = 0, clip: float = 1.0,
-                 desc: str = "train", progress: bool = True, log_every: int = 10):
+                 desc: str = "train", progress: bool = True, log_every: int = 10, added_later: dict | None = None):
         from tqdm.auto import tqdm
 
         self.out = Path(out)
@@ -223,6 +225,7 @@ class Trainer:
         self.path = self.out / CHECKPOINT
         self.modules, self.optimizers = modules, optimizers
         self.steps, self.recipe, self.runtime = steps, recipe, runtime
+        self.added_later = dict(added_later or {})
         self.checkpoint_every, self.schedule, self.clip, self.log_every = checkpoint_every, schedule, clip, log_every
         self.ema_decay = dict(ema or {})
         self.ema = {f"{m}.{k}": p.detach().clone() for m in self.ema_decay for k, p in modules[m].named_parameters()}
@@ -240,10 +243,13 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def _recipe_of(self, recipe):
-        """`recipe` without the runtime keys, at any depth (stage configs nest them)."""
+        """`recipe` without the runtime keys, and without the `added_later` keys that hold the
+        value their absence means, at any depth (stage configs nest them)."""
         if not isinstance(recipe, dict):
             return recipe
-        return {k: self._recipe_of(v) for k, v in recipe.items() if k not in self.runtime}
+        later = self.added_later
+        return {k: self._recipe_of(v) for k, v in recipe.items()
+                if k not in self.runtime and not (k in later and v == later[k])}
 
     def _resume(self) -> None:
         state = load_checkpoint(self.path)

@@ -184,6 +184,43 @@ def test_resume_ignores_runtime_keys_at_any_depth(tmp_path):
         trainer(threads=1, lr=2.0)  # what it computes may not
 
 
+def test_resume_accepts_a_later_key_at_the_value_its_absence_means(tmp_path):
+    model = torch.nn.Linear(3, 1)
+
+    def trainer(**stage):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Trainer(tmp_path, {"m": model}, {"main": opt}, steps=4, recipe={"stage3": {"lr": 1.0, **stage}},
+                       checkpoint_every=1, progress=False, added_later={"denoise": 0.0})
+
+    for _ in trainer():  # a checkpoint of a version before `denoise` existed
+        pass
+    assert trainer(denoise=0.0).step == 4  # the key at its "off" value computes what that version did
+    with pytest.raises(ValueError, match="another recipe"):
+        trainer(denoise=1.0)  # turned on: another recipe
+    with pytest.raises(ValueError, match="another recipe"):
+        trainer(lr=2.0)
+
+
+def test_stage3_resumes_a_run_from_before_its_later_keys(tmp_path):
+    from distill.stage3 import Stage3Config
+
+    cfg = Stage3Config()
+    old = {k: v for k, v in cfg.to_dict().items() if k not in Stage3Config._ADDED_LATER}
+    assert set(Stage3Config.added_later()) == set(Stage3Config._ADDED_LATER)
+    model = torch.nn.Linear(3, 1)
+
+    def trainer(stage):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Trainer(tmp_path, {"m": model}, {"main": opt}, steps=2, recipe={"stage3": stage}, checkpoint_every=1,
+                       progress=False, added_later=Stage3Config.added_later())
+
+    for _ in trainer(old):
+        pass
+    assert trainer(cfg.to_dict()).step == 2
+    with pytest.raises(ValueError, match="another recipe"):
+        trainer({**cfg.to_dict(), "data_denoise": 1.0})
+
+
 def test_metrics_log_every_n_steps_and_every_evaluation(tmp_path):
     import json
 
