@@ -147,6 +147,8 @@ def test_image_to_video_models_are_the_teacher_and_its_pruned_4_step_student():
     s_prov = json.loads((ASSETS / "shapes-i2v-4step" / "provenance.json").read_text())
     assert t_prov["storage_dtype"] == s_prov["storage_dtype"] == "int4"
     assert s_prov["teacher"]["weights_sha256"] in weights_lineage(t_prov)
+    stage3 = next(s for s in s_prov["stages"] if s["stage"] == "stage3")["recipe"]
+    assert stage3["data_denoise"] > 0 and stage3["data_denoise_steps"] == [3]  # configs/shapes-i2v-4step.yaml
     init = next(s for s in t_prov["stages"] if s["stage"] == "train-teacher")["recipe"]
     assert init["image"] == "first_frame" and init["init_from"].endswith("shapes-teacher")
     for prov, steps in ((t_prov, 50), (s_prov, 4)):
