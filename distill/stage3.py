@@ -17,6 +17,7 @@ random one of its steps, then that step with gradients, giving x = G(z)):
     x_t = (1 - t) x + t eps,   x0_s(x_t) = x_t - t v_s(x_t)            (t = shift(u), u ~ U(t_min, t_max))
     g = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|        (per sample)
     L_G = 0.5 || x - stopgrad(x - g) ||^2
+    (+ data_denoise * || x0_student((1 - s_k) x0_data + s_k eps) - x0_data ||^2, optional)
 
 Every `eval_every` steps `evaluate(student)` (the shapes world's evaluator metrics) scores
 the student and its weights are kept (OUT/evals/); at the end `select` picks the result, not
