@@ -201,7 +201,7 @@ def student_state(student, noise: torch.Tensor, context: torch.Tensor, sigmas: l
     without gradients (x0 = x - s_i v, re-noised to the next sigma). `draw(shape)` makes the
     re-noising noise (default: `torch.randn` from `gen`; distributed runs draw the global
     batch's and slice)."""
-    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
+    draw = draw or _randn_from(gen)
     x = noise
     for i in range(k):
         v = student(x, torch.full((x.shape[0],), 1000 * sigmas[i], device=x.device), context)
@@ -245,7 +245,7 @@ def data_denoise_loss(student, x0: torch.Tensor, context: torch.Tensor, sigmas: 
     drawn from `steps`, x_t = (1 - s_k) x0 + s_k eps, and the student's x0 from there,
     x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the stages call it (conditioned);
     with an image condition the given frame is put back first (it costs nothing)."""
-    draw = draw or (lambda shape: torch.randn(shape, generator=gen))
+    draw = draw or _randn_from(gen)
     s = sigmas[steps[int(torch.randint(len(steps), (), generator=gen))]]
     eps = draw(tuple(x0.shape)).to(x0.device)
     x_t = (1 - s) * x0 + s * eps
@@ -453,6 +453,11 @@ def latent_shape(data) -> tuple[int, ...]:
         x0, _ = data.batch(0, 1)
         data._latent_shape = tuple(x0.shape[1:])
     return data._latent_shape
+
+
+def _randn_from(gen: torch.Generator) -> Callable[[tuple], torch.Tensor]:
+    """Gaussian noise of a shape drawn from `gen` (one process's default draw)."""
+    return lambda shape: torch.randn(shape, generator=gen)
 
 
 def _draw_global(shape: tuple, gen: torch.Generator, trainer: Trainer) -> torch.Tensor:

@@ -202,23 +202,33 @@ def test_resume_accepts_a_later_key_at_the_value_its_absence_means(tmp_path):
 
 
 def test_stage3_resumes_a_run_from_before_its_later_keys(tmp_path):
-    from distill.stage3 import Stage3Config
+    from distill.checkpoint import save_checkpoint
+    from distill.plan import plan_from_drop
+    from distill.stage3 import Stage3Config, train_stage3
+    from flgengine.model import DiT
+    from helpers import tiny_config
 
-    cfg = Stage3Config()
-    old = {k: v for k, v in cfg.to_dict().items() if k not in Stage3Config._ADDED_LATER}
-    assert set(Stage3Config.added_later()) == set(Stage3Config._ADDED_LATER)
-    model = torch.nn.Linear(3, 1)
+    class Data:
+        uncond = torch.zeros(1, 3, 12)
 
-    def trainer(stage):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return Trainer(tmp_path, {"m": model}, {"main": opt}, steps=2, recipe={"stage3": stage}, checkpoint_every=1,
-                       progress=False, added_later=Stage3Config.added_later())
+        def batch(self, step, n):
+            g = torch.Generator().manual_seed(step)
+            return torch.randn(n, 4, 2, 4, 4, generator=g), torch.randn(n, 3, 12, generator=g)
 
-    for _ in trainer(old):
-        pass
-    assert trainer(cfg.to_dict()).step == 2
+    torch.manual_seed(0)
+    teacher = DiT(tiny_config()).eval()
+    plan = plan_from_drop(teacher, [1], {b: 0.0 for b in range(4)})
+    cfg = dict(batch_size=2, fake_updates=1, checkpoint_every=1)
+    train_stage3(teacher, plan, Data(), Stage3Config(steps=1, **cfg), tmp_path, progress=False)
+    # the checkpoint as a version before the later keys wrote it
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    state["config"]["stage3"] = {k: v for k, v in state["config"]["stage3"].items()
+                                 if k not in Stage3Config._ADDED_LATER}
+    save_checkpoint(tmp_path / CHECKPOINT, state)
+    _, record = train_stage3(teacher, plan, Data(), Stage3Config(steps=2, **cfg), tmp_path, progress=False)
+    assert record["steps"] == 2  # resumed with the keys off
     with pytest.raises(ValueError, match="another recipe"):
-        trainer({**cfg.to_dict(), "data_denoise": 1.0})
+        train_stage3(teacher, plan, Data(), Stage3Config(steps=3, data_denoise=1.0, **cfg), tmp_path, progress=False)
 
 
 def test_metrics_log_every_n_steps_and_every_evaluation(tmp_path):
