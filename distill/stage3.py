@@ -18,6 +18,7 @@ random one of its steps, then that step with gradients, giving x = G(z)):
     g = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|        (per sample)
     L_G = 0.5 || x - stopgrad(x - g) ||^2
     (+ data_denoise * || x0_student((1 - s_k) x0_data + s_k eps) - x0_data ||^2, optional)
+    (+ gan * softplus(-realism(x noised)), optional: DMD2's adversarial term, distill/gan.py)
 
 Every `eval_every` steps `evaluate(student)` (the shapes world's evaluator metrics) scores
 the student and its weights are kept (OUT/evals/); at the end `select` picks the result, not
@@ -47,6 +48,7 @@ from flgengine.model.precision import PRECISIONS, fake_fp8
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .data import condition_of, conditioned
+from .gan import RealismHead, default_layer, discriminator_loss, frozen, generator_loss, realism_logits
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
@@ -93,6 +95,14 @@ class Stage3Config(JsonConfig):
     # what a step from sigma_k should give back of a real clip (its edges); 0: off
     data_denoise: float = 0.0
     data_denoise_steps: list[int] | None = None
+    # DMD2's adversarial term (distill/gan.py): a realism head on the fake score's tokens after block
+    # `gan_layer` (null: the middle block) tells real clips from student samples, both noised to
+    # t ~ U(0, gan_t_max); the student gets `gan` x the non-saturating generator loss, the fake
+    # score's first update of each step `gan_fake` x the head's logistic loss; gan 0: off
+    gan: float = 0.0
+    gan_fake: float = 1e-2
+    gan_t_max: float = 0.5
+    gan_layer: int | None = None
     t_min: float = 0.02
     t_max: float = 0.98
     t_shift: float = 2.0
@@ -124,7 +134,8 @@ class Stage3Config(JsonConfig):
     init_student: str | None = None
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
-                                               "adapt_schedule", "data_denoise", "data_denoise_steps")
+                                               "adapt_schedule", "data_denoise", "data_denoise_steps", "gan", "gan_fake",
+                                               "gan_t_max", "gan_layer")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -173,6 +184,14 @@ class Stage3Config(JsonConfig):
             and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < self.num_steps
                     for k in self.data_denoise_steps)),
              "data_denoise_steps", f"null or a non-empty list of student steps in 0..{self.num_steps - 1}")
+        for key in ("gan", "gan_fake"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, key,
+                 "a number >= 0")
+        need(isinstance(self.gan_t_max, (int, float)) and 0 < self.gan_t_max <= 1, "gan_t_max", "in (0, 1]")
+        need(self.gan_layer is None or (isinstance(self.gan_layer, int) and not isinstance(self.gan_layer, bool)
+                                        and self.gan_layer >= 0), "gan_layer", "null or a block index >= 0")
+        need(not (self.fsdp and self.gan > 0), "gan", "0 with fsdp (not supported yet)")
         need(not (self.fsdp and self.ema_decay is not None), "ema_decay", "null with fsdp (not supported yet)")
         need(self.low_noise_b1 is None or (isinstance(self.low_noise_b1, (int, float))
                                            and math.isfinite(self.low_noise_b1) and self.low_noise_b1 >= 0),
@@ -330,6 +349,15 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         student, adapt_record = adapt_student(student, dense, data, cfg, Path(out) / "adapt", progress)
         student.train().requires_grad_(True)
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
+    head, gan_layer = None, None  # the adversarial term's realism head on the fake score's trunk
+    if cfg.gan > 0:
+        gan_layer = default_layer(len(fake.blocks)) if cfg.gan_layer is None else cfg.gan_layer
+        if gan_layer >= len(fake.blocks):
+            raise ValueError(f"stage3.gan_layer {gan_layer} is not a block of the fake score (it has {len(fake.blocks)})")
+        with torch.random.fork_rng(devices=[]):  # the same head for the same seed, whatever ran before
+            torch.manual_seed(cfg.seed)
+            head = RealismHead(fake.config.dim)
+        head = head.to(cfg.device).train()
     # FSDP2: a plain copy of the student receives the gathered weights for evaluation and
     # the result; the networks are sharded before the optimisers are made
     template = None
@@ -338,15 +366,19 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         for net in (real, student, fake):
             fsdp_shard(net)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, betas=(0.0, 0.99), weight_decay=0.0)
-    opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, betas=(0.0, 0.99), weight_decay=0.0)
+    fake_params = [{"params": list(fake.parameters())}] + ([] if head is None else [{"params": list(head.parameters())}])
+    opt_f = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.0, 0.99), weight_decay=0.0)
     recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
-    trainer = Trainer(out, {"student": student, "fake": fake}, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
+    modules = {"student": student, "fake": fake, **({} if head is None else {"realism": head})}
+    trainer = Trainer(out, modules, {"student": opt_g, "fake": opt_f}, cfg.steps, recipe,
                       runtime=RUNTIME, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, desc="stage3",
                       progress=progress, ema=None if cfg.ema_decay is None else {"student": cfg.ema_decay},
                       added_later=Stage3Config.added_later())
     if trainer.step > cfg.steps:  # a longer run's checkpoints would be chosen from: not this recipe
         raise ValueError(f"{out} holds a Stage III run at step {trainer.step}, past stage3.steps={cfg.steps}; "
                          f"use a new output directory or steps >= {trainer.step}")
+    if head is not None and trainer.world > 1:
+        raise ValueError("stage3.gan with several processes is not supported yet; run it in one process")
     g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
     sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
     uncond = data.uncond.to(cfg.device)
@@ -395,11 +427,20 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         if cond is not None:
             x = cond.finish(x)  # first_frame: frame 0 is the image's (no gradient there); concat: as it is
         # 2. fake score: flow loss on the student's samples, several updates
-        for _ in range(cfg.fake_updates):
+        extra = {}
+        for i in range(cfg.fake_updates):
             t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
             x_t = (1 - t) * x.detach() + t * eps
             f_loss = F.mse_loss(f_cond(x_t, 1000 * t.flatten(), context), eps - x.detach())
-            trainer.update("fake", f_loss)
+            loss = f_loss
+            if head is not None and i == 0:  # + the realism head (and trunk): real clips vs the student's
+                t_d, eps_real, eps_fake = _draw_gan_t_eps(x.shape, cfg, gen)
+                real_clips = x0_data.to(cfg.device)
+                d_loss = discriminator_loss(realism_logits(f_cond, fake, head, gan_layer, real_clips, t_d, eps_real, context),
+                                            realism_logits(f_cond, fake, head, gan_layer, x.detach(), t_d, eps_fake, context))
+                loss = loss + cfg.gan_fake * d_loss
+                extra["gan_d"] = d_loss.item()
+            trainer.update("fake", loss)
         # 3. generator: DMD gradient from the fake and real x0 predictions
         t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
         b1 = float(torch.empty(()).uniform_(*cfg.b1_range, generator=gen))
@@ -412,7 +453,12 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             x0_fake = x_t - t * conditioned(fake, cond)(x_t, T, context)
             x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score, cond)
         g_loss = dmd_loss(x, x0_fake, x0_real)
-        extra = {}
+        if head is not None:  # the student's samples taken for real: gradients to x only
+            t_g, eps_g, _ = _draw_gan_t_eps(x.shape, cfg, gen)
+            with frozen(fake, head):
+                adv = generator_loss(realism_logits(conditioned(fake, cond), fake, head, gan_layer, x, t_g, eps_g, context))
+            g_loss = g_loss + cfg.gan * adv
+            extra["gan_g"] = adv.item()
         if cfg.regression > 0:  # the student's first step from z towards the teacher's sample from z
             with torch.no_grad():
                 target = regression_target(noise, context) if cond is None else regression_target(noise, context, cond)
@@ -472,6 +518,12 @@ def _draw_t_eps(shape, cfg: Stage3Config, gen: torch.Generator, trainer: Trainer
     u = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(n, generator=gen)
     t = shift_sigmas(u, cfg.t_shift).view(n, 1, 1, 1, 1)
     return trainer.shard(t).to(cfg.device), _draw_global(tuple(shape), gen, trainer).to(cfg.device)
+
+
+def _draw_gan_t_eps(shape, cfg: Stage3Config, gen: torch.Generator):
+    """The adversarial term's noise: t (B, 1, 1, 1, 1) ~ U(0, gan_t_max) and two eps (one process only)."""
+    t = (cfg.gan_t_max * torch.rand(shape[0], generator=gen)).view(shape[0], 1, 1, 1, 1)
+    return t.to(cfg.device), torch.randn(shape, generator=gen).to(cfg.device), torch.randn(shape, generator=gen).to(cfg.device)
 
 
 def config_from_dict(data: dict, source: str = "stage3") -> Stage3Config:
