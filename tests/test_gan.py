@@ -111,22 +111,3 @@ def test_stage3_gan_head_learns_to_tell_real_clips_from_the_students(tmp_path):
     assert set(state["modules"]) == {"student", "fake", "realism"}
     assert state["modules"]["realism"]["fc2.weight"].abs().sum() > 0  # it learnt (it starts at zero)
 
-
-def test_stage3_gan_run_extends_as_if_it_had_been_longer(tmp_path):
-    """The head and its optimiser state resume with the run: 2 steps then 4 == 4 at once."""
-    teacher = _teacher()
-    plan = _plan(teacher)
-
-    def evaluate(student):
-        return {"adherence": 0.5, "frechet": float(sum(p.detach().sum() for p in student.parameters())), "motion_ratio": 1.0}
-
-    def run(out, steps):
-        cfg = Stage3Config(steps=steps, batch_size=2, fake_updates=1, eval_every=2, checkpoint_every=2, lr_student=1e-2,
-                           lr_fake=1e-2, gan=1.0, gan_fake=1.0)
-        return train_stage3(teacher, plan, FakeData(), cfg, tmp_path / out, evaluate=evaluate, progress=False)
-
-    run("short", 2)
-    _, extended = run("short", 4)
-    _, whole = run("whole", 4)
-    assert extended["evaluations"] == whole["evaluations"]
-    assert whole["evaluations"][1]["metrics"] != whole["evaluations"][2]["metrics"]

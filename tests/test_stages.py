@@ -247,7 +247,9 @@ def test_selection_prefers_lower_frechet_within_the_adherence_noise():
         select([])
 
 
-def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"gan": 1.0, "gan_fake": 1.0, "lr_fake": 1e-2}], ids=["dmd", "gan"])
+def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path, extra):
+    """(with the adversarial term: its realism head and optimiser state resume with the run)"""
     teacher = _teacher()
     plan = _plan(teacher)
 
@@ -255,7 +257,8 @@ def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path):
         return {"adherence": 0.5, "frechet": float(sum(p.detach().sum() for p in student.parameters())), "motion_ratio": 1.0}
 
     def run(out, steps):
-        cfg = Stage3Config(steps=steps, batch_size=2, fake_updates=1, eval_every=2, checkpoint_every=2, lr_student=1e-2)
+        cfg = Stage3Config(steps=steps, batch_size=2, fake_updates=1, eval_every=2, checkpoint_every=2, lr_student=1e-2,
+                           **extra)
         return train_stage3(teacher, plan, FakeData(), cfg, tmp_path / out, evaluate=evaluate, progress=False)
 
     run("short", 2)                      # a finished 2-step run ...
@@ -263,6 +266,7 @@ def test_stage3_extends_a_finished_run_as_if_it_had_been_longer(tmp_path):
     _, whole = run("whole", 4)
     assert extended["steps"] == 4 and [e["step"] for e in extended["evaluations"]] == [0, 2, 4]
     assert extended["evaluations"] == whole["evaluations"]  # the same weights at every evaluation
+    assert whole["evaluations"][1]["metrics"] != whole["evaluations"][2]["metrics"]  # and they moved
     with pytest.raises(ValueError, match="at step 4, past stage3.steps=2"):  # never chosen from a longer run
         run("short", 2)
     with pytest.raises(ValueError, match="another recipe"):  # what a run computes still must match
