@@ -98,9 +98,11 @@ class Stage3Config(JsonConfig):
     # DMD2's adversarial term (distill/gan.py): a realism head on the fake score's tokens after block
     # `gan_layer` (null: the middle block) tells real clips from student samples, both noised to
     # t ~ U(0, gan_t_max); the student gets `gan` x the non-saturating generator loss, the fake
-    # score's first update of each step `gan_fake` x the head's logistic loss; gan 0: off
+    # score's first update of each step `gan_fake` x the head's logistic loss; the head learns at
+    # `gan_lr` (null: lr_fake; it starts undecided, logit 0, and has one update a step); gan 0: off
     gan: float = 0.0
     gan_fake: float = 1e-2
+    gan_lr: float | None = None
     gan_t_max: float = 0.5
     gan_layer: int | None = None
     t_min: float = 0.02
@@ -135,7 +137,7 @@ class Stage3Config(JsonConfig):
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
                                                "adapt_schedule", "data_denoise", "data_denoise_steps", "gan", "gan_fake",
-                                               "gan_t_max", "gan_layer")
+                                               "gan_lr", "gan_t_max", "gan_layer")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -188,6 +190,8 @@ class Stage3Config(JsonConfig):
             v = getattr(self, key)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, key,
                  "a number >= 0")
+        need(self.gan_lr is None or (isinstance(self.gan_lr, (int, float)) and math.isfinite(self.gan_lr)
+                                     and self.gan_lr > 0), "gan_lr", "null or > 0")
         need(isinstance(self.gan_t_max, (int, float)) and 0 < self.gan_t_max <= 1, "gan_t_max", "in (0, 1]")
         need(self.gan_layer is None or (isinstance(self.gan_layer, int) and not isinstance(self.gan_layer, bool)
                                         and self.gan_layer >= 0), "gan_layer", "null or a block index >= 0")
@@ -366,7 +370,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         for net in (real, student, fake):
             fsdp_shard(net)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, betas=(0.0, 0.99), weight_decay=0.0)
-    fake_params = [{"params": list(fake.parameters())}] + ([] if head is None else [{"params": list(head.parameters())}])
+    fake_params = [{"params": list(fake.parameters())}] + ([] if head is None else [
+        {"params": list(head.parameters()), "lr": cfg.lr_fake if cfg.gan_lr is None else cfg.gan_lr}])
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.0, 0.99), weight_decay=0.0)
     recipe = {"stage3": cfg.to_dict(), "plan": None if plan is None else plan.to_dict()}
     modules = {"student": student, "fake": fake, **({} if head is None else {"realism": head})}

@@ -83,7 +83,7 @@ def test_generator_loss_reaches_the_sample_not_the_critic():
 
 def test_stage3_gan_config_is_checked():
     assert Stage3Config().gan == 0.0  # off unless asked
-    for bad in ({"gan": -1.0}, {"gan": float("nan")}, {"gan_fake": -0.1}, {"gan_t_max": 0.0}, {"gan_t_max": 1.5},
+    for bad in ({"gan": -1.0}, {"gan": float("nan")}, {"gan_fake": -0.1}, {"gan_lr": 0.0}, {"gan_t_max": 0.0}, {"gan_t_max": 1.5},
                 {"gan_layer": -1}, {"gan_layer": 1.5}, {"gan": 0.1, "fsdp": True}):
         key = next(iter(bad))
         with pytest.raises(ConfigError, match=f"stage3.{key}"):
@@ -99,7 +99,7 @@ def test_stage3_gan_head_learns_to_tell_real_clips_from_the_students(tmp_path):
     student's samples (its logistic loss falls well below 2 log 2, where it starts), the student
     gets the adversarial loss, and the head is checkpointed with the run."""
     teacher = _teacher()
-    cfg = Stage3Config(steps=40, batch_size=2, fake_updates=1, lr_fake=1e-2, lr_student=1e-4, gan=0.1, gan_fake=1.0,
+    cfg = Stage3Config(steps=40, batch_size=2, fake_updates=1, lr_fake=1e-3, gan_lr=1e-2, lr_student=1e-4, gan=0.1, gan_fake=1.0,
                        gan_t_max=0.2, checkpoint_every=20)
     train_stage3(teacher, _plan(teacher), FixedData(), cfg, tmp_path / "gan", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
