@@ -60,6 +60,7 @@ from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_dec
 RUNTIME = ("threads", "checkpoint_every", "eval_every", "device", "fsdp", "steps")
 REAL_SCORES = ("well-guided", "cfg")
 ADAPT_SCHEDULES = ("constant", "cosine")
+DENOISE_NORMS = ("mse", "l1")
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Stage3Config(JsonConfig):
     # what a step from sigma_k should give back of a real clip (its edges); 0: off
     data_denoise: float = 0.0
     data_denoise_steps: list[int] | None = None
+    # its distance: "mse" (the student's x0 learns the posterior mean: an edge pixel that is shape or
+    # background becomes their blend) or "l1" (the per-pixel posterior median: one or the other)
+    data_denoise_norm: str = "mse"
     # DMD2's adversarial term (distill/gan.py): a realism head on the fake score's tokens after block
     # `gan_layer` (null: the middle block) tells real clips from student samples, both noised to
     # t ~ U(0, gan_t_max); the student gets `gan` x the non-saturating generator loss, the fake
@@ -136,7 +140,8 @@ class Stage3Config(JsonConfig):
     init_student: str | None = None
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
-                                               "adapt_schedule", "data_denoise", "data_denoise_steps", "gan", "gan_fake",
+                                               "adapt_schedule", "data_denoise", "data_denoise_steps", "data_denoise_norm",
+                                               "gan", "gan_fake",
                                                "gan_lr", "gan_t_max", "gan_layer")
 
     def __post_init__(self) -> None:
@@ -186,6 +191,7 @@ class Stage3Config(JsonConfig):
             and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < self.num_steps
                     for k in self.data_denoise_steps)),
              "data_denoise_steps", f"null or a non-empty list of student steps in 0..{self.num_steps - 1}")
+        need(self.data_denoise_norm in DENOISE_NORMS, "data_denoise_norm", f"one of {', '.join(DENOISE_NORMS)}")
         for key in ("gan", "gan_fake"):
             v = getattr(self, key)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, key,
@@ -263,10 +269,11 @@ def real_velocity(real: DiT, drop: list[int], x_t, T, context, uncond, b1: float
 
 
 def data_denoise_loss(student, x0: torch.Tensor, context: torch.Tensor, sigmas: list[float], steps: list[int],
-                      gen: torch.Generator, cond=None, draw: Callable[[tuple], torch.Tensor] | None = None) -> torch.Tensor:
-    """mse(x0_hat, x0): the clean clips x0 (B, C, F, H, W) noised to the sigma of a student step k
-    drawn from `steps`, x_t = (1 - s_k) x0 + s_k eps, and the student's x0 from there,
-    x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the stages call it (conditioned);
+                      gen: torch.Generator, cond=None, draw: Callable[[tuple], torch.Tensor] | None = None,
+                      norm: str = "mse") -> torch.Tensor:
+    """mse(x0_hat, x0) (`norm` "l1": mean |x0_hat - x0|): the clean clips x0 (B, C, F, H, W) noised
+    to the sigma of a student step k drawn from `steps`, x_t = (1 - s_k) x0 + s_k eps, and the
+    student's x0 from there, x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the stages call it (conditioned);
     with an image condition the given frame is put back first (it costs nothing)."""
     draw = draw or _randn_from(gen)
     s = sigmas[steps[int(torch.randint(len(steps), (), generator=gen))]]
@@ -275,7 +282,7 @@ def data_denoise_loss(student, x0: torch.Tensor, context: torch.Tensor, sigmas: 
     x0_hat = x_t - s * student(x_t, torch.full((x0.shape[0],), 1000 * s, device=x0.device), context)
     if cond is not None:
         x0_hat = cond.finish(x0_hat)
-    return F.mse_loss(x0_hat, x0)
+    return F.mse_loss(x0_hat, x0) if norm == "mse" else F.l1_loss(x0_hat, x0)
 
 
 def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
@@ -475,7 +482,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             extra["regression"] = reg.item()
         if cfg.data_denoise > 0:  # a real clip noised to one of the student's sigmas, and back
             den = data_denoise_loss(g_cond, trainer.shard(x0_data.to(cfg.device)), context, sigmas,
-                                    cfg.denoise_steps(), gen, cond, draw=lambda shape: _draw_global(shape, gen, trainer))
+                                    cfg.denoise_steps(), gen, cond, draw=lambda shape: _draw_global(shape, gen, trainer),
+                                    norm=cfg.data_denoise_norm)
             g_loss = g_loss + cfg.data_denoise * den
             extra["data_denoise"] = den.item()
         grad_norm = trainer.update("student", g_loss)

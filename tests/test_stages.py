@@ -363,6 +363,8 @@ def test_data_denoise_loss_is_the_students_x0_error_at_its_own_sigma():
     x_t = (1 - s) * x0d + s * eps
     x0_hat = x_t - s * (0.3 * x_t - 0.001 * 1000 * s + context.double().mean())
     assert abs(loss.item() - ((x0_hat - x0d) ** 2).mean().item()) < 1e-6
+    l1 = data_denoise_loss(student, x0, context, sigmas, [3], torch.Generator().manual_seed(7), norm="l1")
+    assert abs(l1.item() - (x0_hat - x0d).abs().mean().item()) < 1e-6  # the same draws, the absolute error
     # the first_frame condition puts the given frame back: frame 0 costs nothing
     cond = latent_condition("first_frame", x0[:, :, :1].clone(), 4, 1, (1, 2, 2))
     with_image = data_denoise_loss(student, x0, context, sigmas, [3], torch.Generator().manual_seed(7), cond)
@@ -377,6 +379,8 @@ def test_data_denoise_loss_is_the_students_x0_error_at_its_own_sigma():
             Stage3Config(data_denoise_steps=bad)
     with pytest.raises(ConfigError, match="stage3.data_denoise"):
         Stage3Config(data_denoise=-1.0)
+    with pytest.raises(ConfigError, match="stage3.data_denoise_norm"):
+        Stage3Config(data_denoise_norm="l2")
 
 
 class FixedData(FakeData):
