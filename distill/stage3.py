@@ -51,7 +51,7 @@ from .data import condition_of, conditioned
 from .gan import RealismHead, default_layer, discriminator_loss, frozen, generator_loss, realism_logits
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
-from .trainer import Trainer, fsdp_shard, full_state_dict, is_sharded, rank0_decides
+from .trainer import Trainer, distributed, fsdp_shard, full_state_dict, is_sharded, rank0_decides
 
 # how a run runs, not what it computes: `steps` too, since Stage III's learning rates are
 # constant (no schedule over the run), so a run resumed with more steps trains on exactly as an
@@ -141,8 +141,7 @@ class Stage3Config(JsonConfig):
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
                                                "adapt_schedule", "data_denoise", "data_denoise_steps", "data_denoise_norm",
-                                               "gan", "gan_fake",
-                                               "gan_lr", "gan_t_max", "gan_layer")
+                                               "gan", "gan_fake", "gan_lr", "gan_t_max", "gan_layer")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -273,8 +272,9 @@ def data_denoise_loss(student, x0: torch.Tensor, context: torch.Tensor, sigmas: 
                       norm: str = "mse") -> torch.Tensor:
     """mse(x0_hat, x0) (`norm` "l1": mean |x0_hat - x0|): the clean clips x0 (B, C, F, H, W) noised
     to the sigma of a student step k drawn from `steps`, x_t = (1 - s_k) x0 + s_k eps, and the
-    student's x0 from there, x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the stages call it (conditioned);
-    with an image condition the given frame is put back first (it costs nothing)."""
+    student's x0 from there, x0_hat = x_t - s_k v(x_t, 1000 s_k). `student` is called as the
+    stages call it (conditioned); with an image condition the given frame is put back first (it
+    costs nothing)."""
     draw = draw or _randn_from(gen)
     s = sigmas[steps[int(torch.randint(len(steps), (), generator=gen))]]
     eps = draw(tuple(x0.shape)).to(x0.device)
@@ -362,6 +362,8 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     fake = copy.deepcopy(init).to(cfg.device).train().requires_grad_(True)
     head, gan_layer = None, None  # the adversarial term's realism head on the fake score's trunk
     if cfg.gan > 0:
+        if distributed()[1] > 1:
+            raise ValueError("stage3.gan with several processes is not supported yet; run it in one process")
         gan_layer = default_layer(len(fake.blocks)) if cfg.gan_layer is None else cfg.gan_layer
         if gan_layer >= len(fake.blocks):
             raise ValueError(f"stage3.gan_layer {gan_layer} is not a block of the fake score (it has {len(fake.blocks)})")
@@ -389,8 +391,6 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     if trainer.step > cfg.steps:  # a longer run's checkpoints would be chosen from: not this recipe
         raise ValueError(f"{out} holds a Stage III run at step {trainer.step}, past stage3.steps={cfg.steps}; "
                          f"use a new output directory or steps >= {trainer.step}")
-    if head is not None and trainer.world > 1:
-        raise ValueError("stage3.gan with several processes is not supported yet; run it in one process")
     g_net, f_net = trainer.wrap(student), trainer.wrap(fake)
     sigmas, drop = cfg.sigmas(), ([] if plan is None else plan.drop)
     uncond = data.uncond.to(cfg.device)

@@ -81,13 +81,18 @@ def test_generator_loss_reaches_the_sample_not_the_critic():
     assert all(p.grad is None for p in list(net.parameters()) + list(head.parameters()))
 
 
-def test_stage3_gan_config_is_checked():
+def test_stage3_gan_config_is_checked(monkeypatch):
     assert Stage3Config().gan == 0.0  # off unless asked
     for bad in ({"gan": -1.0}, {"gan": float("nan")}, {"gan_fake": -0.1}, {"gan_lr": 0.0}, {"gan_t_max": 0.0}, {"gan_t_max": 1.5},
                 {"gan_layer": -1}, {"gan_layer": 1.5}, {"gan": 0.1, "fsdp": True}):
         key = next(iter(bad))
         with pytest.raises(ConfigError, match=f"stage3.{key}"):
             Stage3Config(**bad)
+    with pytest.raises(ValueError, match="several processes"):  # under torchrun (DDP): refused before anything runs
+        monkeypatch.setattr("distill.stage3.distributed", lambda: (0, 2))
+        train_stage3(_teacher(), None, FakeData(), Stage3Config(steps=1, batch_size=2, fake_updates=1, real_score="cfg",
+                                                                prune=False, gan=0.1), "/nonexistent/x", progress=False)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="gan_layer 9 is not a block"):
         train_stage3(_teacher(), None, FakeData(), Stage3Config(steps=1, batch_size=2, fake_updates=1, real_score="cfg",
                                                                 prune=False, gan=0.1, gan_layer=9), "/nonexistent/x",
