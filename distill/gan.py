@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RealismHead", "default_layer", "trunk_features", "realism_logits", "discriminator_loss",
+__all__ = ["RealismHead", "default_layer", "head_layer", "trunk_features", "realism_logits", "discriminator_loss",
            "generator_loss", "frozen"]
 
 
@@ -55,6 +55,14 @@ def default_layer(num_blocks: int) -> int:
     return (num_blocks - 1) // 2
 
 
+def head_layer(num_blocks: int, layer: int | None) -> int:
+    """`layer` (None: `default_layer`), checked to be one of `num_blocks` blocks."""
+    layer = default_layer(num_blocks) if layer is None else layer
+    if not 0 <= layer < num_blocks:
+        raise ValueError(f"gan_layer {layer} is not a block of the fake score (it has {num_blocks})")
+    return layer
+
+
 @contextlib.contextmanager
 def trunk_features(net: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
     """Inside the block, every forward of `net` (a DiT) appends the token stream after its block
@@ -62,8 +70,7 @@ def trunk_features(net: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
     from flgengine.model.dit import _tokens
 
     blocks = net.blocks
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"gan_layer {layer} is not a block of the fake score (it has {len(blocks)})")
+    layer = head_layer(len(blocks), layer)
     seen: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):  # a block returns (x, (y, gate)): the stream is x + gate * y

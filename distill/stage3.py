@@ -48,7 +48,7 @@ from flgengine.model.precision import PRECISIONS, fake_fp8
 from flgengine.sampling import euler_sigmas, shift_sigmas
 
 from .data import condition_of, conditioned
-from .gan import RealismHead, default_layer, discriminator_loss, frozen, generator_loss, realism_logits
+from .gan import RealismHead, discriminator_loss, frozen, generator_loss, head_layer, realism_logits
 from .importance import skip_blocks
 from .plan import PruningPlan, apply_plan
 from .trainer import Trainer, distributed, fsdp_shard, full_state_dict, is_sharded, rank0_decides
@@ -364,9 +364,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
     if cfg.gan > 0:
         if distributed()[1] > 1:
             raise ValueError("stage3.gan with several processes is not supported yet; run it in one process")
-        gan_layer = default_layer(len(fake.blocks)) if cfg.gan_layer is None else cfg.gan_layer
-        if gan_layer >= len(fake.blocks):
-            raise ValueError(f"stage3.gan_layer {gan_layer} is not a block of the fake score (it has {len(fake.blocks)})")
+        gan_layer = head_layer(len(fake.blocks), cfg.gan_layer)
         with torch.random.fork_rng(devices=[]):  # the same head for the same seed, whatever ran before
             torch.manual_seed(cfg.seed)
             head = RealismHead(fake.config.dim)
@@ -446,7 +444,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             f_loss = F.mse_loss(f_cond(x_t, 1000 * t.flatten(), context), eps - x.detach())
             loss = f_loss
             if head is not None and i == 0:  # + the realism head (and trunk): real clips vs the student's
-                t_d, eps_real, eps_fake = _draw_gan_t_eps(x.shape, cfg, gen)
+                t_d, eps_real, eps_fake = _draw_gan_t_eps(x.shape, cfg, gen, 2)
                 real_clips = x0_data.to(cfg.device)
                 d_loss = discriminator_loss(realism_logits(f_cond, fake, head, gan_layer, real_clips, t_d, eps_real, context),
                                             realism_logits(f_cond, fake, head, gan_layer, x.detach(), t_d, eps_fake, context))
@@ -466,7 +464,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score, cond)
         g_loss = dmd_loss(x, x0_fake, x0_real)
         if head is not None:  # the student's samples taken for real: gradients to x only
-            t_g, eps_g, _ = _draw_gan_t_eps(x.shape, cfg, gen)
+            t_g, eps_g = _draw_gan_t_eps(x.shape, cfg, gen, 1)
             with frozen(fake, head):
                 adv = generator_loss(realism_logits(conditioned(fake, cond), fake, head, gan_layer, x, t_g, eps_g, context))
             g_loss = g_loss + cfg.gan * adv
@@ -533,10 +531,11 @@ def _draw_t_eps(shape, cfg: Stage3Config, gen: torch.Generator, trainer: Trainer
     return trainer.shard(t).to(cfg.device), _draw_global(tuple(shape), gen, trainer).to(cfg.device)
 
 
-def _draw_gan_t_eps(shape, cfg: Stage3Config, gen: torch.Generator):
-    """The adversarial term's noise: t (B, 1, 1, 1, 1) ~ U(0, gan_t_max) and two eps (one process only)."""
+def _draw_gan_t_eps(shape, cfg: Stage3Config, gen: torch.Generator, n_eps: int):
+    """The adversarial term's noise (one process only): t (B, 1, 1, 1, 1) ~ U(0, gan_t_max), then
+    `n_eps` eps of `shape`."""
     t = (cfg.gan_t_max * torch.rand(shape[0], generator=gen)).view(shape[0], 1, 1, 1, 1)
-    return t.to(cfg.device), torch.randn(shape, generator=gen).to(cfg.device), torch.randn(shape, generator=gen).to(cfg.device)
+    return t.to(cfg.device), *(torch.randn(shape, generator=gen).to(cfg.device) for _ in range(n_eps))
 
 
 def config_from_dict(data: dict, source: str = "stage3") -> Stage3Config:
