@@ -16,7 +16,7 @@ random one of its steps, then that step with gradients, giving x = G(z)):
 
     x_t = (1 - t) x + t eps,   x0_s(x_t) = x_t - t v_s(x_t)            (t = shift(u), u ~ U(t_min, t_max))
     g = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|        (per sample)
-    L_G = 0.5 || x - stopgrad(x - g) ||^2
+    L_G = dmd * 0.5 || x - stopgrad(x - g) ||^2                       (dmd 1 by default; 0: no DMD term)
     (+ data_denoise * || x0_student((1 - s_k) x0_data + s_k eps) - x0_data ||^2, optional)
     (+ gan * softplus(-realism(x noised)), optional: DMD2's adversarial term, distill/gan.py)
 
@@ -83,6 +83,11 @@ class Stage3Config(JsonConfig):
     # a two-expert real score: b1 for samples at t <= its boundary (the low-noise expert, which the
     # teacher samples with low_noise_guidance, usually 1 = no CFG); None: b1 from b1_range everywhere
     low_noise_b1: float | None = None
+    # the DMD term's weight in the student's loss (1: FastLightGen's Stage III). 0 turns distribution
+    # matching off, and with it the fake score's updates (unless `gan` trains its head): what is left is
+    # the other terms alone, e.g. `data_denoise` as plain supervised training on the data, an ablation
+    # that shows what the student's architecture can learn from the data without its teacher
+    dmd: float = 1.0
     # EMA of the student's weights (Trainer's warm-up rule); evaluation, selection and the
     # result use the EMA weights. None: the raw weights
     ema_decay: float | None = None
@@ -141,7 +146,7 @@ class Stage3Config(JsonConfig):
 
     _ADDED_LATER: ClassVar[tuple[str, ...]] = ("attention", "init_student", "adapt_steps", "adapt_lr", "precision",
                                                "adapt_schedule", "data_denoise", "data_denoise_steps", "data_denoise_norm",
-                                               "gan", "gan_fake", "gan_lr", "gan_t_max", "gan_layer")
+                                               "gan", "gan_fake", "gan_lr", "gan_t_max", "gan_layer", "dmd")
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, what: str) -> None:
@@ -181,6 +186,10 @@ class Stage3Config(JsonConfig):
         need(0 < self.t_min < self.t_max < 1, "t_min", "in (0, t_max) with t_max < 1")
         need(self.ema_decay is None or (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1),
              "ema_decay", "null or in (0, 1)")
+        need(isinstance(self.dmd, (int, float)) and not isinstance(self.dmd, bool) and math.isfinite(self.dmd)
+             and self.dmd >= 0, "dmd", "a number >= 0")
+        need(self.dmd > 0 or self.data_denoise > 0 or self.regression > 0 or self.gan > 0, "dmd",
+             "> 0 unless another term trains the student (data_denoise, regression or gan > 0)")
         need(isinstance(self.regression, (int, float)) and math.isfinite(self.regression) and self.regression >= 0,
              "regression", "a number >= 0")
         need(isinstance(self.data_denoise, (int, float)) and math.isfinite(self.data_denoise)
@@ -432,37 +441,39 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         # 1. x = G(z) by backward simulation to a random student step
         k = int(torch.randint(cfg.num_steps, (), generator=gen))
         noise = _draw_global((B, *latent_shape(data)), gen, trainer).to(cfg.device)
-        x = student_x0(g_cond, noise, context, sigmas, k, gen,
-                       draw=lambda shape: _draw_global(shape, gen, trainer))  # (B, C, F, H, W)
-        if cond is not None:
-            x = cond.finish(x)  # first_frame: frame 0 is the image's (no gradient there); concat: as it is
-        # 2. fake score: flow loss on the student's samples, several updates
-        extra = {}
-        for i in range(cfg.fake_updates):
+        extra, x, f_loss = {}, None, None
+        if cfg.dmd > 0 or head is not None:  # dmd 0 without the adversarial term: no sample, no fake score
+            x = student_x0(g_cond, noise, context, sigmas, k, gen,
+                           draw=lambda shape: _draw_global(shape, gen, trainer))  # (B, C, F, H, W)
+            if cond is not None:
+                x = cond.finish(x)  # first_frame: frame 0 is the image's (no gradient there); concat: as it is
+            # 2. fake score: flow loss on the student's samples, several updates
+            for i in range(cfg.fake_updates):
+                t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
+                x_t = (1 - t) * x.detach() + t * eps
+                f_loss = F.mse_loss(f_cond(x_t, 1000 * t.flatten(), context), eps - x.detach())
+                loss = f_loss
+                if head is not None and i == 0:  # + the realism head (and trunk): real clips vs the student's
+                    t_d, eps_real, eps_fake = _draw_gan_t_eps(x.shape, cfg, gen, 2)
+                    real_clips = x0_data.to(cfg.device)
+                    d_loss = discriminator_loss(realism_logits(f_cond, fake, head, gan_layer, real_clips, t_d, eps_real, context),
+                                                realism_logits(f_cond, fake, head, gan_layer, x.detach(), t_d, eps_fake, context))
+                    loss = loss + cfg.gan_fake * d_loss
+                    extra["gan_d"] = d_loss.item()
+                trainer.update("fake", loss)
+        g_loss = torch.zeros((), device=cfg.device)
+        if cfg.dmd > 0:  # 3. generator: DMD gradient from the fake and real x0 predictions
             t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
+            b1 = float(torch.empty(()).uniform_(*cfg.b1_range, generator=gen))
+            b2 = float(torch.empty(()).uniform_(*cfg.b2_range, generator=gen))
+            if cfg.low_noise_b1 is not None and isinstance(real, TwoExpertDiT):  # the low expert's own guidance
+                b1 = torch.where(t <= real.boundary, cfg.low_noise_b1, b1)  # (B, 1, 1, 1, 1)
             x_t = (1 - t) * x.detach() + t * eps
-            f_loss = F.mse_loss(f_cond(x_t, 1000 * t.flatten(), context), eps - x.detach())
-            loss = f_loss
-            if head is not None and i == 0:  # + the realism head (and trunk): real clips vs the student's
-                t_d, eps_real, eps_fake = _draw_gan_t_eps(x.shape, cfg, gen, 2)
-                real_clips = x0_data.to(cfg.device)
-                d_loss = discriminator_loss(realism_logits(f_cond, fake, head, gan_layer, real_clips, t_d, eps_real, context),
-                                            realism_logits(f_cond, fake, head, gan_layer, x.detach(), t_d, eps_fake, context))
-                loss = loss + cfg.gan_fake * d_loss
-                extra["gan_d"] = d_loss.item()
-            trainer.update("fake", loss)
-        # 3. generator: DMD gradient from the fake and real x0 predictions
-        t, eps = _draw_t_eps(x.shape, cfg, gen, trainer)
-        b1 = float(torch.empty(()).uniform_(*cfg.b1_range, generator=gen))
-        b2 = float(torch.empty(()).uniform_(*cfg.b2_range, generator=gen))
-        if cfg.low_noise_b1 is not None and isinstance(real, TwoExpertDiT):  # the low expert's own guidance
-            b1 = torch.where(t <= real.boundary, cfg.low_noise_b1, b1)  # (B, 1, 1, 1, 1)
-        x_t = (1 - t) * x.detach() + t * eps
-        T = 1000 * t.flatten()
-        with torch.no_grad():
-            x0_fake = x_t - t * conditioned(fake, cond)(x_t, T, context)
-            x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score, cond)
-        g_loss = dmd_loss(x, x0_fake, x0_real)
+            T = 1000 * t.flatten()
+            with torch.no_grad():
+                x0_fake = x_t - t * conditioned(fake, cond)(x_t, T, context)
+                x0_real = x_t - t * real_velocity(real, drop, x_t, T, context, uncond, b1, b2, cfg.real_score, cond)
+            g_loss = g_loss + cfg.dmd * dmd_loss(x, x0_fake, x0_real)
         if head is not None:  # the student's samples taken for real: gradients to x only
             t_g, eps_g = _draw_gan_t_eps(x.shape, cfg, gen, 1)
             with frozen(fake, head):
@@ -472,7 +483,7 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
         if cfg.regression > 0:  # the student's first step from z towards the teacher's sample from z
             with torch.no_grad():
                 target = regression_target(noise, context) if cond is None else regression_target(noise, context, cond)
-            x_first = x if k == 0 else student_x0(g_cond, noise, context, sigmas, 0, gen)
+            x_first = x if (k == 0 and x is not None) else student_x0(g_cond, noise, context, sigmas, 0, gen)
             if cond is not None:
                 x_first = cond.finish(x_first)
             reg = F.mse_loss(x_first, target)
@@ -485,7 +496,9 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             g_loss = g_loss + cfg.data_denoise * den
             extra["data_denoise"] = den.item()
         grad_norm = trainer.update("student", g_loss)
-        trainer.log(g_loss=g_loss.item(), fake_loss=f_loss.item(), grad_norm=grad_norm, k=k, **extra)
+        if f_loss is not None:
+            extra["fake_loss"] = f_loss.item()
+        trainer.log(g_loss=g_loss.item(), grad_norm=grad_norm, k=k, **extra)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             consider(step + 1)
     seconds = trainer.close()

@@ -1,6 +1,7 @@
 """Stage II (probabilistic pruning) and Stage III (well-guided DMD) on tiny models."""
 
 import copy
+from dataclasses import replace as dataclasses_replace
 import json
 
 import pytest
@@ -411,6 +412,43 @@ def test_stage3_data_denoise_teaches_the_last_step_the_data(tmp_path):
     assert errors[20.0] < 0.8 * errors[0.0], errors
     assert '"data_denoise"' in (tmp_path / "dn20.0" / "metrics.jsonl").read_text()
 
+
+
+def test_stage3_without_dmd_is_the_data_term_alone(tmp_path):
+    """dmd 0: the teacher no longer reaches the student (two different real scores train the same
+    student, bit for bit), the fake score is never updated, and the data term still teaches."""
+    from distill.checkpoint import load_checkpoint
+
+    cfg = Stage3Config(steps=4, batch_size=2, fake_updates=2, lr_student=3e-3, dmd=0.0, data_denoise=1.0,
+                       data_denoise_steps=[3], checkpoint_every=2)
+    init = _teacher(0)  # the student and the fake score start from it; the real score differs
+    students = []
+    for seed in (0, 1):
+        real = _teacher(seed)
+        student, _ = train_stage3(real, _plan(real), FixedData(), cfg, tmp_path / f"t{seed}", init=init, progress=False)
+        students.append(student.state_dict())
+        fake = load_checkpoint(tmp_path / f"t{seed}" / "checkpoint.safetensors")["modules"]["fake"]
+        for name, w in init.state_dict().items():  # the fake score never moves
+            torch.testing.assert_close(fake[name], w, rtol=0, atol=0)
+    for name, w in students[0].items():
+        torch.testing.assert_close(students[1][name], w, rtol=0, atol=0)
+    assert not torch.equal(students[0]["head.proj.weight"], init.state_dict()["head.proj.weight"])  # it learnt
+    rows = [json.loads(line) for line in (tmp_path / "t0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("fake_loss" not in r and "data_denoise" in r for r in rows)
+    real = _teacher(1)  # DMD on, the rest alike: the teacher reaches the student
+    with_dmd, _ = train_stage3(real, _plan(real), FixedData(), dataclasses_replace(cfg, dmd=1.0), tmp_path / "dmd",
+                               init=init, progress=False)
+    assert any(not torch.equal(with_dmd.state_dict()[n], w) for n, w in students[0].items())
+
+
+def test_stage3_dmd_weight_is_checked():
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="stage3.dmd"):
+            Stage3Config(dmd=bad)
+    with pytest.raises(ConfigError, match="stage3.dmd must be > 0 unless another term"):
+        Stage3Config(dmd=0.0)  # nothing would train the student
+    assert Stage3Config(dmd=0.0, data_denoise=1.0).dmd == 0.0
+    assert Stage3Config.added_later()["dmd"] == 1.0  # a run from before the key resumes with DMD on
 
 class WideData(FakeData):
     """Latents (B, 4, 4, 8, 12): a 4 x 4 x 6 token grid, enough for a block-sparse pattern."""
