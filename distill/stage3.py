@@ -496,9 +496,9 @@ def train_stage3(real: DiT, plan: PruningPlan | None, data, cfg: Stage3Config, o
             g_loss = g_loss + cfg.data_denoise * den
             extra["data_denoise"] = den.item()
         grad_norm = trainer.update("student", g_loss)
-        if f_loss is not None:
-            extra["fake_loss"] = f_loss.item()
-        trainer.log(g_loss=g_loss.item(), grad_norm=grad_norm, k=k, **extra)
+        if x is not None:  # the student's sample and the fake score's loss, where there were any
+            extra.update(k=k, **({} if f_loss is None else {"fake_loss": f_loss.item()}))
+        trainer.log(g_loss=g_loss.item(), grad_norm=grad_norm, **extra)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             consider(step + 1)
     seconds = trainer.close()
