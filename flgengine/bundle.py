@@ -34,7 +34,7 @@ from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_sa
 from . import files
 from .model import TwoExpertDiT, build, model_config_from_json
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
-from .storage import (INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, dequantize_stored, quantize_int4, quantize_int8,
+from .storage import (INT4_GROUP, INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, dequantize_stored, quantize_int4, quantize_int8,
                       storage_dtype_of, storage_name, store_state)
 from .version import __version__
 
@@ -133,7 +133,7 @@ def _link_or_copy(src, dst) -> None:
 
 
 def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None = None, provenance: dict | None = None,
-                       storage_dtype: torch.dtype | None = None) -> Path:
+                       storage_dtype: torch.dtype | None = None, int4_group: int = INT4_GROUP) -> Path:
     """Writes `model` (a DiT) as model.safetensors, config.json, pipeline.json and
     provenance.json into the directory `path` (a bundle_directory; see save_bundle).
 
@@ -141,7 +141,7 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     sha256 and the writing flgengine version are added to the provenance.
     `storage_dtype` (e.g. torch.float16) rounds the stored weights to that dtype (half the
     file of fp32); torch.int8 stores the matrices as int8 with per-row scales (a quarter),
-    torch.int4 the linear weights as 4-bit groups (flgengine/storage.py); loading casts them
+    torch.int4 the linear weights as 4-bit groups of `int4_group` (flgengine/storage.py); loading casts them
     to the config's compute dtype as always.
     torch.float8_e4m3fn stores the block linears in e4m3 with per-output-channel fp32 scales
     (the other tensors as they are): `load_bundle(..., precision="fp8")` keeps them e4m3, and
@@ -150,7 +150,7 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline if pipeline is not None else PipelineConfig()
-    state = store_state(model.state_dict(), storage_dtype)
+    state = store_state(model.state_dict(), storage_dtype, int4_group)
     atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
     model.config.to_json(path / "config.json")
     pipeline.to_json(path / "pipeline.json")
@@ -165,11 +165,11 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     return path
 
 
-def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -> Path:
+def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype, int4_group: int = INT4_GROUP) -> Path:
     """A copy of the bundle `src` at `dst` with its DiT weights (both experts of a two-expert
     bundle) stored in `storage_dtype` (flgengine/storage.py); the pipeline's parts (text
     encoder, codec, image encoder) are copied as they are. The weights are read in float32
-    (dequantised) and stored anew. provenance.json records a "store" stage naming what was
+    (dequantised) and stored anew (int4: `int4_group` weights per scale). provenance.json records a "store" stage naming what was
     stored before; an "evaluation" it held measured those weights, so it moves to
     "evaluation_before_store" (measure the new ones: `distill evaluate --write-provenance`)."""
     src, dst = Path(src), Path(dst)
@@ -182,7 +182,8 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -
         prov = dict(prov)
         stage = {"stage": "store", "storage_dtype": storage_name(storage_dtype),
                  "from_storage_dtype": prov.get("storage_dtype", "float32"), "from_weights_sha256": file_sha256(weights),
-                 **({"int4_scales": "least-squares clip"} if storage_dtype == torch.int4 else {})}  # earlier: max |w|
+                 **({"int4_scales": "least-squares clip", "int4_group": int4_group}  # earlier: max |w|
+                    if storage_dtype == torch.int4 else {})}
         for key in ("weights_sha256", "num_params", "storage_dtype", "created", "flgengine_version"):
             prov.pop(key, None)  # write_bundle_files writes them anew
         if "evaluation" in prov:
@@ -195,9 +196,9 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype) -
         if len(experts) == 2:
             low = src / LOW_NOISE_DIR
             write_bundle_files(tmp / LOW_NOISE_DIR, experts[1], None,
-                               stored_provenance(read_provenance(low), low / "model.safetensors"), storage_dtype)
+                               stored_provenance(read_provenance(low), low / "model.safetensors"), storage_dtype, int4_group)
         write_bundle_files(tmp, experts[0], bundle.pipeline, stored_provenance(bundle.provenance, src / "model.safetensors"),
-                           storage_dtype)
+                           storage_dtype, int4_group)
     return dst
 
 

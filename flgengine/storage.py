@@ -62,8 +62,10 @@ def storage_name(dtype: torch.dtype) -> str:
     return "fp8" if dtype == torch.float8_e4m3fn else str(dtype).replace("torch.", "")
 
 
-def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The state dict as model.safetensors stores it in `dtype` (None: as it is)."""
+def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                int4_group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
+    """The state dict as model.safetensors stores it in `dtype` (None: as it is); int4 in groups of
+    `int4_group` weights per scale."""
     from .model.precision import quantize_state
 
     if dtype is None:
@@ -71,7 +73,7 @@ def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
     if dtype == torch.int8:
         return quantize_int8(state)
     if dtype == torch.int4:
-        return quantize_int4(state)
+        return quantize_int4(state, int4_group)
     if dtype == torch.float8_e4m3fn:
         return quantize_state(state)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

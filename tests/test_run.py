@@ -176,7 +176,7 @@ def test_shipped_run_configs_are_valid():
     from pathlib import Path
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) == 8
+    assert len(configs) == 9
     kinds = {RunConfig.load(c).out: (RunConfig.load(c).stage2 is None, RunConfig.load(c).stage3_config().real_score,
                                      RunConfig.load(c).stage3_config().prune) for c in configs}
     # the shipped student: Stages I-II, then a plain-CFG real score of the Stage II network; its
@@ -185,11 +185,15 @@ def test_shipped_run_configs_are_valid():
                      "runs/shapes-dmd2": (True, "cfg", False), "runs/shapes-4step-sparse": (True, "cfg", False),
                      "runs/shapes-4step-fp8": (True, "cfg", False),
                      "runs/shapes-i2v-4step": (False, "cfg", True),  # the image-to-video student: the same recipe
-                     "runs/shapes-i2v-prune-dmd2": (True, "cfg", True), "runs/shapes-i2v-dmd2": (True, "cfg", False)}
+                     "runs/shapes-i2v-prune-dmd2": (True, "cfg", True), "runs/shapes-i2v-dmd2": (True, "cfg", False),
+                     "runs/shapes-i2v-4step-data": (True, "cfg", False)}
     sparse = RunConfig.load(configs[0].parent / "shapes-4step-sparse.yaml").stage3_config()
     assert sparse.init_student == "shapes-4step" and sparse.attention["kind"] == "per_head" and sparse.adapt_steps > 0
     fp8 = RunConfig.load(configs[0].parent / "shapes-4step-fp8.yaml").stage3_config()
     assert fp8.init_student == "shapes-4step" and fp8.precision == "fp8"
+    data = RunConfig.load(configs[0].parent / "shapes-i2v-4step-data.yaml").stage3_config()  # the data term alone
+    assert data.init_student == "shapes-i2v-4step" and data.dmd == 0 and data.data_denoise > 0
+    assert data.denoise_steps() == [0, 1, 2, 3]
 
 
 def test_sparse_aware_continuation_of_a_student(tiny_teacher, tmp_path):

@@ -135,7 +135,8 @@ def test_default_model_is_the_student_and_draws_the_prompted_colour_in_4_steps()
 
 def test_image_to_video_models_are_the_teacher_and_its_pruned_4_step_student():
     """shapes-i2v-teacher (first_frame, two experts, fine-tuned from shapes-teacher) and
-    shapes-i2v-4step (its FastLightGen student), each with its evaluation in provenance."""
+    shapes-i2v-4step (its FastLightGen student, continued on the data alone), each with its
+    evaluation in provenance."""
     assert {"shapes-i2v-teacher", "shapes-i2v-4step"} <= set(shipped_models())
     teacher, student = flgengine.load("shapes-i2v-teacher"), flgengine.load("shapes-i2v-4step")
     assert teacher.config.image == student.config.image == "first_frame"
@@ -147,8 +148,11 @@ def test_image_to_video_models_are_the_teacher_and_its_pruned_4_step_student():
     s_prov = json.loads((ASSETS / "shapes-i2v-4step" / "provenance.json").read_text())
     assert t_prov["storage_dtype"] == s_prov["storage_dtype"] == "int4"
     assert s_prov["teacher"]["weights_sha256"] in weights_lineage(t_prov)
-    stage3 = next(s for s in s_prov["stages"] if s["stage"] == "stage3")["recipe"]
+    stage3, data_alone = (s["recipe"] for s in s_prov["stages"] if s["stage"] == "stage3")
     assert stage3["data_denoise"] > 0 and stage3["data_denoise_steps"] == [3]  # configs/shapes-i2v-4step.yaml
+    # then continued on the data alone (configs/shapes-i2v-4step-data.yaml), stored int4 in groups of 32
+    assert data_alone["dmd"] == 0 and data_alone["data_denoise_steps"] == [0, 1, 2, 3]
+    assert s_prov["init_student"]["path"] == "shapes-i2v-4step" and s_prov["stages"][-1]["int4_group"] == 32
     init = next(s for s in t_prov["stages"] if s["stage"] == "train-teacher")["recipe"]
     assert init["image"] == "first_frame" and init["init_from"].endswith("shapes-teacher")
     for prov, steps in ((t_prov, 50), (s_prov, 4)):

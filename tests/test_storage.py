@@ -163,7 +163,8 @@ def test_store_bundle_copies_a_two_expert_bundle_with_its_parts_and_says_so(tmp_
     prov = after.provenance
     stage = prov["stages"][-1]
     assert stage == {"stage": "store", "storage_dtype": "int4", "from_storage_dtype": "int8",
-                     "from_weights_sha256": before.provenance["weights_sha256"], "int4_scales": "least-squares clip"}
+                     "from_weights_sha256": before.provenance["weights_sha256"], "int4_scales": "least-squares clip",
+                     "int4_group": 64}
     assert "int4_scales" not in before.provenance["stages"][-1]  # int8: one scale per row, no clip
     assert prov["storage_dtype"] == "int4" and prov["weights_sha256"] != before.provenance["weights_sha256"]
     shipped = load_bundle(resolve_model("shapes-teacher")).provenance
@@ -181,3 +182,18 @@ def test_store_cli(tmp_path, capsys):
     assert load_bundle(tmp_path / "s8").provenance["storage_dtype"] == "int8"
     with pytest.raises(SystemExit):
         main(["store", "shapes-4step", str(tmp_path / "x"), "--dtype", "int3"])
+    # int4 in groups of 32: the scales say so, the provenance records it, the weights are the formula's
+    assert main(["store", "shapes-4step", str(tmp_path / "g32"), "--dtype", "int4", "--int4-group", "32"]) == 0
+    from flgengine.files import load_safetensors
+    from flgengine.pipeline import resolve_model
+
+    state = load_safetensors(tmp_path / "g32" / "model.safetensors", "g32")
+    key = "blocks.0.ffn.fc2.weight"
+    assert state[key + INT4_SCALE].shape[1] * 32 == 2 * state[key].shape[1]  # (out, in / 32) scales, in / 2 bytes
+    assert load_bundle(tmp_path / "g32").provenance["stages"][-1]["int4_group"] == 32
+    w = load_bundle(resolve_model("shapes-4step")).model.state_dict()[key]  # the shipped weights, dequantised
+    got = load_bundle(tmp_path / "g32").model.state_dict()[key]
+    assert torch.equal(got.double(), _int4_reference(w, 32)[0])
+    for bad in (["--dtype", "int8", "--int4-group", "32"], ["--dtype", "int4", "--int4-group", "3"]):
+        with pytest.raises(SystemExit, match="int4-group"):
+            main(["store", "shapes-4step", str(tmp_path / "bad"), *bad])
