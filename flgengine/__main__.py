@@ -201,7 +201,8 @@ def _stage_summary(stage: dict) -> str:
     if name == "plan":
         parts.append(f"dropped blocks {stage.get('drop')} ({stage.get('removed_fraction', 0):.1%} of the parameters)")
     if name == "store":
-        parts.append(f"weights stored in {stage.get('storage_dtype')} (were {stage.get('from_storage_dtype')})")
+        group = f", groups of {stage['int4_group']}" if "int4_group" in stage else ""
+        parts.append(f"weights stored in {stage.get('storage_dtype')}{group} (were {stage.get('from_storage_dtype')})")
     if "adapt" in stage:
         parts.append(f"after {stage['adapt'].get('steps')} steps of pattern adaptation")
     if "steps" in stage:

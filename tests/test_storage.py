@@ -191,6 +191,9 @@ def test_store_cli(tmp_path, capsys):
     key = "blocks.0.ffn.fc2.weight"
     assert state[key + INT4_SCALE].shape[1] * 32 == 2 * state[key].shape[1]  # (out, in / 32) scales, in / 2 bytes
     assert load_bundle(tmp_path / "g32").provenance["stages"][-1]["int4_group"] == 32
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "g32")]) == 0
+    assert "weights stored in int4, groups of 32 (were int4)" in capsys.readouterr().out
     w = load_bundle(resolve_model("shapes-4step")).model.state_dict()[key]  # the shipped weights, dequantised
     got = load_bundle(tmp_path / "g32").model.state_dict()[key]
     assert torch.equal(got.double(), _int4_reference(w, 32)[0])
