@@ -154,14 +154,17 @@ def _build() -> dict:
 def _store(args) -> int:
     from .bundle import store_bundle
     from .pipeline import resolve_model
-    from .storage import INT4_GROUP, storage_dtype_of
+    from .storage import INT4_GROUP, check_int4_group, storage_dtype_of
 
-    src = resolve_model(args.bundle)
-    if args.int4_group != INT4_GROUP and args.dtype != "int4":
+    if args.int4_group is not None and args.dtype != "int4":
         raise SystemExit(f"error: --int4-group {args.int4_group} is for --dtype int4, not {args.dtype}")
-    if args.int4_group < 2 or args.int4_group % 2:
-        raise SystemExit(f"error: --int4-group must be an even number >= 2, got {args.int4_group}")
-    out = store_bundle(src, args.output, storage_dtype_of(args.dtype), args.int4_group)
+    group = INT4_GROUP if args.int4_group is None else args.int4_group
+    try:
+        check_int4_group(group)
+    except ValueError as e:
+        raise SystemExit(f"error: --int4-group: {e}") from None
+    src = resolve_model(args.bundle)
+    out = store_bundle(src, args.output, storage_dtype_of(args.dtype), group)
     print(f"wrote {out}: DiT weights in {args.dtype}, {_dit_mib(src):.2f} MiB -> {_dit_mib(out):.2f} MiB "
           "(measure it: python -m distill evaluate BUNDLE --write-provenance)")
     return 0
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-v", "--verbose", action="store_true", help="also print the full config and provenance")
     i.set_defaults(func=_info)
 
-    from .storage import STORAGE_DTYPES
+    from .storage import INT4_GROUP, STORAGE_DTYPES
 
     st = sub.add_parser("store", help="copy a bundle with its weights stored in another dtype (fp16, int8, int4, ...)",
                         description="Copy a bundle with its DiT weights stored in another dtype: float16 / bfloat16 "
@@ -284,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the new bundle directory (absent, empty or a bundle)")
     st.add_argument("--dtype", required=True, choices=STORAGE_DTYPES,
                     help="storage dtype of the weights")
-    st.add_argument("--int4-group", type=int, default=64, metavar="N",
-                    help="int4: weights per fp16 scale along a row (default 64; 32 rounds closer for a quarter bit more "
+    st.add_argument("--int4-group", type=int, default=None, metavar="N",
+                    help=f"int4: weights per fp16 scale along a row (default {INT4_GROUP}; 32 rounds closer for a quarter bit more "
                          "per weight); an even divisor of the input dims, else a matrix is stored int8")
     st.set_defaults(func=_store)
     return p

@@ -34,8 +34,8 @@ from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_sa
 from . import files
 from .model import TwoExpertDiT, build, model_config_from_json
 from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
-from .storage import (INT4_GROUP, INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, dequantize_stored, quantize_int4, quantize_int8,
-                      storage_dtype_of, storage_name, store_state)
+from .storage import (INT4_GROUP, INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, check_int4_group, dequantize_stored,
+                      quantize_int4, quantize_int8, storage_dtype_of, storage_name, store_state)
 from .version import __version__
 
 __all__ = [  # bundles, and the file helpers of flgengine.files re-exported
@@ -173,6 +173,7 @@ def store_bundle(src: str | Path, dst: str | Path, storage_dtype: torch.dtype, i
     stored before; an "evaluation" it held measured those weights, so it moves to
     "evaluation_before_store" (measure the new ones: `distill evaluate --write-provenance`)."""
     src, dst = Path(src), Path(dst)
+    check_int4_group(int4_group)  # before the weights are read
     if src.resolve() == dst.resolve():
         raise ValueError(f"store writes a new bundle: the output {dst} is the source")
     bundle = load_bundle(src, device="cpu", dtype=torch.float32)

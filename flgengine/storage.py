@@ -39,7 +39,7 @@ import torch
 from .config import TORCH_DTYPES, torch_dtype
 from .files import BundleError
 
-__all__ = ["STORAGE_DTYPES", "INT8_SCALE", "INT4_SCALE", "INT4_GROUP", "storage_dtype_of", "storage_name",
+__all__ = ["STORAGE_DTYPES", "INT8_SCALE", "INT4_SCALE", "INT4_GROUP", "check_int4_group", "storage_dtype_of", "storage_name",
            "INT4_CLIPS", "store_state", "quantize_int8", "quantize_int4", "dequantize_stored"]
 
 STORAGE_DTYPES = (*TORCH_DTYPES, "int8", "int4", "fp8")  # names a bundle's weights can be stored in
@@ -103,13 +103,19 @@ def _int4_eligible(key: str, v: torch.Tensor, group: int) -> bool:
             and v.shape[1] % group == 0)
 
 
+def check_int4_group(group: int) -> int:
+    """`group` if it is a valid int4 group size (an even number >= 2), else ValueError."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
+        raise ValueError(f"int4 group must be an even number >= 2, got {group!r}")
+    return group
+
+
 def quantize_int4(state: dict[str, torch.Tensor], group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
     """int4 storage: each block linear's weight (out, in) (`blocks.*.weight`, 2-D, `in` a
     multiple of `group`) becomes uint8 (out, in / 2), two 4-bit values a byte, with fp16 scales
     (out, in / group) under `key + INT4_SCALE`, each the clip of its group's max |w| that rounds
     the group with the least squared error; every other tensor as quantize_int8 stores it."""
-    if group < 2 or group % 2:
-        raise ValueError(f"int4 group must be an even number >= 2, got {group}")
+    check_int4_group(group)
     out = {}
     for k, v in state.items():
         if not _int4_eligible(k, v, group):

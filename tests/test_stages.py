@@ -413,7 +413,6 @@ def test_stage3_data_denoise_teaches_the_last_step_the_data(tmp_path):
     assert '"data_denoise"' in (tmp_path / "dn20.0" / "metrics.jsonl").read_text()
 
 
-
 def test_stage3_without_dmd_is_the_data_term_alone(tmp_path):
     """dmd 0: the teacher no longer reaches the student (two different real scores train the same
     student, bit for bit), the fake score is never updated, and the data term still teaches."""
@@ -449,6 +448,7 @@ def test_stage3_dmd_weight_is_checked():
         Stage3Config(dmd=0.0)  # nothing would train the student
     assert Stage3Config(dmd=0.0, data_denoise=1.0).dmd == 0.0
     assert Stage3Config.added_later()["dmd"] == 1.0  # a run from before the key resumes with DMD on
+
 
 class WideData(FakeData):
     """Latents (B, 4, 4, 8, 12): a 4 x 4 x 6 token grid, enough for a block-sparse pattern."""
