@@ -10,8 +10,9 @@
 #     PARTS="tests sparse_fp8 ops" TESTS="tests/ops tests/test_precision.py" TESTS_K="sparse or fp8 or attention" \
 #       OPS_K="attention and triton" bash bench/device_check.sh
 #   the FP8 attention kernel's tilings: PARTS=sweep SWEEP_ARGS="--skip-elementwise --fp8-attention" ...
-#   the checks still pending (the native ops' params-struct launchers, the per-op gpu tests, the FP8
-#   attention tilings, the FP8 / sparse loop), about 8 min:
+#   the checks still pending (the native ops' params-struct launchers, the per-op gpu tests incl. the
+#   fused FP8 producers, the FP8 attention tilings, the FP8 producers' and the FP8 / sparse loop's
+#   benchmarks), about 8 min:
 #     PARTS="build sweep tests sparse_fp8" TESTS="tests/ops tests/test_native.py tests/test_precision.py" \
 #       SWEEP_ARGS="--skip-elementwise --fp8-attention" SWEEP_TIMEOUT=150 bash bench/device_check.sh
 #   the HunyuanVideo-13B-shaped forward (full and 30% pruned per kind, 480p x 61 frames) per backend

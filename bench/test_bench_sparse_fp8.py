@@ -9,7 +9,10 @@ Every figure is a ratio measured in one run against a baseline timed in the same
   with and without the quantisation pass, and its error against the bf16 kernel;
 - FP8 GEMMs (`torch._scaled_mm`, per-token activation and per-channel weight scales, bf16 out)
   against bf16 `F.linear` at each of the DiT's linear shapes, with and without the dynamic
-  quantisation of the activation.
+  quantisation of the activation;
+- the FP8 linears' inputs made in the pass before them (`ops.gated_residual_adaln_fp8`,
+  `ops.gelu_fp8`) against the two passes they replace (the bf16 op, then the Triton per-token
+  quantisation), as a fraction of the copy bandwidth the fused pass's bytes would take.
 Rates: attention FLOPs 4 x H x Sq x Skv x D x density; GEMM 2 x M x K x N.
 """
 
@@ -132,6 +135,37 @@ def test_fp8_gemm(benchmark, name, K, N):
                      f"rel err {err:.4f}",
           M=S, K=K, N=N, bf16_seconds=t16, fp8_seconds=t8, fp8_fast_seconds=t8f, fp8_quant_seconds=t8q,
           speedup=t16 / t8, speedup_fast=t16 / t8f, speedup_with_quant=t16 / t8q, rel_err=err)
+
+
+@pytest.mark.parametrize("op", ["gated_residual_adaln", "gelu"])
+def test_fp8_producers(benchmark, op):
+    import ceilings
+    from flgengine.ops.triton.quantize import quantize_tokens
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    D = 1536 if op == "gated_residual_adaln" else 8960
+    x = torch.randn(1, S, D, generator=g, device="cuda").to(torch.bfloat16)
+    if op == "gated_residual_adaln":
+        y = torch.randn(1, S, D, generator=g, device="cuda").to(torch.bfloat16)
+        gate, scale, shift = (torch.randn(1, 6, 1536, generator=g, device="cuda").unbind(1)[i] for i in (2, 1, 0))
+        fused = lambda: ops.gated_residual_adaln_fp8(x, y, gate, scale, shift, backend="triton")  # noqa: E731
+        two = lambda: quantize_tokens(ops.gated_residual_adaln(x, y, gate, scale, shift, backend="triton")[1][0])  # noqa: E731
+        moved = x.numel() * (2 + 2 + 2 + 1)  # x, y read; x_new bf16 and h e4m3 written
+    else:
+        fused = lambda: ops.gelu_fp8(x, backend="triton")  # noqa: E731
+        two = lambda: quantize_tokens(F.gelu(x, approximate="tanh")[0])  # noqa: E731
+        moved = x.numel() * (2 + 1)
+    t_fused = median_seconds(fused, x.device)
+    t_two = median_seconds(two, x.device)
+    a, b = fused(), two()
+    h8, hs = a[-2], a[-1]
+    err = _rel(h8.float() * hs, (b[0].float() * b[1]).view(h8.shape))
+    benchmark.pedantic(fused, rounds=5, iterations=1, warmup_rounds=1)
+    bw = ceilings.measured("cuda")["copy_GBps"] * 1e9  # the card's copy bandwidth, measured now
+    _line(benchmark, f"fp8 producer {op} {S}x{D}: fused {t_fused * 1e6:.0f} us ({moved / t_fused / bw:.0%} of copy), "
+                     f"two passes {t_two * 1e6:.0f} us: {t_two / t_fused:.2f}x; rel diff {err:.4f}",
+          op=op, D=D, fused_seconds=t_fused, two_pass_seconds=t_two, speedup=t_two / t_fused,
+          fraction_of_copy=moved / t_fused / bw, rel_diff=err)
 
 
 def test_dit_4step_loop(benchmark):

@@ -59,6 +59,48 @@ def test_fp8_model_is_close_to_the_bf16_model_and_really_quantises():
         set_precision(fp8, "bf16")
 
 
+def test_fp8_linears_read_inputs_quantised_in_the_norm_pass(monkeypatch):
+    """The block's adaLN / LayerNorm passes and the FFN's GELU hand the FP8 linears e4m3 inputs
+    (ops.*_fp8): the separate quantisations left are the attention outputs' (the o
+    projections') and the text context's (cross-attention's k, v). The function is the one of
+    quantising the fp32 norm outputs separately."""
+    from flgengine import ops
+    from flgengine.model import precision as P
+
+    cfg = tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=3)
+    torch.manual_seed(0)
+    model = to_fp8(DiT(cfg).eval())
+    model.backend = "ref"
+    x, t, ctx = _inputs(cfg)
+    calls = []
+    for name in ("adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_fp8"):
+        monkeypatch.setattr(ops, name, lambda *a, _f=getattr(ops, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
+    separate = []
+    init = QuantizedTokens.__init__
+    monkeypatch.setattr(QuantizedTokens, "__init__", lambda self, x: separate.append(tuple(x.shape)) or init(self, x))
+    with torch.no_grad():
+        fused = model(x, t, ctx)
+    n = cfg.num_layers
+    assert calls.count("adaln_modulate_fp8") == 1 and calls.count("gelu_fp8") == n
+    assert calls.count("gated_residual_adaln_fp8") == 3 * n - 1  # cross-attention's and the FFN's norms, later blocks' self-attention's
+    tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4  # 2 x 2 patches
+    # per block: self-attention's output, the context, cross-attention's output
+    assert separate == [(2, tokens, cfg.dim), (2, 5, cfg.dim), (2, tokens, cfg.dim)] * n
+    # the same function as the unfused producers (the norm's fp32 output, then quantised)
+    monkeypatch.undo()
+    monkeypatch.setattr(P, "modulate_for", lambda lin, *a: QuantizedTokens(ops.adaln_modulate(*a).float()))
+    monkeypatch.setattr(P, "gelu_for", lambda lin, h: QuantizedTokens(torch.nn.functional.gelu(h.float(), approximate="tanh")))
+    import flgengine.model.dit as dit_module
+
+    monkeypatch.setattr(dit_module, "modulate_for", P.modulate_for)
+    monkeypatch.setattr(dit_module, "gelu_for", P.gelu_for)
+    monkeypatch.setattr(dit_module, "residual_modulate_for",
+                        lambda lin, *a: (lambda xn, h: (xn, QuantizedTokens(h)))(*ops.gated_residual_adaln(*a)))
+    with torch.no_grad():
+        unfused = model(x, t, ctx)
+    assert torch.equal(fused, unfused)
+
+
 def test_block_mask_in_the_model():
     cfg = tiny_config(num_heads=2, head_dim=16, ffn_dim=48, num_layers=2)
     torch.manual_seed(0)

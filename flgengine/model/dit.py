@@ -24,7 +24,7 @@ import torch.nn as nn
 from .. import ops
 from ..config import ModelConfig
 from .embed import ImageEmbedding, TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
-from .precision import quantize_activation
+from .precision import gelu_for, modulate_for, quantize_activation, residual_modulate_for
 from .sparsity import SparsePattern
 
 
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         if image is not None:  # + attention of the same queries over the image tokens (B, Li, D)
             k_img = ops.rms_norm(self.add_k(image), self.norm_added_k.weight, self.eps).unflatten(-1, split)
             out = out + ops.attention(q, k_img, self.add_v(image).unflatten(-1, split))
-        return self.o(out.flatten(2).type_as(x))
+        return self.o(out.flatten(2).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -87,7 +87,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_for(self.fc2, self.fc1(x)))  # (an FP8 fc2 reads the GELU quantised in its pass)
 
 
 class Block(nn.Module):
@@ -116,22 +116,24 @@ class Block(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=-2)  # each (B, D) or (B, S, D)
         B, D = x.shape[0], x.shape[-1]
         # 1. self-attention on the modulated stream (the previous block's x += gate * y fused in)
+        #    (each h is made as the linears reading it take it: e4m3 + per-token scales for FP8 ones)
         if pending is None:
-            h = ops.adaln_modulate(x, scale_sa, shift_sa, self.eps)
+            h = modulate_for(self.self_attn.q, x, scale_sa, shift_sa, self.eps)
         else:
-            x, h = ops.gated_residual_adaln(x, *pending, scale_sa, shift_sa, self.eps)
+            x, h = residual_modulate_for(self.self_attn.q, x, *pending, scale_sa, shift_sa, self.eps)
         y = self.self_attn(h, rope=rope, block_mask=block_mask)
         # 2. x += gate_sa * y (fp32), fused with the cross-attention's LayerNorm: an affine
         #    LayerNorm is adaLN with scale = weight - 1 and shift = bias, the same for every sample
         if isinstance(self.norm_cross, nn.LayerNorm):
             w, b = self.norm_cross.weight.float(), self.norm_cross.bias.float()
-            x, h = ops.gated_residual_adaln(x, y, gate_sa, (w - 1).expand(B, D), b.expand(B, D), self.eps)
+            x, h = residual_modulate_for(self.cross_attn.q, x, y, gate_sa, (w - 1).expand(B, D), b.expand(B, D),
+                                         self.eps)
         else:
             x = h = (x.float() + y.float() * _tokens(gate_sa)).type_as(x)
         # 3. cross-attention to the text (+ to the image tokens); x += y (gate 1), fused with the FFN's adaLN
         y = self.cross_attn(h, kv=context, image=image)
         one = torch.ones(1, D, dtype=torch.float32, device=x.device).expand(B, D)
-        x, h = ops.gated_residual_adaln(x, y, one, scale_ff, shift_ff, self.eps)
+        x, h = residual_modulate_for(self.ffn.fc1, x, y, one, scale_ff, shift_ff, self.eps)
         # 4. feed-forward; its gated residual x += gate_ff * y is pending
         return x, (self.ffn(h), gate_ff)
 

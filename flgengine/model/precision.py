@@ -3,7 +3,10 @@
 FP8 replaces the transformer blocks' linears with `FP8Linear` and runs self-attention in FP8:
 - weights: e4m3 with one fp32 scale per output channel, stored once (no bf16 copy kept);
 - activations: dynamic per-token scales, quantised once per input and shared by the linears
-  that read it (self-attention's q, k, v);
+  that read it (self-attention's q, k, v); the adaLN / LayerNorm passes that feed the block's
+  linears and the FFN's GELU emit the e4m3 activation and its scales themselves
+  (`ops.adaln_modulate_fp8`, `ops.gated_residual_adaln_fp8`, `ops.gelu_fp8`): no separate
+  quantisation pass, and no bf16 copy of the activation written and read back;
 - GEMMs: `torch._scaled_mm` (cuBLASLt FP8 tensor cores, fast accumulation, bias fused,
   bf16 out) on GPUs of compute capability >= 8.9 where the widths are multiples of 16;
   elsewhere (the CPU, a pruned width that is not) the same numerics emulated: the e4m3
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..ops import fp8 as F8
 
 PRECISIONS = ("bf16", "fp8")
@@ -54,6 +58,15 @@ class QuantizedTokens:
             self.x8, self.scale = quantize_tokens(flat if flat.stride(-1) == 1 else flat.contiguous())
         else:
             self.x8, self.scale = F8.quantize_tokens(flat)
+
+    @classmethod
+    def of(cls, x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> "QuantizedTokens":
+        """An activation a fused op quantised: x8 (..., K) e4m3, scale (..., 1) fp32; `dtype`:
+        the precision the linears reading it compute their output in."""
+        q = cls.__new__(cls)
+        q.lead, q.dtype, q.device = x8.shape[:-1], dtype, x8.device
+        q.x8, q.scale = x8.reshape(-1, x8.shape[-1]), scale.reshape(-1, 1)
+        return q
 
 
 class FP8Linear(nn.Module):
@@ -162,9 +175,37 @@ def check_fp8_state(state: dict[str, torch.Tensor], where: str) -> str | None:
     return None
 
 
-def quantize_activation(x: torch.Tensor, linear: nn.Module):
-    """x quantised once when `linear` is FP8 (for linears sharing the input), else x itself."""
-    return QuantizedTokens(x) if isinstance(linear, FP8Linear) else x
+def quantize_activation(x, linear: nn.Module):
+    """x quantised once when `linear` is FP8 (for linears sharing the input), else x itself
+    (an x already quantised, `QuantizedTokens`, too)."""
+    return QuantizedTokens(x) if isinstance(linear, FP8Linear) and isinstance(x, torch.Tensor) else x
+
+
+# ---- the fused producers of the FP8 linears' inputs ---------------------------------------------
+# Each computes what the block's linear `linear` reads: for an FP8Linear the e4m3 activation and
+# its per-token scales straight from the op's fp32 value (one pass, no bf16 copy), else the
+# plain op's output.
+
+def modulate_for(linear: nn.Module, x: torch.Tensor, scale, shift, eps: float):
+    """ops.adaln_modulate(x, scale, shift) as `linear` reads it."""
+    if isinstance(linear, FP8Linear):
+        return QuantizedTokens.of(*ops.adaln_modulate_fp8(x, scale, shift, eps), x.dtype)
+    return ops.adaln_modulate(x, scale, shift, eps)
+
+
+def residual_modulate_for(linear: nn.Module, x: torch.Tensor, y: torch.Tensor, gate, scale, shift, eps: float):
+    """ops.gated_residual_adaln(x, y, gate, scale, shift) -> (x_new, h), h as `linear` reads it."""
+    if isinstance(linear, FP8Linear):
+        x_new, h8, h_scale = ops.gated_residual_adaln_fp8(x, y, gate, scale, shift, eps)
+        return x_new, QuantizedTokens.of(h8, h_scale, x.dtype)
+    return ops.gated_residual_adaln(x, y, gate, scale, shift, eps)
+
+
+def gelu_for(linear: nn.Module, h: torch.Tensor):
+    """tanh GELU of the FFN's hidden layer h as its second linear `linear` reads it."""
+    if isinstance(linear, FP8Linear):
+        return QuantizedTokens.of(*ops.gelu_fp8(h), h.dtype)
+    return nn.functional.gelu(h, approximate="tanh")
 
 
 def _block_linears(model: nn.Module):

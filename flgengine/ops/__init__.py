@@ -13,11 +13,13 @@ from . import triton as triton_ops
 from .block_mask import BlockMask
 from .registry import BACKENDS, BackendUnavailable
 
-__all__ = ["BlockMask", "adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention", "BACKENDS", "BackendUnavailable", "backends_for"]
+__all__ = ["BlockMask", "adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention",
+           "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_fp8", "BACKENDS", "BackendUnavailable", "backends_for"]
 
 _ALWAYS = lambda *tensors: None  # noqa: E731  (the reference serves every input)
 
-for _op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention"):
+for _op in ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "rms_norm", "apply_rope", "attention",
+            "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_fp8"):
     registry.register(_op, "ref", getattr(ref, _op), _ALWAYS)
 registry.register("attention_ext", "ref", ref.attention, _ALWAYS)  # block-sparse / FP8 attention
 registry.register("attention_ext", "flex", flex.attention, flex.why_not)  # torch's FlexAttention (masks only)
@@ -36,6 +38,26 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, s
     """(x + gate * y, adaln_modulate(x + gate * y, scale, shift)) in one pass. x, y: (B, S, D);
     gate/scale/shift: (B, D) or (B, S, D)."""
     return _impl("gated_residual_adaln", (x, y, gate, scale, shift), backend)(x, y, gate, scale, shift, eps)
+
+
+def adaln_modulate_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6, *,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaln_modulate for an FP8 linear's input, quantised in the same pass: (h8 (B, S, D) e4m3,
+    scales (B, S, 1) fp32) with h ~= h8 * scales, one scale per token from h's fp32 value."""
+    return _impl("adaln_modulate_fp8", (x, scale, shift), backend)(x, scale, shift, eps)
+
+
+def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                             shift: torch.Tensor, eps: float = 1e-6, *,
+                             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gated_residual_adaln with h quantised as in adaln_modulate_fp8: (x_new, h8, scales)."""
+    return _impl("gated_residual_adaln_fp8", (x, y, gate, scale, shift), backend)(x, y, gate, scale, shift, eps)
+
+
+def gelu_fp8(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh GELU (fp32) quantised per token for an FP8 linear: x (..., K) -> (e4m3 (..., K),
+    fp32 scales (..., 1))."""
+    return _impl("gelu_fp8", (x,), backend)(x)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,

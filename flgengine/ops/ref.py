@@ -19,8 +19,29 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
 
     x: (B, S, D); scale, shift: (B, D) per sample or (B, S, D) per token.
     """
+    return _modulated(x, scale, shift, eps).to(x.dtype)
+
+
+def _modulated(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaln_modulate's value in fp32, before rounding to x's dtype."""
     y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return (y * (1 + _per_token(scale).float()) + _per_token(shift).float()).to(x.dtype)
+    return y * (1 + _per_token(scale).float()) + _per_token(shift).float()
+
+
+def _quantized_tokens(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (..., K) -> (e4m3 (..., K), fp32 scales (..., 1)): one scale per token (`fp8.quantize_tokens`)."""
+    from . import fp8
+
+    h8, scale = fp8.quantize_tokens(h.reshape(-1, h.shape[-1]))
+    return h8.view(h.shape), scale.view(*h.shape[:-1], 1)
+
+
+def adaln_modulate_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaln_modulate for an FP8 linear's input: h quantised per token from its fp32 value (no
+    rounding to x's dtype in between). Returns h8 (B, S, D) e4m3 and scales (B, S, 1) fp32,
+    h ~= h8 * scales."""
+    return _quantized_tokens(_modulated(x, scale, shift, eps))
 
 
 def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
@@ -35,6 +56,20 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, s
     """
     x_new = (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
     return x_new, adaln_modulate(x_new, scale, shift, eps)
+
+
+def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                             shift: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gated_residual_adaln with h for an FP8 linear: (x_new, h8 (B, S, D) e4m3, scales (B, S, 1)
+    fp32), h quantised per token as in adaln_modulate_fp8."""
+    x_new = (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
+    return (x_new, *adaln_modulate_fp8(x_new, scale, shift, eps))
+
+
+def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN's hidden activation for its FP8 second linear: tanh GELU in fp32, quantised per
+    token. x: (..., K) -> (e4m3 (..., K), fp32 scales (..., 1))."""
+    return _quantized_tokens(F.gelu(x.float(), approximate="tanh"))
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,

@@ -92,6 +92,10 @@ CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "adaln_modulate": ("triton", "cuda", "ref"),
     "gated_residual_adaln": ("triton", "cuda", "ref"),
     "qk_norm_rope": ("triton", "cuda", "ref"),
+    # the FP8-out variants exist in Triton only (the activation quantised inside the norm's pass)
+    "adaln_modulate_fp8": ("triton", "ref"),
+    "gated_residual_adaln_fp8": ("triton", "ref"),
+    "gelu_fp8": ("triton", "ref"),
 }
 
 

@@ -85,7 +85,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     code = "import test_triton_kernels as t; t.compile_for_hopper()"
     r = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.strip().endswith("compiled 18 kernels"), r.stdout[-2000:]
+    assert r.stdout.strip().endswith("compiled 22 kernels"), r.stdout[-2000:]
 
 
 def ptxas_usage(ptx: str) -> dict[str, int]:
@@ -136,8 +136,9 @@ def compile_for_hopper() -> None:
     bf16, f32 = "*bf16", "*fp32"
     r, w = _common.row_tiling(2048, 32760, interpret=False)  # the launchers' tiling at Wan's D = 1536
     qk_rows, qk_warps = _common.row_tiling(1024, 32760, interpret=False)  # qk_norm_rope: 768 pairs
-    rows = dict(ROWS=r, ITERS=1, BLOCK_D=2048, RTNE_BF16=False)
-    pointers = dict(xo_ptr=bf16, h_ptr=bf16, x_ptr=bf16, y_ptr=bf16, gate_ptr=f32, scale_ptr=f32, shift_ptr=f32)
+    rows = dict(ROWS=r, ITERS=1, BLOCK_D=2048, RTNE_BF16=False, FP8_OUT=False, RTNE_E4M3=False)
+    pointers = dict(xo_ptr=bf16, h_ptr=bf16, hs_ptr=bf16, x_ptr=bf16, y_ptr=bf16, gate_ptr=f32, scale_ptr=f32,
+                    shift_ptr=f32)
     unit = dict(sxd=1, syd=1, sgd=1, scd=1, shd=1)
     for iters in (1, 8):  # the launchers' one row tile per program, and a sweep's loop of 8 tiles
         build(M.modulate_kernel, pointers, dict(**unit, RESIDUAL=False, GATE_PER_SAMPLE=True, SCALE_PER_SAMPLE=True,
@@ -147,6 +148,10 @@ def compile_for_hopper() -> None:
             build(M.modulate_kernel, pointers, dict(**unit, RESIDUAL=residual, GATE_PER_SAMPLE=per_sample,
                                                     SCALE_PER_SAMPLE=per_sample, SHIFT_PER_SAMPLE=per_sample, **rows),
                   num_warps=w)
+    for residual in (False, True):  # the FP8-out variants (adaln_modulate_fp8 / gated_residual_adaln_fp8)
+        build(M.modulate_kernel, {**pointers, "h_ptr": "*fp8e4nv", "hs_ptr": f32},
+              dict(**unit, RESIDUAL=residual, GATE_PER_SAMPLE=True, SCALE_PER_SAMPLE=True, SHIFT_PER_SAMPLE=True,
+                   **{**rows, "FP8_OUT": True}), num_warps=w)
     build(Q._rms_norm_rope_kernel, dict(out_ptr=bf16, x_ptr=bf16, w_ptr=f32, cos_ptr=f32, sin_ptr=f32),
           dict(sxd=1, sw=1, sci=1, ssi=1, HALF=64, ROWS=qk_rows, BLOCK_P=1024, RTNE_BF16=False), num_warps=qk_warps)
     dense = dict(SPARSE=False, MASK_BQ=16, MASK_BK=16, MASK_HEADS=False)
@@ -176,4 +181,9 @@ def compile_for_hopper() -> None:
         build(QZ._quant_kernel, dict(out_ptr="*fp8e4nv", scale_ptr=f32, x_ptr=bf16, mean_ptr=f32, vscale_ptr=f32),
               dict(sxd=1, D=128, BLOCK_S=128 if not per_channel else 64, BLOCK_D=128, SMOOTH=smooth,
                    PER_CHANNEL=per_channel, RTNE=False), num_warps=8 if not per_channel else 4)
+    for K, gelu in ((1536, False), (8960, True)):  # per-token quantisation (o's input) and gelu_fp8 (FFN hidden)
+        block = _common.next_pow2(K)
+        build(QZ._token_quant_kernel, dict(out_ptr="*fp8e4nv", scale_ptr=f32, x_ptr=bf16),
+              dict(ROWS=max(1, min(16, 4096 // block)), BLOCK_K=block, GELU=gelu, RTNE=False),
+              num_warps=4 if block <= 4096 else 8)
     print(f"compiled {len(built)} kernels")

@@ -18,16 +18,20 @@ import torch
 
 from . import _common
 
-OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention")
+OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention",
+       "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_fp8")
 
 
 def _module(op: str):
     """The op's kernel module (imports triton on first use). Import statements, not
-    importlib: torch.compile traces through `why_not` and refuses importlib calls."""
-    if op == "adaln_modulate":
+    importlib: torch.compile traces through `why_not` and refuses importlib calls.
+    An op's FP8-out variant (`<op>_fp8`) lives in the op's module."""
+    if op in ("adaln_modulate", "adaln_modulate_fp8"):
         from . import adaln_modulate as module
-    elif op == "gated_residual_adaln":
+    elif op in ("gated_residual_adaln", "gated_residual_adaln_fp8"):
         from . import gated_residual_adaln as module
+    elif op == "gelu_fp8":
+        from . import quantize as module
     elif op == "qk_norm_rope":
         from . import qk_norm_rope as module
     elif op == "attention":
@@ -95,6 +99,43 @@ def _(q, k, v):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("flgengine::adaln_modulate_fp8_triton", mutates_args=())
+def adaln_modulate_fp8_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _module("adaln_modulate").adaln_modulate_fp8(x, scale, shift, eps)
+
+
+def _fp8_tokens_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs' shapes of an FP8-out op: e4m3 like x, fp32 scales (..., 1)."""
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@adaln_modulate_fp8_triton.register_fake
+def _(x, scale, shift, eps):
+    return _fp8_tokens_fake(x)
+
+
+@torch.library.custom_op("flgengine::gated_residual_adaln_fp8_triton", mutates_args=())
+def gated_residual_adaln_fp8_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                                    shift: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _module("gated_residual_adaln").gated_residual_adaln_fp8(x, y, gate, scale, shift, eps)
+
+
+@gated_residual_adaln_fp8_triton.register_fake
+def _(x, y, gate, scale, shift, eps):
+    return (x.new_empty(x.shape), *_fp8_tokens_fake(x))
+
+
+@torch.library.custom_op("flgengine::gelu_fp8_triton", mutates_args=())
+def gelu_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _module("gelu_fp8").gelu_fp8(x)
+
+
+@gelu_fp8_triton.register_fake
+def _(x):
+    return _fp8_tokens_fake(x)
+
+
 def attention_ext(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None, precision=None) -> torch.Tensor:
     """Block-sparse and / or FP8 attention (eager only: a BlockMask is no custom-op argument)."""
     return _module("attention").attention(q, k, v, block_mask=block_mask, precision=precision)
@@ -106,7 +147,7 @@ def _attention_ext_why_not(q, k, v, block_mask=None, precision=None) -> str | No
 
 
 def register(registry) -> None:
-    """Registers the four ops as backend "triton" (their why_not decides per call). Attention
+    """Registers the ops as backend "triton" (their why_not decides per call). Attention
     serves explicit requests only: on an H100 it ran at 0.52-0.83x torch SDPA (bench/RESULTS.md
     2026-11-27), so the automatic pick keeps SDPA."""
     for op in OPS:

@@ -41,3 +41,17 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
     if out.numel():
         modulate.launch(out, x, scale, shift, eps, tiling)
     return out
+
+
+def adaln_modulate_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6,
+                       tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same h, quantised per token from its fp32 value in the same pass: (h8 (B, S, D) e4m3,
+    scales (B, S, 1) fp32), `flgengine.ops.ref.adaln_modulate_fp8`'s contract."""
+    reason = _common.device_reason((x, scale, shift)) or check(x, scale, shift)
+    if reason:
+        raise ValueError(f"triton adaln_modulate_fp8: {reason}")
+    h8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    h_scale = torch.empty((*x.shape[:2], 1), dtype=torch.float32, device=x.device)
+    if h8.numel():
+        modulate.launch(h8, x, scale, shift, eps, tiling, h_scale=h_scale)
+    return h8, h_scale

@@ -51,3 +51,19 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, s
     if h.numel():
         modulate.launch(h, x, scale, shift, eps, tiling, residual=(x_new, y, gate))
     return x_new, h
+
+
+def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                             shift: torch.Tensor, eps: float = 1e-6,
+                             tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_new as above and h quantised per token from its fp32 value in the same pass:
+    (x_new, h8 (B, S, D) e4m3, scales (B, S, 1) fp32), `flgengine.ops.ref.gated_residual_adaln_fp8`'s contract."""
+    reason = _common.device_reason((x, y, gate, scale, shift)) or check(x, y, gate, scale, shift)
+    if reason:
+        raise ValueError(f"triton gated_residual_adaln_fp8: {reason}")
+    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    h_scale = torch.empty((*x.shape[:2], 1), dtype=torch.float32, device=x.device)
+    if h8.numel():
+        modulate.launch(h8, x, scale, shift, eps, tiling, residual=(x_new, y, gate), h_scale=h_scale)
+    return x_new, h8, h_scale

@@ -13,6 +13,10 @@ is read through its strides, so the model's `unbind` views of a (B, 6, D) / (B, 
 modulation and `(D,).expand(B, D)` vectors go in without copies. Outputs are contiguous, in
 their pointers' dtype. RESIDUAL is a constexpr: each variant compiles to its own kernel with
 the other's loads and stores removed (with RESIDUAL=False, xo / y / gate are never touched).
+
+FP8_OUT (the FP8 linears' input, `*_fp8` ops): h is not rounded to x's dtype but quantised
+per token from its fp32 value, the row's |h| max over 448 as its scale (the row is one tile, so
+the max costs no second pass): h is stored e4m3 and one fp32 scale per token to hs_ptr.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .rounding import round_bf16, to_e4m3
 
 MAX_D = 16384  # the row is one tile
 
 
 @triton.jit
 def modulate_kernel(
-    xo_ptr, h_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr,
+    xo_ptr, h_ptr, hs_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr,
     S, D,
     sxb, sxs, sxd,
     syb, sys_, syd,
@@ -38,7 +43,7 @@ def modulate_kernel(
     eps,
     ROWS: tl.constexpr, ITERS: tl.constexpr, BLOCK_D: tl.constexpr, RESIDUAL: tl.constexpr,
     GATE_PER_SAMPLE: tl.constexpr, SCALE_PER_SAMPLE: tl.constexpr, SHIFT_PER_SAMPLE: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    RTNE_BF16: tl.constexpr, FP8_OUT: tl.constexpr, RTNE_E4M3: tl.constexpr,
 ):
     # program (i, b): ITERS tiles of ROWS tokens of sample b, from token i*ROWS*ITERS on
     b = tl.program_id(1).to(tl.int64)
@@ -66,8 +71,7 @@ def modulate_kernel(
                 gate = tl.load(gate_ptr + b * sgb + s * sgs + c * sgd, mask=mask, other=0.0).to(tl.float32)
             x = x + y * gate
             if RTNE_BF16:  # interpreter only: its fp32->bf16 cast truncates
-                u = x.to(tl.uint32, bitcast=True)
-                x = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+                x = round_bf16(x)
             x_new = x.to(xo_ptr.dtype.element_ty)
             tl.store(xo_ptr + out_offs, x_new, mask=mask)
             x = x_new.to(tl.float32)  # statistics of the rounded value
@@ -85,24 +89,31 @@ def modulate_kernel(
             shift = shift_row
         else:
             shift = tl.load(shift_ptr + b * shb + s * shs + c * shd, mask=mask, other=0.0).to(tl.float32)
-        h = (xc * rstd[:, None]) * (1.0 + scale) + shift
-        if RTNE_BF16:
-            u = h.to(tl.uint32, bitcast=True)
-            h = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        h = (xc * rstd[:, None]) * (1.0 + scale) + shift  # [ROWS, BLOCK_D] fp32
+        if FP8_OUT:  # per-token e4m3: scale = max |h| / 448 over the row's D channels
+            hs = tl.maximum(tl.max(tl.abs(tl.where(mask, h, 0.0)), axis=1) / 448.0, 1e-12)  # [ROWS]
+            tl.store(hs_ptr + b * S + s, hs[:, None], mask=s < S)
+            tl.store(h_ptr + out_offs, to_e4m3(h / hs[:, None], RTNE_E4M3), mask=mask)
+        else:
+            if RTNE_BF16:
+                h = round_bf16(h)
+            tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(h: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
-           tiling: dict | None, residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Fills h (and, with residual = (x_new, y, gate), x_new) for checked inputs; B * S * D > 0."""
+           tiling: dict | None, residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+           h_scale: torch.Tensor | None = None) -> None:
+    """Fills h (and, with residual = (x_new, y, gate), x_new) for checked inputs; B * S * D > 0.
+    h_scale: (B, S, 1) fp32 for an e4m3 h (FP8_OUT), its per-token scales."""
     B, S, D = x.shape
     block_d = _common.next_pow2(D)
     rows, warps = _common.row_tiling(block_d, S, _common.is_interpreted(x.device), tiling)
     iters = _common.row_iters(tiling)
     xo, y, gate = residual if residual is not None else (h, x, scale)  # unused without RESIDUAL
     _common.launch(modulate_kernel, (triton.cdiv(S, rows * iters), B), x.device,
-                   xo, h, x, y, gate, scale, shift, S, D, *x.stride(), *y.stride(), *_common.mod_strides(gate),
+                   xo, h, h if h_scale is None else h_scale, x, y, gate, scale, shift, S, D, *x.stride(), *y.stride(), *_common.mod_strides(gate),
                    *_common.mod_strides(scale), *_common.mod_strides(shift), float(eps),
                    ROWS=rows, ITERS=iters, BLOCK_D=block_d, RESIDUAL=residual is not None,
                    GATE_PER_SAMPLE=gate.dim() == 2, SCALE_PER_SAMPLE=scale.dim() == 2, SHIFT_PER_SAMPLE=shift.dim() == 2,
-                   RTNE_BF16=_common.fix_bf16_rounding(x.dtype, x.device), num_warps=warps)
+                   RTNE_BF16=_common.fix_bf16_rounding(x.dtype, x.device), FP8_OUT=h_scale is not None,
+                   RTNE_E4M3=_common.is_interpreted(x.device), num_warps=warps)

@@ -24,3 +24,13 @@ def round_e4m3(x):
     normal = (((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
     sub = (x + 24576.0) - 24576.0
     return tl.where(x < 0.015625, sub, normal)
+
+
+@triton.jit
+def to_e4m3(x, RTNE: tl.constexpr):
+    """fp32 (already divided by its scale, |x| <= 448) -> e4m3, rounded to nearest even.
+    RTNE: under the interpreter, round by hand first (exact) so the cast only changes the type."""
+    if RTNE:
+        r = round_e4m3(tl.abs(x))
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
