@@ -17,7 +17,7 @@ __all__ = ["load", "generate", "save_video", "Pipeline", "__version__"]
 
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, backend: str | None = None,
-         engine: str | os.PathLike | None = None, precision: str = "bf16", allow_outside_paths: bool = False,
+         engine: str | os.PathLike | None = None, precision: str | None = None, allow_outside_paths: bool = False,
          lora=None, lora_scale=None, lora_mode: str = "merge", parallel: str | None = None,
          offload: str | None = None):
     """Loads a bundle (a path, or a shipped model's name) into a `Pipeline`.
@@ -29,7 +29,8 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, bac
     dtype then default to the engine's), and an engine built from another bundle is refused.
     precision: "bf16" (the DiT in `dtype`) or "fp8" (e4m3 weights, activations and
     self-attention: real on GPUs of compute capability >= 8.9, emulated on the CPU; see
-    docs/architecture.md). allow_outside_paths: let pipeline.json name text encoder / codec
+    docs/architecture.md); None: "bf16", or an engine's own (one built in another precision
+    than asked for is refused, naming both). allow_outside_paths: let pipeline.json name text encoder / codec
     directories outside the bundle (refused by default: a bundle cannot point us elsewhere).
     lora: a LoRA file or a list of them (safetensors; diffusers/PEFT, original Wan or kohya keys),
     `lora_scale` one strength or one per file (default 1.0). A teacher's LoRA maps onto a pruned
@@ -55,7 +56,7 @@ def generate(prompt, model: str | os.PathLike | None = None, *, image=None, seed
              guidance: float | None = None, device=None, dtype=None, backend: str | None = None,
              negative_prompt: str | None = None, output: str | os.PathLike | None = None,
              progress: bool = True, force: bool = False, engine: str | os.PathLike | None = None,
-             cuda_graph: bool | None = None, precision: str = "bf16", lora=None, lora_scale=None,
+             cuda_graph: bool | None = None, precision: str | None = None, lora=None, lora_scale=None,
              parallel: str | None = None):
     """Generates one video per prompt; returns uint8 `(B, T, H, W, 3)`.
 

@@ -243,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default=None, choices=["ref", "cpu", "cuda", "triton"], help="ops backend (default: automatic; env FLG_BACKEND)")
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+    g.add_argument("--precision", default=None, choices=["bf16", "fp8"],
                    help="DiT precision: bf16 (the --dtype weights) or fp8 (e4m3 weights, activations and self-attention; "
-                        "FP8 tensor cores on compute capability >= 8.9, emulated on the CPU) (default: bf16)")
+                        "FP8 tensor cores on compute capability >= 8.9, emulated on the CPU) (default: bf16, or "
+                        "the --engine's own)")
     g.add_argument("--engine", default=None, metavar="DIR",
                    help="run the DiT through an engine built from this bundle by python -m flgengine.export")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,

@@ -74,13 +74,13 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, *, device=None, dtype=None, backend: str | None = None,
-                    engine: str | os.PathLike | None = None, precision: str = "bf16",
+                    engine: str | os.PathLike | None = None, precision: str | None = None,
                     allow_outside_paths: bool = False, lora=None, lora_scale=None, lora_mode: str = "merge",
                     parallel: str | None = None, offload: str | None = None) -> "Pipeline":
         from .model.precision import PRECISIONS, fp8_unavailable
         from .parallel import PARALLEL_KINDS
 
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         if parallel is not None:
             import torch.distributed as dist
@@ -110,11 +110,9 @@ class Pipeline:
                              "LoRA changes them; run without the engine, or export one from a bundle with the LoRA "
                              "merged (save_bundle of the loaded pipeline's dit)")
         if engine is not None:
-            if precision != "bf16":
-                raise ValueError(f"precision={precision!r}: an engine (engine={str(engine)!r}) runs in "
-                                 "the precision it was built in; drop precision= or run without the engine")
-            return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend,
+            return cls._from_engine(path, engine, device=device, dtype=dtype, backend=backend, precision=precision,
                                     allow_outside_paths=allow_outside_paths)
+        precision = precision or "bf16"
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if precision == "fp8" and fp8_unavailable(device):
@@ -150,7 +148,7 @@ class Pipeline:
         return pipe
 
     @classmethod
-    def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None,
+    def _from_engine(cls, path: Path, engine_dir, *, device=None, dtype=None, backend=None, precision=None,
                      allow_outside_paths: bool = False) -> "Pipeline":
         """The bundle's text encoder and codec around an engine in the DiT's place; the
         bundle's weights are not loaded, only hashed to check the engine was built from them."""
@@ -163,6 +161,9 @@ class Pipeline:
         if device is not None and resolve_device(device).type != eng.device.type:
             raise ValueError(f"engine {engine_dir} runs on {eng.device.type}, not {resolve_device(device)}; "
                              "export one for that device")
+        if precision is not None and precision != eng.manifest.precision:
+            raise ValueError(f"precision={precision!r}: engine {engine_dir} was built in {eng.manifest.precision}; "
+                             f"drop precision= to run it, or export one with --precision {precision}")
         if dtype is not None and resolve_dtype(dtype, eng.device) != eng.dtype:
             raise ValueError(f"engine {engine_dir} takes {eng.manifest.dtype}, not {resolve_dtype(dtype, eng.device)}; "
                              "drop dtype= or export one in that dtype")
@@ -178,8 +179,10 @@ class Pipeline:
         dit = EngineDiT(eng, config)
         image_encoder = _build_image_encoder(cfg, path, device, dtype)
         check_image_model(dit, cfg, codec, image_encoder, path)
-        return cls(dit, text, codec, cfg, device=device, dtype=dtype, path=path,
+        pipe = cls(dit, text, codec, cfg, device=device, dtype=dtype, path=path,
                    provenance=read_provenance(path), engine=eng, image_encoder=image_encoder)
+        pipe.precision = eng.manifest.precision
+        return pipe
 
     # -- checks ---------------------------------------------------------------------------
     def _sampler_for(self, steps: int | None, guidance: float | None, force: bool):

@@ -394,6 +394,54 @@ def test_max_autotune_reaches_the_aoti_compiler_and_nothing_else(student, tmp_pa
         export_engine(student, "onnx", tmp_path / "o", max_autotune=True, progress=False)
 
 
+def test_an_fp8_engine_holds_e4m3_weights_and_gives_the_fp8_video(student, onnx_dir, tmp_path):
+    """`--precision fp8`: the ONNX graph stores the block linears in e4m3 and rounds their inputs
+    to e4m3 per token (onnxruntime runs the numerics the CPU emulates); the manifest says fp8;
+    an engine and a precision that differ are one error naming both."""
+    import onnx
+
+    out = tmp_path / "fp8"
+    assert export_cli([str(student), "--format", "onnx", "--precision", "fp8", "-o", str(out), "--quiet"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.precision == "fp8" and read_manifest(onnx_dir).precision == "bf16"
+    assert manifest.verification.rel_error < 1e-4  # the engine computes what the PyTorch FP8 DiT computes
+    graph = onnx.load(str(out / "dit.onnx"), load_external_data=False).graph
+    e4m3 = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(e4m3) == 10 * 3  # the 10 block linears of each of the 3 blocks (FP8_LINEARS)
+    casts = [n for n in graph.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT8E4M3FN for a in n.attribute)]
+    assert casts  # activations rounded to e4m3 in the graph
+    data = (out / "dit.onnx.data").stat().st_size  # the weights (the graph itself is dit.onnx)
+    assert data < 0.6 * (onnx_dir / "dit.onnx.data").stat().st_size  # e4m3 block linears instead of fp32
+
+    want = flgengine.generate("a red cat runs", model=student, seed=3, progress=False, backend="ref", precision="fp8")
+    pipe = flgengine.load(student, engine=out)
+    assert pipe.precision == "fp8"
+    got = pipe("a red cat runs", seed=3, progress=False)
+    assert (got.int() - want.int()).abs().max() <= 1
+    dense = flgengine.generate("a red cat runs", model=student, seed=3, progress=False, backend="ref")
+    assert (dense.int() - want.int()).abs().max() > 1  # FP8 is another function: the check above can tell
+    with pytest.raises(ValueError, match=r"precision='bf16': engine .*fp8 was built in fp8"):
+        flgengine.load(student, engine=out, precision="bf16")
+    with pytest.raises(ValueError, match=r"precision='fp8': engine .*onnx was built in bf16.*--precision fp8"):
+        flgengine.load(student, engine=onnx_dir, precision="fp8")
+    for fmt, device in (("tensorrt", None), ("aoti", "cuda")):
+        with pytest.raises(ValueError, match=f"built in FP8 for the CPU .*not {fmt} on cuda"):
+            export_engine(student, fmt, tmp_path / fmt, precision="fp8", device=device, progress=False)
+    # a manifest from before `precision` reads as a bf16 engine; this version's must name it
+    data = json.loads((onnx_dir / "engine.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in data["files"]:
+        (old / f).write_bytes(b"")
+    (old / "engine.json").write_text(json.dumps({**{k: v for k, v in data.items() if k != "precision"},
+                                                 "manifest_version": 2}))
+    assert read_manifest(old).precision == "bf16"
+    (old / "engine.json").write_text(json.dumps({k: v for k, v in data.items() if k != "precision"}))
+    with pytest.raises(EngineError, match="missing key 'precision'"):
+        read_manifest(old)
+
+
 def test_tensorrt_builder_flags():
     from flgengine.export.tensorrt import builder_flags
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated dynamic dims among {','.join(DYNAMIC_DIMS)}, or 'none' (default: both)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (TensorRT: the builder's precision; default fp32)")
+    e.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                   help="the DiT's precision: bf16 (its --dtype) or fp8 (e4m3 block linears and self-attention, "
+                        "the numerics `--precision fp8` emulates on the CPU; onnx and aoti on the CPU; default bf16)")
     e.add_argument("--device", default=None, help="cpu or cuda (AOTInductor; default cpu; TensorRT: cuda)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23; 20 for the ONNX TensorRT consumes)")
     e.add_argument("--max-autotune", action="store_true",
@@ -81,7 +84,7 @@ def _export(args) -> int:
         min_text_len=args.min_text_len, max_text_len=args.max_text_len, dynamic=args.dynamic, dtype=args.dtype,
         device=args.device, opset=args.opset, verify=args.verify, seed=args.seed, workspace_gib=args.workspace_gib,
         timing_cache=args.timing_cache, max_autotune=args.max_autotune, image_len=args.image_len,
-        progress=not args.quiet)
+        precision=args.precision, progress=not args.quiet)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     elif not args.quiet:

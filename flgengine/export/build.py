@@ -103,6 +103,22 @@ def latent_grid(bundle_path: Path, pipeline, num_frames, height, width) -> tuple
     return (f, h, w), {"num_frames": num_frames, "height": height, "width": width}
 
 
+def check_engine_precision(precision: str, fmt: str, device_type: str) -> None:
+    """ValueError unless an engine of format `fmt` on `device_type` can be built in `precision`.
+
+    FP8 engines are the CPU's: their graphs are the reference ops, which on a GPU would run FP8
+    self-attention as the fp32 emulation (a Sq x Skv score matrix per head) instead of the Triton
+    kernel, and TensorRT's FP8 needs its own quantise / dequantise graph (not built)."""
+    from ..model.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp8" and (fmt not in ("onnx", "aoti") or device_type != "cpu"):
+        raise ValueError(f"precision fp8: engines are built in FP8 for the CPU (onnx, aoti), not {fmt} on "
+                         f"{device_type}; on a GPU run the FP8 DiT in PyTorch (load(..., precision='fp8'), "
+                         "`generate --precision fp8`), whose attention is the FP8 Triton kernel")
+
+
 def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, min_batch: int | None = None,
                   max_batch: int | None = None, num_frames: int | None = None, height: int | None = None,
                   width: int | None = None, latent: tuple[int, int, int] | None = None, text_len: int | None = None,
@@ -110,7 +126,7 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
                   dynamic: tuple[str, ...] = DYNAMIC_DIMS, dtype: str = "fp32", device: str | None = None,
                   opset: int | None = None, verify: bool = True, seed: int = 0, workspace_gib: float = 8.0,
                   timing_cache: str | os.PathLike | None = None, max_autotune: bool = False,
-                  image_len: int | None = None, progress: bool = True) -> EngineManifest:
+                  image_len: int | None = None, precision: str = "bf16", progress: bool = True) -> EngineManifest:
     """Exports a bundle's DiT as an engine directory `out`; returns its manifest.
 
     Shapes: the video `num_frames x height x width` (default: the bundle's pipeline.json)
@@ -119,7 +135,10 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
     (ONNX, TensorRT), `workspace_gib`, `timing_cache` (TensorRT) and `max_autotune` (AOTInductor)
     go to the format's builder. An image-to-video bundle's engine takes what its DiT takes: t per
     token ("first_frame"), the CLIP image tokens (`image_len` of them; default: what the bundle's
-    image encoder gives) for a DiT with image_dim.
+    image encoder gives) for a DiT with image_dim. `precision`: "bf16" (the DiT in `dtype`) or
+    "fp8" (e4m3 block linears and self-attention, `flgengine/model/precision.py`): ONNX and
+    AOTInductor engines on the CPU, whose graphs hold the FP8 numerics the CPU emulates (e4m3
+    weights stored, activations rounded to e4m3 per token, fp32 products).
     """
     from ..bundle import load_bundle
     from ..config import TORCH_DTYPES
@@ -129,6 +148,7 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    check_engine_precision(precision, fmt, torch.device(device or BUILDERS[fmt].default_device).type)
     builder = BUILDERS[fmt](TORCH_DTYPES[dtype], device, opset=opset, workspace_gib=workspace_gib,
                             timing_cache=timing_cache, max_autotune=max_autotune)
     check_dynamic(dynamic)
@@ -140,7 +160,7 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
     # 1. the DiT
     trace_dtype = builder.trace_dtype
     with steps.stage(f"loading {bundle_path} ({trace_dtype}, {builder.device})"):
-        b = load_bundle(bundle_path, device=builder.device, dtype=getattr(torch, trace_dtype))
+        b = load_bundle(bundle_path, device=builder.device, dtype=getattr(torch, trace_dtype), precision=precision)
         model = b.model
         if b.pipeline.low_noise_boundary is not None:
             raise ValueError(f"{bundle_path} has two DiTs (high / low noise, boundary {b.pipeline.low_noise_boundary}); "
@@ -170,7 +190,7 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
             dtype=spec.dtype, device=builder.engine_device, inputs=spec.input_specs(),
             outputs=spec.output_specs(), dynamic_dims=spec.ranges, video=video, bundle=identity,
             versions=builder.versions(), options=dict(builder.options), verification=None,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), precision=precision,
         )
 
         # 4. verify the engine behind the input checks `load_engine` puts in front of it

@@ -2,7 +2,7 @@
 
     {"manifest_version": 2, "format": "onnx", "files": ["dit.onnx", "dit.onnx.data"],
      "sha256": {"dit.onnx": "9f86d0...", "dit.onnx.data": "60303a..."},
-     "dtype": "float32", "device": "cpu",
+     "dtype": "float32", "precision": "bf16", "device": "cpu",
      "inputs": [{"name": "x", "shape": ["batch", 16, 21, 60, 104], "dtype": "float32"}, ...],
      "outputs": [{"name": "velocity", ...}],
      "dynamic_dims": {"batch": {"min": 1, "opt": 1, "max": 4}, "text_len": {...}},
@@ -16,7 +16,8 @@ A shape entry is an int (static) or the name of a dynamic dim in `dynamic_dims`.
 Reading is strict like every config here: unknown or missing keys are errors naming the key.
 An engine holds native code (an AOTInductor package is a shared library, a TensorRT plan runs
 plugins): `sha256` pins every file, and `load_engine` checks them before opening anything.
-Manifests of version 1 (no hashes) are refused: export the engine again.
+Manifests of version 1 (no hashes) are refused: export the engine again. Version 2 (before
+`precision`) reads as a "bf16" engine.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ __all__ = ["EngineError", "DimRange", "TensorSpec", "BundleIdentity", "Verificat
            "MANIFEST_NAME", "FORMATS", "read_manifest", "check_file_hashes"]
 
 MANIFEST_NAME = "engine.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: before `precision` (an engine in its dtype, "bf16")
 FORMATS = ("onnx", "aoti", "tensorrt")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")  # spec.DTYPE_NAMES
 ENGINE_DEVICES = ("cpu", "cuda")
@@ -119,6 +121,7 @@ class EngineManifest:
     options: dict[str, Any]
     verification: Verification | None
     created: str
+    precision: str = "bf16"  # the DiT's precision (model/precision.py): "bf16" (its dtype) or "fp8"
     manifest_version: int = MANIFEST_VERSION
 
     def __post_init__(self) -> None:
@@ -130,9 +133,13 @@ class EngineManifest:
             raise ValueError(f"device must be one of {', '.join(ENGINE_DEVICES)}, got {self.device!r}")
         if not isinstance(self.created, str):
             raise ValueError(f"created must be a string, got {self.created!r}")
-        if self.manifest_version != MANIFEST_VERSION:
+        if self.manifest_version not in READABLE_VERSIONS:
             raise ValueError(f"manifest_version {self.manifest_version!r} is not supported (this flgengine reads "
-                             f"{MANIFEST_VERSION}; export the engine again)")
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; export the engine again)")
+        from ..model.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.files:
             raise ValueError("files must name at least the engine file")
         for name in self.files:
@@ -192,10 +199,10 @@ class EngineManifest:
         if not isinstance(data, dict):
             raise EngineError(f"{source}: expected a JSON object")
         version = data.get("manifest_version")
-        if version != MANIFEST_VERSION:  # before the keys: another version has others
+        if version not in READABLE_VERSIONS:  # before the keys: another version has others
             raise EngineError(f"{source}: manifest_version {version!r} is not supported (this flgengine reads "
-                              f"{MANIFEST_VERSION}; export the engine again)")
-        names = [f.name for f in dataclasses.fields(cls)]
+                              f"{', '.join(map(str, READABLE_VERSIONS))}; export the engine again)")
+        names = [f.name for f in dataclasses.fields(cls) if version >= 3 or f.name != "precision"]
         try:
             check_known_keys(data, names, source)
         except ConfigError as e:

@@ -59,16 +59,35 @@ def export_onnx(model, spec: EngineSpec, device, out_dir: Path, opset: int = DEF
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
+    fp8 = any(t.dtype == torch.float8_e4m3fn for t in model.buffers())  # an FP8 DiT (model/precision.py)
     try:
         with traceable(model, example), torch.no_grad():
-            torch.onnx.export(model, example, f=str(path), input_names=spec.input_names,
-                              output_names=["velocity"], opset_version=opset, dynamo=True, external_data=True,
-                              dynamic_shapes=spec.torch_dynamic_shapes(), report=False, verbose=False)
+            program = torch.onnx.export(model, example, input_names=spec.input_names, output_names=["velocity"],
+                                        opset_version=opset, dynamo=True, dynamic_shapes=spec.torch_dynamic_shapes(),
+                                        report=False, verbose=False, optimize=not fp8)
+        if fp8:
+            _optimize_keeping_e4m3(program.model)
+        program.save(str(path), external_data=True)
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(ONNX_FILE))
     return [ONNX_FILE] + [f for f in files if f != ONNX_FILE]
+
+
+def _optimize_keeping_e4m3(model) -> None:
+    """The exporter's graph optimisation (constant folding, dead code), except that the e4m3
+    weights' dequantisation (Cast to float, then times the scales) is not folded into fp32
+    constants: the graph keeps the weights in e4m3 (half of bf16 on disk and in memory)."""
+    from onnxscript import ir, optimizer
+
+    def should_fold(node) -> bool | None:
+        if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN:
+            return False
+        return None  # the optimiser's own choice
+
+    optimizer.optimize_ir(model, should_fold=should_fold)
 
 
 def onnx_input_dims(path: Path) -> dict[str, list[int | str]]:
