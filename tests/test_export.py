@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("diffusers")
 
 import flgengine  # noqa: E402
-from flgengine.bundle import file_sha256, save_bundle  # noqa: E402
+from flgengine.bundle import file_sha256  # noqa: E402
 from flgengine.export import EngineError, VerificationError, export_engine, load_engine, read_manifest  # noqa: E402
 from flgengine.export.__main__ import main as export_cli  # noqa: E402
 from flgengine.export.manifest import EngineManifest  # noqa: E402
