@@ -96,6 +96,10 @@ def check_image_model(dit, cfg, codec, image_encoder, path) -> None:
     configs = [getattr(d, "config", None) for d in experts]
     c = configs[0]
     image_dim = getattr(c, "image_dim", None)
+    if getattr(c, "image_condition", None) is not None:
+        raise BundleError(f"{path}/config.json: the DiT is an image-to-video transformer (image_condition "
+                          f"{c.image_condition!r}); it runs as a model (its forward, conversion to and from diffusers) but "
+                          "not in a pipeline: its text encoder would have to read the image")
     if cfg.image == "none":
         if image_dim is not None:
             raise BundleError(f"{where}: image is 'none' but the DiT reads CLIP image tokens (image_dim {image_dim}); "

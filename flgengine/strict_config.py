@@ -22,7 +22,7 @@ __all__ = ["ConfigError", "JsonConfig", "dataclass_from_dict", "check_known_keys
 DTYPES = ("float32", "bfloat16", "float16")
 # config.json / pipeline.json written by this version name every key (format_version 4); files
 # of older writers (format_version 3, 2, or none) read the keys added since as off
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # names users and configs may give a dtype by
 TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}

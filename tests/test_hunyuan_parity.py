@@ -1,6 +1,7 @@
 """Our HunyuanVideoDiT computes diffusers' HunyuanVideoTransformer3DModel: conversions both
 ways, to fp32 rounding, on random tiny models (odd heads, head dims, frames, sizes, text
-lengths and masks; with and without the guidance embedding)."""
+lengths and masks; with and without the guidance embedding; the image-to-video transformers,
+"token_replace" and "latent_concat")."""
 
 import dataclasses
 
@@ -28,8 +29,19 @@ CONFIGS = {
     "h1_d16_p1_single": dict(in_channels=3, out_channels=3, num_attention_heads=1, attention_head_dim=16, num_layers=0,
                              num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
                              guidance_embeds=True, text_embed_dim=8, pooled_projection_dim=5, rope_axes_dim=(8, 4, 4)),
+    # image to video: the first latent frame's tokens modulated as at t = 0 (guided: no guidance there)
+    "h3_d12_token_replace": dict(in_channels=5, out_channels=5, num_attention_heads=3, attention_head_dim=12,
+                                 num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+                                 patch_size_t=1, guidance_embeds=True, text_embed_dim=20, pooled_projection_dim=9,
+                                 rope_axes_dim=(4, 4, 4), image_condition_type="token_replace"),
+    # image to video: image latents and a mask as input channels (4 + 4 + 1 in, 4 out), temporal patch 2
+    "h2_d16_latent_concat": dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                 num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+                                 patch_size_t=2, guidance_embeds=False, text_embed_dim=12, pooled_projection_dim=6,
+                                 rope_axes_dim=(4, 6, 6), image_condition_type="latent_concat"),
 }
-INPUTS = {"h3_d12_guided": (3, 6, 10, 7), "h5_d20_pt2": (4, 6, 4, 5), "h1_d16_p1_single": (3, 5, 3, 9)}  # F, H, W, L
+INPUTS = {"h3_d12_guided": (3, 6, 10, 7), "h5_d20_pt2": (4, 6, 4, 5), "h1_d16_p1_single": (3, 5, 3, 9),
+          "h3_d12_token_replace": (3, 6, 4, 6), "h2_d16_latent_concat": (4, 4, 6, 5)}  # F, H, W, L
 
 
 def _random_hunyuan(cfg, seed=0):
@@ -98,28 +110,31 @@ def test_held_out_config():
         assert_close(_ours(ours, i), _theirs(theirs, i), 1e-5, "held-out config")
 
 
-def test_a_pruned_student_loads_in_diffusers_with_fewer_blocks_of_each_kind(tmp_path):
-    cfg = CONFIGS["h3_d12_guided"]
+@pytest.mark.parametrize("key,keep,kinds", [("h3_d12_guided", (1, 2, 4), (1, 2)),  # dual 1, single 0 and 2
+                                             ("h3_d12_token_replace", (0, 3), (1, 1))])  # dual 0, single 1
+def test_a_pruned_student_loads_in_diffusers_with_fewer_blocks_of_each_kind(tmp_path, key, keep, kinds):
+    cfg = CONFIGS[key]
     theirs = _random_hunyuan(cfg)
     config, sd = hy.from_diffusers(dict(theirs.config), theirs.state_dict())
     teacher = HunyuanVideoDiT(config).eval()
     teacher.load_state_dict(sd)
-    # keep dual block 1 and single blocks 0, 2 (teacher indices 1, 2, 4)
-    student = HunyuanVideoDiT(dataclasses.replace(config, block_ids=[1, 2, 4])).eval()
-    kept = dict(zip(range(3), (1, 2, 4)))
+    student = HunyuanVideoDiT(dataclasses.replace(config, block_ids=list(keep))).eval()
+    kept = dict(enumerate(keep))
     student.load_state_dict({k if not k.startswith("blocks.") else
                              f"blocks.{[s for s, t in kept.items() if t == int(k.split('.')[1])][0]}."
                              + k.split(".", 2)[2]: v for k, v in sd.items()
                              if not k.startswith("blocks.") or int(k.split(".")[1]) in kept.values()})
     out = hy.to_diffusers(student, tmp_path / "student")
     loaded = HunyuanVideoTransformer3DModel.from_pretrained(out).eval()
-    assert (loaded.config.num_layers, loaded.config.num_single_layers) == (1, 2)
-    i = _inputs(cfg, "h3_d12_guided")
+    assert (loaded.config.num_layers, loaded.config.num_single_layers) == kinds
+    assert loaded.config.image_condition_type == cfg.get("image_condition_type")
+    i = _inputs(cfg, key)
     with torch.no_grad():
         assert_close(_theirs(loaded, i), _ours(student, i), 1e-5, "pruned student in diffusers")
     # and back: the diffusers student converts to the same model
     config2, sd2 = hy.from_diffusers(dict(loaded.config), loaded.state_dict())
-    assert config2.num_layers == 1 and config2.num_single_layers == 2
+    assert (config2.num_layers, config2.num_single_layers) == kinds
+    assert config2.image_condition == config.image_condition
     assert all(torch.equal(sd2[k], v) for k, v in student.state_dict().items())
 
 
@@ -142,8 +157,10 @@ def test_bad_inputs_are_clear_errors_before_compute():
         m(torch.randn(1, 2, 1, 5, 4), t, c, pooled_text=pooled, guidance=g)
     with pytest.raises(ValueError, match="rope_axes must be"):
         dataclasses.replace(config, rope_axes=(2, 2, 2))
-    with pytest.raises(ValueError, match="image-to-video transformers"):
-        hy.model_config({"image_condition_type": "token_replace"})
+    with pytest.raises(ValueError, match="unsupported HunyuanVideo image_condition_type 'frame_swap'"):
+        hy.model_config({"image_condition_type": "frame_swap"})
+    with pytest.raises(ValueError, match="image_condition must be one of None, 'latent_concat', 'token_replace'"):
+        dataclasses.replace(config, image_condition="concat")
 
 
 def test_the_family_registry_converts_saves_and_loads_hunyuan(tmp_path):

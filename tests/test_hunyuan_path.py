@@ -123,5 +123,17 @@ def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
     shutil.copytree(teacher.parent / "hf", i2v)
     cfg = json.loads((i2v / "transformer" / "config.json").read_text())
     (i2v / "transformer" / "config.json").write_text(json.dumps({**cfg, "image_condition_type": "latent_concat"}))
-    with pytest.raises(ValueError, match="image_condition_type 'latent_concat'"):
+    with pytest.raises(ValueError, match="image_condition_type 'latent_concat'.*convert the transformer alone"):
         bundle_from_diffusers(i2v, tmp_path / "b2")
+    # the Llama text encoder missing; an image-to-video DiT in a bundle (its text encoder would have to read the image)
+    no_llama = tmp_path / "no_llama"
+    shutil.copytree(teacher, no_llama)
+    shutil.rmtree(no_llama / "text_encoder")
+    with pytest.raises(BundleError, match="Llama text encoder directory not found: .*text_encoder"):
+        flgengine.load(no_llama)
+    i2v_bundle = tmp_path / "i2v_bundle"
+    shutil.copytree(teacher, i2v_bundle)
+    cfg = json.loads((i2v_bundle / "config.json").read_text())
+    (i2v_bundle / "config.json").write_text(json.dumps({**cfg, "image_condition": "token_replace"}))
+    with pytest.raises(BundleError, match="image-to-video transformer \\(image_condition 'token_replace'\\)"):
+        flgengine.load(i2v_bundle)

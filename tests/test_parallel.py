@@ -25,7 +25,7 @@ def _worker(rank, world, init, job, out):
         if model == "tiny-hunyuan":  # the DiT alone: its velocity with the video tokens split
             from flgengine.parallel import set_parallel
 
-            dit = set_parallel(_tiny_hunyuan(), kind)
+            dit = set_parallel(_tiny_hunyuan(**kw), kind)
             torch.save(_hunyuan_velocity(dit), os.path.join(out, f"velocity{rank}.pt"))
             return
         pipe = flgengine.load(model, device="cpu", parallel=kind)
@@ -38,14 +38,14 @@ def _worker(rank, world, init, job, out):
         dist.destroy_process_group()
 
 
-def _tiny_hunyuan():
+def _tiny_hunyuan(image_condition=None):
     """A random HunyuanVideo DiT of 3 heads, 2 dual- and 2 single-stream blocks."""
     from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT
 
     torch.manual_seed(0)
     dit = HunyuanVideoDiT(HunyuanVideoConfig(in_channels=4, out_channels=4, num_heads=3, head_dim=8, num_layers=2,
                                              num_single_layers=2, num_refiner_layers=1, text_dim=6, pooled_dim=3,
-                                             rope_axes=(2, 2, 4))).eval()
+                                             rope_axes=(2, 2, 4), image_condition=image_condition)).eval()
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -103,12 +103,14 @@ def test_sequence_parallel_gives_one_process_video(world):
         torch.testing.assert_close(pv_tok, v_tok, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_hunyuan_gives_one_process_velocity(world):
+@pytest.mark.parametrize("world,image_condition", [(2, None), (3, None), (3, "token_replace")])
+def test_sequence_parallel_hunyuan_gives_one_process_velocity(world, image_condition):
     """Video tokens split, the text whole on every rank (its heads gathered), 3 heads on 2 and 3
-    ranks; both text-mask modes."""
-    out = _run(world, ("sequence", "tiny-hunyuan", {}))
-    want = _hunyuan_velocity(_tiny_hunyuan())
+    ranks; both text-mask modes; the image-to-video "token_replace" transformer, whose first
+    frame's 24 of 72 tokens (per-token modulation) are rank 0's share on 3 ranks."""
+    kw = {"image_condition": image_condition}
+    out = _run(world, ("sequence", "tiny-hunyuan", kw))
+    want = _hunyuan_velocity(_tiny_hunyuan(**kw))
     for r in range(world):
         for got, w in zip(torch.load(os.path.join(out, f"velocity{r}.pt")), want):
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,9 @@ A renaming of the state dict plus a mapping of the config; `bundle_from_diffuser
 the Llama and CLIP-L text encoders, their tokenizers and the VAE. Our `blocks` list holds both
 kinds (dual-stream first); diffusers keeps them apart (`transformer_blocks`,
 `single_transformer_blocks`), so a pruned student converts to a transformer with fewer
-layers of each kind. The image-to-video variants (`image_condition_type`) are refused.
+layers of each kind. The image-to-video transformers (`image_condition_type` "latent_concat",
+"token_replace") convert as models; their pipelines (a LLaVA text encoder that reads the image)
+are not made into bundles.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..bundle import bundle_directory, write_bundle_files
 from ..config import CodecConfig, PipelineConfig, SamplerConfig, TextEncoderConfig
 from ..model.hunyuan import HunyuanVideoConfig
+from ..model.hunyuan_config import IMAGE_CONDITIONS
 from .source import heads_of, pipeline_transformer, scheduler_shift, write_diffusers_dir
 
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
@@ -150,9 +153,9 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None) -
 def model_config(cfg: dict) -> HunyuanVideoConfig:
     """Our HunyuanVideoConfig of a diffusers HunyuanVideoTransformer3DModel config."""
     kind = cfg.get("image_condition_type")
-    if kind is not None:
-        raise ValueError(f"HunyuanVideo image-to-video transformers (image_condition_type {kind!r}) are not supported "
-                         "yet; the text-to-video transformer is")
+    if kind not in IMAGE_CONDITIONS:
+        raise ValueError(f"unsupported HunyuanVideo image_condition_type {kind!r}; supported: "
+                         f"{', '.join(map(repr, IMAGE_CONDITIONS))}")
     qk = cfg.get("qk_norm", "rms_norm")
     if qk != "rms_norm":
         raise ValueError(f"unsupported HunyuanVideo qk_norm {qk!r}; only 'rms_norm' is supported")
@@ -165,7 +168,7 @@ def model_config(cfg: dict) -> HunyuanVideoConfig:
         mlp_ratio=float(cfg.get("mlp_ratio", 4.0)), patch_size=(pt, p, p),
         text_dim=int(cfg.get("text_embed_dim", 4096)), pooled_dim=int(cfg.get("pooled_projection_dim", 768)),
         guidance_embed=bool(cfg.get("guidance_embeds", True)), rope_theta=float(cfg.get("rope_theta", 256.0)),
-        rope_axes=tuple(int(n) for n in cfg.get("rope_axes_dim", (16, 56, 56))),
+        rope_axes=tuple(int(n) for n in cfg.get("rope_axes_dim", (16, 56, 56))), image_condition=kind,
     )
 
 
@@ -200,7 +203,8 @@ def to_diffusers(model, out_dir: Path) -> Path:
         "num_layers": num_dual, "num_single_layers": len(kept) - num_dual, "num_refiner_layers": c.num_refiner_layers,
         "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size[1], "patch_size_t": c.patch_size[0], "qk_norm": "rms_norm",
         "guidance_embeds": c.guidance_embed, "text_embed_dim": c.text_dim, "pooled_projection_dim": c.pooled_dim,
-        "rope_theta": c.rope_theta, "rope_axes_dim": list(c.rope_axes), "image_condition_type": None,
+        "rope_theta": c.rope_theta, "rope_axes_dim": list(c.rope_axes),
+        "image_condition_type": c.image_condition,
     }
     return write_diffusers_dir(out_dir, sd, config)
 
@@ -216,6 +220,10 @@ def bundle_from_diffusers(src: Path, out: Path, *, num_frames: int = 129, height
         raise ValueError(f"image {image!r}: HunyuanVideo image-to-video pipelines are not supported yet")
     parts = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     config, model = pipeline_transformer(src, parts, "HunyuanVideo", from_diffusers)
+    if config.image_condition is not None:
+        raise ValueError(f"{src}/transformer is a HunyuanVideo image-to-video transformer (image_condition_type "
+                         f"{config.image_condition!r}): its pipeline (a LLaVA text encoder that reads the image) is not "
+                         "supported as a bundle; convert the transformer alone with flgengine.convert.from_diffusers")
     shift = scheduler_shift(src, "shift", 7.0)
     embedded = guidance if config.guidance_embed else None
     pipeline = PipelineConfig(

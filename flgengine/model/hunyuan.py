@@ -20,6 +20,12 @@ tokens that are real come first, so attention over the real ones only is the sam
 for the video tokens (the output). The forward therefore drops each sample's padding (samples
 with different real lengths run one after another) and runs the fused attention unmasked.
 
+Image to video (`config.image_condition`). "latent_concat" only widens the input (image latents
+and a mask as channels). "token_replace" reads the image as the first latent frame: its tokens
+take every block's modulation from temb at t = 0 (timestep 0 + pooled text; no guidance) instead
+of temb, in the video stream of the dual-stream blocks and in the single-stream blocks (the text
+tokens keep temb): the blocks then get per-token modulation, (B, S, D) instead of (B, D).
+
 Packed text. Tools that move one text tensor around (training shards, the distillation
 stages' CFG and condition dropout) pass `pack_text`'s (B, L + 1, text_dim): the Llama states
 with the padding rows zeroed, then one row holding the pooled CLIP vector. Called without
@@ -58,6 +64,23 @@ class MLP(nn.Module):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _tokens(m: torch.Tensor) -> torch.Tensor:
+    """A modulation as it broadcasts over tokens: (B, D) per sample -> (B, 1, D); (B, S, D) stays."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
+def _modulation(linear: nn.Linear, temb: torch.Tensor, n: int, first=None) -> list[torch.Tensor]:
+    """The n (B, D) modulation vectors of SiLU(temb) through `linear`; with `first` = (temb0 (B, D),
+    is_first (1, S, 1) bool) ("token_replace") each becomes per token (B, S, D): temb0's where
+    is_first, temb's elsewhere."""
+    mods = linear(F.silu(temb)).unflatten(-1, (n, -1)).unbind(1)
+    if first is None:
+        return list(mods)
+    temb0, is_first = first
+    mods0 = linear(F.silu(temb0)).unflatten(-1, (n, -1)).unbind(1)
+    return [torch.where(is_first, m0.unsqueeze(1), m.unsqueeze(1)) for m, m0 in zip(mods, mods0)]
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,17 +203,17 @@ class DualBlock(nn.Module):
         self.o, self.add_o = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.ffn_x, self.ffn_c = MLP(dim, ffn_dim, dim, gelu_tanh), MLP(dim, ffn_dim, dim, gelu_tanh)
 
-    def forward(self, x, c, temb, rope, key_mask=None):
-        # x: (B, S, D) video, c: (B, L, D) text, temb: (B, D); key_mask: (B, S + L) bool or None
-        e = F.silu(temb)
-        mx = self.mod_x(e).unflatten(-1, (6, -1)).unbind(1)  # shift, scale, gate (attn), shift, scale, gate (FFN)
-        mc = self.mod_c(e).unflatten(-1, (6, -1)).unbind(1)
+    def forward(self, x, c, temb, rope, key_mask=None, first=None):
+        # x: (B, S, D) video, c: (B, L, D) text, temb: (B, D); key_mask: (B, S + L) bool or None;
+        # first: ("token_replace") (temb0 (B, D), is_first (1, S, 1)): the video's modulation per token
+        mx = _modulation(self.mod_x, temb, 6, first)  # shift, scale, gate (attn), shift, scale, gate (FFN)
+        mc = _modulation(self.mod_c, temb, 6)  # the text's: temb alone
         S = x.shape[1]
         a = self.attn(ops.adaln_modulate(x, mx[1], mx[0], self.eps), ops.adaln_modulate(c, mc[1], mc[0], self.eps), rope,
                       key_mask)
         x, h = ops.gated_residual_adaln(x, self.o(a[:, :S]), mx[2], mx[4], mx[3], self.eps)
         c, hc = ops.gated_residual_adaln(c, self.add_o(a[:, S:]), mc[2], mc[4], mc[3], self.eps)
-        return x + mx[5].unsqueeze(1) * self.ffn_x(h), c + mc[5].unsqueeze(1) * self.ffn_c(hc)
+        return x + _tokens(mx[5]) * self.ffn_x(h), c + _tokens(mc[5]) * self.ffn_c(hc)
 
 
 class SingleBlock(nn.Module):
@@ -207,14 +230,16 @@ class SingleBlock(nn.Module):
         self.fc_mlp = nn.Linear(dim, ffn_dim)
         self.proj_out = nn.Linear(dim + ffn_dim, dim)
 
-    def forward(self, x, c, temb, rope, key_mask=None):
+    def forward(self, x, c, temb, rope, key_mask=None, first=None):
         S = x.shape[1]
-        shift, scale, gate = self.mod(F.silu(temb)).unflatten(-1, (3, -1)).unbind(1)  # (B, D) each
+        if first is not None:  # "token_replace": [video, text] per token, the text tokens as the rest
+            first = (first[0], torch.cat([first[1], first[1].new_zeros(1, c.shape[1], 1)], 1))
+        shift, scale, gate = _modulation(self.mod, temb, 3, first)  # (B, D) each, or (B, S + L, D)
         xc = torch.cat([x, c], 1)  # (B, S + L, D)
         h = ops.adaln_modulate(xc, scale, shift, self.eps)
         a = self.attn(h[:, :S], h[:, S:], rope, key_mask)  # (B, S + L, D)
         y = self.proj_out(torch.cat([a, gelu_tanh(self.fc_mlp(h))], -1))
-        xc = xc + gate.unsqueeze(1) * y
+        xc = xc + _tokens(gate) * y
         return xc[:, :S], xc[:, S:]
 
 
@@ -335,11 +360,12 @@ class HunyuanVideoDiT(nn.Module):
         # 1. conditioning vector: timestep (+ guidance) + pooled text -> temb (B, D)
         #    (the timestep and guidance MLPs in fp32, as `cast` keeps them; the sum in fp32, then the blocks' dtype)
         dtype = self.patch_embed.weight.dtype
+        pooled = self.pooled_embed(pooled_text.to(dtype)).float()  # (B, D)
         temb = self.time_embed(timestep_embedding(t, FREQ_DIM).to(self.time_embed.fc1.weight.dtype)).float()
         if c.guidance_embed:
             g = timestep_embedding(guidance, FREQ_DIM).to(self.guidance_embed.fc1.weight.dtype)
             temb = temb + self.guidance_embed(g).float()
-        temb = (temb + self.pooled_embed(pooled_text.to(dtype)).float()).to(dtype)
+        temb = (temb + pooled).to(dtype)
         # 2. tokens: video (B, S, D), text (B, L, D); under sequence parallel this rank's S_r video
         #    tokens (flgengine.parallel), the text whole on every rank
         h = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)
@@ -348,11 +374,17 @@ class HunyuanVideoDiT(nn.Module):
             sp.begin(h.shape[1])
             h, rope = sp.local(h, 1), tuple(sp.local(r, 0) for r in rope)
         txt = self.text_refiner(context.to(dtype), t, mask)
-        # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
         S_all = h.shape[1] if sp is None else sum(sp.sizes)
+        first = None
+        if c.image_condition == "token_replace":  # the image's tokens (first latent frame): temb at t = 0
+            t0 = timestep_embedding(torch.zeros_like(t), FREQ_DIM).to(self.time_embed.fc1.weight.dtype)
+            temb0 = (self.time_embed(t0).float() + pooled).to(dtype)  # (B, D)
+            is_first = (torch.arange(S_all, device=x.device) < grid[1] * grid[2]).view(1, S_all, 1)
+            first = (temb0, is_first if sp is None else sp.local(is_first, 1))
+        # 3. blocks: dual-stream then single-stream, each (video, text) -> (video, text)
         key_mask = None if mask is None else torch.cat([mask.new_ones(B, S_all), mask], dim=1)  # (B, S + L)
         for block in self.blocks:
-            h, txt = block(h, txt, temb, rope, key_mask)
+            h, txt = block(h, txt, temb, rope, key_mask, first)
         # 4. head: adaLN (scale, shift) -> Linear -> unpatchify (B, S, C*pt*p*p) -> (B, C, F, H, W)
         scale, shift = self.head_mod(F.silu(temb)).chunk(2, dim=-1)
         out = self.head(ops.adaln_modulate(h, scale, shift, c.eps))

@@ -10,7 +10,9 @@ from typing import ClassVar
 from ..strict_config import DTYPES, FORMAT_VERSION, JsonConfig
 from ..strict_config import check as _check
 
-__all__ = ["HunyuanVideoConfig"]
+__all__ = ["HunyuanVideoConfig", "IMAGE_CONDITIONS"]
+
+IMAGE_CONDITIONS = (None, "latent_concat", "token_replace")  # diffusers' image_condition_type values
 
 
 @dataclass
@@ -21,6 +23,10 @@ class HunyuanVideoConfig(JsonConfig):
     `block_ids`, teacher indices over both kinds (dual-stream blocks are 0..num_layers-1).
     `guidance_embed`: the guidance-distilled variant (HunyuanVideo 13B) reads the CFG scale as
     an input (`guidance`, in the model's units: scale * 1000) and is sampled without CFG.
+    `image_condition`: the image-to-video transformers (diffusers' `image_condition_type`):
+    "latent_concat" reads the image latents and a mask as extra input channels (`in_channels`
+    says how many; the model is otherwise the text-to-video one), "token_replace" takes the
+    image as the first latent frame, whose tokens every block modulates as at timestep 0.
     """
 
     family: str = "hunyuan_video"
@@ -40,11 +46,12 @@ class HunyuanVideoConfig(JsonConfig):
     rope_axes: tuple[int, int, int] = (16, 56, 56)
     rope_max_seq_len: int = 1024
     eps: float = 1e-6
+    image_condition: str | None = None
     block_ids: list[int] | None = None
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
 
-    _ADDED_LATER: ClassVar[dict[str, int]] = {}
+    _ADDED_LATER: ClassVar[dict[str, int]] = {"image_condition": 5}
 
     def __post_init__(self) -> None:
         _check(self.family == "hunyuan_video", f"family must be 'hunyuan_video', got {self.family!r}")
@@ -66,6 +73,8 @@ class HunyuanVideoConfig(JsonConfig):
         _check(isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio <= 64,
                f"mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.image_condition in IMAGE_CONDITIONS,
+               f"image_condition must be one of {', '.join(map(repr, IMAGE_CONDITIONS))}, got {self.image_condition!r}")
         ids = self.kept_blocks
         n = self.num_layers + self.num_single_layers
         _check(len(ids) > 0 and all(type(i) is int and 0 <= i < n for i in ids),
