@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 
 
-def _init_process_group(kind: str | None) -> None:
-    """--parallel: the process group torchrun's environment describes (NCCL on CUDA, else gloo)."""
+def _init_process_group(kind: str | None) -> bool:
+    """--parallel: the process group torchrun's environment describes (NCCL on CUDA, else gloo).
+    True when this call set it up (and the command should take it down at the end)."""
     if kind is None:
-        return
+        return False
     import os
 
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--parallel {kind} runs one process per rank: launch with "
                          "torchrun --nproc_per_node N -m flgengine generate ...")
@@ -31,6 +32,18 @@ def _init_process_group(kind: str | None) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _end_process_group(done: bool) -> None:
+    """Takes the group down: a process that exits with a live gloo group aborts ("terminate called
+    without an active exception") and torchrun reports the run failed. `done`: the command
+    finished, so every rank first waits for the others (rank 0 may still be writing the video)."""
+    import torch.distributed as dist
+
+    if done:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def peak_memory(device) -> str:
@@ -45,9 +58,20 @@ def peak_memory(device) -> str:
 
 
 def _generate(args) -> int:
+    if not _init_process_group(args.parallel):
+        return _generate_in(args)
+    done = False
+    try:
+        rc = _generate_in(args)
+        done = True
+        return rc
+    finally:
+        _end_process_group(done)
+
+
+def _generate_in(args) -> int:
     import flgengine
 
-    _init_process_group(args.parallel)
     t0 = time.perf_counter()
     scales = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
     pipe = flgengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine,

@@ -51,16 +51,16 @@ def test_model_config_of_an_older_bundle_loads_with_later_features_off():
 
 def test_a_config_this_version_writes_must_name_every_key_with_its_type():
     d = tiny_config().to_dict()
-    assert d["format_version"] == 4
+    assert d["format_version"] == 5
     for key in ("velocity_skip", "pooled_text", "attention", "image_dim", "family"):  # keys that change the model's function
         with pytest.raises(ConfigError, match=f"missing key '{key}'"):
             ModelConfig.from_dict({k: v for k, v in d.items() if k != key}, "config.json")
     for key, value, expected in (("pooled_text", "xxxxx", "true or false"), ("num_heads", 2.0, "an integer"),
                                  ("velocity_skip", float("nan"), "a finite number or null"),
                                  ("patch_size", [1, 2], "a list of 3"), ("block_ids", [0, True], "a list"),
-                                 ("format_version", 5, "an integer in 1..4")):
+                                 ("format_version", 6, "an integer in 1..5")):
         with pytest.raises(ConfigError, match=f"config.json: .*{key}.*{value!r}.*expected {expected}"
-                           if key != "format_version" else "format_version = 5: expected an integer in 1..4"):
+                           if key != "format_version" else "format_version = 6: expected an integer in 1..5"):
             ModelConfig.from_dict({**d, key: value}, "config.json")
     p = PipelineConfig().to_dict()
     with pytest.raises(ConfigError, match="key 'negative_prompt' = 1000000000000: expected a string"):

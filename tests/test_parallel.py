@@ -5,6 +5,7 @@ the DiT's velocity itself; mistakes are clear errors before compute."""
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -144,3 +145,30 @@ def test_more_ranks_than_tokens_is_a_clear_error():
     sp.world, sp.rank, sp.sizes = 8, 0, []
     with pytest.raises(ValueError, match="over 8 ranks needs at least 8 tokens, this forward has 6"):
         sp.begin(6)
+
+
+def test_cli_under_torchrun_writes_the_video_once(tmp_path):
+    """`torchrun --nproc_per_node 2 -m flgengine generate ... --parallel sequence` (gloo): the CLI
+    sets up the process group from torchrun's environment, rank 0 alone writes the video and
+    speaks (its peak memory with --verbose), and the video is the one-process video's file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    args = ["generate", PROMPTS[0], "--model", "shapes-4step", "--device", "cpu", "--seed", "3", "--verbose"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "flgengine", *args, "--parallel", "sequence", "-o", str(tmp_path / "two" / "v.mp4")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["v.mp4"]  # written once
+    assert two.stdout.count("video(s) of") == 1 and two.stdout.count("peak memory:") == 1  # rank 0 speaks
+    assert "GiB resident (CPU)" in two.stdout
+    from flgengine.__main__ import main
+
+    assert main([*args, "-o", str(tmp_path / "one" / "v.mp4"), "--quiet"]) == 0
+    import imageio.v3 as iio
+
+    a, b = iio.imread(tmp_path / "two" / "v.mp4"), iio.imread(tmp_path / "one" / "v.mp4")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 2  # the same frames, through H.264
