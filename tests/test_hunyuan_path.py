@@ -107,12 +107,13 @@ def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
 
     from flgengine.bundle import BundleError
 
-    # a bundle missing its CLIP text encoder: refused at load, naming the directory
-    broken = tmp_path / "broken"
-    shutil.copytree(teacher, broken)
-    shutil.rmtree(broken / "text_encoder_2")
-    with pytest.raises(BundleError, match="CLIP text encoder directory not found: .*text_encoder_2"):
-        flgengine.load(broken)
+    # a bundle missing either text encoder: refused at load, naming the directory
+    for missing, what in (("text_encoder_2", "CLIP text encoder"), ("text_encoder", "Llama text encoder")):
+        broken = tmp_path / f"no_{missing}"
+        shutil.copytree(teacher, broken)
+        shutil.rmtree(broken / missing)
+        with pytest.raises(BundleError, match=f"{what} directory not found: .*{missing}"):
+            flgengine.load(broken)
     # a diffusers directory of another family, and HunyuanVideo's image-to-video variant
     other = tmp_path / "other"
     (other / "transformer").mkdir(parents=True)
@@ -125,12 +126,7 @@ def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
     (i2v / "transformer" / "config.json").write_text(json.dumps({**cfg, "image_condition_type": "latent_concat"}))
     with pytest.raises(ValueError, match="image_condition_type 'latent_concat'.*convert the transformer alone"):
         bundle_from_diffusers(i2v, tmp_path / "b2")
-    # the Llama text encoder missing; an image-to-video DiT in a bundle (its text encoder would have to read the image)
-    no_llama = tmp_path / "no_llama"
-    shutil.copytree(teacher, no_llama)
-    shutil.rmtree(no_llama / "text_encoder")
-    with pytest.raises(BundleError, match="Llama text encoder directory not found: .*text_encoder"):
-        flgengine.load(no_llama)
+    # an image-to-video DiT in a bundle: its text encoder would have to read the image
     i2v_bundle = tmp_path / "i2v_bundle"
     shutil.copytree(teacher, i2v_bundle)
     cfg = json.loads((i2v_bundle / "config.json").read_text())
