@@ -89,6 +89,11 @@ class SequenceParallel:
         heads = split_sizes(H, self.world)
         return heads, [sum(heads[:j]) for j in range(self.world)]
 
+    def head_range(self, H: int) -> tuple[int, int]:
+        """(first head, number of heads) this rank attends over, of H."""
+        heads, starts = self._heads(H)
+        return starts[self.rank], heads[self.rank]
+
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S_r, H, Dh) this rank's tokens, every head -> (B, S, H_r, Dh) every token, this rank's heads."""
         B, _, H, Dh = x.shape

@@ -84,11 +84,13 @@ def _run(world, job):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_gives_one_process_video(world):
-    """4 heads on 3 ranks: an uneven head split (2, 1, 1); the 144 tokens split 48 x 3 (72 x 2)."""
-    out = _run(world, ("sequence", "shapes-4step", {}))
-    pipe = flgengine.load("shapes-4step", device="cpu")
+@pytest.mark.parametrize("world,model", [(2, "shapes-4step"), (3, "shapes-4step"), (3, "shapes-4step-sparse")])
+def test_sequence_parallel_gives_one_process_video(world, model):
+    """4 heads on 3 ranks: an uneven head split (2, 1, 1); the 144 tokens split 48 x 3 (72 x 2).
+    The sparse student: tokens in tile-major order split into runs of tiles, each rank's heads
+    with their own windows (the per-head block mask sliced to the rank's heads)."""
+    out = _run(world, ("sequence", model, {}))
+    pipe = flgengine.load(model, device="cpu")
     want = pipe(PROMPTS, seed=3, progress=False)
     for r in range(world):
         got = torch.load(os.path.join(out, f"video{r}.pt"))

@@ -68,8 +68,10 @@ class Attention(nn.Module):
             k = ops.rms_norm(self.k(kvq), self.norm_k.weight, self.eps).unflatten(-1, split)
         v = self.v(kvq).unflatten(-1, split)  # (B, L, H, Dh)
         if self.sequence_parallel is not None and kv is None:  # this rank's tokens: all-to-all over heads
-            out = self.sequence_parallel.attention(q, k, v, lambda *qkv: ops.attention(*qkv, precision=self.precision)
-                                                   if self.precision else ops.attention(*qkv))
+            sp = self.sequence_parallel
+            mask = None if block_mask is None else block_mask.select_heads(*sp.head_range(self.num_heads))
+            out = sp.attention(q, k, v, lambda *qkv: ops.attention(*qkv) if mask is None and self.precision is None
+                               else ops.attention(*qkv, block_mask=mask, precision=self.precision))
         elif block_mask is None and self.precision is None:
             out = ops.attention(q, k, v)  # (B, S, H, Dh)
         else:
@@ -268,9 +270,7 @@ class DiT(nn.Module):
             rope = tuple(r[perm] for r in rope)  # positions follow the tokens
 
         sp = self.sequence_parallel  # several ranks, each with its own S_r of the S tokens (flgengine.parallel)
-        if sp is not None:
-            if perm is not None or block_mask is not None:
-                raise ValueError("sequence parallel inference with block-sparse attention is not supported yet")
+        if sp is not None:  # (tokens split after the tile-major order: each rank's share is a run of tiles)
             sp.begin(S)
             rope = tuple(sp.local(r, 0) for r in rope)
 

@@ -60,6 +60,19 @@ class BlockMask:
     def to(self, device) -> "BlockMask":
         return BlockMask(self.mask.to(device), self.q_len, self.kv_len, self.block_q, self.block_k)
 
+    def select_heads(self, start: int, count: int) -> "BlockMask":
+        """The mask of heads start .. start + count - 1 (a rank's heads under sequence parallel);
+        a mask shared by the heads serves any. Cached with the mask."""
+        if self.heads == 1:
+            return self
+        key = ("heads", start, count)
+        if key not in self.cache:
+            if not 0 <= start <= start + count <= self.heads:
+                raise ValueError(f"heads {start}..{start + count - 1} are outside this mask's {self.heads}")
+            self.cache[key] = BlockMask(self.mask[start:start + count], self.q_len, self.kv_len, self.block_q,
+                                        self.block_k)
+        return self.cache[key]
+
     def token_mask(self) -> torch.Tensor:
         """bool (Hm, q_len, kv_len): the tile map expanded to query-key pairs (the reference's mask)."""
         m = self.mask.repeat_interleave(self.block_q, 1).repeat_interleave(self.block_k, 2)
