@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from flgengine import ops
 from flgengine.ops import ref, registry
 from helpers import assert_close
-from opcases import DTYPES, WAN, activations, case_id, f64, mod, needs_triton, tol
+from opcases import DTYPES, WAN, activations, case_id, f64, mod, needs_triton, nonzero, tol
 
 CASES = [  # B, S, D, x layout, modulation kind
     (1, 7, 40, "contiguous", "sample"),
@@ -105,6 +105,19 @@ def test_triton_refuses_what_it_cannot_serve(interpreter):
         ops.gelu_fp8(torch.randn(1, 16385), backend="triton")
     with pytest.raises(registry.BackendUnavailable, match=r"scale must be \(B, D\)"):
         ops.adaln_modulate_fp8(x, torch.randn(2, 8), torch.randn(2, 16), backend="triton")
+
+
+@needs_triton
+def test_triton_custom_ops_pass_torch_library_opcheck(interpreter):
+    """The torch.library wrappers (what torch.compile and CUDA graphs see): schema and fake
+    tensors (e4m3 (B, S, D) and fp32 (B, S, 1) outputs) agree with the kernels."""
+    from flgengine.ops import triton as tri
+
+    x, y, m = nonzero(2, 3, 16), nonzero(2, 3, 16), nonzero(2, 16)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(tri.adaln_modulate_fp8_triton, (x, m, m, 1e-6), test_utils=checks)
+    torch.library.opcheck(tri.gated_residual_adaln_fp8_triton, (x, y, m, m, m, 1e-6), test_utils=checks)
+    torch.library.opcheck(tri.gelu_fp8_triton, (x,), test_utils=checks)
 
 
 def test_the_cpu_picks_the_reference():
