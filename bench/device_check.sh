@@ -19,11 +19,17 @@
 #   vs the roofline, pending too: PARTS="dit" DIT_K="hunyuan" bash bench/device_check.sh
 #   block offload of a Wan-14B-shaped pruned student under a 24 GiB cap (tests/test_offload.py's gpu
 #   test and the benchmark), pending: PARTS="tests offload" TESTS="tests/test_offload.py" bash bench/device_check.sh
+#   where a generation's time goes at Wan-1.3B 480p (umT5-XXL, the 4-step loop in bf16 and FP8, the
+#   Wan VAE decode; bench/test_bench_end_to_end.py, ~2 min), pending: PARTS="e2e" bash bench/device_check.sh
+#   It needs diffusers (the VAE), which the GPU image lacks: carry its wheel in `.whl` (not in git):
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
+#   and name `.whl` in the device run's carry; this script installs .whl/*.whl into /tmp/site first.
 #
 # PARTS (default: all) picks the sections: build (flgengine._C; without it the repo runs from
 # PYTHONPATH with the Triton and PyTorch backends only), then after the ceilings: sweep (tile sweep of
 # the Triton ops, bench/sweep_triton.py), tests (`gpu` tests; TESTS= narrows the files), ops, dit,
-# loop, aoti, sparse_fp8 (the benchmark files, each in its own process; OPS_K narrows ops), export
+# loop, aoti, sparse_fp8, e2e (the benchmark files, each in its own process; OPS_K narrows ops), export
 # (the AOTInductor CLI), and, only when
 # named, aoti_probe (bench/aoti_cuda_probe.py: which AOTInductor CUDA export variants load back, 4-7 min).
 #
@@ -35,7 +41,7 @@ OUT=${OUT:-/tmp/flg-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PY:-python3}
-PARTS=${PARTS:-"build sweep tests ops dit loop aoti sparse_fp8 export"}
+PARTS=${PARTS:-"build sweep tests ops dit loop aoti sparse_fp8 e2e export"}
 TESTS=${TESTS:-tests}
 TESTS_K=${TESTS_K:-}
 OPS_K=${OPS_K:-}
@@ -43,6 +49,11 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 log() { echo "== $* ($(( $(date +%s) - T_START )) s)"; }
 T_START=$(date +%s)
 rc_tests=0 rc_bench=0 rc_export=0 rc_sweep=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (packages the GPU image lacks: diffusers)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 log "card"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -93,8 +104,9 @@ want loop && bench_part loop test_bench_export.py -k "not aoti"
 want dit && bench_part dit test_bench_dit.py ${DIT_K:+-k "$DIT_K"}
 want offload && bench_part offload test_bench_offload.py
 want ops && bench_part ops test_bench_ops.py ${OPS_K:+-k "$OPS_K"}
+want e2e && BENCH_TIMEOUT=${E2E_TIMEOUT:-300} bench_part e2e test_bench_end_to_end.py -k cuda
 want aoti && bench_part aoti test_bench_export.py -k aoti_engine
-grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|offload|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
+grep -E "^(adaln|gated|qk_norm|attention|sparse|fp8|DiT|few-step|offload|end to end|FAILED|ERROR|--)|passed|failed|error|Segmentation" "$OUT/bench_log.txt"
 
 if want export; then
 log "export CLI: AOTInductor engine on CUDA (bf16) of a tiny DiT, verified by loading it back"
