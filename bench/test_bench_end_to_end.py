@@ -53,10 +53,7 @@ def _text_encoder_seconds(cfg: dict, tokens: int, device, dtype) -> tuple[float,
     mask = (torch.arange(tokens, device=device) < min(60, tokens)).long()[None]
     with torch.no_grad():
         t = median_seconds(lambda: model(ids, mask).last_hidden_state, torch.device(device), repeat=5, warmup=1)
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    _free()
-    return t, params
+    return t, sum(p.numel() for p in model.parameters())
 
 
 def _dit_loop_seconds(base: dict, latent, text_len: int, text_dim: int, device, dtype, precision: str) -> float:
@@ -78,10 +75,7 @@ def _dit_loop_seconds(base: dict, latent, text_len: int, text_dim: int, device, 
         return z
 
     with torch.no_grad():
-        t = median_seconds(loop, torch.device(device), repeat=3, warmup=1)
-    del model
-    _free()
-    return t
+        return median_seconds(loop, torch.device(device), repeat=3, warmup=1)
 
 
 def _vae_decode_seconds(cfg: dict | None, latent, device, dtype) -> float:
@@ -97,10 +91,7 @@ def _vae_decode_seconds(cfg: dict | None, latent, device, dtype) -> float:
     z = torch.randn(latent[0], codec.latent_channels, *latent[2:], device=device)
     video = codec.decode(z)
     assert video.shape[2] == 1 + (latent[2] - 1) * codec.temporal_factor  # 81 frames from 21 latent frames
-    t = median_seconds(lambda: codec.decode(z), torch.device(device), repeat=3, warmup=1)
-    del codec
-    _free()
-    return t
+    return median_seconds(lambda: codec.decode(z), torch.device(device), repeat=3, warmup=1)
 
 
 @pytest.mark.parametrize("size", [pytest.param("small", id="cpu-small"),
@@ -111,12 +102,15 @@ def test_generation_time_split(benchmark, size):
     base, latent, umt5, tokens, vae = SIZES[size]
     device = "cuda" if size != "small" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    parts = {}
+    parts = {}  # each part's model is built, timed and freed (_free) before the next
     parts["text encoder"], text_params = _text_encoder_seconds(umt5, tokens, device, dtype)
+    _free()
     parts["DiT 4-step loop (bf16)"] = _dit_loop_seconds(base, latent, tokens, umt5["d_model"], device, dtype, "bf16")
+    _free()
     fp8 = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
     if fp8:
         parts["DiT 4-step loop (FP8)"] = _dit_loop_seconds(base, latent, tokens, umt5["d_model"], device, dtype, "fp8")
+        _free()
     parts["VAE decode"] = _vae_decode_seconds(vae, latent, device, dtype)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the parts above, timed in one run
     loop = "DiT 4-step loop (FP8)" if fp8 else "DiT 4-step loop (bf16)"
