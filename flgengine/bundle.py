@@ -326,19 +326,6 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None, dtyp
                   lora=report)
 
 
-def implied_params(c) -> int:
-    """About how many parameters `c` describes (the blocks' linears and the embeddings). A
-    family other than Wan's: counted exactly on a model built on the meta device."""
-    if c.family != "wan":
-        with torch.device("meta"):
-            return build(c).num_params()
-    D = c.num_heads * c.head_dim
-    patch = c.in_channels * math.prod(c.patch_size) * D + c.out_channels * math.prod(c.patch_size) * D
-    blocks = sum(8 * D * c.heads_of(i) * c.head_dim + 2 * D * c.ffn_of(i) for i in range(len(c.kept_blocks)))
-    pos = 0 if not c.pos_embed else (math.prod(c.pos_grid) if c.pos_grid else 3 * c.rope_max_seq_len) * D
-    return patch + blocks + pos + 2 * c.text_dim * D + c.freq_dim * D + 6 * D * D
-
-
 def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=(), lora_mode: str = "merge",
               report=None):
     """The DiT of `path`/model.safetensors, checked against `config`, cast and moved; `loras`
@@ -367,7 +354,7 @@ def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=
     size = sum(v.numel() for v in state.values())
     # a config that implies far more parameters than are stored is built on meta too: the shape
     # check below then refuses it without allocating what it claims
-    small = size < META_FROM and implied_params(config) <= 4 * size + 1_000_000
+    small = size < META_FROM and config.implied_params() <= 4 * size + 1_000_000
     with contextlib.nullcontext() if small else torch.device("meta"):
         model = build(config)
         if precision == "fp8":

@@ -226,6 +226,16 @@ class ModelConfig(JsonConfig):
         """Teacher blocks a pruning plan always keeps: the first and the last."""
         return (0, self.num_layers - 1)
 
+    def implied_params(self) -> int:
+        """About how many parameters this config describes (the blocks' linears and the
+        embeddings), without building the model: what loading checks a file's size against."""
+        D = self.dim
+        patch = (self.in_channels + self.out_channels) * math.prod(self.patch_size) * D
+        blocks = sum(8 * D * self.heads_of(i) * self.head_dim + 2 * D * self.ffn_of(i)
+                     for i in range(len(self.kept_blocks)))
+        pos = 0 if not self.pos_embed else (math.prod(self.pos_grid) if self.pos_grid else 3 * self.rope_max_seq_len) * D
+        return patch + blocks + pos + 2 * self.text_dim * D + self.freq_dim * D + 6 * D * D
+
     def with_blocks(self, keep: list[int]) -> "ModelConfig":
         """The config of the student keeping teacher blocks `keep` (of this full model), with their widths."""
         return dataclasses.replace(

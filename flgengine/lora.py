@@ -39,21 +39,6 @@ __all__ = ["LoraDelta", "LoraReport", "LORA_MODES", "read_lora", "lora_deltas", 
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
 PARTS = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora_B.weight": "up", ".lora_up.weight": "up",
          ".alpha": "alpha", ".lora_B.bias": "bias", ".diff_b": "bias"}
-# Wan's original module names -> ours ("{i}" a block)
-WAN_ORIGINAL = {
-    "blocks.{i}.self_attn.q": "blocks.{i}.self_attn.q", "blocks.{i}.self_attn.k": "blocks.{i}.self_attn.k",
-    "blocks.{i}.self_attn.v": "blocks.{i}.self_attn.v", "blocks.{i}.self_attn.o": "blocks.{i}.self_attn.o",
-    "blocks.{i}.cross_attn.q": "blocks.{i}.cross_attn.q", "blocks.{i}.cross_attn.k": "blocks.{i}.cross_attn.k",
-    "blocks.{i}.cross_attn.v": "blocks.{i}.cross_attn.v", "blocks.{i}.cross_attn.o": "blocks.{i}.cross_attn.o",
-    "blocks.{i}.cross_attn.k_img": "blocks.{i}.cross_attn.add_k", "blocks.{i}.cross_attn.v_img": "blocks.{i}.cross_attn.add_v",
-    "blocks.{i}.ffn.0": "blocks.{i}.ffn.fc1", "blocks.{i}.ffn.2": "blocks.{i}.ffn.fc2",
-    "head.head": "head.proj", "time_projection.1": "time_proj",
-    "text_embedding.0": "text_embed.fc1", "text_embedding.2": "text_embed.fc2",
-    "time_embedding.0": "time_embed.fc1", "time_embedding.2": "time_embed.fc2",
-    "img_emb.proj.1": "image_embed.fc1", "img_emb.proj.3": "image_embed.fc2",
-}
-
-
 @dataclass
 class LoraDelta:
     """One layer's low-rank update: `up` (out, r) @ `down` (r, in) * alpha / r, + `bias` (out,)."""
@@ -83,27 +68,11 @@ class LoraReport:
 
 
 def _our_name(module: str, config) -> str | None:
-    """Our module name (teacher block indices) of a LoRA's module name: the family's diffusers
-    name, Wan's original name (dots or kohya's underscores), or ours; None if none fits."""
+    """Our module name (teacher block indices) of a LoRA's module name, as the model family's
+    converter reads it (`convert.<family>.module_name`); None if none fits."""
     from .convert import BY_FAMILY
 
-    name = BY_FAMILY[config.family].module_name(module, config)
-    if name is not None:
-        return name
-    if config.family != "wan":
-        return None
-    m = re.match(r"blocks[._](\d+)[._](.+)$", module)
-    for original, ours in WAN_ORIGINAL.items():
-        if "{i}" in original:
-            tail = original.split("{i}.", 1)[1]
-            if m and m.group(2) in (tail, tail.replace(".", "_")):
-                return ours.format(i=m.group(1))
-        elif module in (original, original.replace(".", "_")):
-            return ours
-    for ours in WAN_ORIGINAL.values():  # our own names
-        if re.fullmatch(ours.replace(".", r"\.").replace("{i}", r"\d+"), module):
-            return module
-    return None
+    return BY_FAMILY[config.family].module_name(module, config)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]], list[str]]:

@@ -80,10 +80,40 @@ def rename(key: str, to_ours: bool) -> str | None:
     return None
 
 
+# Wan's original module names -> ours ("{i}" a block)
+WAN_ORIGINAL = {
+    "blocks.{i}.self_attn.q": "blocks.{i}.self_attn.q", "blocks.{i}.self_attn.k": "blocks.{i}.self_attn.k",
+    "blocks.{i}.self_attn.v": "blocks.{i}.self_attn.v", "blocks.{i}.self_attn.o": "blocks.{i}.self_attn.o",
+    "blocks.{i}.cross_attn.q": "blocks.{i}.cross_attn.q", "blocks.{i}.cross_attn.k": "blocks.{i}.cross_attn.k",
+    "blocks.{i}.cross_attn.v": "blocks.{i}.cross_attn.v", "blocks.{i}.cross_attn.o": "blocks.{i}.cross_attn.o",
+    "blocks.{i}.cross_attn.k_img": "blocks.{i}.cross_attn.add_k", "blocks.{i}.cross_attn.v_img": "blocks.{i}.cross_attn.add_v",
+    "blocks.{i}.ffn.0": "blocks.{i}.ffn.fc1", "blocks.{i}.ffn.2": "blocks.{i}.ffn.fc2",
+    "head.head": "head.proj", "time_projection.1": "time_proj",
+    "text_embedding.0": "text_embed.fc1", "text_embedding.2": "text_embed.fc2",
+    "time_embedding.0": "time_embed.fc1", "time_embedding.2": "time_embed.fc2",
+    "img_emb.proj.1": "image_embed.fc1", "img_emb.proj.3": "image_embed.fc2",
+}
+
+
 def module_name(name: str, config) -> str | None:
-    """Our module name of a diffusers WanTransformer3DModel module name (LoRA keys), or None."""
+    """Our module name of a LoRA's module name (teacher block indices): a diffusers
+    WanTransformer3DModel name, Wan's original name (dots or kohya's underscores), or ours;
+    None if none fits."""
     renamed = rename(name + ".", to_ours=True)
-    return None if renamed is None else renamed[:-1]
+    if renamed is not None:
+        return renamed[:-1]
+    m = re.match(r"blocks[._](\d+)[._](.+)$", name)
+    for original, ours in WAN_ORIGINAL.items():
+        if "{i}" in original:
+            tail = original.split("{i}.", 1)[1]
+            if m and m.group(2) in (tail, tail.replace(".", "_")):
+                return ours.format(i=m.group(1))
+        elif name in (original, original.replace(".", "_")):
+            return ours
+    for ours in WAN_ORIGINAL.values():  # our own names
+        if re.fullmatch(ours.replace(".", r"\.").replace("{i}", r"\d+"), name):
+            return name
+    return None
 
 
 def owns_state_dict(sd: dict[str, torch.Tensor]) -> bool:

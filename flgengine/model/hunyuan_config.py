@@ -114,6 +114,15 @@ class HunyuanVideoConfig(JsonConfig):
         L, n = self.num_layers, self.num_blocks
         return tuple(sorted({b for b in (0, L - 1, L, n - 1) if 0 <= b < n}))
 
+    def implied_params(self) -> int:
+        """How many parameters this config describes: counted on the model built on the meta device."""
+        import torch
+
+        from .hunyuan import HunyuanVideoDiT
+
+        with torch.device("meta"):
+            return HunyuanVideoDiT(self).num_params()
+
     def with_blocks(self, keep: list[int]) -> "HunyuanVideoConfig":
         """The config of the student keeping teacher blocks `keep`."""
         return dataclasses.replace(self, block_ids=list(keep))
