@@ -113,9 +113,9 @@ def _attention_info(b) -> dict:
     """Self-attention's pattern and the fraction of query-key pairs it computes at the bundle's
     default size."""
     dit = b.model.high if hasattr(b.model, "low") else b.model
-    a = dit.config.attention
     if dit.sparse is None:
         return {"kind": "dense", "density": 1.0}
+    a = dit.config.attention
     out = {"kind": a.kind, "tile": list(a.tile), "block": a.block}
     out.update({"window": list(a.window)} if a.kind == "tile_window" else {"head_windows": a.head_windows})
     grid = _default_grid(b)
@@ -132,12 +132,9 @@ def _describe_bundle(path: str) -> dict:
     c, p = b.model.config, b.pipeline
     return {
         "bundle": str(b.path),
+        "family": c.family,
         "parameters": b.model.num_params(),
-        "blocks": f"{len(c.kept_blocks)} of {c.num_layers}",
-        "kept_blocks": c.kept_blocks,
-        "width": c.dim,
-        "heads": c.block_num_heads or c.num_heads,
-        "ffn_dim": c.block_ffn_dim or c.ffn_dim,
+        **c.describe_blocks(),
         "low_noise_expert": None if p.low_noise_boundary is None else
         {"boundary": p.low_noise_boundary, "parameters": b.model.low.num_params(), "blocks": len(b.model.low.blocks)},
         "sampler": p.sampler.to_dict(),

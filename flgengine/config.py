@@ -226,6 +226,12 @@ class ModelConfig(JsonConfig):
         """Teacher blocks a pruning plan always keeps: the first and the last."""
         return (0, self.num_layers - 1)
 
+    def describe_blocks(self) -> dict:
+        """What `python -m flgengine info` says of the blocks: kept of the teacher's, widths."""
+        return {"blocks": f"{len(self.kept_blocks)} of {self.num_layers}", "kept_blocks": self.kept_blocks,
+                "width": self.dim, "heads": self.block_num_heads or self.num_heads,
+                "ffn_dim": self.block_ffn_dim or self.ffn_dim}
+
     def implied_params(self) -> int:
         """About how many parameters this config describes (the blocks' linears and the
         embeddings), without building the model: what loading checks a file's size against."""

@@ -101,6 +101,19 @@ def test_a_pruned_hunyuan_student_exports_as_an_engine(fmt, teacher, tmp_path):
     assert (got.float() - want.float()).abs().max() <= 1  # fp32 engines: the same video up to uint8 rounding
 
 
+def test_info_describes_a_hunyuan_bundle(teacher, capsys):
+    import json
+
+    from flgengine.__main__ import main
+
+    assert main(["info", str(teacher), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "hunyuan_video" and info["blocks"].startswith("7 of 7 (3 of 3 dual-stream, 4 of 4 single")
+    assert info["attention"] == {"kind": "dense", "density": 1.0} and info["image_condition"] is None
+    assert main(["info", str(teacher)]) == 0
+    assert "dual-stream" in capsys.readouterr().out
+
+
 def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
     import json
     import shutil

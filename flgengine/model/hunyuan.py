@@ -411,6 +411,8 @@ class HunyuanVideoDiT(nn.Module):
         for block in self.blocks:
             block.attn.sequence_parallel = sp
 
+    sparse = None  # self-attention is dense (no block-sparse patterns for this family yet)
+
     # the shortest packed text an engine takes: two tokens and the pooled row (torch.export treats
     # a text of one token, a dim of size 1, as a special case it will not trace)
     min_text_len = 3

@@ -114,6 +114,14 @@ class HunyuanVideoConfig(JsonConfig):
         L, n = self.num_layers, self.num_blocks
         return tuple(sorted({b for b in (0, L - 1, L, n - 1) if 0 <= b < n}))
 
+    def describe_blocks(self) -> dict:
+        """What `python -m flgengine info` says of the blocks: kept of the teacher's, of each kind."""
+        dual = sum(self.kind_of(i) == "dual" for i in self.kept_blocks)
+        return {"blocks": f"{len(self.kept_blocks)} of {self.num_blocks} ({dual} of {self.num_layers} dual-stream, "
+                          f"{len(self.kept_blocks) - dual} of {self.num_single_layers} single-stream)",
+                "kept_blocks": self.kept_blocks, "width": self.dim, "heads": self.num_heads, "ffn_dim": self.ffn_dim,
+                "image_condition": self.image_condition}
+
     def implied_params(self) -> int:
         """How many parameters this config describes: counted on the model built on the meta device."""
         import torch
