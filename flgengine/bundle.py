@@ -33,7 +33,7 @@ from .files import (PICKLE_SUFFIXES, BundleError, atomic_replace, atomic_save_sa
                     replace_directory, staged_directory)
 from . import files
 from .model import TwoExpertDiT, build, model_config_from_json
-from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, quantize_state, to_fp8
+from .model.precision import PRECISIONS, check_fp8_state, dequantize_state, fp8_weight_keys, quantize_state, to_fp8
 from .storage import (INT4_GROUP, INT4_SCALE, INT8_SCALE, STORAGE_DTYPES, check_int4_group, dequantize_stored,
                       quantize_int4, quantize_int8, storage_dtype_of, storage_name, store_state)
 from .version import __version__
@@ -150,7 +150,7 @@ def write_bundle_files(path: str | Path, model, pipeline: PipelineConfig | None 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline if pipeline is not None else PipelineConfig()
-    state = store_state(model.state_dict(), storage_dtype, int4_group)
+    state = store_state(model.state_dict(), storage_dtype, int4_group, fp8_weight_keys(model))
     atomic_save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
     model.config.to_json(path / "config.json")
     pipeline.to_json(path / "pipeline.json")
@@ -334,7 +334,17 @@ def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=
 
     where = f"{path}/model.safetensors"
     state = dequantize_stored(load_safetensors(path / "model.safetensors", where), where)
-    reason = check_fp8_state(state, where)
+    # a large model is built on the meta device (no memory, no init) and gets the loaded tensors;
+    # a small one (under META_FROM parameters, the stored count) is built on the CPU: the meta
+    # device's Python kernels import torch._dynamo, a second of a small model's cold start
+    size = sum(v.numel() for v in state.values())
+    # a config that implies far more parameters than are stored is built on meta too: the shape
+    # check below then refuses it without allocating what it claims
+    small = size < META_FROM and config.implied_params() <= 4 * size + 1_000_000
+    with contextlib.nullcontext() if small else torch.device("meta"):
+        model = build(config)
+    fp8_keys = fp8_weight_keys(model)  # the weights e4m3 may hold (the family's blocks say which)
+    reason = check_fp8_state(state, where, fp8_keys)
     if reason:
         raise BundleError(reason)
     deltas = []
@@ -347,17 +357,9 @@ def _load_dit(path: Path, config, device, dtype, precision: str = "bf16", loras=
         for d, scale in deltas:
             merge_lora_state(state, d, scale)
         deltas = []
-    state = quantize_state(state) if precision == "fp8" else dequantize_state(state)
-    # a large model is built on the meta device (no memory, no init) and gets the loaded tensors;
-    # a small one (under META_FROM parameters, the stored count) is built on the CPU: the meta
-    # device's Python kernels import torch._dynamo, a second of a small model's cold start
-    size = sum(v.numel() for v in state.values())
-    # a config that implies far more parameters than are stored is built on meta too: the shape
-    # check below then refuses it without allocating what it claims
-    small = size < META_FROM and config.implied_params() <= 4 * size + 1_000_000
-    with contextlib.nullcontext() if small else torch.device("meta"):
-        model = build(config)
-        if precision == "fp8":
+    state = quantize_state(state, fp8_keys) if precision == "fp8" else dequantize_state(state)
+    if precision == "fp8":
+        with contextlib.nullcontext() if small else torch.device("meta"):
             to_fp8(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(state, expected, where, "config.json")

@@ -17,7 +17,7 @@ from flgengine.config import PipelineConfig  # noqa: E402
 from flgengine.convert import bundle_from_diffusers, to_diffusers  # noqa: E402
 from flgengine.model.hunyuan import HunyuanVideoDiT, pack_text  # noqa: E402
 from flgengine.text import HUNYUAN_TEMPLATE  # noqa: E402
-from helpers import assert_close, tiny_shard_run, write_clips  # noqa: E402
+from helpers import assert_close, rel_err, tiny_shard_run, write_clips  # noqa: E402
 from tiny_hunyuan import make_tiny_hunyuan_pipeline, tiny_crop_start  # noqa: E402
 
 SIZE = dict(num_frames=5, height=16, width=32, steps=4, guidance=6.0, max_length=12)
@@ -99,6 +99,21 @@ def test_a_pruned_hunyuan_student_exports_as_an_engine(fmt, teacher, tmp_path):
     want = flgengine.load(bundle)(prompts, seed=1, progress=False)
     got = flgengine.load(bundle, engine=tmp_path / fmt)(prompts, seed=1, progress=False)
     assert (got.float() - want.float()).abs().max() <= 1  # fp32 engines: the same video up to uint8 rounding
+    if fmt == "onnx":  # the FP8 engine: e4m3 weights of both block kinds; PyTorch's FP8 DiT's velocity
+        from flgengine.export import load_engine
+
+        fp8 = export_engine(bundle, fmt, tmp_path / "fp8", max_batch=2, precision="fp8", progress=False)
+        assert fp8.precision == "fp8" and fp8.verification.rel_error <= 1e-3  # (e4m3 codes at boundaries may flip)
+        dit = flgengine.load(bundle, precision="fp8", backend="ref").dit
+        g = torch.Generator().manual_seed(2)
+        x, t = torch.randn(2, *fp8.latent_shape, generator=g), torch.tensor([800.0, 300.0])
+        L = fp8.dynamic_dims["text_len"].opt
+        text, guidance = torch.randn(2, L, 24, generator=g), torch.tensor([6000.0, 6000.0])
+        text[1, 3:-1] = 0  # the second prompt has 3 real tokens, then the pooled row
+        with torch.no_grad():
+            want8, dense = dit(x, t, text, guidance=guidance), flgengine.load(bundle).dit(x, t, text, guidance=guidance)
+        got8 = load_engine(tmp_path / "fp8")(x, t, text, guidance)
+        assert rel_err(got8, want8) < 1e-3 < rel_err(dense, want8)  # FP8's function, not the bf16 one
 
 
 def test_info_describes_a_hunyuan_bundle(teacher, capsys):

@@ -128,13 +128,13 @@ def test_a_teachers_lora_maps_onto_a_pruned_student(teacher, tmp_path):
 
 
 def test_lora_merged_before_fp8_quantisation(teacher, tmp_path):
-    from flgengine.model.precision import quantize_state
+    from flgengine.model.precision import fp8_weight_keys, quantize_state
 
     path, model = teacher
     factors = _factors(model)
     lora = _write(tmp_path / "lora.safetensors", factors, "diffusers")
     got = load_bundle(path, lora=lora, precision="fp8").model.state_dict()
-    want = quantize_state(_expected(model, factors, 1.0))  # merge in fp32, then quantise
+    want = quantize_state(_expected(model, factors, 1.0), fp8_weight_keys(model))  # merge in fp32, then quantise
     assert got["blocks.0.self_attn.q.weight"].dtype == torch.float8_e4m3fn  # a LoRA'd layer, in FP8
     for k in ("blocks.0.self_attn.q.weight", "blocks.0.self_attn.q.weight_scale", "blocks.3.self_attn.o.weight"):
         assert torch.equal(got[k].float(), want[k].float()), k

@@ -174,3 +174,37 @@ def test_fp8_bundles_store_e4m3_and_load_without_a_bf16_copy(tmp_path):
         save_file(bad, tmp_path / "fp8" / "model.safetensors")
         with pytest.raises(BundleError, match=match):
             load_bundle(tmp_path / "fp8", precision="fp8")
+
+
+def test_hunyuan_fp8_quantises_both_block_kinds_and_stores_them_e4m3(tmp_path):
+    """FP8 is the family's blocks' choice (`fp8_linears`): a HunyuanVideo DiT gets every linear
+    of its dual- and single-stream blocks in e4m3 (attention stays in its dtype), stores and
+    loads them e4m3, and computes close to its bf16 self."""
+    from flgengine.bundle import load_bundle, save_bundle
+    from flgengine.model.hunyuan import HunyuanVideoConfig, HunyuanVideoDiT, pack_text
+
+    cfg = HunyuanVideoConfig(in_channels=4, out_channels=4, num_heads=2, head_dim=16, num_layers=1,
+                             num_single_layers=2, num_refiner_layers=1, text_dim=12, pooled_dim=6, rope_axes=(4, 6, 6),
+                             guidance_embed=False)
+    torch.manual_seed(0)
+    model = HunyuanVideoDiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 2, 8, 8, generator=g), torch.tensor([700.0, 300.0])
+    text = pack_text(torch.randn(2, 5, 12, generator=g), torch.ones(2, 5, dtype=torch.int64), torch.randn(2, 6, generator=g))
+    fp8 = set_precision(copy.deepcopy(model), "fp8")
+    assert [sum(isinstance(m, FP8Linear) for m in b.modules()) for b in fp8.blocks] == [12, 5, 5]
+    with torch.no_grad():
+        ref, out = model(x, t, text), fp8(x, t, text)
+    assert 1e-3 < rel_err(out, ref) < 0.1
+    save_bundle(tmp_path / "fp8", model, storage_dtype=torch.float8_e4m3fn)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert {k for k, v in stored.items() if v.dtype == torch.float8_e4m3fn} == {
+        f"blocks.{i}.{n}.weight" for i, b in enumerate(model.blocks) for n in b.fp8_linears}
+    loaded = load_bundle(tmp_path / "fp8", precision="fp8").model
+    with torch.no_grad():
+        assert_close(loaded(x, t, text), out, 1e-6, "stored e4m3 vs quantised at load")

@@ -103,6 +103,14 @@ def latent_grid(bundle_path: Path, pipeline, num_frames, height, width) -> tuple
     return (f, h, w), {"num_frames": num_frames, "height": height, "width": width}
 
 
+# An FP8 engine's verification tolerance: e4m3 has 3 mantissa bits, so a value the engine and
+# PyTorch compute a few fp32 ulps apart (another summation order) lands on the neighbouring code
+# when it sits at a rounding boundary: a few elements move by one e4m3 step (1e-5 - 1e-4 of the
+# output, measured on tiny models). FP8 itself differs from the bf16 DiT by ~2e-2: the check
+# still tells a wrong engine.
+FP8_TOLERANCE = 1e-3
+
+
 def check_engine_precision(precision: str, fmt: str, device_type: str) -> None:
     """ValueError unless an engine of format `fmt` on `device_type` can be built in `precision`.
 
@@ -197,8 +205,10 @@ def export_engine(bundle, fmt: str, out: str | os.PathLike, *, batch: int = 1, m
         if verify:
             with steps.stage(f"verifying {fmt} against PyTorch on fresh inputs"):
                 engine = Engine(tmp, manifest, builder.open(tmp / files[0], builder.engine_device))
-                verification = verify_engine(engine, model, spec, builder.engine_device, seed=seed,
-                                             tolerance=builder.tolerance)
+                tolerance = builder.tolerance
+                if precision == "fp8":  # see FP8_TOLERANCE
+                    tolerance = max(tolerance or spec.tolerance, FP8_TOLERANCE)
+                verification = verify_engine(engine, model, spec, builder.engine_device, seed=seed, tolerance=tolerance)
                 del engine
             manifest = dataclasses.replace(manifest, verification=verification)
 

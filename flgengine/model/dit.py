@@ -24,7 +24,7 @@ import torch.nn as nn
 from .. import ops
 from ..config import ModelConfig
 from .embed import ImageEmbedding, TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
-from .precision import gelu_for, modulate_for, quantize_activation, residual_modulate_for
+from .precision import FP8_LINEARS, gelu_for, modulate_for, quantize_activation, residual_modulate_for
 from .sparsity import SparsePattern
 
 
@@ -94,6 +94,9 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """One Wan transformer block; `num_heads` and `ffn_dim` may be pruned below the teacher's."""
+
+    fp8_linears = FP8_LINEARS  # what precision "fp8" quantises (model/precision.py), and its FP8 attention
+    fp8_attention = "self_attn"
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, cross_attn_norm: bool, eps: float,
                  image_kv: bool = False):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .. import ops
 from .embed import TimeEmbedding, rope_3d, timestep_embedding
 from .hunyuan_config import HunyuanVideoConfig
+from .precision import quantize_activation
 
 __all__ = ["HunyuanVideoConfig", "HunyuanVideoDiT", "pack_text", "unpack_text"]
 
@@ -164,6 +165,7 @@ class JointAttention(nn.Module):
 
     def _qkv(self, x, q, k, v, norm_q, norm_k):
         H = self.num_heads
+        x = quantize_activation(x, q)  # FP8 linears: x quantised once for the three
         return (ops.rms_norm(_heads(q(x), H), norm_q.weight, self.eps), ops.rms_norm(_heads(k(x), H), norm_k.weight, self.eps),
                 _heads(v(x), H))
 
@@ -194,6 +196,10 @@ class DualBlock(nn.Module):
     """Dual-stream block: adaLN-zero, joint attention and FFN, each with video and text weights."""
 
     kind = "dual"
+    # what precision "fp8" quantises (model/precision.py): every linear; attention stays in the model's dtype
+    fp8_linears = ("attn.q", "attn.k", "attn.v", "attn.add_q", "attn.add_k", "attn.add_v", "o", "add_o",
+                   "ffn_x.fc1", "ffn_x.fc2", "ffn_c.fc1", "ffn_c.fc2")
+    fp8_attention = None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, eps: float):
         super().__init__()
@@ -221,6 +227,8 @@ class SingleBlock(nn.Module):
     outputs concatenated through one projection, one gated residual."""
 
     kind = "single"
+    fp8_linears = ("attn.q", "attn.k", "attn.v", "fc_mlp", "proj_out")  # (as DualBlock's)
+    fp8_attention = None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, ffn_dim: int, eps: float):
         super().__init__()

@@ -1,6 +1,9 @@
 """Precision of a DiT: "bf16" (the weights' own dtype) or "fp8" (e4m3 weights and activations).
 
-FP8 replaces the transformer blocks' linears with `FP8Linear` and runs self-attention in FP8:
+FP8 replaces the transformer blocks' linears with `FP8Linear` and runs self-attention in FP8.
+Which linears, and which attention, each block class says (`fp8_linears`, `fp8_attention`):
+Wan's blocks every linear of self- and cross-attention and the FFN, and self-attention in FP8;
+HunyuanVideo's dual- and single-stream blocks every linear, attention in the model's dtype.
 - weights: e4m3 with one fp32 scale per output channel, stored once (no bf16 copy kept);
 - activations: dynamic per-token scales, quantised once per input and shared by the linears
   that read it (self-attention's q, k, v); the adaLN / LayerNorm passes that feed the block's
@@ -27,7 +30,7 @@ from .. import ops
 from ..ops import fp8 as F8
 
 PRECISIONS = ("bf16", "fp8")
-# the block linears FP8 replaces (names inside each block)
+# the block linears FP8 replaces in a Wan block (names inside it; `Block.fp8_linears`)
 FP8_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
 HIGH_PRECISION = ("patch_embed", "time_embed", "time_proj", "text_embed", "text_pool", "blocks.*.modulation",
@@ -121,19 +124,18 @@ class FP8Linear(nn.Module):
 SCALE_SUFFIX = "_scale"  # an FP8 weight "X.weight" has its per-output-channel scales in "X.weight_scale"
 
 
-def is_fp8_linear_weight(key: str) -> bool:
-    """Whether state-dict key `key` is the weight of one of the block linears FP8 quantises."""
-    parts = key.split(".")
-    return (len(parts) == 5 and parts[0] == "blocks" and parts[-1] == "weight"
-            and ".".join(parts[2:4]) in FP8_LINEARS)
+def fp8_weight_keys(model: nn.Module) -> frozenset[str]:
+    """The state-dict keys of the weights FP8 quantises in `model` (any family; built on the
+    meta device will do): each block's `fp8_linears`."""
+    return frozenset(f"blocks.{i}.{name}.weight" for i, block in enumerate(model.blocks) for name in block.fp8_linears)
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A DiT state dict with the block linears' weights in e4m3 + fp32 scales (the state dict
-    of a `to_fp8` model); weights already in e4m3 stay."""
+def quantize_state(state: dict[str, torch.Tensor], keys: frozenset[str]) -> dict[str, torch.Tensor]:
+    """A DiT state dict with the weights `keys` (fp8_weight_keys) in e4m3 + fp32 scales (the
+    state dict of a `to_fp8` model); weights already in e4m3 stay."""
     out = {}
     for k, v in state.items():
-        if is_fp8_linear_weight(k) and v.dtype != F8.E4M3:
+        if k in keys and v.dtype != F8.E4M3:
             out[k], out[k + SCALE_SUFFIX] = F8.quantize_weight(v)
         else:
             out[k] = v
@@ -150,13 +152,13 @@ def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_fp8_state(state: dict[str, torch.Tensor], where: str) -> str | None:
-    """Why an FP8 state dict is malformed (None: it is not): every e4m3 tensor is a block
-    linear's weight with finite values and fp32 scales (rows, 1), finite and > 0; no scales
-    without their weight."""
+def check_fp8_state(state: dict[str, torch.Tensor], where: str, keys: frozenset[str]) -> str | None:
+    """Why an FP8 state dict is malformed (None: it is not): every e4m3 tensor is one of the
+    weights FP8 quantises (`keys`, fp8_weight_keys) with finite values and fp32 scales (rows, 1),
+    finite and > 0; no scales without their weight."""
     for k, v in state.items():
         if v.dtype == F8.E4M3:
-            if not is_fp8_linear_weight(k):
+            if k not in keys:
                 return f"{where}: tensor {k!r} is stored in float8_e4m3fn, which only the block linears' weights may be"
             s = state.get(k + SCALE_SUFFIX)
             if s is None:
@@ -209,21 +211,30 @@ def gelu_for(linear: nn.Module, h: torch.Tensor):
 
 
 def _block_linears(model: nn.Module):
-    """(block, parent module, attribute, linear) of every block linear FP8 replaces (`FP8_LINEARS`)."""
+    """(block, parent module, attribute, linear) of every block linear FP8 replaces (each block's
+    `fp8_linears`)."""
     for block in model.blocks:
-        for name in FP8_LINEARS:
-            parent_name, attr = name.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
+        for name in block.fp8_linears:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name)  # ("": the block itself)
             yield block, parent, attr, getattr(parent, attr)
 
 
+def _fp8_attention(block: nn.Module, on: bool) -> None:
+    """FP8 attention in `block` on / off, where its class runs one (`fp8_attention`: the
+    attention submodule's name, or None)."""
+    if block.fp8_attention is not None:
+        block.get_submodule(block.fp8_attention).precision = "fp8" if on else None
+
+
 def to_fp8(model: nn.Module) -> nn.Module:
-    """Replaces the block linears (`FP8_LINEARS`) of a DiT by FP8Linear and turns on FP8
-    self-attention, in place. Idempotent."""
+    """Replaces the block linears (each block's `fp8_linears`) of a DiT by FP8Linear and turns
+    on FP8 attention where the block has it, in place. Idempotent."""
     for block, parent, attr, lin in _block_linears(model):
         if isinstance(lin, nn.Linear):
             setattr(parent, attr, FP8Linear.from_linear(lin))
-        block.self_attn.precision = "fp8"
+    for block in model.blocks:
+        _fp8_attention(block, True)
     model.precision = "fp8"
     return model
 
@@ -246,7 +257,7 @@ class FakeFP8Linear(nn.Linear):
 
 
 def fake_fp8(model: nn.Module, on: bool = True) -> nn.Module:
-    """Quantisation-aware training mode, in place: the block linears (`FP8_LINEARS`) compute
+    """Quantisation-aware training mode, in place: the block linears (`fp8_linears`) compute
     through FakeFP8Linear (the same Parameters) and self-attention runs its FP8 numerics
     (the reference path, which passes gradients); `on=False` puts plain Linears back."""
     for block, parent, attr, lin in _block_linears(model):
@@ -256,7 +267,8 @@ def fake_fp8(model: nn.Module, on: bool = True) -> nn.Module:
                                                   device="meta")
         new.weight, new.bias = lin.weight, lin.bias
         setattr(parent, attr, new)
-        block.self_attn.precision = "fp8" if on else None
+    for block in model.blocks:
+        _fp8_attention(block, on)
     return model
 
 
