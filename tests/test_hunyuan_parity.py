@@ -157,6 +157,9 @@ def test_bad_inputs_are_clear_errors_before_compute():
         m(torch.randn(1, 2, 1, 5, 4), t, c, pooled_text=pooled, guidance=g)
     with pytest.raises(ValueError, match="rope_axes must be"):
         dataclasses.replace(config, rope_axes=(2, 2, 2))
+    m.set_attention(None)  # dense: accepted
+    with pytest.raises(ValueError, match="attention kind 'tile_window': block-sparse attention is built for the Wan"):
+        m.set_attention({"kind": "tile_window", "tile": [1, 2, 2], "window": [1, 1, 1]})
     with pytest.raises(ValueError, match="unsupported HunyuanVideo image_condition_type 'frame_swap'"):
         hy.model_config({"image_condition_type": "frame_swap"})
     with pytest.raises(ValueError, match="image_condition must be one of None, 'latent_concat', 'token_replace'"):

@@ -421,6 +421,14 @@ class HunyuanVideoDiT(nn.Module):
 
     sparse = None  # self-attention is dense (no block-sparse patterns for this family yet)
 
+    def set_attention(self, attention) -> None:
+        """Block-sparse patterns (Wan's `DiT.set_attention`) are not built for this family: its
+        joint attention over [video, text] runs dense. A dense pattern (None, "dense") is accepted."""
+        kind = attention.get("kind") if isinstance(attention, dict) else getattr(attention, "kind", attention)
+        if kind not in (None, "dense"):
+            raise ValueError(f"attention kind {kind!r}: block-sparse attention is built for the Wan family; "
+                             "HunyuanVideo's joint attention runs dense")
+
     # the shortest packed text an engine takes: two tokens and the pooled row (torch.export treats
     # a text of one token, a dim of size 1, as a special case it will not trace)
     min_text_len = 3
