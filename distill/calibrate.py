@@ -131,6 +131,9 @@ def run(args) -> int:
     pipe = flgengine.load(args.bundle, device="cpu", dtype="fp32")
     if hasattr(pipe.dit, "low"):
         raise SystemExit(f"{args.bundle} has two experts; calibrate a single-DiT bundle (a student)")
+    if not pipe.dit.sparse_patterns:
+        raise SystemExit(f"{args.bundle}: block-sparse attention is built for the Wan family, not "
+                         f"{pipe.dit.config.family} (its attention runs dense)")
     c, p = pipe.dit.config, pipe.config
     latent = pipe.codec.latent_shape(p.num_frames, p.height, p.width)
     grid = tuple(n // q for n, q in zip(latent[1:], c.patch_size))

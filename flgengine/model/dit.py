@@ -203,6 +203,8 @@ class DiT(nn.Module):
         )
         self.head = Head(D, c.out_channels * math.prod(c.patch_size), c.eps)
 
+    sparse_patterns = True  # block-sparse self-attention patterns (`set_attention`) are built for this family
+
     def set_attention(self, attention) -> None:
         """Sets self-attention's pattern (an AttentionConfig, its dict, or None = dense) and
         records it in `config.attention`: a dense student run sparse without training, say."""

@@ -419,7 +419,8 @@ class HunyuanVideoDiT(nn.Module):
         for block in self.blocks:
             block.attn.sequence_parallel = sp
 
-    sparse = None  # self-attention is dense (no block-sparse patterns for this family yet)
+    sparse = block_mask = None  # self-attention is dense
+    sparse_patterns = False  # block-sparse patterns are not built for this family (Wan's DiT: True)
 
     def set_attention(self, attention) -> None:
         """Block-sparse patterns (Wan's `DiT.set_attention`) are not built for this family: its
