@@ -154,6 +154,11 @@ def test_bad_hunyuan_sources_and_bundles_are_one_clear_error(teacher, tmp_path):
     (i2v / "transformer" / "config.json").write_text(json.dumps({**cfg, "image_condition_type": "latent_concat"}))
     with pytest.raises(ValueError, match="image_condition_type 'latent_concat'.*convert the transformer alone"):
         bundle_from_diffusers(i2v, tmp_path / "b2")
+    # block-sparse calibration of a family without sparse patterns
+    from distill.__main__ import main as distill_main
+
+    with pytest.raises(SystemExit, match="block-sparse attention is built for the Wan family, not hunyuan_video"):
+        distill_main(["calibrate-attention", str(teacher)])
     # an image-to-video DiT in a bundle: its text encoder would have to read the image
     i2v_bundle = tmp_path / "i2v_bundle"
     shutil.copytree(teacher, i2v_bundle)
