@@ -23,14 +23,9 @@ import torch.nn as nn
 
 from .. import ops
 from ..config import ModelConfig
-from .embed import ImageEmbedding, TextProjection, TimeEmbedding, mean_text, rope_3d, timestep_embedding
+from .embed import ImageEmbedding, TextProjection, TimeEmbedding, mean_text, per_token, rope_3d, timestep_embedding
 from .precision import FP8_LINEARS, gelu_for, modulate_for, quantize_activation, residual_modulate_for
 from .sparsity import SparsePattern
-
-
-def _tokens(m: torch.Tensor) -> torch.Tensor:
-    """(B, D) per-sample -> (B, 1, D); (B, S, D) per-token stays."""
-    return m.unsqueeze(1) if m.dim() == 2 else m
 
 
 class Attention(nn.Module):
@@ -134,7 +129,7 @@ class Block(nn.Module):
             x, h = residual_modulate_for(self.cross_attn.q, x, y, gate_sa, (w - 1).expand(B, D), b.expand(B, D),
                                          self.eps)
         else:
-            x = h = (x.float() + y.float() * _tokens(gate_sa)).type_as(x)
+            x = h = (x.float() + y.float() * per_token(gate_sa)).type_as(x)
         # 3. cross-attention to the text (+ to the image tokens); x += y (gate 1), fused with the FFN's adaLN
         y = self.cross_attn(h, kv=context, image=image)
         one = torch.ones(1, D, dtype=torch.float32, device=x.device).expand(B, D)

@@ -68,6 +68,11 @@ class ImageEmbedding(nn.Module):
         return self._fp32_norm(self.norm2, self.fc2(F.gelu(self.fc1(h))))
 
 
+def per_token(m: torch.Tensor) -> torch.Tensor:
+    """A modulation as it broadcasts over tokens: (B, D) per sample -> (B, 1, D); (B, S, D) stays."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
 def mean_text(context: torch.Tensor) -> torch.Tensor:
     """Mean of a prompt's text states over its real tokens: (B, L, text_dim) -> (B, text_dim).
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .embed import TimeEmbedding, rope_3d, timestep_embedding
+from .embed import TimeEmbedding, per_token, rope_3d, timestep_embedding
 from .hunyuan_config import HunyuanVideoConfig
 from .precision import quantize_activation
 
@@ -65,11 +65,6 @@ class MLP(nn.Module):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
-
-
-def _tokens(m: torch.Tensor) -> torch.Tensor:
-    """A modulation as it broadcasts over tokens: (B, D) per sample -> (B, 1, D); (B, S, D) stays."""
-    return m.unsqueeze(1) if m.dim() == 2 else m
 
 
 def _modulation(linear: nn.Linear, temb: torch.Tensor, n: int, first=None) -> list[torch.Tensor]:
@@ -219,7 +214,7 @@ class DualBlock(nn.Module):
                       key_mask)
         x, h = ops.gated_residual_adaln(x, self.o(a[:, :S]), mx[2], mx[4], mx[3], self.eps)
         c, hc = ops.gated_residual_adaln(c, self.add_o(a[:, S:]), mc[2], mc[4], mc[3], self.eps)
-        return x + _tokens(mx[5]) * self.ffn_x(h), c + _tokens(mc[5]) * self.ffn_c(hc)
+        return x + per_token(mx[5]) * self.ffn_x(h), c + per_token(mc[5]) * self.ffn_c(hc)
 
 
 class SingleBlock(nn.Module):
@@ -247,7 +242,7 @@ class SingleBlock(nn.Module):
         h = ops.adaln_modulate(xc, scale, shift, self.eps)
         a = self.attn(h[:, :S], h[:, S:], rope, key_mask)  # (B, S + L, D)
         y = self.proj_out(torch.cat([a, gelu_tanh(self.fc_mlp(h))], -1))
-        xc = xc + _tokens(gate) * y
+        xc = xc + per_token(gate) * y
         return xc[:, :S], xc[:, S:]
 
 

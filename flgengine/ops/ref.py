@@ -54,15 +54,20 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, s
     x, y: (B, S, D) same dtype; gate, scale, shift: (B, D) per sample or (B, S, D) per token
     (any strides, e.g. a (D,) vector expanded over B).
     """
-    x_new = (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
+    x_new = _gated_residual(x, y, gate)
     return x_new, adaln_modulate(x_new, scale, shift, eps)
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y in fp32, rounded to x's dtype."""
+    return (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
 
 
 def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
                              shift: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gated_residual_adaln with h for an FP8 linear: (x_new, h8 (B, S, D) e4m3, scales (B, S, 1)
     fp32), h quantised per token as in adaln_modulate_fp8."""
-    x_new = (x.float() + y.float() * _per_token(gate).float()).to(x.dtype)
+    x_new = _gated_residual(x, y, gate)
     return (x_new, *adaln_modulate_fp8(x_new, scale, shift, eps))
 
 

@@ -34,24 +34,21 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
                    tiling: dict | None = None) -> torch.Tensor:
     """Launches the kernel; ValueError if the inputs are outside what it serves.
     tiling: {"ROWS": r, "num_warps": w[, "ITERS": n]} instead of `_common.row_tiling`'s (benchmark sweeps)."""
-    reason = _common.device_reason((x, scale, shift)) or check(x, scale, shift)
-    if reason:
-        raise ValueError(f"triton adaln_modulate: {reason}")
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel():
-        modulate.launch(out, x, scale, shift, eps, tiling)
-    return out
+    return _run(x, scale, shift, eps, tiling, fp8=False)[0]
 
 
 def adaln_modulate_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6,
                        tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same h, quantised per token from its fp32 value in the same pass: (h8 (B, S, D) e4m3,
     scales (B, S, 1) fp32), `flgengine.ops.ref.adaln_modulate_fp8`'s contract."""
+    return _run(x, scale, shift, eps, tiling, fp8=True)
+
+
+def _run(x, scale, shift, eps, tiling, fp8: bool):
     reason = _common.device_reason((x, scale, shift)) or check(x, scale, shift)
     if reason:
-        raise ValueError(f"triton adaln_modulate_fp8: {reason}")
-    h8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    h_scale = torch.empty((*x.shape[:2], 1), dtype=torch.float32, device=x.device)
-    if h8.numel():
-        modulate.launch(h8, x, scale, shift, eps, tiling, h_scale=h_scale)
-    return h8, h_scale
+        raise ValueError(f"triton adaln_modulate{'_fp8' if fp8 else ''}: {reason}")
+    h, h_scale = modulate.h_outputs(x, fp8)
+    if h.numel():
+        modulate.launch(h, x, scale, shift, eps, tiling, h_scale=h_scale)
+    return h, h_scale

@@ -43,14 +43,7 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, s
                          tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the kernel; ValueError if the inputs are outside what it serves.
     tiling: {"ROWS": r, "num_warps": w[, "ITERS": n]} instead of `_common.row_tiling`'s (benchmark sweeps)."""
-    reason = _common.device_reason((x, y, gate, scale, shift)) or check(x, y, gate, scale, shift)
-    if reason:
-        raise ValueError(f"triton gated_residual_adaln: {reason}")
-    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if h.numel():
-        modulate.launch(h, x, scale, shift, eps, tiling, residual=(x_new, y, gate))
-    return x_new, h
+    return _run(x, y, gate, scale, shift, eps, tiling, fp8=False)[:2]
 
 
 def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
@@ -58,12 +51,15 @@ def gated_residual_adaln_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tenso
                              tiling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_new as above and h quantised per token from its fp32 value in the same pass:
     (x_new, h8 (B, S, D) e4m3, scales (B, S, 1) fp32), `flgengine.ops.ref.gated_residual_adaln_fp8`'s contract."""
+    return _run(x, y, gate, scale, shift, eps, tiling, fp8=True)
+
+
+def _run(x, y, gate, scale, shift, eps, tiling, fp8: bool):
     reason = _common.device_reason((x, y, gate, scale, shift)) or check(x, y, gate, scale, shift)
     if reason:
-        raise ValueError(f"triton gated_residual_adaln_fp8: {reason}")
+        raise ValueError(f"triton gated_residual_adaln{'_fp8' if fp8 else ''}: {reason}")
     x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    h_scale = torch.empty((*x.shape[:2], 1), dtype=torch.float32, device=x.device)
-    if h8.numel():
-        modulate.launch(h8, x, scale, shift, eps, tiling, residual=(x_new, y, gate), h_scale=h_scale)
-    return x_new, h8, h_scale
+    h, h_scale = modulate.h_outputs(x, fp8)
+    if h.numel():
+        modulate.launch(h, x, scale, shift, eps, tiling, residual=(x_new, y, gate), h_scale=h_scale)
+    return x_new, h, h_scale

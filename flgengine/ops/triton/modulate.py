@@ -100,6 +100,15 @@ def modulate_kernel(
             tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
+def h_outputs(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The h the kernel writes for x (B, S, D): in x's dtype (and no scales), or e4m3 with its
+    per-token fp32 scales (B, S, 1) (FP8_OUT)."""
+    if not fp8:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), None
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((*x.shape[:2], 1), dtype=torch.float32, device=x.device))
+
+
 def launch(h: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
            tiling: dict | None, residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
            h_scale: torch.Tensor | None = None) -> None:
