@@ -123,8 +123,9 @@ class SequenceParallel:
         qc, kc, vc)` on one group of heads -> (video, text) outputs. Returns (B, S_r, H, Dh) and
         (B, L, H, Dh): the text's heads all-gathered, so every rank keeps the whole text stream."""
         H = q.shape[2]
-        heads, starts = self._heads(H)
-        mine = slice(starts[self.rank], starts[self.rank] + heads[self.rank])
+        heads, _ = self._heads(H)
+        start, count = self.head_range(H)
+        mine = slice(start, start + count)
         video, text = attend(self._to_heads(q), self._to_heads(k), self._to_heads(v), qc[:, :, mine], kc[:, :, mine],
                              vc[:, :, mine])
         return self._to_tokens(video, H), self.gather(text, 2, heads)

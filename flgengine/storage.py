@@ -63,7 +63,7 @@ def storage_name(dtype: torch.dtype) -> str:
 
 
 def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                int4_group: int = INT4_GROUP, fp8_keys: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                int4_group: int = INT4_GROUP, fp8_keys: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """The state dict as model.safetensors stores it in `dtype` (None: as it is); int4 in groups of
     `int4_group` weights per scale; fp8 the weights `fp8_keys` (model.precision.fp8_weight_keys)."""
     from .model.precision import quantize_state
@@ -75,6 +75,8 @@ def store_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None,
     if dtype == torch.int4:
         return quantize_int4(state, int4_group)
     if dtype == torch.float8_e4m3fn:
+        if fp8_keys is None:  # which weights are the block linears only the model knows
+            raise ValueError("fp8 storage needs the model's FP8 weight keys (model.precision.fp8_weight_keys)")
         return quantize_state(state, fp8_keys)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
