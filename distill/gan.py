@@ -67,7 +67,7 @@ def head_layer(num_blocks: int, layer: int | None) -> int:
 def trunk_features(net: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
     """Inside the block, every forward of `net` (a DiT) appends the token stream after its block
     `layer`, (B, S, D) fp32, to the yielded list."""
-    from flgengine.model.dit import _tokens
+    from flgengine.model.embed import per_token
 
     blocks = net.blocks
     layer = head_layer(len(blocks), layer)
@@ -75,7 +75,7 @@ def trunk_features(net: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
 
     def hook(_module, _inputs, output):  # a block returns (x, (y, gate)): the stream is x + gate * y
         x, (y, gate) = output
-        seen.append(x.float() + y.float() * _tokens(gate).float())
+        seen.append(x.float() + y.float() * per_token(gate).float())
 
     handle = blocks[layer].register_forward_hook(hook)
     try:
